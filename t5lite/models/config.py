@@ -1,0 +1,126 @@
+"""Frozen model configuration shared by every architecture in the zoo.
+
+One dataclass describes encoder-decoder (T5 v1.1), decoder-only (LLaMA/GPT style) and prefix-LM
+networks; gin presets in `gin_configs/models/` fill it. It is plain data so that checkpoints can
+record it as JSON and refuse to load into an incompatible model.
+"""
+
+import dataclasses
+import json
+from typing import Any
+
+ARCHITECTURES = ("encoder_decoder", "decoder_only", "prefix_lm")
+POSITION_ENCODINGS = ("relative", "rope", "alibi", "none")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and behaviour of a transformer in the zoo.
+
+  Attributes:
+    arch: one of ARCHITECTURES.
+    vocab_size: embedding rows (T5 pads 32100 pieces to 32128).
+    d_model: residual width.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (< num_heads gives grouped-query attention); 0 means num_heads.
+    head_dim: per-head width (T5's d_kv).
+    d_ff: feed-forward hidden width.
+    num_encoder_layers: encoder depth (encoder-decoder only).
+    num_decoder_layers: decoder depth.
+    activation: 'gelu' or 'silu' (gated when `gated_mlp`), or 'relu'.
+    gated_mlp: gated feed-forward (T5 v1.1 gated-GELU, LLaMA SwiGLU).
+    position_encoding: one of POSITION_ENCODINGS.
+    relative_buckets / relative_max_distance: T5 relative position bias buckets.
+    rope_theta: RoPE base frequency.
+    scale_attention: divide q.k by sqrt(head_dim); T5 folds the scale into its init instead.
+    tie_embeddings: share the input embedding and output head.
+    norm_eps: RMSNorm epsilon.
+    dropout_rate: dropout on residual branches and attention probabilities.
+    num_experts: 0 for a dense MLP, else a top-k routed MoE feed-forward in every layer.
+    experts_per_token: k of top-k routing.
+    moe_aux_loss_weight: weight of the load-balancing loss.
+    dtype: compute dtype ('bfloat16' or 'float32'); parameters stay float32.
+    param_dtype: parameter storage dtype.
+    scan_layers: stack layers and run them with lax.scan (compile time flat in depth).
+    remat_policy: one of REMAT_POLICIES, applied per layer.
+    attention_impl: passed to jax.nn.dot_product_attention ('xla', 'cudnn' or None = auto).
+    max_length: longest sequence the model accepts (decoding and RoPE tables).
+    pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
+  """
+
+  arch: str = "encoder_decoder"
+  vocab_size: int = 32128
+  d_model: int = 512
+  num_heads: int = 6
+  num_kv_heads: int = 0
+  head_dim: int = 64
+  d_ff: int = 1024
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  activation: str = "gelu"
+  gated_mlp: bool = True
+  position_encoding: str = "relative"
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+  rope_theta: float = 10000.0
+  scale_attention: bool = False
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  num_experts: int = 0
+  experts_per_token: int = 2
+  moe_aux_loss_weight: float = 0.01
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: Any = None
+  max_length: int = 2048
+  pad_id: int = 0
+  eos_id: int = 1
+  decoder_start_id: int = 0
+
+  def __post_init__(self):
+    if self.arch not in ARCHITECTURES:
+      raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+    if self.position_encoding not in POSITION_ENCODINGS:
+      raise ValueError(
+          f"position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
+      raise ValueError(
+          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})")
+    if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+      raise ValueError("experts_per_token must be in [1, num_experts]")
+    if self.position_encoding == "rope" and self.head_dim % 2:
+      raise ValueError("RoPE needs an even head_dim")
+
+  @property
+  def kv_heads(self) -> int:
+    """Number of key/value heads (num_heads when not grouped)."""
+    return self.num_kv_heads or self.num_heads
+
+  def to_json(self) -> str:
+    """Serializes the config (stored next to every checkpoint)."""
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelConfig":
+    """Inverse of `to_json`; unknown keys are an error."""
+    fields = json.loads(text)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(fields) - known
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields in stored config: {sorted(unknown)}")
+    return cls(**fields)
+
+  def shape_differences(self, other: "ModelConfig") -> dict:
+    """Fields that change parameter shapes and differ between two configs."""
+    shape_fields = ("arch", "vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim",
+                    "d_ff", "num_encoder_layers", "num_decoder_layers", "gated_mlp",
+                    "position_encoding", "relative_buckets", "tie_embeddings", "num_experts",
+                    "scan_layers")
+    return {f: (getattr(self, f), getattr(other, f))
+            for f in shape_fields if getattr(self, f) != getattr(other, f)}

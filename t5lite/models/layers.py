@@ -1,0 +1,206 @@
+"""Building blocks of the network layer: norms, embeddings, attention, dense and MoE MLPs.
+
+Every parameter carries `logical_axes` metadata (names from the axis vocabulary
+`batch, length, embed, heads, kv, mlp, vocab, experts, layers`); `t5lite.partitioning` maps those
+names to mesh axes. Parameters are stored in `param_dtype` and cast to the compute dtype at use,
+which gives bf16 compute over fp32 master weights.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5lite.models import attention as attn_lib
+from t5lite.models.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype=jnp.float32) -> nnx.Param:
+  """A normally initialized parameter annotated with logical axis names."""
+  value = stddev * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def compute_dtype(cfg: ModelConfig):
+  """The jnp dtype activations are computed in."""
+  return jnp.dtype(cfg.dtype)
+
+
+def dropout(x, rate: float, rng):
+  """Inverted dropout; identity when `rng` is None or rate is 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square layer norm without mean subtraction or bias (T5 v1.1, LLaMA)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    del rngs
+    self.eps = cfg.norm_eps
+    self.dtype = compute_dtype(cfg)
+    self.scale = nnx.Param(jnp.ones((cfg.d_model,), jnp.dtype(cfg.param_dtype)),
+                           logical_axes=("embed",))
+
+  def __call__(self, x):
+    """x: [..., embed] -> normalized x in the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding table, also usable as a tied output head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dtype = compute_dtype(cfg)
+    self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0,
+                           jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, ids):
+    """ids: [batch, length] int -> [batch, length, embed]."""
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    """x: [batch, length, embed] -> logits [batch, length, vocab] against the table."""
+    return jnp.einsum("bld,vd->blv", x, self.embedding[...].astype(self.dtype))
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    pdt = jnp.dtype(cfg.param_dtype)
+    # T5 init: the 1/sqrt(head_dim) attention scale is folded into the query init.
+    q_std = (d * dh) ** -0.5 if not cfg.scale_attention else d ** -0.5
+    self.query = param(rngs, (d, h, dh), ("embed", "heads", "kv"), q_std, pdt)
+    self.key = param(rngs, (d, k, dh), ("embed", "heads", "kv"), d ** -0.5, pdt)
+    self.value = param(rngs, (d, k, dh), ("embed", "heads", "kv"), d ** -0.5, pdt)
+    self.out = param(rngs, (h, dh, d), ("heads", "kv", "embed"), (h * dh) ** -0.5, pdt)
+
+  def project_kv(self, x):
+    """x: [batch, length, embed] -> (keys, values) each [batch, length, kv_heads, head_dim]."""
+    dt = compute_dtype(self.cfg)
+    k = jnp.einsum("bld,dhk->blhk", x, self.key[...].astype(dt))
+    v = jnp.einsum("bld,dhk->blhk", x, self.value[...].astype(dt))
+    return k, v
+
+  def __call__(self, x, kv_input, mask, bias=None, q_positions=None, k_positions=None):
+    """Attends from x to kv_input.
+
+    Args:
+      x: [batch, q_len, embed] queries' input.
+      kv_input: [batch, k_len, embed] keys' and values' input.
+      mask: bool [batch, 1, q_len, k_len], True where attention is allowed.
+      bias: optional float [1 or batch, heads, q_len, k_len] added to logits (relative / ALiBi).
+      q_positions / k_positions: int [batch, len], used for RoPE.
+
+    Returns:
+      [batch, q_len, embed].
+    """
+    cfg = self.cfg
+    dt = compute_dtype(cfg)
+    q = jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt))
+    k, v = self.project_kv(kv_input)
+    if cfg.position_encoding == "rope":
+      q = attn_lib.apply_rope(q, q_positions, cfg.rope_theta)
+      k = attn_lib.apply_rope(k, k_positions, cfg.rope_theta)
+    y = attn_lib.attend(q, k, v, mask, bias, scale=self.scale(), implementation=cfg.attention_impl)
+    return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
+
+  def scale(self) -> float:
+    """Logit scale: 1 for T5 (folded into init), 1/sqrt(head_dim) otherwise."""
+    return 1.0 / math.sqrt(self.cfg.head_dim) if self.cfg.scale_attention else 1.0
+
+
+def activation_fn(name: str):
+  """Maps an activation name to its function."""
+  fns = {"gelu": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu,
+         "relu": jax.nn.relu}
+  if name not in fns:
+    raise ValueError(f"unknown activation {name!r}; choose from {sorted(fns)}")
+  return fns[name]
+
+
+class MLP(nnx.Module):
+  """Feed-forward block: gated (GeGLU / SwiGLU) or plain."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, f, pdt = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
+    self.wi_0 = param(rngs, (d, f), ("embed", "mlp"), d ** -0.5, pdt)
+    if cfg.gated_mlp:
+      self.wi_1 = param(rngs, (d, f), ("embed", "mlp"), d ** -0.5, pdt)
+    self.wo = param(rngs, (f, d), ("mlp", "embed"), f ** -0.5, pdt)
+
+  def __call__(self, x, rng=None):
+    """x: [batch, length, embed] -> ([batch, length, embed], aux_loss=0)."""
+    dt = compute_dtype(self.cfg)
+    act = activation_fn(self.cfg.activation)
+    h = act(x @ self.wi_0[...].astype(dt))
+    if self.cfg.gated_mlp:
+      h = h * (x @ self.wi_1[...].astype(dt))
+    h = dropout(h, self.cfg.dropout_rate, rng)
+    return h @ self.wo[...].astype(dt), jnp.zeros((), jnp.float32)
+
+
+class MoEMLP(nnx.Module):
+  """Top-k routed mixture of expert MLPs with capacity-limited dispatch (GShard / Switch).
+
+  Tokens over an expert's capacity are dropped (pass through the residual only). The
+  load-balancing loss is the Switch Transformer one: num_experts * sum_e(fraction_e * prob_e).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, capacity_factor: float = 1.25):
+    self.cfg = cfg
+    self.capacity_factor = capacity_factor
+    d, f, e, pdt = cfg.d_model, cfg.d_ff, cfg.num_experts, jnp.dtype(cfg.param_dtype)
+    self.router = param(rngs, (d, e), ("embed", "experts"), d ** -0.5, pdt)
+    self.wi_0 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), d ** -0.5, pdt)
+    if cfg.gated_mlp:
+      self.wi_1 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), d ** -0.5, pdt)
+    self.wo = param(rngs, (e, f, d), ("experts", "mlp", "embed"), f ** -0.5, pdt)
+
+  def __call__(self, x, rng=None):
+    """x: [batch, length, embed] -> ([batch, length, embed], load-balancing loss)."""
+    cfg = self.cfg
+    dt = compute_dtype(cfg)
+    b, l, _ = x.shape
+    e, k = cfg.num_experts, cfg.experts_per_token
+    logits = jnp.einsum("bld,de->ble", x.astype(jnp.float32), self.router[...])
+    probs = jax.nn.softmax(logits, axis=-1)
+    gate, index = jax.lax.top_k(probs, k)                       # [b, l, k]
+    gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+    capacity = max(1, int(math.ceil(self.capacity_factor * k * l / e)))
+    # Order choices so every token's first choice is served before any second choice.
+    onehot = jax.nn.one_hot(index, e, dtype=jnp.int32)          # [b, l, k, e]
+    flat = onehot.transpose(0, 2, 1, 3).reshape(b, k * l, e)    # choice-major
+    slot = (jnp.cumsum(flat, axis=1) - 1) * flat                # position in expert queue
+    slot = slot.reshape(b, k, l, e).transpose(0, 2, 1, 3)
+    fits = (slot < capacity) & (onehot > 0)
+    slot_onehot = jax.nn.one_hot(jnp.sum(slot * fits, -1), capacity, dtype=dt)  # [b,l,k,c]
+    dispatch = jnp.einsum("blke,blkc->blec", fits.astype(dt), slot_onehot)
+    combine = jnp.einsum("blke,blkc->blec", (fits * gate[..., None]).astype(dt), slot_onehot)
+    xe = jnp.einsum("blec,bld->becd", dispatch, x)
+    act = activation_fn(cfg.activation)
+    h = act(jnp.einsum("becd,edf->becf", xe, self.wi_0[...].astype(dt)))
+    if cfg.gated_mlp:
+      h = h * jnp.einsum("becd,edf->becf", xe, self.wi_1[...].astype(dt))
+    h = dropout(h, cfg.dropout_rate, rng)
+    ye = jnp.einsum("becf,efd->becd", h, self.wo[...].astype(dt))
+    y = jnp.einsum("blec,becd->bld", combine, ye)
+    fraction = jnp.mean(onehot[:, :, 0, :].astype(jnp.float32), axis=(0, 1))
+    mean_prob = jnp.mean(probs, axis=(0, 1))
+    aux = cfg.num_experts * jnp.sum(fraction * mean_prob)
+    return y, aux
+
+
+def make_mlp(cfg: ModelConfig, rngs: nnx.Rngs):
+  """Dense MLP or MoE, as the config asks."""
+  return MoEMLP(cfg, rngs=rngs) if cfg.num_experts else MLP(cfg, rngs=rngs)

@@ -1,0 +1,118 @@
+"""The model layer: one interface over every architecture (loss, score_batch, predict_batch).
+
+A `Model` holds the network's graph definition; its parameters travel separately as an
+`nnx.State`, so every method is a pure function of (params, batch, rng) that jit can trace.
+"""
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5lite import losses
+from t5lite.models.config import ModelConfig
+from t5lite.models.transformer import build_network
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """How the training loss is formed (T5X defaults: z-loss 1e-4, no smoothing, real tokens)."""
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+  normalization: str = "tokens"
+
+
+class Model:
+  """A network plus its loss; parameters are passed in, never stored.
+
+  Args:
+    cfg: network shape.
+    loss_cfg: loss options.
+  """
+
+  def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig = LossConfig()):
+    self.cfg = cfg
+    self.loss_cfg = loss_cfg
+    abstract = nnx.eval_shape(lambda: build_network(cfg, nnx.Rngs(0)))
+    self.graphdef, self.abstract_params = nnx.split(abstract)
+    # Filled by t5lite.decoding when it is imported (keeps the model layer free of decoding).
+    self.decode_fn: Optional[Callable] = None
+
+  def init(self, rng) -> nnx.State:
+    """Fresh parameters (an nnx.State) from a PRNG key."""
+    return nnx.split(build_network(self.cfg, nnx.Rngs(params=rng)))[1]
+
+  def network(self, params: nnx.State) -> nnx.Module:
+    """The live network module for `params`."""
+    return nnx.merge(self.graphdef, params)
+
+  def apply(self, params, batch, rng=None):
+    """Forward pass: (logits [batch, len, vocab] float32, aux_loss). rng=None disables dropout."""
+    return self.network(params)(batch, rng)
+
+  def loss_terms(self, params, batch, rng=None):
+    """Summed (not averaged) loss terms of a batch, so microbatches can be added up.
+
+    Returns:
+      (loss_sum, metrics) where loss_sum is the weighted token loss sum plus the MoE balancing
+      term scaled by the batch's real token count, and metrics holds sums for logging.
+    """
+    logits, aux = self.apply(params, batch, rng)
+    targets = batch["decoder_target_tokens"]
+    weights, _ = losses.loss_weights(targets, batch.get("decoder_loss_weights"),
+                                     self.loss_cfg.normalization)
+    token_loss, z_term = losses.cross_entropy_with_logits(
+        logits, targets, z_loss=self.loss_cfg.z_loss,
+        label_smoothing=self.loss_cfg.label_smoothing)
+    real = (batch.get("decoder_loss_weights", targets != 0)).astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * real
+    loss_sum = jnp.sum(token_loss * weights)
+    denominator = self.denominator(batch)
+    moe = self.cfg.moe_aux_loss_weight * aux * denominator if self.cfg.num_experts else 0.0
+    metrics = {
+        "loss_sum": loss_sum,
+        "z_loss_sum": jnp.sum(z_term * weights),
+        "nll_sum": jnp.sum((token_loss - z_term) * real),
+        "correct_sum": jnp.sum(correct),
+        "token_count": jnp.sum(real),
+        "moe_aux": jnp.asarray(aux, jnp.float32),
+    }
+    return loss_sum + moe, metrics
+
+  def denominator(self, batch):
+    """The loss denominator of a (full, not micro) batch under the configured normalization."""
+    targets = batch["decoder_target_tokens"]
+    _, denom = losses.loss_weights(targets, batch.get("decoder_loss_weights"),
+                                   self.loss_cfg.normalization)
+    return jnp.maximum(denom, 1.0)
+
+  def loss(self, params, batch, rng=None):
+    """Mean loss of one batch and its metric sums."""
+    loss_sum, metrics = self.loss_terms(params, batch, rng)
+    return loss_sum / self.denominator(batch), metrics
+
+  def score_batch(self, params, batch):
+    """Per-sequence log-likelihood of the targets: [batch] (sum over real target tokens).
+
+    Packed batches are scored per row; score unpacked batches to get one value per example.
+    """
+    logits, _ = self.apply(params, batch, None)
+    targets = batch["decoder_target_tokens"]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    weights = batch.get("decoder_loss_weights", targets != 0).astype(jnp.float32)
+    return jnp.sum(token_logp * weights, axis=-1)
+
+  def predict_batch(self, params, batch, **decode_kwargs):
+    """Decodes outputs for a batch of inputs; the decoding module provides the algorithm."""
+    if self.decode_fn is None:
+      from t5lite import decoding  # pylint: disable=import-outside-toplevel
+      self.decode_fn = decoding.decode
+    return self.decode_fn(self, params, batch, **decode_kwargs)
+
+
+def build_model(cfg: ModelConfig, loss_cfg: LossConfig = LossConfig()) -> Model:
+  """A `Model` for `cfg`."""
+  return Model(cfg, loss_cfg)

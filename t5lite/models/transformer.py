@@ -1,0 +1,252 @@
+"""Networks of the zoo: T5-style encoder-decoder and decoder-only / prefix-LM transformers.
+
+Layers are created once with a leading `layers` axis (vmapped init) and run with `jax.lax.scan`
+(or unrolled when `scan_layers=False`, with the same parameter layout), each step optionally
+rematerialized. Dropout takes explicit keys, so a forward pass is a pure function of
+(parameters, batch, rng).
+
+Batch features follow T5X's feature converters: `encoder_input_tokens`, `decoder_input_tokens`,
+`decoder_target_tokens`, `*_segment_ids`, `*_positions`, and for prefix-LM
+`decoder_causal_attention` (1 on prefix tokens).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5lite.models import attention as attn_lib
+from t5lite.models import layers
+from t5lite.models.config import ModelConfig
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class EncoderBlock(nnx.Module):
+  """Pre-norm self-attention + feed-forward."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.pre_attention_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.attention = layers.Attention(cfg, rngs=rngs)
+    self.pre_mlp_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.mlp = layers.make_mlp(cfg, rngs)
+
+  def __call__(self, x, rng, *, mask, bias, positions):
+    """x: [batch, length, embed] -> (x, aux_loss)."""
+    r = jax.random.split(rng, 3) if rng is not None else [None] * 3
+    h = self.pre_attention_norm(x)
+    h = self.attention(h, h, mask, bias, positions, positions)
+    x = x + layers.dropout(h, self.cfg.dropout_rate, r[0])
+    h, aux = self.mlp(self.pre_mlp_norm(x), r[1])
+    return x + layers.dropout(h, self.cfg.dropout_rate, r[2]), aux
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm causal self-attention, optional cross-attention, feed-forward."""
+
+  def __init__(self, cfg: ModelConfig, *, cross_attention: bool, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.pre_self_attention_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.self_attention = layers.Attention(cfg, rngs=rngs)
+    self.has_cross_attention = cross_attention
+    if cross_attention:
+      self.pre_cross_attention_norm = layers.RMSNorm(cfg, rngs=rngs)
+      self.cross_attention = layers.Attention(cfg, rngs=rngs)
+    self.pre_mlp_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.mlp = layers.make_mlp(cfg, rngs)
+
+  def __call__(self, x, rng, *, mask, bias, positions, encoded=None, cross_mask=None):
+    """x: [batch, length, embed] -> (x, aux_loss)."""
+    r = jax.random.split(rng, 4) if rng is not None else [None] * 4
+    h = self.pre_self_attention_norm(x)
+    h = self.self_attention(h, h, mask, bias, positions, positions)
+    x = x + layers.dropout(h, self.cfg.dropout_rate, r[0])
+    if self.has_cross_attention:
+      h = self.pre_cross_attention_norm(x)
+      h = self.cross_attention(h, encoded, cross_mask)
+      x = x + layers.dropout(h, self.cfg.dropout_rate, r[1])
+    h, aux = self.mlp(self.pre_mlp_norm(x), r[2])
+    return x + layers.dropout(h, self.cfg.dropout_rate, r[3]), aux
+
+
+class LayerStack(nnx.Module):
+  """`num_layers` copies of a block stored with a leading `layers` axis and run by scan."""
+
+  def __init__(self, make_block, num_layers: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.num_layers = num_layers
+    keys = jax.random.split(rngs.params(), num_layers)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_block(nnx.Rngs(0))))
+    states = jax.vmap(lambda k: nnx.split(make_block(nnx.Rngs(params=k)))[1])(keys)
+    self.blocks = nnx.merge(graphdef, states)
+
+  def __call__(self, x, rng, **kwargs):
+    """Runs every layer on x: [batch, length, embed]; returns (x, summed aux loss)."""
+    graphdef, state = nnx.split(self.blocks)
+    rngs = (jax.random.split(rng, self.num_layers) if rng is not None
+            else jnp.zeros((self.num_layers,), jnp.uint32))
+    use_rng = rng is not None
+
+    def step(carry, xs):
+      layer_state, layer_rng = xs
+      block = nnx.merge(graphdef, layer_state)
+      y, aux = block(carry, layer_rng if use_rng else None, **kwargs)
+      return y, aux
+
+    if self.cfg.remat_policy != "none":
+      step = jax.checkpoint(step, policy=_REMAT[self.cfg.remat_policy], prevent_cse=False)
+    if self.cfg.scan_layers:
+      x, aux = jax.lax.scan(step, x, (state, rngs))
+      return x, jnp.sum(aux)
+    total = jnp.zeros((), jnp.float32)
+    for i in range(self.num_layers):
+      x, aux = step(x, jax.tree.map(lambda a, i=i: a[i], (state, rngs)))
+      total = total + aux
+    return x, total
+
+
+def _segments(tokens, segment_ids):
+  return segment_ids if segment_ids is not None else (tokens != 0).astype(jnp.int32)
+
+
+def _positions(tokens, positions):
+  if positions is not None:
+    return positions
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+class _Head(nnx.Module):
+  """Output projection to the vocabulary (untied) or via the embedding (tied)."""
+
+  def __init__(self, cfg: ModelConfig, embed: layers.Embed, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    if not cfg.tie_embeddings:
+      self.kernel = layers.param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                 cfg.d_model ** -0.5, jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, x, embed: layers.Embed):
+    """x: [batch, length, embed] -> logits [batch, length, vocab] (float32)."""
+    if self.cfg.tie_embeddings:
+      # T5 rescales before a tied head so logits keep unit scale.
+      if self.cfg.arch == "encoder_decoder":
+        x = x * (self.cfg.d_model ** -0.5)
+      return embed.attend(x).astype(jnp.float32)
+    dt = layers.compute_dtype(self.cfg)
+    return (x @ self.kernel[...].astype(dt)).astype(jnp.float32)
+
+
+class EncoderDecoder(nnx.Module):
+  """T5 v1.1 encoder-decoder with a shared token embedding."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.token_embed = layers.Embed(cfg, rngs=rngs)
+    self.encoder = LayerStack(lambda r: EncoderBlock(cfg, rngs=r), cfg.num_encoder_layers, cfg,
+                              rngs=rngs)
+    self.encoder_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.decoder = LayerStack(lambda r: DecoderBlock(cfg, cross_attention=True, rngs=r),
+                              cfg.num_decoder_layers, cfg, rngs=rngs)
+    self.decoder_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.head = _Head(cfg, self.token_embed, rngs=rngs)
+    if cfg.position_encoding == "relative":
+      self.encoder_relpos = attn_lib.RelativePositionBias(
+          cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, True, rngs=rngs)
+      self.decoder_relpos = attn_lib.RelativePositionBias(
+          cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, False, rngs=rngs)
+
+  def _bias(self, which: str, q_pos, k_pos):
+    cfg = self.cfg
+    if cfg.position_encoding == "relative":
+      module = self.encoder_relpos if which == "encoder" else self.decoder_relpos
+      return module(q_pos, k_pos)
+    if cfg.position_encoding == "alibi":
+      return attn_lib.alibi_bias(q_pos, k_pos, cfg.num_heads)
+    return None
+
+  def encode(self, tokens, segment_ids=None, positions=None, rng=None):
+    """tokens: [batch, in_len] -> (encoded [batch, in_len, embed], aux_loss)."""
+    seg, pos = _segments(tokens, segment_ids), _positions(tokens, positions)
+    r = jax.random.split(rng, 2) if rng is not None else [None, None]
+    x = layers.dropout(self.token_embed(tokens), self.cfg.dropout_rate, r[0])
+    x, aux = self.encoder(x, r[1], mask=attn_lib.padding_mask(seg, seg),
+                          bias=self._bias("encoder", pos, pos), positions=pos)
+    return self.encoder_norm(x), aux
+
+  def decode(self, encoded, encoder_segment_ids, tokens, segment_ids, positions=None, rng=None):
+    """Teacher-forced decoder: tokens [batch, out_len] -> logits [batch, out_len, vocab]."""
+    pos = _positions(tokens, positions)
+    r = jax.random.split(rng, 3) if rng is not None else [None] * 3
+    x = layers.dropout(self.token_embed(tokens), self.cfg.dropout_rate, r[0])
+    mask = attn_lib.causal_mask(tokens.shape[1]) & attn_lib.padding_mask(segment_ids, segment_ids)
+    cross_mask = attn_lib.padding_mask(segment_ids, encoder_segment_ids)
+    x, aux = self.decoder(x, r[1], mask=mask, bias=self._bias("decoder", pos, pos), positions=pos,
+                          encoded=encoded, cross_mask=cross_mask)
+    x = layers.dropout(self.decoder_norm(x), self.cfg.dropout_rate, r[2])
+    return self.head(x, self.token_embed), aux
+
+  def __call__(self, batch, rng=None):
+    """batch of T5X encoder-decoder features -> (logits [b, out_len, vocab], aux_loss)."""
+    r = jax.random.split(rng) if rng is not None else [None, None]
+    enc_tokens = batch["encoder_input_tokens"]
+    enc_seg = _segments(enc_tokens, batch.get("encoder_segment_ids"))
+    encoded, enc_aux = self.encode(enc_tokens, enc_seg, batch.get("encoder_positions"), r[0])
+    dec_seg = _segments(batch["decoder_target_tokens"], batch.get("decoder_segment_ids"))
+    logits, dec_aux = self.decode(encoded, enc_seg, batch["decoder_input_tokens"], dec_seg,
+                                  batch.get("decoder_positions"), r[1])
+    return logits, enc_aux + dec_aux
+
+
+class DecoderOnly(nnx.Module):
+  """Causal decoder (GPT/LLaMA) or prefix-LM (causal with a fully visible prefix)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.token_embed = layers.Embed(cfg, rngs=rngs)
+    self.decoder = LayerStack(lambda r: DecoderBlock(cfg, cross_attention=False, rngs=r),
+                              cfg.num_decoder_layers, cfg, rngs=rngs)
+    self.decoder_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.head = _Head(cfg, self.token_embed, rngs=rngs)
+    if cfg.position_encoding == "relative":
+      self.decoder_relpos = attn_lib.RelativePositionBias(
+          cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
+          cfg.arch == "prefix_lm", rngs=rngs)
+
+  def mask(self, segment_ids, prefix=None):
+    """Self-attention mask [batch, 1, len, len] for the architecture."""
+    if self.cfg.arch == "prefix_lm" and prefix is not None:
+      return attn_lib.prefix_lm_mask(segment_ids, prefix)
+    length = segment_ids.shape[1]
+    return attn_lib.causal_mask(length) & attn_lib.padding_mask(segment_ids, segment_ids)
+
+  def __call__(self, batch, rng=None):
+    """batch of decoder-only features -> (logits [b, len, vocab], aux_loss)."""
+    cfg = self.cfg
+    tokens = batch["decoder_input_tokens"]
+    seg = batch.get("decoder_segment_ids")
+    if seg is None:
+      seg = jnp.ones_like(tokens)
+      seg = jnp.where(batch["decoder_target_tokens"] != 0, seg, 0)
+      seg = seg.at[:, 0].set(1)
+    pos = _positions(tokens, batch.get("decoder_positions"))
+    r = jax.random.split(rng, 3) if rng is not None else [None] * 3
+    x = layers.dropout(self.token_embed(tokens), cfg.dropout_rate, r[0])
+    bias = None
+    if cfg.position_encoding == "relative":
+      bias = self.decoder_relpos(pos, pos)
+    elif cfg.position_encoding == "alibi":
+      bias = attn_lib.alibi_bias(pos, pos, cfg.num_heads)
+    x, aux = self.decoder(x, r[1], mask=self.mask(seg, batch.get("decoder_causal_attention")),
+                          bias=bias, positions=pos)
+    x = layers.dropout(self.decoder_norm(x), cfg.dropout_rate, r[2])
+    return self.head(x, self.token_embed), aux
+
+
+def build_network(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+  """The network for `cfg.arch`."""
+  if cfg.arch == "encoder_decoder":
+    return EncoderDecoder(cfg, rngs=rngs)
+  return DecoderOnly(cfg, rngs=rngs)
