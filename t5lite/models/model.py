@@ -1,7 +1,7 @@
 """The model layer: one interface over every architecture (loss, score_batch, predict_batch).
 
-A `Model` holds the network's graph definition; its parameters travel separately as an
-`nnx.State`, so every method is a pure function of (params, batch, rng) that jit can trace.
+A `Model` holds the network's graph definition; its parameters travel separately as a
+nested dict of arrays, so every method is a pure function of (params, batch, rng) that jit can trace.
 """
 
 import dataclasses
@@ -36,15 +36,18 @@ class Model:
     self.cfg = cfg
     self.loss_cfg = loss_cfg
     abstract = nnx.eval_shape(lambda: build_network(cfg, nnx.Rngs(0)))
-    self.graphdef, self.abstract_params = nnx.split(abstract)
+    # `annotated` keeps the Variables (with their `logical_axes`) for partitioning; parameters
+    # themselves travel as plain nested dicts of arrays.
+    self.graphdef, self.annotated_params = nnx.split(abstract)
+    self.abstract_params = nnx.to_pure_dict(self.annotated_params)
     # Filled by t5lite.decoding when it is imported (keeps the model layer free of decoding).
     self.decode_fn: Optional[Callable] = None
 
-  def init(self, rng) -> nnx.State:
-    """Fresh parameters (an nnx.State) from a PRNG key."""
-    return nnx.split(build_network(self.cfg, nnx.Rngs(params=rng)))[1]
+  def init(self, rng) -> dict:
+    """Fresh parameters (a nested dict of arrays) from a PRNG key."""
+    return nnx.to_pure_dict(nnx.split(build_network(self.cfg, nnx.Rngs(params=rng)))[1])
 
-  def network(self, params: nnx.State) -> nnx.Module:
+  def network(self, params) -> nnx.Module:
     """The live network module for `params`."""
     return nnx.merge(self.graphdef, params)
 

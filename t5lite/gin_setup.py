@@ -1,0 +1,140 @@
+"""The gin edge: registers library configs with gin and parses T5X-style command lines.
+
+Only entry points (`t5lite.train`, `t5lite.eval`, scripts) import this module; the library itself
+never imports gin. Gin files bind the frozen config dataclasses and the `experiment` function:
+
+    experiment.model = @ModelConfig()
+    experiment.train = @TrainConfig()
+    TrainConfig.num_steps = %TRAIN_STEPS
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+from typing import Sequence
+
+import gin
+
+from t5lite import optimizers, partitioning, schedules
+from t5lite.data import pipeline
+from t5lite.models import config as model_config
+from t5lite.models import model as model_lib
+from t5lite import trainer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN_SEARCH_PATHS = (os.getcwd(), REPO_ROOT, os.path.join(REPO_ROOT, "gin_configs"))
+
+for _cls in (model_config.ModelConfig, model_lib.LossConfig, optimizers.OptimizerConfig,
+             schedules.ScheduleConfig, trainer.TrainConfig, pipeline.DataConfig,
+             partitioning.MeshConfig):
+  gin.external_configurable(_cls, module="t5lite")
+
+
+class ConfigError(ValueError):
+  """The gin configuration is invalid (unknown binding, missing value, bad type)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run is made of, as plain config values."""
+  model_dir: str
+  model: model_config.ModelConfig
+  loss: model_lib.LossConfig
+  optimizer: optimizers.OptimizerConfig
+  schedule: schedules.ScheduleConfig
+  train: trainer.TrainConfig
+  data: pipeline.DataConfig
+  mesh: partitioning.MeshConfig
+
+
+@gin.configurable
+def experiment(model_dir: str = gin.REQUIRED, model=gin.REQUIRED,
+               loss=model_lib.LossConfig(), optimizer=optimizers.OptimizerConfig(),
+               schedule=schedules.ScheduleConfig(), train=trainer.TrainConfig(),
+               data=pipeline.DataConfig(), mesh=partitioning.MeshConfig()) -> Experiment:
+  """Collects the bound configs into an Experiment (gin fills the arguments)."""
+  return Experiment(os.path.expanduser(str(model_dir)), model, loss, optimizer, schedule, train,
+                    data, mesh)
+
+
+_LITERAL = re.compile(r"""^(['"\[\(\{@%]|-?\d|True$|False$|None$)""")
+
+
+def _binding(arg: str) -> str:
+  """`--gin.NAME=VALUE` -> gin binding; bare words become strings (`--gin.MODEL_DIR=/tmp/x`)."""
+  name, _, value = arg[len("--gin."):].partition("=")
+  if not _LITERAL.match(value):
+    value = repr(value)
+  return f"{name} = {value}"
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+  """An argument parser with the gin flags; entry points add their own flags."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file (repeatable); searched in cwd and the repo's gin_configs/")
+  parser.add_argument("--gin_search_path", action="append", default=[])
+  return parser
+
+
+def split_gin_bindings(argv: Sequence[str]):
+  """Separates `--gin.NAME=VALUE` arguments from the rest."""
+  bindings = [_binding(a) for a in argv if a.startswith("--gin.")]
+  rest = [a for a in argv if not a.startswith("--gin.")]
+  return bindings, rest
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> Experiment:
+  """Parses gin files and bindings and builds the Experiment; raises ConfigError on any problem."""
+  gin.clear_config()
+  for path in list(search_paths) + list(GIN_SEARCH_PATHS):
+    gin.add_config_file_search_path(path)
+  if not files:
+    raise ConfigError("no --gin_file given (try gin_configs/experiments/quickstart.gin)")
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.CRITICAL)  # gin logs every search path it tries as an error
+  try:
+    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    return experiment()
+  except (ValueError, TypeError, KeyError, RuntimeError, IOError) as e:
+    raise ConfigError(_explain(e)) from e
+  finally:
+    root.setLevel(level)
+
+
+def _explain(e: Exception) -> str:
+  text = str(e).strip()
+  if "Required bindings" in text or "gin.REQUIRED" in text:
+    return f"a required gin value is missing: {text}"
+  return f"{type(e).__name__}: {text}"
+
+
+def write_config(model_dir: str, name: str = "config.gin"):
+  """Saves the gin config text next to the run (process 0 only)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, name), "w", encoding="utf-8") as f:
+      f.write(gin.config_str())
+
+
+def write_operative_config(model_dir: str):
+  """Saves the operative config (the values the run actually used)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, "operative_config.gin"), "w", encoding="utf-8") as f:
+      f.write(gin.operative_config_str())
+
+
+def prepare_model_dir(model_dir: str) -> str:
+  """Creates MODEL_DIR; refuses a path that exists as a file."""
+  if not model_dir:
+    raise ConfigError("MODEL_DIR is empty")
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise ConfigError(f"MODEL_DIR {model_dir} exists and is a file, not a directory; "
+                      f"choose another --gin.MODEL_DIR")
+  os.makedirs(model_dir, exist_ok=True)
+  return model_dir

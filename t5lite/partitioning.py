@@ -1,0 +1,145 @@
+"""Device mesh and the one place that maps logical axis names to mesh axes.
+
+Models annotate parameters with logical names (`embed`, `mlp`, `heads`, ...); a rule preset maps
+each name to mesh axes (`data`, `fsdp`, `tensor`). Parameters are created directly sharded by
+jitting the initializer with these shardings, and optimizer state is sharded like its parameters.
+"""
+
+import dataclasses
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes, as short data. Unlisted names are replicated.
+RULE_PRESETS: Dict[str, Tuple[Tuple[str, object], ...]] = {
+    "data_parallel": (("batch", ("data", "fsdp")),),
+    "fsdp": (("batch", ("data", "fsdp")), ("embed", "fsdp")),
+    "tensor_parallel": (("batch", ("data", "fsdp")), ("heads", "tensor"), ("mlp", "tensor"),
+                        ("vocab", "tensor"), ("experts", "tensor")),
+    "fsdp_tensor": (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
+                    ("mlp", "tensor"), ("vocab", "tensor"), ("experts", "tensor")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape over (data, fsdp, tensor); -1 takes the devices left over (at most one -1)."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: str = "data_parallel"
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> Tuple[int, ...]:
+  """Resolves -1 and checks that the axes multiply to the device count."""
+  dims = [cfg.data, cfg.fsdp, cfg.tensor]
+  if dims.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {dims}")
+  known = math.prod(d for d in dims if d != -1)
+  if -1 in dims:
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes {dims}")
+    dims[dims.index(-1)] = num_devices // known
+  if math.prod(dims) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices, "
+                     f"have {num_devices}")
+  return tuple(dims)
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[Sequence] = None) -> Mesh:
+  """A Mesh over `devices` (default: all devices of all processes)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[Optional[str]], rules) -> P:
+  """PartitionSpec for logical `axes` under `rules`; a mesh axis is used at most once."""
+  table = dict(rules)
+  used, spec = set(), []
+  for name in axes:
+    target = table.get(name)
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    targets = tuple(t for t in targets if t not in used)
+    used.update(targets)
+    spec.append(targets[0] if len(targets) == 1 else (targets or None))
+  return P(*spec)
+
+
+def _resolve_rules(rules):
+  if isinstance(rules, str):
+    if rules not in RULE_PRESETS:
+      raise ValueError(f"unknown rule preset {rules!r}; choose from {sorted(RULE_PRESETS)}")
+    return RULE_PRESETS[rules]
+  return tuple(rules)
+
+
+def param_specs(annotated_params, rules):
+  """PartitionSpecs (a nested dict) for a parameter state whose Variables carry `logical_axes`.
+
+  Parameters of scanned stacks have one more dimension than their annotation: the leading
+  `layers` axis, which is never sharded here (pipeline stages shard it).
+  """
+  rules = _resolve_rules(rules)
+  return _map_variables(annotated_params, lambda var: logical_to_spec(_axes(var), rules))
+
+
+def _axes(var):
+  axes = tuple(getattr(var, "logical_axes", None) or ())
+  return (None,) * (len(var.shape) - len(axes)) + axes
+
+
+def _map_variables(tree, fn):
+  """Maps fn over the Variables of an nnx.State (or nested mapping) into a plain nested dict."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  if isinstance(tree, nnx.Variable):
+    return fn(tree)
+  return {k: _map_variables(v, fn) for k, v in tree.items()}
+
+
+def _fits(spec: P, shape, mesh: Mesh) -> P:
+  """Drops sharding on dimensions the mesh axes do not divide (tiny test models)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[n] for n in names)
+    out.append(axes if names and dim % size == 0 else None)
+  return P(*out)
+
+
+def param_shardings(annotated_params, mesh: Mesh, rules):
+  """NamedShardings (a nested dict like the params) for annotated parameters on `mesh`."""
+  rules = _resolve_rules(rules)
+
+  def to_sharding(var):
+    spec = logical_to_spec(_axes(var), rules)
+    return NamedSharding(mesh, _fits(spec, var.shape, mesh))
+
+  return _map_variables(annotated_params, to_sharding)
+
+
+def optimizer_shardings(optimizer: optax.GradientTransformation, abstract_params,
+                        shardings, mesh: Mesh):
+  """Shardings of the optimizer state: moments like their parameters, scalars replicated."""
+  abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+  replicated = NamedSharding(mesh, P())
+
+  def like_param(_, sharding):
+    return sharding
+
+  def other(leaf):
+    return replicated
+
+  return optax.tree_map_params(optimizer, like_param, abstract_state, shardings,
+                               transform_non_params=other)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches are split over the data-like axes on their leading dimension."""
+  return NamedSharding(mesh, P(("data", "fsdp")))

@@ -1,0 +1,88 @@
+"""`python -m t5lite.train --gin_file=F [--gin_file=G ...] [--gin.NAME=VALUE ...]`.
+
+Exit codes: 0 done; 2 bad configuration; 3 unusable checkpoint; 4 too many non-finite steps;
+143 stopped by SIGTERM after saving a checkpoint (rerun the same command to resume).
+"""
+
+import logging
+import sys
+
+from t5lite import gin_setup
+
+
+def build_run(exp: gin_setup.Experiment, shard_index: int = 0, num_shards: int = 1):
+  """Model, optimizer, schedule and data streams for an Experiment."""
+  from t5lite import optimizers, schedules, trainer  # pylint: disable=import-outside-toplevel
+  from t5lite.data import pipeline  # pylint: disable=import-outside-toplevel
+  from t5lite.models import model as model_lib  # pylint: disable=import-outside-toplevel
+  dataset = pipeline.make_dataset(exp.data, exp.model.arch, shard_index, num_shards)
+  if dataset.vocab.vocab_size > exp.model.vocab_size:
+    raise gin_setup.ConfigError(
+        f"vocabulary has {dataset.vocab.vocab_size} ids but ModelConfig.vocab_size is "
+        f"{exp.model.vocab_size}")
+  schedule = schedules.make_schedule(exp.schedule, exp.train.num_steps)
+  run = trainer.Run(model=model_lib.Model(exp.model, exp.loss),
+                    optimizer=optimizers.make_optimizer(exp.optimizer, schedule),
+                    schedule=schedule, train_stream=dataset.train, eval_stream=dataset.eval,
+                    model_dir=exp.model_dir, mesh_config=exp.mesh)
+  return run, dataset
+
+
+def main(argv=None) -> int:
+  """Parses flags and gin, trains, and returns the process exit code."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  bindings, rest = gin_setup.split_gin_bindings(argv)
+  parser = gin_setup.make_parser("Train a t5lite model.")
+  parser.add_argument("--coordinator_address", default=None)
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--multihost", action="store_true",
+                      help="call jax.distributed.initialize() (auto-detects SLURM, MPI, TPU)")
+  args = parser.parse_args(rest)
+  logging.basicConfig(level=logging.WARNING)
+  try:
+    exp = gin_setup.parse_gin(args.gin_file, bindings, args.gin_search_path)
+    gin_setup.prepare_model_dir(exp.model_dir)
+  except gin_setup.ConfigError as e:
+    print(f"t5lite.train: configuration error: {e}", file=sys.stderr)
+    return 2
+
+  import jax  # pylint: disable=import-outside-toplevel
+  if args.coordinator_address or args.multihost:
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  from t5lite import checkpoints, trainer  # pylint: disable=import-outside-toplevel
+  try:
+    run, _ = build_run(exp, jax.process_index(), jax.process_count())
+  except (gin_setup.ConfigError, ValueError, FileNotFoundError) as e:
+    print(f"t5lite.train: configuration error: {e}", file=sys.stderr)
+    return 2
+  gin_setup.write_config(exp.model_dir)
+  print(f"t5lite.train: {exp.model.arch} model, {exp.train.num_steps} steps, "
+        f"batch {exp.train.batch_size}, writing to {exp.model_dir}", flush=True)
+  try:
+    summary = trainer.run(run, exp.train)
+  except checkpoints.CheckpointError as e:
+    print(f"t5lite.train: checkpoint error: {e}", file=sys.stderr)
+    return 3
+  except trainer.NonFiniteLossError as e:
+    print(f"t5lite.train: stopped: {e}", file=sys.stderr)
+    return 4
+  except trainer.PreemptedError as e:
+    print(f"t5lite.train: preempted: {e}", file=sys.stderr)
+    return 143
+  gin_setup.write_operative_config(exp.model_dir)
+  if summary["steps_run"]:
+    print(f"t5lite.train: done at step {summary['final_step']}: loss "
+          f"{summary['first_loss']:.4f} (first logged) -> {summary['last_loss']:.4f} (last), "
+          f"{summary['wall_s']:.1f}s; metrics in {exp.model_dir}/metrics.jsonl", flush=True)
+  else:
+    print(f"t5lite.train: {exp.model_dir} is already at step {summary['final_step']}; "
+          f"nothing to do", flush=True)
+  if summary.get("eval"):
+    print(f"t5lite.train: eval {summary['eval']}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,331 @@
+"""The trainer: a pure, jitted train step and the loop around it.
+
+`train_step` is a module-level pure function of (state, batch): gradient accumulation over
+microbatches, global-norm clipping (in the optimizer chain), a NaN/inf guard that keeps the old
+parameters and counts the skip, and an RNG derived from the step. `run` drives it: sharded
+initialization or resume, batch-size ramp-up, metrics, checkpoint cadence, SIGTERM handling.
+"""
+
+import dataclasses
+import functools
+import signal
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from t5lite import checkpoints as ckpt_lib
+from t5lite import partitioning
+from t5lite import schedules
+from t5lite.models.model import Model
+from t5lite.summaries import MetricsWriter
+
+
+class NonFiniteLossError(RuntimeError):
+  """Too many consecutive steps had a NaN/inf loss or gradient."""
+
+
+class PreemptedError(RuntimeError):
+  """SIGTERM arrived; a checkpoint was saved before stopping."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training run.
+
+  Attributes:
+    num_steps: total steps (the run stops here; resuming past it does nothing).
+    batch_size: global batch size (rows).
+    batch_ramp: ((start_step, batch_size), ...) overriding batch_size from each start step.
+    microbatches: gradient accumulation steps per batch (batch must divide).
+    seed: parameter init and dropout seed.
+    log_every: metrics cadence in steps.
+    checkpoint_every: checkpoint cadence in steps (0: only at the end).
+    keep_checkpoints: checkpoints to keep.
+    async_checkpoints: write checkpoints in the background.
+    max_nonfinite_steps: stop after this many consecutive non-finite steps.
+    eval_every: run eval every this many steps (0: never during training).
+    eval_batches: batches per eval.
+    init_from: restore parameters only from this checkpoint directory (finetuning).
+    progress_bar: show a tqdm bar.
+  """
+  num_steps: int = 1000
+  batch_size: int = 32
+  batch_ramp: Tuple[Tuple[int, int], ...] = ()
+  microbatches: int = 1
+  seed: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  max_nonfinite_steps: int = 10
+  eval_every: int = 0
+  eval_batches: int = 4
+  init_from: str = ""
+  progress_bar: bool = True
+
+
+def init_state(model: Model, optimizer: optax.GradientTransformation, rng) -> Dict[str, Any]:
+  """A fresh train state: step, params, optimizer state and non-finite counters."""
+  params = model.init(rng)
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": optimizer.init(params),
+          "nonfinite_streak": jnp.zeros((), jnp.int32),
+          "nonfinite_total": jnp.zeros((), jnp.int32)}
+
+
+def _split_microbatches(batch, n: int):
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} microbatches")
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def train_step(state, batch, *, model: Model, optimizer: optax.GradientTransformation,
+               schedule: Callable, seed: int, microbatches: int = 1):
+  """One optimizer step. Pure: returns (new_state, metrics).
+
+  The loss is normalized by the whole batch's denominator (real target tokens by default), so
+  accumulating microbatch gradients gives exactly the full-batch gradient.
+  """
+  step = state["step"]
+  rng = jax.random.fold_in(jax.random.key(seed), step)
+  denom = model.denominator(batch)
+
+  def loss_fn(params, micro, micro_rng):
+    loss_sum, metrics = model.loss_terms(params, micro, micro_rng)
+    return loss_sum / denom, metrics
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+  else:
+    micro = _split_microbatches(batch, microbatches)
+    rngs = jax.random.split(rng, microbatches)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+
+    def accumulate(carry, xs):
+      grads_acc, loss_acc, metrics_acc = carry
+      (loss, metrics), grads = grad_fn(state["params"], xs[0], xs[1])
+      grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+      metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+      return (grads_acc, loss_acc + loss, metrics_acc), None
+
+    metric_zeros = jax.tree.map(lambda x: jnp.zeros_like(x),
+                                jax.eval_shape(lambda: grad_fn(
+                                    state["params"], jax.tree.map(lambda x: x[0], micro),
+                                    rngs[0])[0][1]))
+    (grads, loss, metrics), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros((), jnp.float32), metric_zeros), (micro, rngs))
+    metrics = dict(metrics, moe_aux=metrics["moe_aux"] / microbatches)
+
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
+  new_params = optax.apply_updates(state["params"], updates)
+  keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  new_state = {
+      "step": step + 1,
+      "params": keep(new_params, state["params"]),
+      "opt_state": keep(new_opt, state["opt_state"]),
+      "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
+      "nonfinite_total": state["nonfinite_total"] + (1 - finite.astype(jnp.int32)),
+  }
+  tokens = jnp.maximum(metrics["token_count"], 1.0)
+  out = {
+      "loss": loss,
+      "nll": metrics["nll_sum"] / tokens,
+      "z_loss": metrics["z_loss_sum"] / denom,
+      "accuracy": metrics["correct_sum"] / tokens,
+      "grad_norm": grad_norm,
+      "learning_rate": schedule(step),
+      "target_tokens": metrics["token_count"],
+      "skipped": 1 - finite.astype(jnp.int32),
+      "nonfinite_streak": new_state["nonfinite_streak"],
+  }
+  if model.cfg.num_experts:
+    out["moe_aux"] = metrics["moe_aux"]
+  return new_state, out
+
+
+def eval_step(params, batch, *, model: Model):
+  """Summed eval statistics of one batch: nll, correct and real target token counts."""
+  _, metrics = model.loss_terms(params, batch, None)
+  return {k: metrics[k] for k in ("nll_sum", "correct_sum", "token_count")}
+
+
+def summarize_eval(totals: Dict[str, float]) -> Dict[str, float]:
+  """Loss, perplexity and token accuracy from summed eval statistics."""
+  tokens = max(float(totals["token_count"]), 1.0)
+  loss = float(totals["nll_sum"]) / tokens
+  return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))),
+          "accuracy": float(totals["correct_sum"]) / tokens, "tokens": tokens}
+
+
+class _SigtermFlag:
+  """Records SIGTERM so the loop can checkpoint and stop at the next step boundary."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _to_global(batch: Dict[str, np.ndarray], sharding) -> Dict[str, jax.Array]:
+  """Host-local numpy rows -> global arrays (each process contributes its own rows)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything `run` needs besides configs: model, optimizer, data streams and where to write."""
+  model: Model
+  optimizer: optax.GradientTransformation
+  schedule: Callable
+  train_stream: Any
+  eval_stream: Any = None
+  model_dir: str = ""
+  mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()
+
+
+def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """Trains to `cfg.num_steps`, resuming from `r.model_dir` when it holds a checkpoint.
+
+  Returns a summary: first and last logged loss, steps run, final step, wall time, and the last
+  eval metrics when eval ran.
+  """
+  mesh = partitioning.make_mesh(r.mesh_config)
+  rules = r.mesh_config.rules
+  model = r.model
+  abstract_state = jax.eval_shape(functools.partial(init_state, model, r.optimizer),
+                                  jax.random.key(cfg.seed))
+  param_sh = partitioning.param_shardings(model.annotated_params, mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_sh = {"step": replicated, "params": param_sh,
+              "opt_state": partitioning.optimizer_shardings(
+                  r.optimizer, abstract_state["params"], param_sh, mesh),
+              "nonfinite_streak": replicated, "nonfinite_total": replicated}
+  batch_sh = partitioning.batch_sharding(mesh)
+  checkpointer = ckpt_lib.Checkpointer(f"{r.model_dir}/checkpoints", cfg.keep_checkpoints,
+                                       cfg.async_checkpoints)
+  restored = checkpointer.restore_latest(
+      ckpt_lib.abstract_with_shardings(abstract_state, state_sh), model.cfg)
+  if restored is not None:
+    start, state, data = restored
+    cursor = int(data["cursor"])
+    log(f"resumed from {checkpointer.directory} step {start} (data cursor {cursor})")
+  else:
+    init = jax.jit(functools.partial(init_state, model, r.optimizer), out_shardings=state_sh)
+    state = init(jax.random.key(cfg.seed))
+    start, cursor = 0, 0
+    if cfg.init_from:
+      params = ckpt_lib.restore_params(
+          cfg.init_from, ckpt_lib.abstract_with_shardings(abstract_state["params"], param_sh))
+      state["params"] = params
+      state["opt_state"] = jax.jit(r.optimizer.init, out_shardings=state_sh["opt_state"])(params)
+      log(f"initialized parameters from {cfg.init_from}")
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, optimizer=r.optimizer, schedule=r.schedule,
+                        seed=cfg.seed, microbatches=cfg.microbatches),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+      donate_argnums=(0,))
+  writer = MetricsWriter(r.model_dir, "train")
+  summary = {"start_step": start, "first_loss": None, "last_loss": None, "eval": None}
+  progress = None
+  if cfg.progress_bar and jax.process_index() == 0 and start < cfg.num_steps:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    progress = tqdm(total=cfg.num_steps, initial=start, unit="step", dynamic_ncols=True,
+                    mininterval=1.0)
+
+  def save(step_done: int):
+    checkpointer.save(step_done, state, {"cursor": cursor, "step": step_done}, model.cfg)
+
+  t_start = time.time()
+  t_log, tokens_since = time.time(), 0
+  step = start
+  pending = None  # metrics of the previous step, read one step late to keep dispatch async
+  with _SigtermFlag() as sigterm, mesh:
+    while step < cfg.num_steps:
+      bs = schedules.batch_size_at(step, cfg.batch_size, cfg.batch_ramp)
+      local_bs = bs // jax.process_count()
+      host_batch, cursor = r.train_stream.batch(cursor, local_bs)
+      tokens_since += sum(v.size for k, v in host_batch.items() if k.endswith("input_tokens"))
+      state, metrics = step_fn(state, _to_global(host_batch, batch_sh))
+      step += 1
+      if pending is not None:
+        _check_finite(pending, cfg)
+      pending = metrics
+      if step % cfg.log_every == 0 or step == cfg.num_steps or step == start + 1:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(metrics, cfg)
+        now = time.time()
+        values["tokens_per_s"] = tokens_since * jax.process_count() / max(now - t_log, 1e-9)
+        values["batch_size"] = bs
+        t_log, tokens_since = now, 0
+        writer.write(step, values)
+        summary["first_loss"] = summary["first_loss"] or values["loss"]
+        summary["last_loss"] = values["loss"]
+        if progress is not None:
+          progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+      if progress is not None:
+        progress.update(1)
+      if cfg.eval_every and r.eval_stream is not None and step % cfg.eval_every == 0:
+        summary["eval"] = evaluate(model, state["params"], r.eval_stream, cfg.eval_batches,
+                                   bs, batch_sh)
+        MetricsWriter(r.model_dir, "eval", tensorboard=False).write(step, summary["eval"])
+      if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        save(step)
+      if sigterm.raised:
+        save(step)
+        checkpointer.close()
+        raise PreemptedError(f"SIGTERM: saved checkpoint at step {step} in "
+                             f"{checkpointer.directory}; rerun the same command to resume")
+    if start < cfg.num_steps:
+      save(step)
+  checkpointer.close()
+  writer.close()
+  if progress is not None:
+    progress.close()
+  summary.update(final_step=step, steps_run=step - start, wall_s=time.time() - t_start)
+  return summary
+
+
+def _check_finite(metrics, cfg: TrainConfig):
+  streak = int(jax.device_get(metrics["nonfinite_streak"]))
+  if streak >= cfg.max_nonfinite_steps:
+    raise NonFiniteLossError(
+        f"{streak} consecutive steps had a non-finite loss or gradient (limit "
+        f"max_nonfinite_steps={cfg.max_nonfinite_steps}); their updates were skipped and the "
+        f"last checkpoint is intact. Lower the learning rate or check the data.")
+
+
+def evaluate(model: Model, params, stream, num_batches: int, batch_size: int,
+             batch_sh) -> Dict[str, float]:
+  """Loss, perplexity and accuracy over the first `num_batches` batches of `stream`."""
+  fn = jax.jit(functools.partial(eval_step, model=model))
+  totals = {"nll_sum": 0.0, "correct_sum": 0.0, "token_count": 0.0}
+  cursor = 0
+  for _ in range(num_batches):
+    batch, cursor = stream.batch(cursor, max(batch_size // jax.process_count(), 1))
+    out = jax.device_get(fn(params, _to_global(batch, batch_sh)))
+    totals = {k: totals[k] + float(out[k]) for k in totals}
+  return summarize_eval(totals)
