@@ -134,13 +134,24 @@ def restore_params(directory: str, abstract_params, step: Optional[int] = None):
   if not os.path.isdir(directory):
     raise CheckpointError(f"no checkpoint directory at {directory}")
   manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                  options=ocp.CheckpointManagerOptions(read_only=True),
+                                  options=ocp.CheckpointManagerOptions(
+                                      read_only=True, save_interval_steps=0, create=False),
                                   item_names=("state", "data", "config"))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no checkpoint steps in {directory}")
   target = {"params": abstract_params}
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+      state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
   manager.close()
   return restored["state"]["params"]
+
+
+def latest_step(directory: str) -> Optional[int]:
+  """Newest step saved in a checkpoint directory, or None."""
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+  return max(steps) if steps else None

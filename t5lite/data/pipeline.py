@@ -82,7 +82,8 @@ class DataConfig:
     vocab_file: a SentencePiece model; empty means train one on the corpus and cache it.
     vocab_size: pieces of the trained SentencePiece model (sentinels are added on top).
     extra_ids: sentinel ids above the pieces.
-    cache_dir: where the built corpus and trained vocabularies are cached.
+    cache_dir: where the built corpus and trained vocabularies are cached; empty means
+      $T5LITE_CACHE_DIR, else ~/.cache/t5lite.
     objective: one of OBJECTIVES.
     input_length / target_length: row lengths (decoder-only rows use target_length).
     pack: pack several examples per row.
@@ -95,7 +96,7 @@ class DataConfig:
   vocab_file: str = ""
   vocab_size: int = 1000
   extra_ids: int = 100
-  cache_dir: str = "~/.cache/t5lite"
+  cache_dir: str = ""
   objective: str = "span_corruption"
   input_length: int = 64
   target_length: int = 32
@@ -118,7 +119,8 @@ def load_vocabulary(cfg: DataConfig) -> vocab_lib.SentencePieceVocabulary:
 
 def _cache_dir(cfg: DataConfig) -> str:
   import os  # pylint: disable=import-outside-toplevel
-  return os.path.expanduser(cfg.cache_dir)
+  default = os.environ.get("T5LITE_CACHE_DIR") or "~/.cache/t5lite"
+  return os.path.expanduser(cfg.cache_dir or default)
 
 
 def corpus_path(cfg: DataConfig) -> str:

@@ -58,7 +58,10 @@ class Embed(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.dtype = compute_dtype(cfg)
-    self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0,
+    # A tied decoder-only head has no T5-style output rescale, so the table starts small enough
+    # for unit-scale logits.
+    stddev = cfg.d_model ** -0.5 if cfg.tie_embeddings and cfg.arch != "encoder_decoder" else 1.0
+    self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), stddev,
                            jnp.dtype(cfg.param_dtype))
 
   def __call__(self, ids):
@@ -108,7 +111,7 @@ class Attention(nnx.Module):
     dt = compute_dtype(cfg)
     q = jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt))
     k, v = self.project_kv(kv_input)
-    if cfg.position_encoding == "rope":
+    if cfg.position_encoding == "rope" and q_positions is not None:  # not for cross-attention
       q = attn_lib.apply_rope(q, q_positions, cfg.rope_theta)
       k = attn_lib.apply_rope(k, k_positions, cfg.rope_theta)
     y = attn_lib.attend(q, k, v, mask, bias, scale=self.scale(), implementation=cfg.attention_impl)

@@ -1,0 +1,58 @@
+"""`python -m t5lite.eval --gin_file=F --gin.MODEL_DIR=D [--step N] [--batches K]`.
+
+Restores a checkpoint's parameters and reports loss, perplexity and token accuracy on the
+configured eval split; prints one JSON line and writes it to MODEL_DIR/eval_<step>.json.
+"""
+
+import json
+import os
+import sys
+
+from t5lite import gin_setup
+
+
+def main(argv=None) -> int:
+  """Parses flags and gin, evaluates, and returns the process exit code."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  bindings, rest = gin_setup.split_gin_bindings(argv)
+  parser = gin_setup.make_parser("Evaluate a t5lite checkpoint.")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument("--batches", type=int, default=0, help="eval batches (default: config)")
+  parser.add_argument("--checkpoint_dir", default="", help="default MODEL_DIR/checkpoints")
+  args = parser.parse_args(rest)
+  try:
+    exp = gin_setup.parse_gin(args.gin_file, bindings, args.gin_search_path)
+  except gin_setup.ConfigError as e:
+    print(f"t5lite.eval: configuration error: {e}", file=sys.stderr)
+    return 2
+  import jax  # pylint: disable=import-outside-toplevel
+  from t5lite import checkpoints, partitioning, trainer  # pylint: disable=import-outside-toplevel
+  from t5lite.train import build_run  # pylint: disable=import-outside-toplevel
+  run, _ = build_run(exp)
+  if run.eval_stream is None:
+    print("t5lite.eval: the dataset has no eval split", file=sys.stderr)
+    return 2
+  ckpt_dir = args.checkpoint_dir or os.path.join(exp.model_dir, "checkpoints")
+  mesh = partitioning.make_mesh(exp.mesh)
+  shardings = partitioning.param_shardings(run.model.annotated_params, mesh, exp.mesh.rules)
+  abstract = checkpoints.abstract_with_shardings(run.model.abstract_params, shardings)
+  try:
+    params = checkpoints.restore_params(ckpt_dir, abstract, args.step)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"t5lite.eval: cannot restore parameters from {ckpt_dir}: {e}", file=sys.stderr)
+    return 3
+  with jax.set_mesh(mesh):
+    result = trainer.evaluate(run.model, params, run.eval_stream,
+                              args.batches or exp.train.eval_batches, exp.train.batch_size,
+                              partitioning.batch_sharding(mesh))
+  step = args.step if args.step is not None else checkpoints.latest_step(ckpt_dir)
+  result["step"] = step
+  print(json.dumps(result))
+  if jax.process_index() == 0 and os.path.isdir(exp.model_dir):
+    with open(os.path.join(exp.model_dir, f"eval_{step}.json"), "w", encoding="utf-8") as f:
+      json.dump(result, f)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

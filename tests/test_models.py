@@ -1,0 +1,197 @@
+"""Network shapes, masks (including packing), scan/remat equivalence, gradients, memorization."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import tiny_config
+from t5lite import trainer
+from t5lite.models.model import LossConfig, Model
+
+VARIANTS = [
+    dict(arch="encoder_decoder"),
+    dict(arch="encoder_decoder", position_encoding="alibi"),
+    dict(arch="encoder_decoder", position_encoding="rope", tie_embeddings=True),
+    dict(arch="encoder_decoder", num_experts=4, experts_per_token=2),
+    dict(arch="encoder_decoder", gated_mlp=False, activation="relu"),
+    dict(arch="decoder_only"),
+    dict(arch="decoder_only", num_kv_heads=2),
+    dict(arch="decoder_only", num_kv_heads=1, tie_embeddings=True),
+    dict(arch="decoder_only", position_encoding="alibi"),
+    dict(arch="decoder_only", position_encoding="relative", scale_attention=False),
+    dict(arch="decoder_only", num_experts=4, experts_per_token=1),
+    dict(arch="prefix_lm"),
+    dict(arch="prefix_lm", position_encoding="relative", num_kv_heads=2),
+]
+
+
+def _ids(v):
+  return "-".join(f"{k}={val}" for k, val in v.items())
+
+
+def random_batch(cfg, batch=2, in_len=12, out_len=8, seed=0):
+  """Unpacked random batch with some padding at the end of each row."""
+  rng = np.random.default_rng(seed)
+  if cfg.arch == "encoder_decoder":
+    inputs = rng.integers(3, cfg.vocab_size, (batch, in_len)).astype(np.int32)
+    inputs[:, -3:] = 0
+    targets = rng.integers(3, cfg.vocab_size, (batch, out_len)).astype(np.int32)
+    targets[:, -2:] = 0
+    dec_in = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+    return {"encoder_input_tokens": inputs, "decoder_input_tokens": dec_in,
+            "decoder_target_tokens": targets}
+  length = in_len + out_len
+  targets = rng.integers(3, cfg.vocab_size, (batch, length)).astype(np.int32)
+  targets[:, -2:] = 0
+  dec_in = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+  out = {"decoder_input_tokens": dec_in, "decoder_target_tokens": targets,
+         "decoder_loss_weights": (targets > 0).astype(np.float32)}
+  if cfg.arch == "prefix_lm":
+    out["decoder_causal_attention"] = (np.arange(length) < in_len).astype(np.int32)[None].repeat(
+        batch, 0)
+  return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_shapes_and_finite_loss(variant):
+  cfg = tiny_config(**variant)
+  model = Model(cfg)
+  params = model.init(jax.random.key(0))
+  batch = random_batch(cfg)
+  logits, aux = model.apply(params, batch, jax.random.key(1))
+  out_len = batch["decoder_target_tokens"].shape[1]
+  assert logits.shape == (2, out_len, cfg.vocab_size)
+  assert logits.dtype == jnp.float32
+  loss, metrics = model.loss(params, batch)
+  assert np.isfinite(float(loss))
+  # A fresh model is close to uniform: loss near log(vocab).
+  assert abs(float(metrics["nll_sum"] / metrics["token_count"]) - np.log(cfg.vocab_size)) < 2.0
+  if cfg.num_experts:
+    assert float(aux) > 0
+  scores = model.score_batch(params, batch)
+  assert scores.shape == (2,)
+  assert np.all(np.asarray(scores) < 0)
+
+
+def _pack(examples, arch):
+  """Packs two unpacked single-row examples into one row with segment ids and positions."""
+  out = {}
+  keys = [k for k in examples[0] if k.endswith("_tokens") or k in (
+      "decoder_loss_weights", "decoder_causal_attention")]
+  for k in keys:
+    out[k] = np.concatenate([e[k][0] for e in examples])[None]
+  if arch == "encoder_decoder":
+    lens = [e["encoder_input_tokens"].shape[1] for e in examples]
+    out["encoder_segment_ids"] = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)])[None]
+    out["encoder_positions"] = np.concatenate([np.arange(n) for n in lens])[None]
+  lens = [e["decoder_target_tokens"].shape[1] for e in examples]
+  out["decoder_segment_ids"] = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)])[None]
+  out["decoder_positions"] = np.concatenate([np.arange(n) for n in lens])[None]
+  return {k: np.asarray(v, np.float32 if k == "decoder_loss_weights" else np.int32)
+          for k, v in out.items()}
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.get("num_experts")], ids=_ids)
+def test_packing_never_crosses_segments(variant):
+  """Logits of a packed row equal the logits of each example run alone."""
+  cfg = tiny_config(**variant)
+  model = Model(cfg)
+  params = model.init(jax.random.key(0))
+  examples = []
+  for seed, (il, ol) in enumerate([(7, 5), (9, 6)]):
+    b = random_batch(cfg, batch=1, in_len=il, out_len=ol, seed=seed + 10)
+    # No padding inside examples: every token is real.
+    for k in b:
+      if k.endswith("_tokens"):
+        b[k] = np.where(b[k] == 0, 5, b[k]).astype(np.int32)
+    b["decoder_input_tokens"][:, 0] = 0
+    if "decoder_loss_weights" in b:
+      b["decoder_loss_weights"] = np.ones_like(b["decoder_loss_weights"])
+    examples.append(b)
+  alone = [np.asarray(model.apply(params, e)[0][0]) for e in examples]
+  packed = np.asarray(model.apply(params, _pack(examples, cfg.arch))[0][0])
+  np.testing.assert_allclose(packed, np.concatenate(alone), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ["decoder_only", "prefix_lm"])
+def test_causal_and_prefix_visibility(arch):
+  cfg = tiny_config(arch=arch)
+  model = Model(cfg)
+  params = model.init(jax.random.key(0))
+  batch = random_batch(cfg, batch=1, in_len=6, out_len=6)
+  base = np.asarray(model.apply(params, batch)[0])
+  # Changing a later prefix token: prefix-LM sees it from earlier prefix positions, causal does not.
+  changed = dict(batch)
+  changed["decoder_input_tokens"] = batch["decoder_input_tokens"].copy()
+  changed["decoder_input_tokens"][0, 4] = (changed["decoder_input_tokens"][0, 4] + 1) % 60 + 3
+  moved = np.abs(np.asarray(model.apply(params, changed)[0]) - base).max(-1)[0]
+  if arch == "prefix_lm":
+    assert moved[1] > 1e-6
+  else:
+    assert np.all(moved[:4] < 1e-6)
+  # Future target tokens are never visible.
+  changed["decoder_input_tokens"] = batch["decoder_input_tokens"].copy()
+  changed["decoder_input_tokens"][0, 10] = 7
+  moved = np.abs(np.asarray(model.apply(params, changed)[0]) - base).max(-1)[0]
+  assert np.all(moved[:10] < 1e-6) and moved[10] > 1e-6
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_scan_unrolled_and_remat_agree(arch, remat):
+  base_cfg = tiny_config(arch=arch)
+  batch = random_batch(base_cfg)
+  params = Model(base_cfg).init(jax.random.key(0))
+
+  def loss_and_grad(cfg):
+    model = Model(cfg)
+    return jax.value_and_grad(lambda p: model.loss(p, batch)[0])(params)
+
+  ref_loss, ref_grad = loss_and_grad(base_cfg)
+  for cfg in (tiny_config(arch=arch, scan_layers=False), tiny_config(arch=arch, remat_policy=remat)):
+    loss, grad = loss_and_grad(cfg)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grad,
+                 ref_grad)
+
+
+@pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"), dict(arch="decoder_only"),
+                                     dict(arch="prefix_lm", position_encoding="alibi")], ids=_ids)
+def test_gradient_matches_finite_differences(variant):
+  """Directional derivative of the loss vs a central finite difference (float32)."""
+  cfg = tiny_config(**variant)
+  model = Model(cfg, LossConfig(z_loss=1e-4, label_smoothing=0.1))
+  params = model.init(jax.random.key(0))
+  batch = random_batch(cfg)
+  loss_fn = jax.jit(lambda p: model.loss(p, batch)[0])
+  grad = jax.grad(loss_fn)(params)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  direction = treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+  eps = 1e-3
+  shift = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)
+  numeric = (loss_fn(shift(1.0)) - loss_fn(shift(-1.0))) / (2 * eps)
+  np.testing.assert_allclose(float(analytic), float(numeric), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_tiny_model_memorizes_a_batch(arch):
+  cfg = tiny_config(arch=arch, d_model=64, d_ff=128)
+  model = Model(cfg, LossConfig(z_loss=0.0))
+  opt = optax.adam(3e-3)
+  state = trainer.init_state(model, opt, jax.random.key(0))
+  batch = random_batch(cfg, batch=4)
+  step = jax.jit(functools.partial(trainer.train_step, model=model, optimizer=opt,
+                                   schedule=lambda s: 3e-3, seed=0))
+  first = None
+  for _ in range(200):
+    state, metrics = step(state, batch)
+    first = first if first is not None else float(metrics["loss"])
+  assert first > 3.0
+  assert float(metrics["loss"]) < 0.1
+  assert float(metrics["accuracy"]) == 1.0
