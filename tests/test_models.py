@@ -194,4 +194,7 @@ def test_tiny_model_memorizes_a_batch(arch):
     first = first if first is not None else float(metrics["loss"])
   assert first > 3.0
   assert float(metrics["loss"]) < 0.1
-  assert float(metrics["accuracy"]) == 1.0
+  # Decoder-only rows share their first context (the start token), so their first target tokens
+  # cannot all be predicted; everything else must be.
+  rows = batch["decoder_target_tokens"].shape[0]
+  assert float(metrics["accuracy"]) >= 1.0 - (rows - 1) / float(metrics["target_tokens"]) - 1e-6
