@@ -82,8 +82,13 @@ class SentencePieceVocabulary:
 def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int = 1000,
                         model_type: str = "unigram", character_coverage: float = 0.9995,
                         byte_fallback: bool = True, split_digits: bool = True,
-                        user_defined_symbols: Sequence[str] = ()) -> str:
+                        user_defined_symbols: Sequence[str] = (),
+                        normalization: str = "identity") -> str:
   """Trains a T5-layout SentencePiece model with Chinese-aware settings; returns the .model path.
+
+  `normalization` defaults to identity rather than SentencePiece's nmt_nfkc, because NFKC folds
+  full-width punctuation (ChatYuan's `用户：`) into ASCII and breaks the round trip; clean text
+  before training instead.
 
   The model file is written atomically, so a killed training never leaves a half-written model.
   """
@@ -93,7 +98,7 @@ def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int
       sentence_iterator=iter(list(lines)), model_writer=buffer, vocab_size=vocab_size,
       model_type=model_type, character_coverage=character_coverage, byte_fallback=byte_fallback,
       split_digits=split_digits, user_defined_symbols=list(user_defined_symbols),
-      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, hard_vocab_limit=False,
+      normalization_rule_name=normalization, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, hard_vocab_limit=False,
       minloglevel=2)
   path = model_prefix + ".model"
   tmp = f"{path}.tmp.{os.getpid()}"

@@ -1,0 +1,101 @@
+"""Checkpointer: round trip with data position, corrupt-latest fallback, incompatible configs."""
+
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from conftest import tiny_config
+from t5lite import checkpoints, trainer
+from t5lite.models.model import Model
+
+
+def _state(cfg, seed=0):
+  return trainer.init_state(Model(cfg), optax.adamw(1e-3), jax.random.key(seed))
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+def _corrupt(step_dir):
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00garbage" * 7)
+
+
+def test_round_trip_with_data_position(tmp_path):
+  cfg = tiny_config()
+  state = _state(cfg)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=2)
+  ckpt.save(5, state, {"cursor": 123, "step": 5}, cfg)
+  ckpt.wait()
+  step, restored, data = ckpt.restore_latest(_abstract(state), cfg)
+  assert step == 5 and data["cursor"] == 123
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  ckpt.close()
+
+
+def test_keep_n(tmp_path):
+  cfg = tiny_config()
+  state = _state(cfg)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=2)
+  for s in (1, 2, 3):
+    ckpt.save(s, state, {"cursor": s}, cfg)
+  ckpt.wait()
+  assert ckpt.steps() == [2, 3]
+  ckpt.close()
+
+
+def test_corrupt_latest_falls_back_and_keeps_files(tmp_path, capsys):
+  cfg = tiny_config()
+  old, new = _state(cfg, 0), _state(cfg, 1)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=3)
+  ckpt.save(1, old, {"cursor": 10}, cfg)
+  ckpt.save(2, new, {"cursor": 20}, cfg)
+  ckpt.close()
+  _corrupt(str(tmp_path / "ckpt" / "2"))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=3)
+  step, restored, data = ckpt.restore_latest(_abstract(old), cfg)
+  assert step == 1 and data["cursor"] == 10
+  jax.tree.map(np.testing.assert_array_equal, restored, old)
+  assert "could not be restored" in capsys.readouterr().out
+  moved = [n for n in os.listdir(tmp_path / "ckpt") if n.startswith("2.corrupt-")]
+  assert moved, "the corrupt checkpoint must be kept, renamed"
+  # Saving step 2 again works (no collision with the quarantined directory).
+  ckpt.save(2, old, {"cursor": 20}, cfg)
+  ckpt.close()
+
+
+def test_incompatible_model_is_refused(tmp_path):
+  cfg = tiny_config()
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(1, _state(cfg), {"cursor": 0}, cfg)
+  ckpt.wait()
+  other = tiny_config(d_model=48)
+  with pytest.raises(checkpoints.CheckpointError, match="d_model"):
+    ckpt.restore_latest(_abstract(_state(other)), other)
+  assert ckpt.steps() == [1]
+  ckpt.close()
+
+
+def test_restore_params_only(tmp_path):
+  cfg = tiny_config()
+  state = _state(cfg)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(3, state, {"cursor": 0}, cfg)
+  ckpt.close()
+  params = checkpoints.restore_params(str(tmp_path / "ckpt"), _abstract(state["params"]))
+  jax.tree.map(np.testing.assert_array_equal, params, state["params"])
+  with pytest.raises(checkpoints.CheckpointError):
+    checkpoints.restore_params(str(tmp_path / "missing"), _abstract(state["params"]))
+
+
+def test_model_dir_that_is_a_file(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("x")
+  with pytest.raises(checkpoints.CheckpointError, match="not a directory"):
+    checkpoints.Checkpointer(str(path))

@@ -1,0 +1,56 @@
+"""Cross-entropy, z-loss, label smoothing and loss normalization against hand computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5lite import losses
+
+
+def test_cross_entropy_matches_manual():
+  logits = jnp.array([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
+  targets = jnp.array([0, 2])
+  loss, z = losses.cross_entropy_with_logits(logits, targets, z_loss=0.0)
+  manual = [-(2.0 - np.log(np.exp(2) + np.exp(0.5) + np.exp(-1))), np.log(3.0)]
+  np.testing.assert_allclose(loss, manual, rtol=1e-6)
+  np.testing.assert_allclose(z, 0.0)
+
+
+def test_z_loss_adds_log_z_squared():
+  logits = jnp.array([[1.0, 2.0, 3.0]])
+  targets = jnp.array([1])
+  base, _ = losses.cross_entropy_with_logits(logits, targets)
+  with_z, z = losses.cross_entropy_with_logits(logits, targets, z_loss=1e-2)
+  log_z = np.log(np.exp([1.0, 2.0, 3.0]).sum())
+  np.testing.assert_allclose(z, 1e-2 * log_z ** 2, rtol=1e-6)
+  np.testing.assert_allclose(with_z - base, z, rtol=1e-6)
+
+
+def test_label_smoothing_is_zero_at_the_smoothed_optimum():
+  vocab, ls = 5, 0.1
+  soft = np.full(vocab, ls / (vocab - 1))
+  soft[2] = 1 - ls
+  logits = jnp.log(jnp.asarray(soft))[None]
+  loss, _ = losses.cross_entropy_with_logits(logits, jnp.array([2]), label_smoothing=ls)
+  np.testing.assert_allclose(loss, 0.0, atol=1e-5)
+  # And it penalizes a one-hot-confident prediction.
+  sharp = jnp.array([[0.0, 0.0, 30.0, 0.0, 0.0]])
+  assert float(losses.cross_entropy_with_logits(sharp, jnp.array([2]), label_smoothing=ls)[0][0]) > 1
+
+
+@pytest.mark.parametrize("mode,expected_denominator", [("tokens", 3.0), ("total_tokens", 8.0),
+                                                       ("per_sequence", 2.0)])
+def test_normalizations(mode, expected_denominator):
+  targets = jnp.array([[5, 6, 0, 0], [7, 0, 0, 0]])
+  weights, denom = losses.loss_weights(targets, None, mode)
+  assert float(denom) == expected_denominator
+  if mode == "per_sequence":
+    np.testing.assert_allclose(weights.sum(-1), [1.0, 1.0])
+  else:
+    np.testing.assert_allclose(weights, (targets > 0).astype(np.float32))
+
+
+def test_unknown_normalization_is_rejected():
+  with pytest.raises(ValueError, match="normalization"):
+    losses.loss_weights(jnp.ones((1, 2), jnp.int32), None, "bogus")
