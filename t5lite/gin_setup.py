@@ -55,8 +55,22 @@ def experiment(model_dir: str = gin.REQUIRED, model=gin.REQUIRED,
                schedule=schedules.ScheduleConfig(), train=trainer.TrainConfig(),
                data=pipeline.DataConfig(), mesh=partitioning.MeshConfig()) -> Experiment:
   """Collects the bound configs into an Experiment (gin fills the arguments)."""
+  _check_required({"experiment.model_dir": model_dir, "experiment.model": model})
+  for cfg in (model, loss, optimizer, schedule, train, data, mesh):
+    if dataclasses.is_dataclass(cfg):
+      _check_required({f"{type(cfg).__name__}.{f.name}": getattr(cfg, f.name)
+                       for f in dataclasses.fields(cfg)})
   return Experiment(os.path.expanduser(str(model_dir)), model, loss, optimizer, schedule, train,
                     data, mesh)
+
+
+def _check_required(values):
+  """Raises for values still equal to gin.REQUIRED (a `MACRO = %gin.REQUIRED` never set)."""
+  missing = [name for name, value in values.items() if value is gin.REQUIRED]
+  if missing:
+    raise ConfigError(
+        f"a required gin value is missing: {', '.join(missing)} (set it, or the macro bound to "
+        f"it such as MODEL_DIR / TRAIN_STEPS, e.g. --gin.MODEL_DIR=/path/run)")
 
 
 _LITERAL = re.compile(r"""^(['"\[\(\{@%]|-?\d|True$|False$|None$)""")
@@ -100,6 +114,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
   try:
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
     return experiment()
+  except ConfigError:
+    raise
   except (ValueError, TypeError, KeyError, RuntimeError, IOError) as e:
     raise ConfigError(_explain(e)) from e
   finally:

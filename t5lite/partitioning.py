@@ -126,18 +126,20 @@ def param_shardings(annotated_params, mesh: Mesh, rules):
 
 def optimizer_shardings(optimizer: optax.GradientTransformation, abstract_params,
                         shardings, mesh: Mesh):
-  """Shardings of the optimizer state: moments like their parameters, scalars replicated."""
+  """Shardings of the optimizer state: moments like their parameters, everything else
+  (counts, Adafactor's factored row/column statistics) replicated."""
   abstract_state = jax.eval_shape(optimizer.init, abstract_params)
   replicated = NamedSharding(mesh, P())
+  like_params = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_state,
+                                      shardings, transform_non_params=lambda _: replicated)
 
-  def like_param(_, sharding):
-    return sharding
+  def check(leaf, sharding):
+    spec = sharding.spec
+    if len(spec) > len(leaf.shape):
+      return replicated
+    return NamedSharding(mesh, _fits(spec, leaf.shape, mesh))
 
-  def other(leaf):
-    return replicated
-
-  return optax.tree_map_params(optimizer, like_param, abstract_state, shardings,
-                               transform_non_params=other)
+  return jax.tree.map(check, abstract_state, like_params)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
