@@ -1,0 +1,61 @@
+"""Every shipped gin file parses and builds its model (shrunk to tiny size); presets have the
+documented shapes."""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from t5lite import gin_setup
+from t5lite.models.model import Model
+
+GIN_DIR = os.path.join(REPO, "gin_configs")
+ALL = sorted(os.path.relpath(p, GIN_DIR) for p in glob.glob(f"{GIN_DIR}/**/*.gin", recursive=True))
+TINY = ["ModelConfig.d_model = 32", "ModelConfig.d_ff = 64", "ModelConfig.num_heads = 4",
+        "ModelConfig.num_kv_heads = 0", "ModelConfig.head_dim = 8", "ModelConfig.vocab_size = 128",
+        "MODEL_DIR = '/tmp/unused'", "TRAIN_STEPS = 1", "INIT_FROM = '/tmp/unused'"]
+
+
+def _files_for(name):
+  """The gin files a user would combine with `name` (a model needs a run, and vice versa)."""
+  if name.startswith("experiments/"):
+    return [name]
+  if name.startswith("models/") and name != "models/moe.gin":
+    return [name, "runs/pretrain.gin"]
+  if name.startswith("runs/"):
+    return ["models/t5_1_1/tiny.gin", name]
+  return ["models/t5_1_1/tiny.gin", "runs/pretrain.gin", name]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gin_file_parses_and_builds(name):
+  exp = gin_setup.parse_gin(_files_for(name), TINY + ["ModelConfig.num_decoder_layers = 2",
+                                                      "ModelConfig.num_encoder_layers = 2"])
+  model = Model(exp.model)
+  params = model.init(jax.random.key(0))
+  assert jax.tree.leaves(params)
+
+
+def _num_params(preset):
+  exp = gin_setup.parse_gin([preset, "runs/pretrain.gin"],
+                            ["MODEL_DIR = '/tmp/unused'", "TRAIN_STEPS = 1"])
+  model = Model(exp.model)
+  return exp.model, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.abstract_params))
+
+
+def test_preset_shapes_match_the_reference():
+  cfg, n = _num_params("models/t5_1_1/large.gin")
+  assert (cfg.d_model, cfg.d_ff, cfg.num_encoder_layers, cfg.num_heads, cfg.vocab_size) == (
+      1024, 2816, 24, 16, 32128)
+  assert 0.77e9 < n < 0.80e9  # ~783M
+  cfg, n = _num_params("models/chatyuan_large.gin")
+  assert cfg.vocab_size == 32128 and not cfg.tie_embeddings and 0.77e9 < n < 0.80e9
+  cfg, n = _num_params("models/decoder/1b.gin")
+  assert (cfg.d_model, cfg.d_ff, cfg.num_decoder_layers, cfg.num_heads, cfg.kv_heads) == (
+      2048, 5632, 22, 32, 4)
+  assert 1.05e9 < n < 1.15e9  # TinyLlama: 1.1B
+  _, n = _num_params("models/t5_1_1/base.gin")
+  assert 0.24e9 < n < 0.26e9  # T5 v1.1 base: ~248M
