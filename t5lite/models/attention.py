@@ -6,11 +6,24 @@ sequences never attend across examples; the attention itself goes through
 """
 
 import math
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+
+class Mask(NamedTuple):
+  """Which keys each query may see.
+
+  Packed rows need `dense` (bool [batch, 1, q_len, k_len] from segment ids). Unpacked rows,
+  padded at the end, use `causal` and/or `kv_lengths` (int [batch]), the forms cuDNN flash
+  attention handles natively without materializing a mask.
+  """
+  dense: Optional[jax.Array] = None
+  causal: bool = False
+  kv_lengths: Optional[jax.Array] = None
 
 
 def padding_mask(q_segments, k_segments):
@@ -78,8 +91,11 @@ class RelativePositionBias(nnx.Module):
     rel = k_positions[:, None, :] - q_positions[:, :, None]
     buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
                                        self.max_distance)
-    bias = jnp.take(self.embedding[...], buckets, axis=0)      # [b, q, k, heads]
-    return bias.transpose(0, 3, 1, 2).astype(dtype)
+    # A one-hot matmul instead of a gather: its gradient is a matmul too, not a scatter-add of
+    # q*k values into 32 rows (which serializes on GPU atomics).
+    onehot = jax.nn.one_hot(buckets, self.num_buckets, dtype=jnp.float32)
+    return jnp.einsum("bqkn,nh->bhqk", onehot, self.embedding[...].astype(jnp.float32)
+                      ).astype(dtype)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -115,14 +131,14 @@ def apply_rope(x, positions, theta: float):
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attend(q, k, v, mask, bias=None, *, scale: float, implementation=None):
+def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None):
   """Scaled dot-product attention with grouped KV heads.
 
-  q: [b, q_len, heads, d]; k, v: [b, k_len, kv_heads, d]; mask: bool [b, 1, q_len, k_len];
+  q: [b, q_len, heads, d]; k, v: [b, k_len, kv_heads, d]; mask: a Mask;
   bias: [1 or b, heads, q_len, k_len]. Returns [b, q_len, heads, d].
   """
   if bias is not None:
-    bias = jnp.broadcast_to(bias, (q.shape[0],) + bias.shape[1:]).astype(q.dtype)
-  mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
-                                      implementation=implementation)
+    bias = bias.astype(q.dtype)
+  return jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=mask.dense, scale=scale, is_causal=mask.causal,
+      key_value_seq_lengths=mask.kv_lengths, implementation=implementation)

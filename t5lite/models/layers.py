@@ -100,7 +100,7 @@ class Attention(nnx.Module):
     Args:
       x: [batch, q_len, embed] queries' input.
       kv_input: [batch, k_len, embed] keys' and values' input.
-      mask: bool [batch, 1, q_len, k_len], True where attention is allowed.
+      mask: an attention.Mask (dense boolean, causal, and/or key lengths).
       bias: optional float [1 or batch, heads, q_len, k_len] added to logits (relative / ALiBi).
       q_positions / k_positions: int [batch, len], used for RoPE.
 

@@ -109,8 +109,9 @@ class LayerStack(nnx.Module):
     return x, total
 
 
-def _segments(tokens, segment_ids):
-  return segment_ids if segment_ids is not None else (tokens != 0).astype(jnp.int32)
+def _lengths(tokens):
+  """Real (non-padding) tokens per row: [batch]."""
+  return jnp.sum(tokens != 0, axis=-1).astype(jnp.int32)
 
 
 def _positions(tokens, positions):
@@ -168,21 +169,38 @@ class EncoderDecoder(nnx.Module):
     return None
 
   def encode(self, tokens, segment_ids=None, positions=None, rng=None):
-    """tokens: [batch, in_len] -> (encoded [batch, in_len, embed], aux_loss)."""
-    seg, pos = _segments(tokens, segment_ids), _positions(tokens, positions)
+    """tokens: [batch, in_len] -> (encoded [batch, in_len, embed], aux_loss).
+
+    Without segment ids the rows are taken as unpacked and padded at the end.
+    """
+    pos = _positions(tokens, positions)
     r = jax.random.split(rng, 2) if rng is not None else [None, None]
     x = layers.dropout(self.token_embed(tokens), self.cfg.dropout_rate, r[0])
-    x, aux = self.encoder(x, r[1], mask=attn_lib.padding_mask(seg, seg),
-                          bias=self._bias("encoder", pos, pos), positions=pos)
+    if segment_ids is None:
+      mask = attn_lib.Mask(kv_lengths=_lengths(tokens))
+    else:
+      mask = attn_lib.Mask(dense=attn_lib.padding_mask(segment_ids, segment_ids))
+    x, aux = self.encoder(x, r[1], mask=mask, bias=self._bias("encoder", pos, pos),
+                          positions=pos)
     return self.encoder_norm(x), aux
 
-  def decode(self, encoded, encoder_segment_ids, tokens, segment_ids, positions=None, rng=None):
-    """Teacher-forced decoder: tokens [batch, out_len] -> logits [batch, out_len, vocab]."""
+  def decode(self, encoded, tokens, *, encoder_tokens=None, encoder_segment_ids=None,
+             segment_ids=None, positions=None, rng=None):
+    """Teacher-forced decoder: tokens [batch, out_len] -> logits [batch, out_len, vocab].
+
+    Packed rows pass both segment id arrays; unpacked rows pass `encoder_tokens` (for the
+    encoder padding) and use a causal mask.
+    """
     pos = _positions(tokens, positions)
     r = jax.random.split(rng, 3) if rng is not None else [None] * 3
     x = layers.dropout(self.token_embed(tokens), self.cfg.dropout_rate, r[0])
-    mask = attn_lib.causal_mask(tokens.shape[1]) & attn_lib.padding_mask(segment_ids, segment_ids)
-    cross_mask = attn_lib.padding_mask(segment_ids, encoder_segment_ids)
+    if segment_ids is None:
+      mask = attn_lib.Mask(causal=True)
+      cross_mask = attn_lib.Mask(kv_lengths=_lengths(encoder_tokens))
+    else:
+      mask = attn_lib.Mask(dense=attn_lib.causal_mask(tokens.shape[1])
+                           & attn_lib.padding_mask(segment_ids, segment_ids))
+      cross_mask = attn_lib.Mask(dense=attn_lib.padding_mask(segment_ids, encoder_segment_ids))
     x, aux = self.decoder(x, r[1], mask=mask, bias=self._bias("decoder", pos, pos), positions=pos,
                           encoded=encoded, cross_mask=cross_mask)
     x = layers.dropout(self.decoder_norm(x), self.cfg.dropout_rate, r[2])
@@ -192,11 +210,14 @@ class EncoderDecoder(nnx.Module):
     """batch of T5X encoder-decoder features -> (logits [b, out_len, vocab], aux_loss)."""
     r = jax.random.split(rng) if rng is not None else [None, None]
     enc_tokens = batch["encoder_input_tokens"]
-    enc_seg = _segments(enc_tokens, batch.get("encoder_segment_ids"))
+    packed = "encoder_segment_ids" in batch
+    enc_seg = batch["encoder_segment_ids"] if packed else None
     encoded, enc_aux = self.encode(enc_tokens, enc_seg, batch.get("encoder_positions"), r[0])
-    dec_seg = _segments(batch["decoder_target_tokens"], batch.get("decoder_segment_ids"))
-    logits, dec_aux = self.decode(encoded, enc_seg, batch["decoder_input_tokens"], dec_seg,
-                                  batch.get("decoder_positions"), r[1])
+    dec_seg = batch["decoder_segment_ids"] if packed else None
+    logits, dec_aux = self.decode(encoded, batch["decoder_input_tokens"],
+                                  encoder_tokens=enc_tokens, encoder_segment_ids=enc_seg,
+                                  segment_ids=dec_seg, positions=batch.get("decoder_positions"),
+                                  rng=r[1])
     return logits, enc_aux + dec_aux
 
 
@@ -215,22 +236,29 @@ class DecoderOnly(nnx.Module):
           cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
           cfg.arch == "prefix_lm", rngs=rngs)
 
-  def mask(self, segment_ids, prefix=None):
-    """Self-attention mask [batch, 1, len, len] for the architecture."""
-    if self.cfg.arch == "prefix_lm" and prefix is not None:
-      return attn_lib.prefix_lm_mask(segment_ids, prefix)
-    length = segment_ids.shape[1]
-    return attn_lib.causal_mask(length) & attn_lib.padding_mask(segment_ids, segment_ids)
+  def mask(self, batch) -> attn_lib.Mask:
+    """Self-attention mask for the architecture and batch layout.
+
+    Unpacked causal rows (padded at the end) need only the causal flag: real tokens never see the
+    padding after them. Packed rows and prefix-LM rows need a dense mask.
+    """
+    tokens = batch["decoder_input_tokens"]
+    seg = batch.get("decoder_segment_ids")
+    prefix = batch.get("decoder_causal_attention") if self.cfg.arch == "prefix_lm" else None
+    if seg is None and prefix is None:
+      return attn_lib.Mask(causal=True)
+    if seg is None:
+      seg = jnp.where(batch["decoder_target_tokens"] != 0, 1, 0).astype(jnp.int32)
+      seg = seg.at[:, 0].set(1)
+    if prefix is not None:
+      return attn_lib.Mask(dense=attn_lib.prefix_lm_mask(seg, prefix))
+    return attn_lib.Mask(dense=attn_lib.causal_mask(tokens.shape[1])
+                         & attn_lib.padding_mask(seg, seg))
 
   def __call__(self, batch, rng=None):
     """batch of decoder-only features -> (logits [b, len, vocab], aux_loss)."""
     cfg = self.cfg
     tokens = batch["decoder_input_tokens"]
-    seg = batch.get("decoder_segment_ids")
-    if seg is None:
-      seg = jnp.ones_like(tokens)
-      seg = jnp.where(batch["decoder_target_tokens"] != 0, seg, 0)
-      seg = seg.at[:, 0].set(1)
     pos = _positions(tokens, batch.get("decoder_positions"))
     r = jax.random.split(rng, 3) if rng is not None else [None] * 3
     x = layers.dropout(self.token_embed(tokens), cfg.dropout_rate, r[0])
@@ -239,8 +267,7 @@ class DecoderOnly(nnx.Module):
       bias = self.decoder_relpos(pos, pos)
     elif cfg.position_encoding == "alibi":
       bias = attn_lib.alibi_bias(pos, pos, cfg.num_heads)
-    x, aux = self.decoder(x, r[1], mask=self.mask(seg, batch.get("decoder_causal_attention")),
-                          bias=bias, positions=pos)
+    x, aux = self.decoder(x, r[1], mask=self.mask(batch), bias=bias, positions=pos)
     x = layers.dropout(self.decoder_norm(x), cfg.dropout_rate, r[2])
     return self.head(x, self.token_embed), aux
 

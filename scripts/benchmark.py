@@ -1,0 +1,244 @@
+"""Benchmark the t5lite train step (and optionally HF transformers on the same shapes).
+
+    python scripts/benchmark.py --gin_file=models/t5_1_1/base.gin --batch=64 --inputs=512 \
+        --targets=128 [--vs-hf] [--json=out.json] [--gin.ModelConfig.remat_policy=dots]
+
+Synthetic batches, no TensorFlow. Reports the median step time after warm-up (device
+synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a matmul peak
+measured on the same device (bf16 on GPU, fp32 on CPU), peak device memory and compile time.
+
+Model FLOPs (PaLM appendix B convention; training = 3 x forward; rematerialization not counted;
+attention counted in full, causal masks not halved). Forward multiply-adds count 2 FLOPs:
+  per layer and token: attention projections 2*d*(H*dh) (q) + 4*d*(K*dh) (k, v) + 2*(H*dh)*d (o),
+    attention 4*S*H*dh over the S keys it attends to, MLP 2*d*f*(3 if gated else 2) (x experts
+    per token for MoE, plus the router);
+  decoder cross-attention: q and o projections per decoder token, k and v projections per
+    encoder token, 4*S_enc*H*dh per decoder token;
+  output head 2*d*V per target token.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def model_flops_per_step(cfg, batch: int, inputs: int, targets: int) -> float:
+  """Training FLOPs of one step (see the module docstring for the formula)."""
+  d, h, k, dh, f, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+  mlp = 2 * d * f * (3 if cfg.gated_mlp else 2)
+  if cfg.num_experts:
+    mlp = mlp * cfg.experts_per_token + 2 * d * cfg.num_experts
+  proj = 2 * d * h * dh + 4 * d * k * dh + 2 * h * dh * d
+  if cfg.arch == "encoder_decoder":
+    enc = inputs * cfg.num_encoder_layers * (proj + 4 * inputs * h * dh + mlp)
+    cross_kv = inputs * cfg.num_decoder_layers * 4 * d * k * dh
+    dec = targets * cfg.num_decoder_layers * (
+        proj + 4 * targets * h * dh + 4 * d * h * dh + 4 * inputs * h * dh + mlp)
+    fwd = enc + cross_kv + dec + targets * 2 * d * v
+  else:
+    length = inputs + targets
+    fwd = length * cfg.num_decoder_layers * (proj + 4 * length * h * dh + mlp) + length * 2 * d * v
+  return 3.0 * fwd * batch
+
+
+def synthetic_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0):
+  """Random token batch of the model's features (every token real, one segment per row)."""
+  rng = np.random.default_rng(seed)
+  if cfg.arch == "encoder_decoder":
+    tgt = rng.integers(2, cfg.vocab_size, (batch, targets)).astype(np.int32)
+    return {"encoder_input_tokens": rng.integers(2, cfg.vocab_size, (batch, inputs)).astype(np.int32),
+            "decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1),
+            "decoder_target_tokens": tgt,
+            "decoder_loss_weights": np.ones((batch, targets), np.float32)}
+  length = inputs + targets
+  tgt = rng.integers(2, cfg.vocab_size, (batch, length)).astype(np.int32)
+  return {"decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1),
+          "decoder_target_tokens": tgt,
+          "decoder_loss_weights": np.ones((batch, length), np.float32)}
+
+
+def measure_peak_tflops(on_gpu: bool) -> float:
+  """Matmul peak on this device: bf16 8192^3 on GPU, fp32 2048^3 on CPU (random data; median
+  of repeated timings after the clocks have ramped up)."""
+  n, dtype = (8192, jnp.bfloat16) if on_gpu else (2048, jnp.float32)
+  a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(2), (n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  for _ in range(20 if on_gpu else 1):
+    f(a, b).block_until_ready()
+  times = []
+  for _ in range(30 if on_gpu else 3):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def bench_t5lite(cfg, args, peak):
+  """Times the real t5lite train step (AdamW, donated state) on synthetic batches."""
+  import functools
+  from t5lite import optimizers, trainer
+  from t5lite.models.model import LossConfig, Model
+  model = Model(cfg, LossConfig(z_loss=1e-4))
+  opt = optimizers.make_optimizer(optimizers.OptimizerConfig("adamw"), 1e-4)
+  state = jax.jit(functools.partial(trainer.init_state, model, opt))(jax.random.key(0))
+  batch = jax.device_put(synthetic_batch(cfg, args.batch, args.inputs, args.targets))
+  step = jax.jit(functools.partial(trainer.train_step, model=model, optimizer=opt,
+                                   schedule=lambda s: 1e-4, seed=0,
+                                   microbatches=args.microbatches), donate_argnums=(0,))
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  for _ in range(args.warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  tokens = args.batch * (args.inputs + args.targets)
+  flops = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
+  stats = jax.devices()[0].memory_stats() or {}
+  mem = stats.get("peak_bytes_in_use")
+  if mem is None:
+    analysis = compiled.memory_analysis()
+    mem = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+           + analysis.output_size_in_bytes - analysis.alias_size_in_bytes) if analysis else 0
+  return {"impl": "t5lite", "step_s": step_s, "tokens_per_s": tokens / step_s,
+          "model_flops_per_token": flops / tokens, "tflops": flops / step_s / 1e12,
+          "mfu": flops / step_s / 1e12 / peak, "peak_mem_gb": mem / 2 ** 30,
+          "compile_s": compile_s, "loss": float(metrics["loss"])}
+
+
+def bench_hf(cfg, args, peak, compiled: bool):
+  """The same shapes in HF transformers (T5 v1.1 / LLaMA), AdamW, bf16 autocast on GPU."""
+  import torch
+  import transformers
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  if cfg.arch == "encoder_decoder":
+    hf_cfg = transformers.T5Config(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff,
+        num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
+        num_heads=cfg.num_heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        dropout_rate=0.0)
+    model = transformers.T5ForConditionalGeneration(hf_cfg)
+  else:
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.num_decoder_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(hf_cfg)
+  model.to(device).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  batch = synthetic_batch(cfg, args.batch, args.inputs, args.targets)
+  if cfg.arch == "encoder_decoder":
+    feed = {"input_ids": torch.tensor(batch["encoder_input_tokens"], dtype=torch.long),
+            "labels": torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)}
+  else:
+    feed = {"input_ids": torch.tensor(batch["decoder_input_tokens"], dtype=torch.long),
+            "labels": torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)}
+  feed = {k: v.to(device) for k, v in feed.items()}
+  forward = torch.compile(model) if compiled else model
+  use_bf16 = device == "cuda"
+
+  def step():
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16):
+      loss = forward(**feed).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  t = time.perf_counter()
+  step()
+  sync()
+  compile_s = time.perf_counter() - t
+  for _ in range(max(args.warmup - 1, 0)):
+    step()
+  sync()
+  times = []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    loss = step()
+    sync()
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  tokens = args.batch * (args.inputs + args.targets)
+  flops = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
+  mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+  return {"impl": "hf-compiled" if compiled else "hf-eager", "step_s": step_s,
+          "tokens_per_s": tokens / step_s, "model_flops_per_token": flops / tokens,
+          "tflops": flops / step_s / 1e12, "mfu": flops / step_s / 1e12 / peak,
+          "peak_mem_gb": mem, "compile_s": compile_s, "loss": float(loss)}
+
+
+def load_config(args, bindings):
+  """ModelConfig from gin presets plus bindings."""
+  from t5lite import gin_setup
+  exp = gin_setup.parse_gin(args.gin_file, ["experiment.model_dir = '/tmp/benchmark'"]
+                            + bindings)
+  return exp.model
+
+
+def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  bindings = [a for a in argv if a.startswith("--gin.")]
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--gin_file", action="append", default=[])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--inputs", type=int, default=512, help="encoder length (decoder: prefix)")
+  parser.add_argument("--targets", type=int, default=128)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--microbatches", type=int, default=1)
+  parser.add_argument("--vs-hf", dest="vs_hf", action="store_true")
+  parser.add_argument("--hf-modes", dest="hf_modes", default="eager,compiled")
+  parser.add_argument("--json", default="")
+  args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
+  from t5lite import gin_setup
+  cfg = load_config(args, [gin_setup._binding(b) for b in bindings])  # pylint: disable=protected-access
+  on_gpu = jax.devices()[0].platform == "gpu"
+  peak = measure_peak_tflops(on_gpu)
+  rows = [bench_t5lite(cfg, args, peak)]
+  if args.vs_hf:
+    for mode in args.hf_modes.split(","):
+      rows.append(bench_hf(cfg, args, peak, compiled=mode == "compiled"))
+    for r in rows:
+      r["vs_t5lite"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+  result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+            "gin_files": args.gin_file, "bindings": bindings, "batch": args.batch,
+            "inputs": args.inputs, "targets": args.targets, "dtype": cfg.dtype,
+            "peak_tflops": peak, "results": rows}
+  head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
+  print(f"# {result['device']} peak {peak:.1f} TFLOP/s ({'bf16' if on_gpu else 'fp32'} matmul); "
+        f"{' '.join(args.gin_file)} {' '.join(bindings)} batch {args.batch} x "
+        f"({args.inputs}+{args.targets}); model FLOPs/token {rows[0]['model_flops_per_token']:.3g}")
+  print(head)
+  for r in rows:
+    print(f"{r['impl']:<12}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>12.0f}{r['tflops']:>9.2f}"
+          f"{r['mfu'] * 100:>6.1f}%{r['peak_mem_gb']:>8.2f}{r['compile_s']:>10.1f}")
+  if args.vs_hf:
+    print("t5lite / HF tokens/s: " + ", ".join(
+        f"{r['impl']} {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x" for r in rows[1:]))
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+if __name__ == "__main__":
+  main()
