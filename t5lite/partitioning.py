@@ -5,6 +5,8 @@ each name to mesh axes (`data`, `fsdp`, `tensor`). Parameters are created direct
 jitting the initializer with these shardings, and optimizer state is sharded like its parameters.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Dict, Optional, Sequence, Tuple
@@ -140,6 +142,33 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, abstract_params
     return NamedSharding(mesh, _fits(spec, leaf.shape, mesh))
 
   return jax.tree.map(check, abstract_state, like_params)
+
+
+_ACTIVE_RULES = contextvars.ContextVar("t5lite_active_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules):
+  """While active, `constrain` pins activations to the mesh by their logical axes."""
+  token = _ACTIVE_RULES.set((mesh, _resolve_rules(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
+def constrain(x, logical_axes: Sequence[Optional[str]]):
+  """Sharding constraint from logical names; the identity outside `activation_rules`.
+
+  Models call this at layer boundaries with names like ("batch", "length", "embed") and never
+  see a mesh axis.
+  """
+  active = _ACTIVE_RULES.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = _fits(logical_to_spec(logical_axes, rules), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5lite import partitioning
 from t5lite.models import attention as attn_lib
 from t5lite.models import layers
 from t5lite.models.config import ModelConfig
@@ -95,7 +96,7 @@ class LayerStack(nnx.Module):
       layer_state, layer_rng = xs
       block = nnx.merge(graphdef, layer_state)
       y, aux = block(carry, layer_rng if use_rng else None, **kwargs)
-      return y, aux
+      return partitioning.constrain(y, ("batch", "length", "embed")), aux
 
     if self.cfg.remat_policy != "none":
       step = jax.checkpoint(step, policy=_REMAT[self.cfg.remat_policy], prevent_cse=False)

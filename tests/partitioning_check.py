@@ -1,0 +1,71 @@
+"""Runs in a subprocess with 8 fake CPU devices (XLA_FLAGS must be set before jax is imported).
+
+For one architecture and every rule preset it compares the sharded loss and gradients with a
+single-device run, lists the collectives in the compiled program, and measures per-device
+parameter bytes. Prints one JSON object.
+"""
+
+import json
+import os
+import re
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import tiny_config  # noqa: E402
+from test_models import random_batch  # noqa: E402
+from t5lite import partitioning  # noqa: E402
+from t5lite.models.model import Model  # noqa: E402
+
+PRESETS = {
+    "data_parallel": partitioning.MeshConfig(8, 1, 1, "data_parallel"),
+    "fsdp": partitioning.MeshConfig(1, 8, 1, "fsdp"),
+    "tensor_parallel": partitioning.MeshConfig(2, 1, 4, "tensor_parallel"),
+    "fsdp_tensor": partitioning.MeshConfig(1, 4, 2, "fsdp_tensor"),
+}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def main(arch):
+  cfg = tiny_config(arch=arch, d_model=64, num_heads=8, num_kv_heads=4 if arch != "encoder_decoder" else 0,
+                    head_dim=8, d_ff=128, vocab_size=256)
+  model = Model(cfg)
+  batch = random_batch(cfg, batch=8, in_len=16, out_len=8)
+  loss_grad = lambda p, b: jax.value_and_grad(lambda q: model.loss(q, b)[0])(p)
+  one = jax.devices()[0]
+  params = jax.device_put(model.init(jax.random.key(0)), one)
+  ref_loss, ref_grad = jax.jit(loss_grad)(params, jax.device_put(batch, one))
+  full_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  out = {"devices": len(jax.devices()), "presets": {}}
+  for name, mesh_cfg in PRESETS.items():
+    mesh = partitioning.make_mesh(mesh_cfg)
+    shardings = partitioning.param_shardings(model.annotated_params, mesh, mesh_cfg.rules)
+    # Initialized directly sharded: the init is jitted with the target shardings.
+    sharded = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0))
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(sharded))
+    batch_sh = partitioning.batch_sharding(mesh)
+    gbatch = jax.device_put(batch, batch_sh)
+    with jax.set_mesh(mesh), partitioning.activation_rules(mesh, mesh_cfg.rules):
+      fn = jax.jit(loss_grad, in_shardings=(shardings, batch_sh), out_shardings=(None, shardings))
+      compiled = fn.lower(sharded, gbatch).compile()
+      loss, grad = compiled(sharded, gbatch)
+    hlo = compiled.as_text()
+    grad_err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)))
+    out["presets"][name] = {
+        "loss": float(loss), "ref_loss": float(ref_loss), "max_grad_err": grad_err,
+        "collectives": {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in COLLECTIVES},
+        "param_bytes_per_device": per_device, "param_bytes_total": full_bytes,
+    }
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])

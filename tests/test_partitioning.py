@@ -1,0 +1,50 @@
+"""Sharding presets on 8 fake CPU devices: single-device loss and gradients, the collectives each
+preset implies, and per-device parameter memory."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from t5lite import partitioning
+
+
+def test_mesh_shapes_and_errors():
+  assert partitioning.mesh_shape(partitioning.MeshConfig(-1, 2, 1), 8) == (4, 2, 1)
+  with pytest.raises(ValueError, match="at most one"):
+    partitioning.mesh_shape(partitioning.MeshConfig(-1, -1, 1), 8)
+  with pytest.raises(ValueError, match="needs 6 devices"):
+    partitioning.mesh_shape(partitioning.MeshConfig(3, 2, 1), 8)
+
+
+def test_logical_rules_use_each_mesh_axis_once():
+  rules = partitioning.RULE_PRESETS["fsdp_tensor"]
+  assert tuple(partitioning.logical_to_spec(("embed", "mlp"), rules)) == ("fsdp", "tensor")
+  # batch takes data+fsdp, so embed cannot reuse fsdp in an activation.
+  spec = partitioning.logical_to_spec(("batch", "length", "embed"), rules)
+  assert tuple(spec) == (("data", "fsdp"), None, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_presets_match_single_device_on_8_devices(arch):
+  r = run_cli(["tests/partitioning_check.py", arch])
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 8
+  p = out["presets"]
+  for name, res in p.items():
+    assert abs(res["loss"] - res["ref_loss"]) < 1e-5 * max(1.0, abs(res["ref_loss"])), name
+    assert res["max_grad_err"] < 1e-5, (name, res["max_grad_err"])
+  total = p["data_parallel"]["param_bytes_total"]
+  # Data parallel replicates; FSDP over 8 shards every embed-carrying matrix 8 ways.
+  assert p["data_parallel"]["param_bytes_per_device"] == total
+  assert p["fsdp"]["param_bytes_per_device"] < 0.2 * total
+  assert p["tensor_parallel"]["param_bytes_per_device"] < 0.45 * total
+  assert p["fsdp_tensor"]["param_bytes_per_device"] < p["fsdp"]["param_bytes_per_device"] * 1.01
+  # Collectives: gradient all-reduce for data parallelism; parameter all-gathers for FSDP;
+  # activation all-reduces for tensor parallelism.
+  assert p["data_parallel"]["collectives"]["all-reduce"] > 0
+  assert p["data_parallel"]["collectives"]["all-gather"] == 0
+  assert p["fsdp"]["collectives"]["all-gather"] > 0
+  assert p["tensor_parallel"]["collectives"]["all-reduce"] > 0
