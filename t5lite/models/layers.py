@@ -117,6 +117,35 @@ class Attention(nnx.Module):
     y = attn_lib.attend(q, k, v, mask, bias, scale=self.scale(), implementation=cfg.attention_impl)
     return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
 
+  def cached(self, x, cache, index, mask, bias=None, positions=None):
+    """Incremental self-attention for decoding.
+
+    Writes the keys/values of x (slots index..index+q_len-1) into `cache` and attends over the
+    whole cache. x: [batch, q_len, embed]; cache: {"k", "v"} [batch, max_len, kv_heads, head_dim];
+    mask: a Mask over [q_len, max_len]; positions: [batch, q_len]. Returns (y, new_cache).
+    """
+    cfg = self.cfg
+    dt = compute_dtype(cfg)
+    q = jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt))
+    k_new, v_new = self.project_kv(x)
+    if cfg.position_encoding == "rope":
+      q = attn_lib.apply_rope(q, positions, cfg.rope_theta)
+      k_new = attn_lib.apply_rope(k_new, positions, cfg.rope_theta)
+    start = (0, index, 0, 0)
+    k = jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), start)
+    v = jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), start)
+    y = attn_lib.attend(q, k.astype(dt), v.astype(dt), mask, bias, scale=self.scale(),
+                        implementation=cfg.attention_impl)
+    return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)), {"k": k, "v": v}
+
+  def attend_to(self, x, keys, values, mask):
+    """Cross-attention from x [batch, q_len, embed] to precomputed keys/values."""
+    dt = compute_dtype(self.cfg)
+    q = jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt))
+    y = attn_lib.attend(q, keys.astype(dt), values.astype(dt), mask, None, scale=self.scale(),
+                        implementation=self.cfg.attention_impl)
+    return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
+
   def scale(self) -> float:
     """Logit scale: 1 for T5 (folded into init), 1/sqrt(head_dim) otherwise."""
     return 1.0 / math.sqrt(self.cfg.head_dim) if self.cfg.scale_attention else 1.0

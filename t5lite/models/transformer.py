@@ -74,6 +74,21 @@ class DecoderBlock(nnx.Module):
     return x + layers.dropout(h, self.cfg.dropout_rate, r[3]), aux
 
 
+def _decoder_block_step(block, x, cache, index, *, mask, bias, positions, cross_mask=None):
+  """One decoder block on new tokens x with a KV cache: returns (x, new_cache)."""
+  h = block.pre_self_attention_norm(x)
+  h, self_cache = block.self_attention.cached(h, cache["self"], index, mask, bias, positions)
+  x = x + h
+  new_cache = {"self": self_cache}
+  if block.has_cross_attention:
+    h = block.pre_cross_attention_norm(x)
+    x = x + block.cross_attention.attend_to(h, cache["cross"]["k"], cache["cross"]["v"],
+                                            cross_mask)
+    new_cache["cross"] = cache["cross"]
+  h, _ = block.mlp(block.pre_mlp_norm(x), None)
+  return x + h, new_cache
+
+
 class LayerStack(nnx.Module):
   """`num_layers` copies of a block stored with a leading `layers` axis and run by scan."""
 
@@ -108,6 +123,25 @@ class LayerStack(nnx.Module):
       x, aux = step(x, jax.tree.map(lambda a, i=i: a[i], (state, rngs)))
       total = total + aux
     return x, total
+
+  def decode_step(self, x, caches, index, **kwargs):
+    """Runs every layer on new tokens with per-layer KV caches; returns (x, new caches)."""
+    graphdef, state = nnx.split(self.blocks)
+
+    def step(carry, xs):
+      layer_state, cache = xs
+      return _decoder_block_step(nnx.merge(graphdef, layer_state), carry, cache, index, **kwargs)
+
+    return jax.lax.scan(step, x, (state, caches))
+
+  def map_blocks(self, fn):
+    """Stacks fn(block) over the layers (e.g. cross-attention keys of the encoder output)."""
+    graphdef, state = nnx.split(self.blocks)
+    return jax.lax.map(lambda layer_state: fn(nnx.merge(graphdef, layer_state)), state)
+
+
+def _cache_shape(cfg: ModelConfig, batch: int, max_len: int):
+  return (cfg.num_decoder_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
 
 
 def _lengths(tokens):
@@ -222,6 +256,31 @@ class EncoderDecoder(nnx.Module):
     return logits, enc_aux + dec_aux
 
 
+  def init_cache(self, encoded, max_len: int):
+    """Decoding cache: empty self-attention slots and each layer's cross-attention keys."""
+    cfg = self.cfg
+    zeros = jnp.zeros(_cache_shape(cfg, encoded.shape[0], max_len), layers.compute_dtype(cfg))
+
+    def cross(block):
+      k, v = block.cross_attention.project_kv(encoded)
+      return {"k": k, "v": v}
+
+    return {"self": {"k": zeros, "v": zeros}, "cross": self.decoder.map_blocks(cross)}
+
+  def decode_step(self, tokens, cache, index, *, encoder_lengths):
+    """Decoder on tokens [batch, q] at slots index.. with a cache -> (logits, new cache)."""
+    b, q = tokens.shape
+    max_len = cache["self"]["k"].shape[2]
+    q_pos = jnp.broadcast_to(index + jnp.arange(q), (b, q))
+    k_pos = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
+    mask = attn_lib.Mask(dense=(k_pos[:, None, :] <= q_pos[:, :, None])[:, None])
+    x = self.token_embed(tokens)
+    x, cache = self.decoder.decode_step(
+        x, cache, index, mask=mask, bias=self._bias("decoder", q_pos, k_pos), positions=q_pos,
+        cross_mask=attn_lib.Mask(kv_lengths=encoder_lengths))
+    return self.head(self.decoder_norm(x), self.token_embed), cache
+
+
 class DecoderOnly(nnx.Module):
   """Causal decoder (GPT/LLaMA) or prefix-LM (causal with a fully visible prefix)."""
 
@@ -271,6 +330,38 @@ class DecoderOnly(nnx.Module):
     x, aux = self.decoder(x, r[1], mask=self.mask(batch), bias=bias, positions=pos)
     x = layers.dropout(self.decoder_norm(x), cfg.dropout_rate, r[2])
     return self.head(x, self.token_embed), aux
+
+  def init_cache(self, batch: int, max_len: int):
+    """Empty self-attention cache slots for every layer."""
+    zeros = jnp.zeros(_cache_shape(self.cfg, batch, max_len), layers.compute_dtype(self.cfg))
+    return {"self": {"k": zeros, "v": zeros}}
+
+  def decode_step(self, tokens, cache, index, *, q_positions, k_positions, key_valid,
+                  prefix_slots=0):
+    """Tokens [batch, q] at cache slots index.. -> (logits [batch, q, vocab], new cache).
+
+    Prompts are left-padded so every row's prompt ends at the same slot; `key_valid`
+    [batch, max_len] masks the padding slots and `*_positions` give each row's own positions.
+    With `prefix_slots` (prefix-LM) the first slots see each other bidirectionally.
+    """
+    cfg = self.cfg
+    q = tokens.shape[1]
+    max_len = key_valid.shape[1]
+    slot_q = index + jnp.arange(q)
+    slot_k = jnp.arange(max_len)
+    allowed = slot_k[None, :] <= slot_q[:, None]
+    if cfg.arch == "prefix_lm":
+      allowed = allowed | ((slot_k[None, :] < prefix_slots) & (slot_q[:, None] < prefix_slots))
+    mask = attn_lib.Mask(dense=(allowed[None] & key_valid[:, None, :])[:, None])
+    bias = None
+    if cfg.position_encoding == "relative":
+      bias = self.decoder_relpos(q_positions, k_positions)
+    elif cfg.position_encoding == "alibi":
+      bias = attn_lib.alibi_bias(q_positions, k_positions, cfg.num_heads)
+    x = self.token_embed(tokens)
+    x, cache = self.decoder.decode_step(x, cache, index, mask=mask, bias=bias,
+                                        positions=q_positions)
+    return self.head(self.decoder_norm(x), self.token_embed), cache
 
 
 def build_network(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:

@@ -1,0 +1,203 @@
+"""KV-cache decoding for every architecture: greedy, temperature / top-k / top-p sampling, beam search.
+
+One jitted loop on device (`lax.while_loop`, no Python per token). Encoder-decoder models encode
+once and precompute each layer's cross-attention keys; decoder-only and prefix-LM models fill the
+prompt in one pass. Prompts of different lengths are left-aligned into a shared slot layout
+(left padding) so that every row writes the same cache slot each step; positions stay per row.
+
+Inputs (`Model.predict_batch` calls `decode`):
+  encoder-decoder: batch["encoder_input_tokens"] [batch, in_len] (0-padded at the end);
+  decoder-only / prefix-LM: batch["prompt_tokens"] [batch, prompt_len] (0-padded at the end).
+    The start token 0 is prepended, as the training feature converters do.
+"""
+
+import functools
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+
+METHODS = ("greedy", "sample", "beam")
+NEG_INF = -1e10
+
+
+def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+  """Temperature, then top-k, then nucleus (top-p) filtering; removed entries get NEG_INF."""
+  logits = logits.astype(jnp.float32) / max(temperature, 1e-6)
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(before >= top_p, NEG_INF, sorted_logits)
+    inverse = jnp.argsort(order, axis=-1)
+    logits = jnp.take_along_axis(sorted_logits, inverse, axis=-1)
+  return logits
+
+
+def _prepare(model, params, batch, max_decode_len: int):
+  """(network, first-step logits, cache, step_fn) for the architecture.
+
+  step_fn(tokens [b], cache, i) -> (logits [b, vocab], cache) decodes generated token i.
+  """
+  net = model.network(params)
+  cfg = model.cfg
+  if cfg.arch == "encoder_decoder":
+    enc_tokens = jnp.asarray(batch["encoder_input_tokens"])
+    encoded, _ = net.encode(enc_tokens)
+    lengths = jnp.sum(enc_tokens != 0, axis=-1).astype(jnp.int32)
+    cache = net.init_cache(encoded, max_decode_len)
+    start = jnp.full((enc_tokens.shape[0], 1), cfg.decoder_start_id, jnp.int32)
+    logits, cache = net.decode_step(start, cache, 0, encoder_lengths=lengths)
+
+    def step(tokens, cache, i):
+      out, cache = net.decode_step(tokens[:, None], cache, i + 1, encoder_lengths=lengths)
+      return out[:, 0], cache
+
+    return logits[:, 0], cache, step
+
+  prompts = jnp.asarray(batch["prompt_tokens"], jnp.int32)
+  b = prompts.shape[0]
+  prompts = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), prompts], axis=1)  # start token
+  p_len = prompts.shape[1]
+  lengths = 1 + jnp.sum(prompts[:, 1:] != 0, axis=-1)
+  pad = p_len - lengths                                            # left padding per row
+  slots = jnp.arange(p_len)
+  src = jnp.clip(slots[None, :] - pad[:, None], 0, p_len - 1)
+  left = jnp.where(slots[None, :] >= pad[:, None], jnp.take_along_axis(prompts, src, 1), 0)
+  max_len = p_len + max_decode_len
+  all_slots = jnp.arange(max_len)
+  positions = all_slots[None, :] - pad[:, None]
+  key_valid = all_slots[None, :] >= pad[:, None]
+  cache = net.init_cache(b, max_len)
+  logits, cache = net.decode_step(left, cache, 0, q_positions=positions[:, :p_len],
+                                  k_positions=positions, key_valid=key_valid, prefix_slots=p_len)
+
+  def step(tokens, cache, i):
+    slot = p_len + i
+    q_pos = jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1)
+    out, cache = net.decode_step(tokens[:, None], cache, slot, q_positions=q_pos,
+                                 k_positions=positions, key_valid=key_valid, prefix_slots=p_len)
+    return out[:, 0], cache
+
+  return logits[:, -1], cache, step
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_len", "method", "temperature",
+                                             "top_k", "top_p", "eos_id"))
+def _sample_loop(model, params, batch, rng, *, max_decode_len, method, temperature, top_k,
+                 top_p, eos_id):
+  logits, cache, step = _prepare(model, params, batch, max_decode_len)
+  b = logits.shape[0]
+
+  def choose(logits, i):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if method == "greedy":
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      filtered = filter_logits(logits, temperature, top_k, top_p)
+      token = jax.random.categorical(jax.random.fold_in(rng, i), filtered).astype(jnp.int32)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+  def body(state):
+    i, logits, cache, out, done, score = state
+    token, token_logp = choose(logits, i)
+    token = jnp.where(done, 0, token)
+    score = score + jnp.where(done, 0.0, token_logp)
+    out = out.at[:, i].set(token)
+    done = done | (token == eos_id)
+    next_logits, cache = jax.lax.cond(
+        i + 1 < max_decode_len, lambda: step(token, cache, i), lambda: (logits, cache))
+    return i + 1, next_logits, cache, out, done, score
+
+  def cond(state):
+    i, _, _, _, done, _ = state
+    return (i < max_decode_len) & ~jnp.all(done)
+
+  init = (jnp.int32(0), logits, cache, jnp.zeros((b, max_decode_len), jnp.int32),
+          jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32))
+  _, _, _, out, _, score = jax.lax.while_loop(cond, body, init)
+  return {"tokens": out, "scores": score}
+
+
+def _expand(tree, k):
+  return jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_len", "beam_size",
+                                             "length_penalty", "eos_id"))
+def _beam_loop(model, params, batch, *, max_decode_len, beam_size, length_penalty, eos_id):
+  k = beam_size
+  first_key = "encoder_input_tokens" if model.cfg.arch == "encoder_decoder" else "prompt_tokens"
+  batch = {first_key: _expand(jnp.asarray(batch[first_key]), k)}
+  logits, cache, step = _prepare(model, params, batch, max_decode_len)
+  bk, vocab = logits.shape
+  b = bk // k
+
+  def cache_gather(cache, rows):
+    # Caches are [layers, batch*beam, ...]; the batch axis is 1.
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=1) if x.ndim > 1 else x, cache)
+
+  def body(state):
+    i, logits, cache, tokens, scores, finished = state
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
+    only_pad = jnp.where(jnp.arange(vocab) == 0, 0.0, NEG_INF)
+    logp = jnp.where(finished[..., None], only_pad, logp)
+    candidates = (scores[..., None] + logp).reshape(b, k * vocab)
+    top_scores, top_idx = jax.lax.top_k(candidates, k)
+    beam, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+    rows = (jnp.arange(b)[:, None] * k + beam).reshape(-1)
+    tokens = jnp.take_along_axis(tokens, beam[..., None], axis=1).at[:, :, i].set(token)
+    finished = jnp.take_along_axis(finished, beam, axis=1) | (token == eos_id)
+    cache = cache_gather(cache, rows)
+    next_logits, cache = jax.lax.cond(
+        i + 1 < max_decode_len, lambda: step(token.reshape(-1), cache, i),
+        lambda: (logits, cache))
+    return i + 1, next_logits, cache, tokens, top_scores, finished
+
+  def cond(state):
+    i, *_, finished = state
+    return (i < max_decode_len) & ~jnp.all(finished)
+
+  scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1))
+  init = (jnp.int32(0), logits, cache, jnp.zeros((b, k, max_decode_len), jnp.int32), scores,
+          jnp.zeros((b, k), bool))
+  _, _, _, tokens, scores, _ = jax.lax.while_loop(cond, body, init)
+  lengths = jnp.sum(jnp.cumsum(tokens == eos_id, axis=-1) == 0, axis=-1) + 1
+  lengths = jnp.minimum(lengths, max_decode_len).astype(jnp.float32)
+  normalized = scores / (((5.0 + lengths) / 6.0) ** length_penalty)  # GNMT length penalty
+  best = jnp.argmax(normalized, axis=-1)
+  return {"tokens": jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0],
+          "scores": jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]}
+
+
+def decode(model, params, batch: Dict, *, max_decode_len: int = 32, method: str = "greedy",
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, beam_size: int = 4,
+           length_penalty: float = 0.6, rng=None, eos_id: Optional[int] = None):
+  """Decodes up to `max_decode_len` tokens per row.
+
+  Returns {"tokens": int [batch, max_decode_len] (0 after EOS), "scores": float [batch]
+  (log-likelihood of the tokens)}.
+  """
+  if method not in METHODS:
+    raise ValueError(f"decode method must be one of {METHODS}, got {method!r}")
+  key = "encoder_input_tokens" if model.cfg.arch == "encoder_decoder" else "prompt_tokens"
+  if key not in batch:
+    raise ValueError(f"{model.cfg.arch} decoding needs batch[{key!r}]")
+  prompt_len = jnp.shape(batch[key])[1] + (0 if key == "encoder_input_tokens" else 1)
+  total = prompt_len + (max_decode_len if key == "prompt_tokens" else 0)
+  if total > model.cfg.max_length or (key == "encoder_input_tokens"
+                                       and max_decode_len > model.cfg.max_length):
+    raise ValueError(f"prompt of {prompt_len} tokens plus {max_decode_len} new tokens exceeds "
+                     f"the model's max_length {model.cfg.max_length}")
+  eos = model.cfg.eos_id if eos_id is None else eos_id
+  if method == "beam":
+    return _beam_loop(model, params, batch, max_decode_len=max_decode_len, beam_size=beam_size,
+                      length_penalty=length_penalty, eos_id=eos)
+  if rng is None:
+    rng = jax.random.key(0)
+  return _sample_loop(model, params, batch, rng, max_decode_len=max_decode_len, method=method,
+                      temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos)

@@ -1,0 +1,124 @@
+"""KV-cache decoding equals full recomputation; sampling is reproducible; beam 1 is greedy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from t5lite import decoding
+from t5lite.models.model import Model
+
+ARCHS = [dict(arch="encoder_decoder"), dict(arch="encoder_decoder", position_encoding="rope"),
+         dict(arch="decoder_only", num_kv_heads=2), dict(arch="decoder_only", position_encoding="alibi"),
+         dict(arch="prefix_lm", position_encoding="relative", scale_attention=False),
+         dict(arch="prefix_lm", num_kv_heads=1)]
+STEPS = 6
+
+
+def _ids(v):
+  return "-".join(f"{k}={val}" for k, val in v.items())
+
+
+def _inputs(cfg):
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(3, cfg.vocab_size, (3, 7)).astype(np.int32)
+  prompts[0, 4:] = 0  # rows of different lengths
+  prompts[2, 2:] = 0
+  key = "encoder_input_tokens" if cfg.arch == "encoder_decoder" else "prompt_tokens"
+  return {key: prompts}
+
+
+def _greedy_by_recompute(model, params, batch):
+  cfg = model.cfg
+  out = []
+  if cfg.arch == "encoder_decoder":
+    enc = batch["encoder_input_tokens"]
+    dec = np.zeros((enc.shape[0], 1), np.int32)
+    for _ in range(STEPS):
+      logits, _ = model.apply(params, {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
+                                       "decoder_target_tokens": np.ones_like(dec)})
+      nxt = np.asarray(jnp.argmax(logits[:, -1], -1), np.int32)
+      dec = np.concatenate([dec, nxt[:, None]], 1)
+    return dec[:, 1:]
+  for row in batch["prompt_tokens"]:
+    prompt = [0] + [int(t) for t in row if t != 0]
+    seq = list(prompt)
+    for _ in range(STEPS):
+      feats = {"decoder_input_tokens": np.asarray([seq], np.int32),
+               "decoder_target_tokens": np.ones((1, len(seq)), np.int32)}
+      if cfg.arch == "prefix_lm":
+        feats["decoder_causal_attention"] = np.asarray(
+            [[1] * len(prompt) + [0] * (len(seq) - len(prompt))], np.int32)
+      logits, _ = model.apply(params, feats)
+      seq.append(int(jnp.argmax(logits[0, -1])))
+    out.append(seq[len(prompt):])
+  return np.asarray(out, np.int32)
+
+
+@pytest.mark.parametrize("variant", ARCHS, ids=_ids)
+def test_cached_greedy_equals_recompute(variant):
+  cfg = tiny_config(**variant)
+  model = Model(cfg)
+  params = model.init(jax.random.key(1))
+  batch = _inputs(cfg)
+  cached = model.predict_batch(params, batch, max_decode_len=STEPS, eos_id=-1)
+  np.testing.assert_array_equal(np.asarray(cached["tokens"]),
+                                _greedy_by_recompute(model, params, batch))
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_beam_one_is_greedy_and_sampling_is_reproducible(arch):
+  cfg = tiny_config(arch=arch)
+  model = Model(cfg)
+  params = model.init(jax.random.key(2))
+  batch = _inputs(cfg)
+  greedy = model.predict_batch(params, batch, max_decode_len=STEPS, eos_id=-1)
+  beam1 = model.predict_batch(params, batch, max_decode_len=STEPS, method="beam", beam_size=1,
+                              eos_id=-1)
+  np.testing.assert_array_equal(greedy["tokens"], beam1["tokens"])
+  np.testing.assert_allclose(greedy["scores"], beam1["scores"], rtol=1e-5)
+  beam4 = model.predict_batch(params, batch, max_decode_len=STEPS, method="beam", beam_size=4,
+                              eos_id=-1)
+  assert beam4["tokens"].shape == greedy["tokens"].shape
+  kw = dict(max_decode_len=STEPS, method="sample", temperature=1.5, top_k=20, top_p=0.9)
+  a = model.predict_batch(params, batch, rng=jax.random.key(7), **kw)
+  b = model.predict_batch(params, batch, rng=jax.random.key(7), **kw)
+  c = model.predict_batch(params, batch, rng=jax.random.key(8), **kw)
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert not np.array_equal(a["tokens"], c["tokens"])
+
+
+def test_eos_stops_rows_and_pads():
+  cfg = tiny_config()
+  model = Model(cfg)
+  params = model.init(jax.random.key(1))
+  batch = _inputs(cfg)
+  free = np.asarray(model.predict_batch(params, batch, max_decode_len=STEPS, eos_id=-1)["tokens"])
+  eos = int(free[0, 1])  # make the second token of row 0 the EOS
+  out = np.asarray(model.predict_batch(params, batch, max_decode_len=STEPS, eos_id=eos)["tokens"])
+  j = int(np.argmax(free[0] == eos))  # the first time row 0 emits that token
+  np.testing.assert_array_equal(out[0, :j + 1], free[0, :j + 1])
+  assert np.all(out[0, j + 1:] == 0)
+
+
+def test_filter_logits():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = decoding.filter_logits(logits, top_k=2) > decoding.NEG_INF / 2
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
+  kept = decoding.filter_logits(logits, top_p=0.7) > decoding.NEG_INF / 2
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
+  kept = decoding.filter_logits(logits, top_p=0.85) > decoding.NEG_INF / 2
+  np.testing.assert_array_equal(kept, [[True, True, True, False]])
+
+
+def test_bad_requests_are_clear_errors():
+  cfg = tiny_config(arch="decoder_only", max_length=16)
+  model = Model(cfg)
+  params = model.init(jax.random.key(0))
+  with pytest.raises(ValueError, match="max_length"):
+    model.predict_batch(params, {"prompt_tokens": np.ones((1, 12), np.int32)}, max_decode_len=8)
+  with pytest.raises(ValueError, match="prompt_tokens"):
+    model.predict_batch(params, {"encoder_input_tokens": np.ones((1, 4), np.int32)})
+  with pytest.raises(ValueError, match="method"):
+    model.predict_batch(params, {"prompt_tokens": np.ones((1, 4), np.int32)}, method="nucleus")
