@@ -28,6 +28,14 @@ def build_run(exp: gin_setup.Experiment, shard_index: int = 0, num_shards: int =
   return run, dataset
 
 
+def _store_vocabulary(model_file: str, model_dir: str):
+  """Copies the SentencePiece model next to the checkpoints, so infer/chat need no gin."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    shutil.copy(model_file, f"{model_dir}/spiece.model")
+
+
 def main(argv=None) -> int:
   """Parses flags and gin, trains, and returns the process exit code."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -53,11 +61,12 @@ def main(argv=None) -> int:
                                num_processes=args.num_processes, process_id=args.process_id)
   from t5lite import checkpoints, trainer  # pylint: disable=import-outside-toplevel
   try:
-    run, _ = build_run(exp, jax.process_index(), jax.process_count())
+    run, dataset = build_run(exp, jax.process_index(), jax.process_count())
   except (gin_setup.ConfigError, ValueError, FileNotFoundError) as e:
     print(f"t5lite.train: configuration error: {e}", file=sys.stderr)
     return 2
   gin_setup.write_config(exp.model_dir)
+  _store_vocabulary(dataset.vocab.model_file, exp.model_dir)
   print(f"t5lite.train: {exp.model.arch} model, {exp.train.num_steps} steps, "
         f"batch {exp.train.batch_size}, writing to {exp.model_dir}", flush=True)
   try:

@@ -8,11 +8,13 @@ import hashlib
 import io
 import json
 import os
+import re
 from typing import Iterable, List, Sequence
 
 import sentencepiece as spm
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
 class SentencePieceVocabulary:
@@ -57,8 +59,14 @@ class SentencePieceVocabulary:
     return self.vocab_size - 1 - i
 
   def encode(self, text: str) -> List[int]:
-    """Text -> ids (no EOS appended)."""
-    return self._sp.encode(text)
+    """Text -> ids (no EOS appended); `<extra_id_N>` in the text becomes sentinel N."""
+    ids: List[int] = []
+    for i, part in enumerate(_SENTINEL.split(text)):
+      if i % 2:
+        ids.append(self.sentinel_id(int(part)))
+      elif part:
+        ids.extend(self._sp.encode(part))
+    return ids
 
   def decode(self, ids: Sequence[int]) -> str:
     """Ids -> text; stops at EOS, skips padding, renders sentinels as `<extra_id_i>`."""

@@ -1,0 +1,81 @@
+"""`t5lite.infer` and `t5lite.chat` on a checkpoint trained here by the quickstart."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run_cli
+from test_train import QUICK
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("infer") / "run")
+  r = run_cli(QUICK + [f"--gin.MODEL_DIR={d}", "--gin.TRAIN_STEPS=30"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert os.path.exists(os.path.join(d, "spiece.model"))
+  return d
+
+
+def _write(path, lines):
+  path.write_text("".join(json.dumps(l, ensure_ascii=False) + "\n" for l in lines),
+                  encoding="utf-8")
+
+
+def test_predict_and_score(trained, tmp_path):
+  _write(tmp_path / "in.jsonl", [{"inputs": "老师每天早上<extra_id_0>一封长信。"},
+                                 {"input_ids": [5, 6, 7, 1]},
+                                 {"inputs": "The teacher <extra_id_0> a long letter."}])
+  r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--input_file",
+               str(tmp_path / "in.jsonl"), "--output_file", str(tmp_path / "out.jsonl"),
+               "--max_decode_len", "8", "--batch_size", "2"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+  assert len(out) == 3 and all("prediction" in o and "prediction_ids" in o for o in out)
+  assert out[0]["inputs"].startswith("老师")
+  _write(tmp_path / "sc.jsonl", [{"inputs": "a", "targets": "<extra_id_0> b"},
+                                 {"input_ids": [5, 6, 1], "target_ids": [7, 1]}])
+  r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--input_file",
+               str(tmp_path / "sc.jsonl"), "--output_file", str(tmp_path / "sc_out.jsonl"),
+               "--mode", "score"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  scores = [json.loads(l)["score"] for l in (tmp_path / "sc_out.jsonl").read_text().splitlines()]
+  assert len(scores) == 2 and all(s < 0 for s in scores)
+
+
+@pytest.mark.parametrize("content,message", [("", "no examples"), ("{not json\n", "not valid JSON"),
+                                             ('{"foo": 1}\n', "needs 'inputs'"),
+                                             ('{"input_ids": [' + ",".join(["5"] * 5000) + "]}\n",
+                                              "exceeds")])
+def test_bad_input_files_leave_no_output(trained, tmp_path, content, message):
+  (tmp_path / "in.jsonl").write_text(content)
+  out = tmp_path / "out.jsonl"
+  r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--input_file",
+               str(tmp_path / "in.jsonl"), "--output_file", str(out)])
+  assert r.returncode == 2 and message in r.stderr
+  assert not out.exists() and not os.path.exists(f"{out}.partial")
+
+
+def test_chat_reads_stdin_and_keeps_history(trained):
+  import subprocess
+  import sys
+  from conftest import REPO
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, "-m", "t5lite.chat", "--checkpoint", trained,
+                         "--max_decode_len", "6", "--max_input_tokens", "40", "--decode", "sample",
+                         "--top_p", "0.9", "--temperature", "0.7"],
+                        input="你好\n\n今天天气怎么样？\n" + "很长的问题" * 30 + "\n",
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  replies = [l for l in proc.stdout.splitlines() if l.startswith("小元：")]
+  assert len(replies) == 3
+
+
+def test_chat_prompt_format_and_truncation():
+  from t5lite import chat
+  prompt = chat.build_prompt([("你好", "你好！\n有什么可以帮你？")], "写一首诗")
+  assert prompt == "用户：你好\n小元：你好！\n有什么可以帮你？\n用户：写一首诗\n小元："
+  assert chat.escape("a\nb\tc") == "a\\nb\\tc" and chat.unescape("a\\nb\\tc") == "a\nb\tc"
