@@ -132,7 +132,7 @@ def bench_hf(cfg, args, peak, compiled: bool):
         vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff,
         num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
         num_heads=cfg.num_heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-        dropout_rate=0.0)
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     model = transformers.T5ForConditionalGeneration(hf_cfg)
   else:
     hf_cfg = transformers.LlamaConfig(
@@ -183,7 +183,30 @@ def bench_hf(cfg, args, peak, compiled: bool):
   return {"impl": "hf-compiled" if compiled else "hf-eager", "step_s": step_s,
           "tokens_per_s": tokens / step_s, "model_flops_per_token": flops / tokens,
           "tflops": flops / step_s / 1e12, "mfu": flops / step_s / 1e12 / peak,
-          "peak_mem_gb": mem, "compile_s": compile_s, "loss": float(loss)}
+          "peak_mem_gb": mem, "compile_s": compile_s, "loss": float(loss.detach())}
+
+
+def bench_decode(cfg, args, batch: int):
+  """Greedy KV-cache decode: `--inputs` prompt tokens, `--decode_tokens` new tokens (EOS off)."""
+  from t5lite.models.model import Model
+  model = Model(cfg)
+  params = jax.jit(model.init)(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(2, cfg.vocab_size, (batch, args.inputs)).astype(np.int32)
+  key = "encoder_input_tokens" if cfg.arch == "encoder_decoder" else "prompt_tokens"
+  feed = {key: jax.device_put(prompts)}
+  run = lambda: model.predict_batch(params, feed, max_decode_len=args.decode_tokens, eos_id=-1)
+  t = time.perf_counter()
+  jax.block_until_ready(run())
+  compile_s = time.perf_counter() - t
+  times = []
+  for _ in range(3):
+    t = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  return {"impl": f"t5lite-decode-b{batch}", "decode_s": step_s,
+          "new_tokens_per_s": batch * args.decode_tokens / step_s, "compile_s": compile_s}
 
 
 def load_config(args, bindings):
@@ -208,11 +231,21 @@ def main(argv=None):
   parser.add_argument("--vs-hf", dest="vs_hf", action="store_true")
   parser.add_argument("--hf-modes", dest="hf_modes", default="eager,compiled")
   parser.add_argument("--json", default="")
+  parser.add_argument("--decode_batches", default="", help="e.g. 1,32: also time decoding")
+  parser.add_argument("--decode_tokens", type=int, default=128)
+  parser.add_argument("--no_train", action="store_true", help="skip the train step")
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
   from t5lite import gin_setup
   cfg = load_config(args, [gin_setup._binding(b) for b in bindings])  # pylint: disable=protected-access
   on_gpu = jax.devices()[0].platform == "gpu"
   peak = measure_peak_tflops(on_gpu)
+  decode_rows = [bench_decode(cfg, args, int(b)) for b in args.decode_batches.split(",") if b]
+  for r in decode_rows:
+    print(f"{r['impl']}: {r['new_tokens_per_s']:.0f} new tokens/s ({args.inputs}-token prompts, "
+          f"{args.decode_tokens} new tokens, {r['decode_s']:.2f}s per batch, compile "
+          f"{r['compile_s']:.1f}s)")
+  if args.no_train:
+    return {"decode": decode_rows}
   rows = [bench_t5lite(cfg, args, peak)]
   if args.vs_hf:
     for mode in args.hf_modes.split(","):
@@ -222,7 +255,7 @@ def main(argv=None):
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
             "gin_files": args.gin_file, "bindings": bindings, "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "dtype": cfg.dtype,
-            "peak_tflops": peak, "results": rows}
+            "peak_tflops": peak, "results": rows, "decode": decode_rows}
   head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
   print(f"# {result['device']} peak {peak:.1f} TFLOP/s ({'bf16' if on_gpu else 'fp32'} matmul); "
         f"{' '.join(args.gin_file)} {' '.join(bindings)} batch {args.batch} x "
