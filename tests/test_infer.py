@@ -79,3 +79,17 @@ def test_chat_prompt_format_and_truncation():
   prompt = chat.build_prompt([("你好", "你好！\n有什么可以帮你？")], "写一首诗")
   assert prompt == "用户：你好\n小元：你好！\n有什么可以帮你？\n用户：写一首诗\n小元："
   assert chat.escape("a\nb\tc") == "a\\nb\\tc" and chat.unescape("a\\nb\\tc") == "a\nb\tc"
+
+
+def test_notebook_code_runs_against_a_checkpoint(trained):
+  """The notebook's Python cells (not its shell cells) run on a trained checkpoint."""
+  import json as json_lib
+  from conftest import REPO
+  nb = json_lib.load(open(os.path.join(REPO, "notebooks", "quickstart.ipynb"), encoding="utf-8"))
+  cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+  code = "\n".join(c for c in cells
+                   if not any(line.lstrip().startswith("!") for line in c.splitlines()))
+  code = code.replace("runs/notebook", trained).replace("plt.show()", "pass")
+  r = run_cli(["-c", code])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "first loss" in r.stdout and "->" in r.stdout

@@ -66,6 +66,23 @@ def test_quickstart_runs_and_eval_reports(tmp_path):
   assert 0 <= result["accuracy"] <= 1
 
 
+def test_batch_ramp_and_finetune_from_another_run(tmp_path):
+  base, ft = str(tmp_path / "base"), str(tmp_path / "ft")
+  r = run_cli(QUICK + [f"--gin.MODEL_DIR={base}", "--gin.TRAIN_STEPS=6",
+                       "--gin.TrainConfig.batch_ramp=((0, 4), (3, 8))",
+                       "--gin.TrainConfig.microbatches=2"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert [m["batch_size"] for m in _metrics(base)] == [4, 4, 4, 8, 8, 8]
+  # Finetuning restores parameters only: its first loss is the base run's trained level, far
+  # below a fresh model's.
+  r = run_cli(QUICK + [f"--gin.MODEL_DIR={ft}", "--gin.TRAIN_STEPS=2",
+                       f"--gin.TrainConfig.init_from={base}/checkpoints"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "initialized parameters from" in r.stdout
+  fresh = _metrics(base)[0]["loss"]
+  assert _metrics(ft)[0]["loss"] < fresh - 0.5
+
+
 def test_sigkill_resume_is_bit_identical(tmp_path):
   steps = ["--gin.TRAIN_STEPS=30", "--gin.CHECKPOINT_PERIOD=5",
            "--gin.TrainConfig.async_checkpoints=True"]
