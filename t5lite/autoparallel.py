@@ -1,0 +1,395 @@
+"""Alpa-style automatic parallelization on what today's XLA exposes.
+
+Alpa searched intra-operator sharding with an ILP; that pass is not in public CPU/GPU XLA builds,
+so t5lite searches a structured space instead and lets XLA price each point:
+
+  candidates = factorizations of the device count over (data, fsdp, tensor)
+               x rule presets x remat policy x microbatch count;
+  for each:    lower and compile the real train step (never run it) and read
+               - peak memory per device from `compiled.memory_analysis()` (full-depth model),
+               - FLOPs from `compiled.cost_analysis()` and the collectives in the optimized HLO,
+                 measured on unscanned 1- and 2-layer copies and extrapolated linearly in depth
+                 (XLA's cost analysis counts a while-loop body once, whatever its trip count);
+  score:       compute time = FLOPs / peak, communication through an alpha-beta model
+               (ring factors per collective), plan infeasible if memory exceeds the budget;
+  optionally time the best few for real.
+
+    python -m t5lite.autoparallel --gin_file=models/t5_1_1/large.gin --num_devices=8 \
+        --device_memory_gb=16 --batch=32 --inputs=512 --targets=128 --output=plan.gin
+"""
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import re
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
+                "f64": 8, "s64": 8, "u64": 8, "s16": 2, "u16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  """Per-device peak FLOP/s, memory and the alpha-beta link model."""
+  peak_tflops: float = 800.0
+  memory_gb: float = 80.0
+  link_gbps: float = 300.0      # per-device collective bandwidth, GB/s (NVLink-class)
+  alpha_us: float = 10.0        # per-collective latency
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One point of the search space."""
+  data: int
+  fsdp: int
+  tensor: int
+  rules: str
+  remat: str
+  microbatches: int
+
+  def mesh_config(self):
+    """The MeshConfig of this candidate."""
+    from t5lite.partitioning import MeshConfig  # pylint: disable=import-outside-toplevel
+    return MeshConfig(self.data, self.fsdp, self.tensor, self.rules)
+
+
+@dataclasses.dataclass
+class Estimate:
+  """What XLA says about a candidate."""
+  candidate: Candidate
+  peak_gb: float = float("nan")
+  flops: float = float("nan")
+  comm_gb: float = float("nan")
+  compute_s: float = float("nan")
+  comm_s: float = float("nan")
+  step_s: float = float("inf")
+  fits: bool = False
+  measured_s: Optional[float] = None
+  error: str = ""
+
+
+def candidates(num_devices: int, batch: int, cfg, remats=("none", "full"),
+               microbatches=(1, 2), max_tensor: int = 8) -> List[Candidate]:
+  """Every valid candidate: mesh factorizations that match each rule preset's axes, whose batch
+  and head / mlp sizes divide."""
+  out = []
+  for data in range(1, num_devices + 1):
+    if num_devices % data:
+      continue
+    for fsdp in range(1, num_devices // data + 1):
+      if (num_devices // data) % fsdp:
+        continue
+      tensor = num_devices // data // fsdp
+      if fsdp > 1 and tensor > 1:
+        rules = "fsdp_tensor"
+      elif fsdp > 1:
+        rules = "fsdp"
+      elif tensor > 1:
+        rules = "tensor_parallel"
+      else:
+        rules = "data_parallel"
+      if tensor > max_tensor or cfg.num_heads % tensor or cfg.d_ff % tensor:
+        continue
+      if fsdp > 1 and cfg.d_model % fsdp:
+        continue
+      for m in microbatches:
+        if batch % (data * fsdp * m):
+          continue
+        for remat in remats:
+          out.append(Candidate(data, fsdp, tensor, rules, remat, m))
+  return out
+
+
+def _shape_bytes(shape: str) -> int:
+  total = 0
+  for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+    n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+    total += n * _DTYPE_BYTES.get(dtype, 4)
+  return total
+
+
+def _group_size(line: str, num_devices: int) -> int:
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+  if iota:
+    return int(iota.group(2))
+  groups = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  if groups and groups.group(1):
+    return len(groups.group(1).split(","))
+  return num_devices
+
+
+def collectives(hlo: str, num_devices: int) -> Dict[str, Dict[str, float]]:
+  """Count and ring-model bytes per collective kind, with while-loop bodies multiplied by their
+  known trip counts."""
+  trips = {m.group(1): int(m.group(2)) for m in re.finditer(
+      r"body=%?([\w.\-]+)[^\n]*?known_trip_count\":\{\"n\":\"(\d+)\"", hlo)}
+  stats = {c: {"count": 0.0, "bytes": 0.0} for c in COLLECTIVES}
+  multiplier = 1
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if header:
+      multiplier = trips.get(header.group(1), 1)
+      continue
+    op = re.search(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+    if not op:
+      continue
+    kind, size = op.group(2), _shape_bytes(op.group(1))
+    g = max(_group_size(line, num_devices), 1)
+    factor = {"all-reduce": 2 * (g - 1) / g, "all-gather": (g - 1) / g,
+              "reduce-scatter": (g - 1), "all-to-all": (g - 1) / g,
+              "collective-permute": 1.0}[kind]
+    stats[kind]["count"] += multiplier
+    stats[kind]["bytes"] += multiplier * factor * size
+  return stats
+
+
+def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, devices,
+             optimizer_cfg):
+  """Lowers and compiles the sharded train step for abstract inputs; returns the executable."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+  from t5lite import optimizers, partitioning, trainer  # pylint: disable=import-outside-toplevel
+  from t5lite.models.model import Model  # pylint: disable=import-outside-toplevel
+  model = Model(model_cfg)
+  opt = optimizers.make_optimizer(optimizer_cfg, 1e-4)
+  mesh = partitioning.make_mesh(cand.mesh_config(), devices)
+  abstract = jax.eval_shape(functools.partial(trainer.init_state, model, opt), jax.random.key(0))
+  param_sh = partitioning.param_shardings(model.annotated_params, mesh, cand.rules)
+  rep = NamedSharding(mesh, PartitionSpec())
+  state_sh = {"step": rep, "params": param_sh,
+              "opt_state": partitioning.optimizer_shardings(opt, abstract["params"], param_sh,
+                                                            mesh),
+              "nonfinite_streak": rep, "nonfinite_total": rep}
+  batch_sh = partitioning.batch_sharding(mesh)
+  shapes = _batch_shapes(model_cfg, batch, inputs, targets)
+  abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in
+                    shapes.items()}
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract, state_sh)
+  step = jax.jit(functools.partial(trainer.train_step, model=model, optimizer=opt,
+                                   schedule=lambda s: 1e-4, seed=0,
+                                   microbatches=cand.microbatches),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+                 donate_argnums=(0,))
+  with jax.set_mesh(mesh), partitioning.activation_rules(mesh, cand.rules):
+    compiled = step.lower(abstract_state, abstract_batch).compile()
+  del np
+  return compiled, (step, abstract_state, abstract_batch, mesh)
+
+
+def _batch_shapes(cfg, batch, inputs, targets):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if cfg.arch == "encoder_decoder":
+    return {"encoder_input_tokens": ((batch, inputs), np.int32),
+            "decoder_input_tokens": ((batch, targets), np.int32),
+            "decoder_target_tokens": ((batch, targets), np.int32),
+            "decoder_loss_weights": ((batch, targets), np.float32)}
+  length = inputs + targets
+  return {"decoder_input_tokens": ((batch, length), np.int32),
+          "decoder_target_tokens": ((batch, length), np.int32),
+          "decoder_loss_weights": ((batch, length), np.float32)}
+
+
+def _cost(compiled, num_devices: int, microbatches: int):
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  flops = float(ca.get("flops", 0.0)) * microbatches
+  return flops, collectives(compiled.as_text(), num_devices)
+
+
+def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, devices,
+            hw: Hardware, optimizer_cfg) -> Estimate:
+  """Compiles a candidate and prices it (see the module docstring)."""
+  est = Estimate(cand)
+  cfg = dataclasses.replace(model_cfg, remat_policy=cand.remat)
+  n = len(devices)
+  try:
+    compiled, _ = _compile(cfg, cand, batch, inputs, targets, devices, optimizer_cfg)
+    mem = compiled.memory_analysis()
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+    est.peak_gb = peak / 2 ** 30
+    # Per-layer costs from unscanned shallow copies, extrapolated to the real depth.
+    enc_dec = cfg.arch == "encoder_decoder"
+    shallow = lambda e, d: dataclasses.replace(cfg, scan_layers=False, num_encoder_layers=e if enc_dec else 0,
+                                               num_decoder_layers=d)
+    same_depth = cfg.num_encoder_layers == cfg.num_decoder_layers
+    if enc_dec:
+      points = {(1, 1): None, (2, 2): None} if same_depth else {(1, 1): None, (2, 1): None,
+                                                                 (1, 2): None}
+    else:
+      points = {(0, 1): None, (0, 2): None}
+    for (e, d) in points:
+      c, _ = _compile(shallow(e, d), cand, batch, inputs, targets, devices, optimizer_cfg)
+      points[(e, d)] = _cost(c, n, cand.microbatches)
+
+    def extrapolate(get):
+      if enc_dec and same_depth:
+        base = get(points[(1, 1)])
+        return base + (cfg.num_decoder_layers - 1) * (get(points[(2, 2)]) - base)
+      if enc_dec:
+        base = get(points[(1, 1)])
+        return (base + (cfg.num_encoder_layers - 1) * (get(points[(2, 1)]) - base)
+                + (cfg.num_decoder_layers - 1) * (get(points[(1, 2)]) - base))
+      base = get(points[(0, 1)])
+      return base + (cfg.num_decoder_layers - 1) * (get(points[(0, 2)]) - base)
+
+    est.flops = extrapolate(lambda p: p[0])
+    comm_bytes = extrapolate(lambda p: sum(s["bytes"] for s in p[1].values()))
+    comm_count = extrapolate(lambda p: sum(s["count"] for s in p[1].values()))
+    est.comm_gb = comm_bytes / 1e9
+    est.compute_s = est.flops / (hw.peak_tflops * 1e12)
+    est.comm_s = comm_count * hw.alpha_us * 1e-6 + comm_bytes / (hw.link_gbps * 1e9)
+    est.step_s = est.compute_s + est.comm_s
+    est.fits = est.peak_gb <= hw.memory_gb
+  except Exception as e:  # pylint: disable=broad-except
+    est.error = f"{type(e).__name__}: {str(e)[:200]}"
+  return est
+
+
+def measure(model_cfg, est: Estimate, batch, inputs, targets, devices, optimizer_cfg,
+            steps: int = 3) -> float:
+  """Runs a candidate for real and returns its median step time in seconds."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from t5lite import optimizers, trainer  # pylint: disable=import-outside-toplevel
+  from t5lite.models.model import Model  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(model_cfg, remat_policy=est.candidate.remat)
+  compiled, (_, abstract_state, abstract_batch, _) = _compile(
+      cfg, est.candidate, batch, inputs, targets, devices, optimizer_cfg)
+  model = Model(cfg)
+  opt = optimizers.make_optimizer(optimizer_cfg, 1e-4)
+  state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
+  state = jax.jit(functools.partial(trainer.init_state, model, opt),
+                  out_shardings=state_sh)(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  feed = {k: jax.device_put(rng.integers(2, cfg.vocab_size, v.shape).astype(v.dtype)
+                            if v.dtype == np.int32 else np.ones(v.shape, v.dtype), v.sharding)
+          for k, v in abstract_batch.items()}
+  times = []
+  for _ in range(steps + 1):
+    t = time.perf_counter()
+    state, metrics = compiled(state, feed)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardware,
+         optimizer_cfg=None, remats=("none", "full"), microbatches=(1, 2), time_top: int = 0,
+         log=print) -> List[Estimate]:
+  """Ranks every candidate; feasible plans first, by estimated (or measured) step time."""
+  from t5lite import optimizers  # pylint: disable=import-outside-toplevel
+  optimizer_cfg = optimizer_cfg or optimizers.OptimizerConfig("adafactor")
+  cands = candidates(len(devices), batch, model_cfg, remats, microbatches)
+  if not cands:
+    raise ValueError(f"no candidate divides batch {batch} over {len(devices)} devices")
+  results = []
+  for i, cand in enumerate(cands):
+    t = time.perf_counter()
+    results.append(analyze(model_cfg, cand, batch, inputs, targets, devices, hw, optimizer_cfg))
+    log(f"  [{i + 1}/{len(cands)}] {describe(cand)}: {time.perf_counter() - t:.1f}s")
+  ranked = sorted(results, key=lambda e: (not e.fits, e.error != "", e.step_s))
+  for est in ranked[:time_top]:
+    if est.fits:
+      est.measured_s = measure(model_cfg, est, batch, inputs, targets, devices, optimizer_cfg)
+  if time_top:
+    timed = sorted([e for e in ranked[:time_top] if e.measured_s is not None],
+                   key=lambda e: e.measured_s)
+    ranked = timed + [e for e in ranked if e not in timed]
+  return ranked
+
+
+def describe(c: Candidate) -> str:
+  """Short text for a candidate."""
+  return (f"data={c.data} fsdp={c.fsdp} tensor={c.tensor} {c.rules} remat={c.remat} "
+          f"micro={c.microbatches}")
+
+
+def table(ranked: Sequence[Estimate]) -> str:
+  """The ranked plans as a text table."""
+  lines = [f"{'#':>2} {'mesh (d,f,t)':<13}{'rules':<16}{'remat':<14}{'micro':>5}"
+           f"{'est step s':>11}{'compute s':>10}{'comm s':>9}{'comm GB':>9}{'peak GB':>9}  fits"]
+  for i, e in enumerate(ranked):
+    c = e.candidate
+    mesh = f"({c.data},{c.fsdp},{c.tensor})"
+    if e.error:
+      lines.append(f"{i + 1:>2} {mesh:<13}{c.rules:<16}{c.remat:<14}{c.microbatches:>5}  "
+                   f"error: {e.error}")
+      continue
+    measured = f" measured {e.measured_s:.3f}s" if e.measured_s is not None else ""
+    lines.append(f"{i + 1:>2} {mesh:<13}{c.rules:<16}{c.remat:<14}{c.microbatches:>5}"
+                 f"{e.step_s:>11.4f}{e.compute_s:>10.4f}{e.comm_s:>9.4f}{e.comm_gb:>9.2f}"
+                 f"{e.peak_gb:>9.2f}  {'yes' if e.fits else 'NO'}{measured}")
+  return "\n".join(lines)
+
+
+def plan_gin(est: Estimate) -> str:
+  """The chosen plan as gin bindings."""
+  c = est.candidate
+  return (f"# Plan chosen by t5lite.autoparallel: {describe(c)}\n"
+          f"# estimated step {est.step_s:.4f}s, peak {est.peak_gb:.2f} GB per device\n"
+          f"experiment.mesh = @MeshConfig()\n"
+          f"MeshConfig.data = {c.data}\nMeshConfig.fsdp = {c.fsdp}\nMeshConfig.tensor = {c.tensor}\n"
+          f"MeshConfig.rules = \"{c.rules}\"\nModelConfig.remat_policy = \"{c.remat}\"\n"
+          f"TrainConfig.microbatches = {c.microbatches}\n")
+
+
+def main(argv=None) -> int:
+  """CLI: prints the ranked table and writes the best plan as a gin file."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(description="Rank parallel plans with XLA's own analyses.")
+  parser.add_argument("--gin_file", action="append", default=[])
+  parser.add_argument("--num_devices", type=int, default=0, help="default: all devices")
+  parser.add_argument("--device_memory_gb", type=float, default=80.0)
+  parser.add_argument("--peak_tflops", type=float, default=800.0)
+  parser.add_argument("--link_gbps", type=float, default=300.0)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--inputs", type=int, default=512)
+  parser.add_argument("--targets", type=int, default=128)
+  parser.add_argument("--remats", default="none,full")
+  parser.add_argument("--microbatches", default="1,2")
+  parser.add_argument("--time_top", type=int, default=0)
+  parser.add_argument("--output", default="plan.gin")
+  args, rest = parser.parse_known_args(argv)
+  # Fake CPU devices must be requested before jax is imported: re-exec once with the flag.
+  if args.num_devices and os.environ.get("T5LITE_PLANNER_CHILD") != "1":
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags and os.environ.get(
+        "JAX_PLATFORMS", "cpu") == "cpu":
+      env = dict(os.environ, T5LITE_PLANNER_CHILD="1", JAX_PLATFORMS="cpu",
+                 XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={args.num_devices}")
+      os.execve(sys.executable, [sys.executable, "-m", "t5lite.autoparallel"] + argv, env)
+  import jax  # pylint: disable=import-outside-toplevel
+  from t5lite import gin_setup  # pylint: disable=import-outside-toplevel
+  bindings, _ = gin_setup.split_gin_bindings(rest)
+  exp = gin_setup.parse_gin(args.gin_file, ["experiment.model_dir = '/tmp/unused'"] + bindings)
+  devices = jax.devices()[: args.num_devices or None]
+  hw = Hardware(args.peak_tflops, args.device_memory_gb, args.link_gbps)
+  print(f"planning {exp.model.arch} (d_model {exp.model.d_model}) batch {args.batch} x "
+        f"({args.inputs}+{args.targets}) on {len(devices)} devices of {hw.memory_gb} GB, "
+        f"{hw.peak_tflops} TFLOP/s, {hw.link_gbps} GB/s links", flush=True)
+  ranked = plan(exp.model, batch=args.batch, inputs=args.inputs, targets=args.targets,
+                devices=devices, hw=hw, optimizer_cfg=exp.optimizer,
+                remats=tuple(args.remats.split(",")),
+                microbatches=tuple(int(m) for m in args.microbatches.split(",")),
+                time_top=args.time_top, log=lambda s: print(s, flush=True))
+  print(table(ranked))
+  best = ranked[0]
+  if not best.fits:
+    print("no plan fits the memory budget", file=sys.stderr)
+    return 1
+  with open(args.output, "w", encoding="utf-8") as f:
+    f.write(plan_gin(best))
+  print(f"chose {describe(best.candidate)}; wrote {args.output}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
