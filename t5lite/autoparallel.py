@@ -74,7 +74,8 @@ class Estimate:
 
 
 def candidates(num_devices: int, batch: int, cfg, remats=("none", "full"),
-               microbatches=(1, 2), max_tensor: int = 8) -> List[Candidate]:
+               microbatches=(1, 2), max_tensor: int = 8,
+               rules_filter: Sequence[str] = ()) -> List[Candidate]:
   """Every valid candidate: mesh factorizations that match each rule preset's axes, whose batch
   and head / mlp sizes divide."""
   out = []
@@ -94,6 +95,8 @@ def candidates(num_devices: int, batch: int, cfg, remats=("none", "full"),
       else:
         rules = "data_parallel"
       if tensor > max_tensor or cfg.num_heads % tensor or cfg.d_ff % tensor:
+        continue
+      if rules_filter and rules not in rules_filter:
         continue
       if fsdp > 1 and cfg.d_model % fsdp:
         continue
@@ -283,11 +286,11 @@ def measure(model_cfg, est: Estimate, batch, inputs, targets, devices, optimizer
 
 def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardware,
          optimizer_cfg=None, remats=("none", "full"), microbatches=(1, 2), time_top: int = 0,
-         log=print) -> List[Estimate]:
+         rules: Sequence[str] = (), log=print) -> List[Estimate]:
   """Ranks every candidate; feasible plans first, by estimated (or measured) step time."""
   from t5lite import optimizers  # pylint: disable=import-outside-toplevel
   optimizer_cfg = optimizer_cfg or optimizers.OptimizerConfig("adafactor")
-  cands = candidates(len(devices), batch, model_cfg, remats, microbatches)
+  cands = candidates(len(devices), batch, model_cfg, remats, microbatches, rules_filter=rules)
   if not cands:
     raise ValueError(f"no candidate divides batch {batch} over {len(devices)} devices")
   results = []
@@ -356,6 +359,7 @@ def main(argv=None) -> int:
   parser.add_argument("--remats", default="none,full")
   parser.add_argument("--microbatches", default="1,2")
   parser.add_argument("--time_top", type=int, default=0)
+  parser.add_argument("--rules", default="", help="comma-separated presets to consider")
   parser.add_argument("--output", default="plan.gin")
   args, rest = parser.parse_known_args(argv)
   # Fake CPU devices must be requested before jax is imported: re-exec once with the flag.
@@ -379,7 +383,8 @@ def main(argv=None) -> int:
                 devices=devices, hw=hw, optimizer_cfg=exp.optimizer,
                 remats=tuple(args.remats.split(",")),
                 microbatches=tuple(int(m) for m in args.microbatches.split(",")),
-                time_top=args.time_top, log=lambda s: print(s, flush=True))
+                time_top=args.time_top, rules=tuple(r for r in args.rules.split(",") if r),
+                log=lambda s: print(s, flush=True))
   print(table(ranked))
   best = ranked[0]
   if not best.fits:
