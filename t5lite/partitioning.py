@@ -35,7 +35,7 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
-  rules: str = "data_parallel"
+  rules: str = "data_parallel"  # a RULE_PRESETS name, or "auto" (t5lite.train plans first)
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> Tuple[int, ...]:

@@ -5,6 +5,7 @@ Exit codes: 0 done; 2 bad configuration; 3 unusable checkpoint; 4 too many non-f
 """
 
 import logging
+import os
 import sys
 
 from t5lite import gin_setup
@@ -26,6 +27,39 @@ def build_run(exp: gin_setup.Experiment, shard_index: int = 0, num_shards: int =
                     schedule=schedule, train_stream=dataset.train, eval_stream=dataset.eval,
                     model_dir=exp.model_dir, mesh_config=exp.mesh)
   return run, dataset
+
+
+def _autoplan(exp, run):
+  """Replaces the mesh (and remat / microbatches) by the planner's choice; writes plan.gin."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from t5lite import autoparallel  # pylint: disable=import-outside-toplevel
+  from t5lite.models import model as model_lib  # pylint: disable=import-outside-toplevel
+  stats = jax.local_devices()[0].memory_stats() or {}
+  memory_gb = stats.get("bytes_limit", 0) / 2 ** 30 or (
+      os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30 / jax.local_device_count())
+  enc_dec = exp.model.arch == "encoder_decoder"
+  ranked = autoparallel.plan(
+      exp.model, batch=exp.train.batch_size, inputs=exp.data.input_length if enc_dec else 0,
+      targets=exp.data.target_length, devices=jax.devices(),
+      hw=autoparallel.Hardware(memory_gb=memory_gb), optimizer_cfg=exp.optimizer,
+      remats=(exp.model.remat_policy,), microbatches=(exp.train.microbatches,),
+      log=lambda s: None)
+  best = ranked[0]
+  print(autoparallel.table(ranked[:5]), flush=True)
+  if not best.fits:
+    raise gin_setup.ConfigError(f"no parallel plan fits {memory_gb:.1f} GB per device")
+  c = best.candidate
+  exp = dataclasses.replace(
+      exp, mesh=c.mesh_config(), model=dataclasses.replace(exp.model, remat_policy=c.remat),
+      train=dataclasses.replace(exp.train, microbatches=c.microbatches))
+  if jax.process_index() == 0:
+    with open(os.path.join(exp.model_dir, "plan.gin"), "w", encoding="utf-8") as f:
+      f.write(autoparallel.plan_gin(best))
+  print(f"t5lite.train: auto plan {autoparallel.describe(c)} (saved to plan.gin)", flush=True)
+  run.mesh_config = exp.mesh
+  run.model = model_lib.Model(exp.model, exp.loss)
+  return exp, run
 
 
 def _store_vocabulary(model_file: str, model_dir: str):
@@ -62,6 +96,8 @@ def main(argv=None) -> int:
   from t5lite import checkpoints, trainer  # pylint: disable=import-outside-toplevel
   try:
     run, dataset = build_run(exp, jax.process_index(), jax.process_count())
+    if exp.mesh.rules == "auto":
+      exp, run = _autoplan(exp, run)
   except (gin_setup.ConfigError, ValueError, FileNotFoundError) as e:
     print(f"t5lite.train: configuration error: {e}", file=sys.stderr)
     return 2

@@ -230,7 +230,12 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
       ckpt_lib.abstract_with_shardings(abstract_state, state_sh), model.cfg)
   if restored is not None:
     start, state, data = restored
-    cursor = int(data["cursor"])
+    cursors = data.get("cursors") or [data["cursor"]]
+    if len(cursors) != jax.process_count():
+      raise ckpt_lib.CheckpointError(
+          f"checkpoint step {start} holds data positions of {len(cursors)} hosts, this run has "
+          f"{jax.process_count()}; restore parameters only (TrainConfig.init_from) instead")
+    cursor = int(cursors[jax.process_index()])
     log(f"resumed from {checkpointer.directory} step {start} (data cursor {cursor})")
   else:
     init = jax.jit(functools.partial(init_state, model, r.optimizer), out_shardings=state_sh)
@@ -257,7 +262,14 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
                     mininterval=1.0)
 
   def save(step_done: int):
-    checkpointer.save(step_done, state, {"cursor": cursor, "step": step_done}, model.cfg)
+    # Every host reads its own examples, so every host's position is saved.
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      cursors = [int(c) for c in multihost_utils.process_allgather(np.int64(cursor))]
+    else:
+      cursors = [cursor]
+    checkpointer.save(step_done, state, {"cursor": cursors[0], "cursors": cursors,
+                                         "step": step_done}, model.cfg)
 
   t_start = time.time()
   t_log, tokens_since = time.time(), 0

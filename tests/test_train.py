@@ -197,3 +197,13 @@ def test_too_many_nonfinite_steps_exit_4(tmp_path):
                        "--gin.TrainConfig.max_nonfinite_steps=3"])
   assert r.returncode == 4, r.stderr[-3000:]
   assert "consecutive steps had a non-finite" in r.stderr
+
+
+def test_auto_partitioning_plans_before_training(tmp_path):
+  d = str(tmp_path / "run")
+  r = run_cli(QUICK + ["--gin_file=partitioning/auto.gin", f"--gin.MODEL_DIR={d}",
+                       "--gin.TRAIN_STEPS=2"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "auto plan" in r.stdout
+  plan = open(os.path.join(d, "plan.gin"), encoding="utf-8").read()
+  assert "MeshConfig.rules" in plan and "remat_policy" in plan

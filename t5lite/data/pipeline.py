@@ -72,6 +72,26 @@ class BatchStream:
     return rows, cursor + consumed
 
 
+class RowShardedStream:
+  """Every host builds the global batch and keeps its own rows.
+
+  Batches (and cursors) are then identical to a single-process run on any host count, at the
+  cost of every host preparing the whole batch; the default instead gives each host its own
+  examples (ExampleStream sharding).
+  """
+
+  def __init__(self, stream: BatchStream, shard_index: int, num_shards: int):
+    self.stream = stream
+    self.shard_index = shard_index
+    self.num_shards = num_shards
+
+  def batch(self, cursor: int, batch_size: int):
+    """This host's `batch_size` rows of the global batch at `cursor`, and the next cursor."""
+    rows, nxt = self.stream.batch(cursor, batch_size * self.num_shards)
+    lo = self.shard_index * batch_size
+    return {k: v[lo:lo + batch_size] for k, v in rows.items()}, nxt
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where text comes from and how it becomes batches.
@@ -91,6 +111,8 @@ class DataConfig:
     noise_density / mean_noise_span_length: span corruption settings (T5: 0.15, 3.0).
     eval_documents: the last documents of the corpus, held out as the eval split.
     seed: data seed (shuffle order and objective noise).
+    host_sharding: "examples" (each host reads its own examples) or "rows" (each host builds
+      the global batch and keeps its rows: identical batches on any number of hosts).
   """
   corpus_file: str = ""
   vocab_file: str = ""
@@ -106,6 +128,7 @@ class DataConfig:
   mean_noise_span_length: float = 3.0
   eval_documents: int = 64
   seed: int = 0
+  host_sharding: str = "examples"
 
 
 def load_vocabulary(cfg: DataConfig) -> vocab_lib.SentencePieceVocabulary:
@@ -191,8 +214,14 @@ def make_dataset(cfg: DataConfig, arch: str, shard_index: int = 0,
   train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval:]
   preprocess = make_preprocessor(cfg, vocab.vocab_size)
   converter = make_converter(cfg, arch)
-  train = BatchStream(ExampleStream(train_docs, preprocess, cfg.seed, True, shard_index,
-                                    num_shards), converter)
+  if cfg.host_sharding == "rows":
+    train = RowShardedStream(BatchStream(ExampleStream(train_docs, preprocess, cfg.seed, True),
+                                         converter), shard_index, num_shards)
+  elif cfg.host_sharding == "examples":
+    train = BatchStream(ExampleStream(train_docs, preprocess, cfg.seed, True, shard_index,
+                                      num_shards), converter)
+  else:
+    raise ValueError(f"host_sharding must be 'examples' or 'rows', got {cfg.host_sharding!r}")
   evaluation = None
   if eval_docs:
     evaluation = BatchStream(ExampleStream(eval_docs, preprocess, cfg.seed + 1, False,
