@@ -1,0 +1,110 @@
+"""Pipeline parallelism: Alpa's stage construction and a GPipe schedule under `shard_map`.
+
+`stage_boundaries` splits a layer sequence into contiguous stages with Alpa's dynamic program
+(minimize the slowest stage, which bounds a pipeline's steady-state throughput). `gpipe` runs the
+stages on the mesh's `stage` axis: every device holds its stage's layers (stacked, padded to the
+longest stage with inactive layers), microbatches enter stage 0 one per tick, activations move to
+the next stage with `ppermute`, and after `microbatches + stages - 1` ticks the last stage holds
+every output. The backward pass is the autodiff of that loop (the reverse schedule).
+"""
+
+from typing import Callable, List, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+
+def stage_boundaries(layer_costs: Sequence[float], num_stages: int) -> List[Tuple[int, int]]:
+  """Contiguous [start, end) layer ranges, one per stage, minimizing the largest stage cost."""
+  n = len(layer_costs)
+  if not 1 <= num_stages <= n:
+    raise ValueError(f"cannot split {n} layers into {num_stages} stages")
+  prefix = np.concatenate([[0.0], np.cumsum(layer_costs)])
+  inf = float("inf")
+  # best[s][i]: the smallest max-stage cost splitting layers [0, i) into s stages.
+  best = np.full((num_stages + 1, n + 1), inf)
+  split = np.zeros((num_stages + 1, n + 1), int)
+  best[0][0] = 0.0
+  for s in range(1, num_stages + 1):
+    for i in range(s, n + 1):
+      for j in range(s - 1, i):
+        cost = max(best[s - 1][j], prefix[i] - prefix[j])
+        if cost < best[s][i]:
+          best[s][i], split[s][i] = cost, j
+  bounds, i = [], n
+  for s in range(num_stages, 0, -1):
+    j = split[s][i]
+    bounds.append((int(j), int(i)))
+    i = j
+  return bounds[::-1]
+
+
+def stack_stages(layer_params, bounds: Sequence[Tuple[int, int]]):
+  """[layers, ...] parameters -> ([stages, max_layers, ...] padded, active [stages, max_layers])."""
+  width = max(e - s for s, e in bounds)
+
+  def pad(x):
+    parts = []
+    for s, e in bounds:
+      block = x[s:e]
+      padding = jnp.zeros((width - (e - s),) + x.shape[1:], x.dtype)
+      parts.append(jnp.concatenate([block, padding]))
+    return jnp.stack(parts)
+
+  active = np.zeros((len(bounds), width), bool)
+  for k, (s, e) in enumerate(bounds):
+    active[k, : e - s] = True
+  return jax.tree.map(pad, layer_params), jnp.asarray(active)
+
+
+def gpipe(layer_fn: Callable, stage_params, active, x, mesh: Mesh, num_microbatches: int,
+          axis: str = "stage"):
+  """Applies every stage's layers to x with a GPipe schedule.
+
+  Args:
+    layer_fn: (one layer's params, activations [mb, ...]) -> activations.
+    stage_params: pytree of [stages, max_layers, ...] (see stack_stages).
+    active: bool [stages, max_layers].
+    x: [batch, ...]; the batch splits into `num_microbatches`.
+    mesh: a mesh with a `stage` axis of size stages.
+  Returns:
+    [batch, ...], equal to running all layers in order.
+  """
+  stages = mesh.shape[axis]
+  m = num_microbatches
+  if x.shape[0] % m:
+    raise ValueError(f"batch {x.shape[0]} does not split into {m} microbatches")
+  micro = x.reshape((m, x.shape[0] // m) + x.shape[1:])
+  perm = [(i, (i + 1) % stages) for i in range(stages)]
+
+  def per_stage(params, act, xs):
+    params = jax.tree.map(lambda p: p[0], params)
+    act = act[0]
+    stage = jax.lax.axis_index(axis)
+
+    def run_stage(h):
+      def body(h, layer):
+        p, a = layer
+        return jnp.where(a, layer_fn(p, h), h), None
+      return jax.lax.scan(body, h, (params, act))[0]
+
+    def tick(t, carry):
+      held, outputs = carry
+      feed = jnp.where(stage == 0, xs[jnp.minimum(t, m - 1)], held)
+      out = run_stage(feed)
+      done = t - (stages - 1)
+      write = (stage == stages - 1) & (done >= 0)
+      outputs = jnp.where(write, outputs.at[jnp.clip(done, 0, m - 1)].set(out), outputs)
+      return jax.lax.ppermute(out, axis, perm), outputs
+
+    # The loop carry varies across stages; mark it so before the loop (shard_map typing).
+    held = jax.lax.pcast(jnp.zeros_like(xs[0]), axis, to="varying")
+    outputs = jax.lax.pcast(jnp.zeros_like(xs), axis, to="varying")
+    _, outputs = jax.lax.fori_loop(0, m + stages - 1, tick, (held, outputs))
+    return jax.lax.psum(jnp.where(stage == stages - 1, outputs, 0.0), axis)
+
+  run = jax.shard_map(per_stage, mesh=mesh, in_specs=(P(axis), P(axis), P()), out_specs=P())
+  out = run(stage_params, active, micro)
+  return out.reshape(x.shape[:1] + out.shape[2:])
