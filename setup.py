@@ -23,6 +23,7 @@ setup(
         "numpy>=1.26,<3",
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
+        "sacrebleu>=2.4,<3",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
