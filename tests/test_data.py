@@ -96,3 +96,17 @@ def test_bad_utf8_lines_are_kept_and_counted(tmp_path):
 def test_missing_corpus_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="corpus_file"):
     pipeline.corpus_path(pipeline.DataConfig(corpus_file=str(tmp_path / "nope.txt")))
+
+
+def test_data_cli_inspect_and_stats():
+  from conftest import run_cli
+  r = run_cli(["-m", "t5lite.data", "inspect", "--gin_file=gin_configs/experiments/quickstart.gin",
+               "--examples=2"])
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "--- example 1" in r.stdout and "<extra_id_0>" in r.stdout and "p95" in r.stdout
+  r = run_cli(["-m", "t5lite.data", "stats", "--gin_file=gin_configs/experiments/quickstart.gin",
+               "--batches=5"])
+  assert r.returncode == 0 and "tokens/s" in r.stdout
+  r = run_cli(["-m", "t5lite.data", "stats", "--gin_file=gin_configs/experiments/quickstart.gin",
+               "--gin.DataConfig.objective='bogus'"])
+  assert r.returncode != 0
