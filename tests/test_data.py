@@ -109,4 +109,4 @@ def test_data_cli_inspect_and_stats():
   assert r.returncode == 0 and "tokens/s" in r.stdout
   r = run_cli(["-m", "t5lite.data", "stats", "--gin_file=gin_configs/experiments/quickstart.gin",
                "--gin.DataConfig.objective='bogus'"])
-  assert r.returncode != 0
+  assert r.returncode == 2 and "objective" in r.stderr

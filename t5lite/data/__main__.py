@@ -30,7 +30,11 @@ def main(argv=None) -> int:
   except gin_setup.ConfigError as e:
     print(f"t5lite.data: configuration error: {e}", file=sys.stderr)
     return 2
-  data = pipeline.make_dataset(exp.data, exp.model.arch)
+  try:
+    data = pipeline.make_dataset(exp.data, exp.model.arch)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"t5lite.data: {e}", file=sys.stderr)
+    return 2
   examples = data.train.examples if hasattr(data.train, "examples") else data.train.stream.examples
   if args.command == "inspect":
     for i in range(args.examples):
