@@ -155,7 +155,6 @@ def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, 
              optimizer_cfg):
   """Lowers and compiles the sharded train step for abstract inputs; returns the executable."""
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
   from t5lite import optimizers, partitioning, trainer  # pylint: disable=import-outside-toplevel
   from t5lite.models.model import Model  # pylint: disable=import-outside-toplevel
@@ -182,7 +181,6 @@ def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, 
                  donate_argnums=(0,))
   with jax.set_mesh(mesh), partitioning.activation_rules(mesh, cand.rules):
     compiled = step.lower(abstract_state, abstract_batch).compile()
-  del np
   return compiled, (step, abstract_state, abstract_batch, mesh)
 
 

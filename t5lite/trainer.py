@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import signal
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp

@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 
 from t5lite.data import feature_converters as fc
-from t5lite.data import pipeline, preprocessors, vocabulary
+from t5lite.data import pipeline, preprocessors
 
 
 def test_span_corruption_statistics():
   vocab_size, length = 1000, 200
-  rng = np.random.default_rng(0)
   noise, spans = [], []
   for i in range(300):
     tokens = np.arange(10, 10 + length)
@@ -30,7 +29,6 @@ def test_span_corruption_statistics():
     spans.append(len(hidden) / len(sentinels_out))
   assert abs(np.mean(noise) - 0.15) < 0.01
   assert abs(np.mean(spans) - 3.0) < 0.2
-  del rng
 
 
 def test_packing_rows_and_resumable_stream(tmp_path):

@@ -1,6 +1,5 @@
 """Cross-entropy, z-loss, label smoothing and loss normalization against hand computations."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
