@@ -25,7 +25,7 @@ def _files_for(name):
     return [name]
   if name.startswith("models/") and name != "models/moe.gin":
     return [name, "runs/pretrain.gin"]
-  if name.startswith("runs/"):
+  if name in ("runs/pretrain.gin", "runs/finetune.gin"):
     return ["models/t5_1_1/tiny.gin", name]
   return ["models/t5_1_1/tiny.gin", "runs/pretrain.gin", name]
 
