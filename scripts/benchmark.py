@@ -122,25 +122,52 @@ def bench_t5lite(cfg, args, peak):
           "compile_s": compile_s, "loss": float(metrics["loss"])}
 
 
-def bench_hf(cfg, args, peak, compiled: bool):
-  """The same shapes in HF transformers (T5 v1.1 / LLaMA), AdamW, bf16 autocast on GPU."""
-  import torch
+def hf_model(cfg):
+  """The HF transformers model with the same shapes (T5 v1.1 or LLaMA), randomly initialized."""
   import transformers
-  device = "cuda" if torch.cuda.is_available() else "cpu"
   if cfg.arch == "encoder_decoder":
     hf_cfg = transformers.T5Config(
         vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff,
         num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
         num_heads=cfg.num_heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
         dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    model = transformers.T5ForConditionalGeneration(hf_cfg)
-  else:
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.num_decoder_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(hf_cfg)
+    return transformers.T5ForConditionalGeneration(hf_cfg)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+      num_hidden_layers=cfg.num_decoder_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+      tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+  return transformers.LlamaForCausalLM(hf_cfg)
+
+
+def bench_hf_generate(cfg, args, batch: int):
+  """HF `generate` (greedy, KV cache) on the same prompts and lengths."""
+  import torch
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = hf_model(cfg).to(device).eval()
+  if device == "cuda":
+    model = model.to(torch.bfloat16)
+  rng = np.random.default_rng(0)
+  ids = torch.tensor(rng.integers(2, cfg.vocab_size, (batch, args.inputs)), device=device)
+  kw = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
+            do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  with torch.no_grad():
+    model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    sync()
+    t = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    sync()
+  step_s = time.perf_counter() - t
+  return {"impl": f"hf-generate-b{batch}", "decode_s": step_s,
+          "new_tokens_per_s": batch * args.decode_tokens / step_s, "compile_s": 0.0}
+
+
+def bench_hf(cfg, args, peak, compiled: bool):
+  """The same shapes in HF transformers (T5 v1.1 / LLaMA), AdamW, bf16 autocast on GPU."""
+  import torch
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = hf_model(cfg)
   model.to(device).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
   batch = synthetic_batch(cfg, args.batch, args.inputs, args.targets)
@@ -239,11 +266,18 @@ def main(argv=None):
   cfg = load_config(args, [gin_setup._binding(b) for b in bindings])  # pylint: disable=protected-access
   on_gpu = jax.devices()[0].platform == "gpu"
   peak = measure_peak_tflops(on_gpu)
-  decode_rows = [bench_decode(cfg, args, int(b)) for b in args.decode_batches.split(",") if b]
+  decode_rows = []
+  for b in (int(b) for b in args.decode_batches.split(",") if b):
+    decode_rows.append(bench_decode(cfg, args, b))
+    if args.vs_hf:
+      decode_rows.append(bench_hf_generate(cfg, args, b))
+      decode_rows[-1]["vs_t5lite"] = decode_rows[-2]["new_tokens_per_s"] / decode_rows[-1][
+          "new_tokens_per_s"]
   for r in decode_rows:
+    ratio = f"; t5lite is {r['vs_t5lite']:.2f}x" if "vs_t5lite" in r else ""
     print(f"{r['impl']}: {r['new_tokens_per_s']:.0f} new tokens/s ({args.inputs}-token prompts, "
           f"{args.decode_tokens} new tokens, {r['decode_s']:.2f}s per batch, compile "
-          f"{r['compile_s']:.1f}s)")
+          f"{r['compile_s']:.1f}s){ratio}")
   if args.no_train:
     return {"decode": decode_rows}
   rows = [bench_t5lite(cfg, args, peak)]
