@@ -282,9 +282,17 @@ def measure(model_cfg, est: Estimate, batch, inputs, targets, devices, optimizer
   return sorted(times[1:])[len(times[1:]) // 2]
 
 
+def _analyze_in_worker(args):
+  """Process-pool entry: analyzes one candidate on this worker's own (fake) devices."""
+  import jax  # pylint: disable=import-outside-toplevel
+  model_cfg, cand, batch, inputs, targets, num_devices, hw, optimizer_cfg = args
+  return analyze(model_cfg, cand, batch, inputs, targets, jax.devices()[:num_devices], hw,
+                 optimizer_cfg)
+
+
 def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardware,
          optimizer_cfg=None, remats=("none", "full"), microbatches=(1, 2), time_top: int = 0,
-         rules: Sequence[str] = (), log=print) -> List[Estimate]:
+         rules: Sequence[str] = (), workers: int = 1, log=print) -> List[Estimate]:
   """Ranks every candidate; feasible plans first, by estimated (or measured) step time."""
   from t5lite import optimizers  # pylint: disable=import-outside-toplevel
   optimizer_cfg = optimizer_cfg or optimizers.OptimizerConfig("adafactor")
@@ -292,7 +300,19 @@ def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardw
   if not cands:
     raise ValueError(f"no candidate divides batch {batch} over {len(devices)} devices")
   results = []
-  for i, cand in enumerate(cands):
+  if workers > 1:
+    # Compilation is mostly single-threaded: analyze candidates in parallel processes, each
+    # with the same device setup (XLA_FLAGS is inherited).
+    import concurrent.futures  # pylint: disable=import-outside-toplevel
+    import multiprocessing  # pylint: disable=import-outside-toplevel
+    jobs = [(model_cfg, c, batch, inputs, targets, len(devices), hw, optimizer_cfg)
+            for c in cands]
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+      for i, est in enumerate(pool.map(_analyze_in_worker, jobs)):
+        results.append(est)
+        log(f"  [{i + 1}/{len(cands)}] {describe(est.candidate)}")
+  for i, cand in enumerate(cands if workers <= 1 else []):
     t = time.perf_counter()
     results.append(analyze(model_cfg, cand, batch, inputs, targets, devices, hw, optimizer_cfg))
     log(f"  [{i + 1}/{len(cands)}] {describe(cand)}: {time.perf_counter() - t:.1f}s")
@@ -358,6 +378,7 @@ def main(argv=None) -> int:
   parser.add_argument("--microbatches", default="1,2")
   parser.add_argument("--time_top", type=int, default=0)
   parser.add_argument("--rules", default="", help="comma-separated presets to consider")
+  parser.add_argument("--workers", type=int, default=1, help="candidates compiled in parallel")
   parser.add_argument("--output", default="plan.gin")
   args, rest = parser.parse_known_args(argv)
   # Fake CPU devices must be requested before jax is imported: re-exec once with the flag.
@@ -382,6 +403,7 @@ def main(argv=None) -> int:
                 remats=tuple(args.remats.split(",")),
                 microbatches=tuple(int(m) for m in args.microbatches.split(",")),
                 time_top=args.time_top, rules=tuple(r for r in args.rules.split(",") if r),
+                workers=args.workers,
                 log=lambda s: print(s, flush=True))
   print(table(ranked))
   best = ranked[0]

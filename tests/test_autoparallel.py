@@ -45,3 +45,14 @@ def test_tight_budget_picks_a_sharded_plan_that_trains_like_one_device():
   assert out["chosen_peak_gb"] <= out["budget_gb"] < out["dp_peak_gb"]
   for a, b in zip(out["plan_losses"], out["ref_losses"]):
     assert abs(a - b) < 1e-4 * max(1.0, abs(b))
+
+
+@pytest.mark.slow
+def test_cli_with_parallel_workers_writes_a_plan(tmp_path):
+  out = tmp_path / "plan.gin"
+  r = run_cli(["-m", "t5lite.autoparallel", "--gin_file=models/t5_1_1/tiny.gin", "--num_devices=4",
+               "--batch=8", "--inputs=32", "--targets=16", "--remats=none", "--microbatches=1",
+               "--rules=data_parallel,fsdp", "--workers=2", f"--output={out}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "est step s" in r.stdout and "chose" in r.stdout
+  assert "MeshConfig.rules" in out.read_text()
