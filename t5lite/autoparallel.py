@@ -155,25 +155,18 @@ def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, 
              optimizer_cfg):
   """Lowers and compiles the sharded train step for abstract inputs; returns the executable."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
-  from t5lite import optimizers, partitioning, trainer  # pylint: disable=import-outside-toplevel
+  from t5lite import checkpoints, optimizers, partitioning, trainer  # pylint: disable=import-outside-toplevel
   from t5lite.models.model import Model  # pylint: disable=import-outside-toplevel
   model = Model(model_cfg)
   opt = optimizers.make_optimizer(optimizer_cfg, 1e-4)
   mesh = partitioning.make_mesh(cand.mesh_config(), devices)
-  abstract = jax.eval_shape(functools.partial(trainer.init_state, model, opt), jax.random.key(0))
-  param_sh = partitioning.param_shardings(model.annotated_params, mesh, cand.rules)
-  rep = NamedSharding(mesh, PartitionSpec())
-  state_sh = {"step": rep, "params": param_sh,
-              "opt_state": partitioning.optimizer_shardings(opt, abstract["params"], param_sh,
-                                                            mesh),
-              "nonfinite_streak": rep, "nonfinite_total": rep}
+  abstract, state_sh = trainer.state_shardings(model, opt, mesh, cand.rules)
+  rep = state_sh["step"]
   batch_sh = partitioning.batch_sharding(mesh)
   shapes = _batch_shapes(model_cfg, batch, inputs, targets)
   abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in
                     shapes.items()}
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                abstract, state_sh)
+  abstract_state = checkpoints.abstract_with_shardings(abstract, state_sh)
   step = jax.jit(functools.partial(trainer.train_step, model=model, optimizer=opt,
                                    schedule=lambda s: 1e-4, seed=0,
                                    microbatches=cand.microbatches),

@@ -77,6 +77,19 @@ def init_state(model: Model, optimizer: optax.GradientTransformation, rng) -> Di
           "nonfinite_total": jnp.zeros((), jnp.int32)}
 
 
+def state_shardings(model: Model, optimizer: optax.GradientTransformation, mesh, rules,
+                    seed: int = 0):
+  """(abstract train state, its NamedShardings): parameters by the logical-axis rules,
+  optimizer state like its parameters, counters replicated."""
+  abstract = jax.eval_shape(functools.partial(init_state, model, optimizer), jax.random.key(seed))
+  param_sh = partitioning.param_shardings(model.annotated_params, mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return abstract, {"step": replicated, "params": param_sh,
+                    "opt_state": partitioning.optimizer_shardings(
+                        optimizer, abstract["params"], param_sh, mesh),
+                    "nonfinite_streak": replicated, "nonfinite_total": replicated}
+
+
 def _split_microbatches(batch, n: int):
   def split(x):
     if x.shape[0] % n:
@@ -215,14 +228,8 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
   mesh = partitioning.make_mesh(r.mesh_config)
   rules = r.mesh_config.rules
   model = r.model
-  abstract_state = jax.eval_shape(functools.partial(init_state, model, r.optimizer),
-                                  jax.random.key(cfg.seed))
-  param_sh = partitioning.param_shardings(model.annotated_params, mesh, rules)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_sh = {"step": replicated, "params": param_sh,
-              "opt_state": partitioning.optimizer_shardings(
-                  r.optimizer, abstract_state["params"], param_sh, mesh),
-              "nonfinite_streak": replicated, "nonfinite_total": replicated}
+  abstract_state, state_sh = state_shardings(model, r.optimizer, mesh, rules, cfg.seed)
+  param_sh, replicated = state_sh["params"], state_sh["step"]
   batch_sh = partitioning.batch_sharding(mesh)
   checkpointer = ckpt_lib.Checkpointer(f"{r.model_dir}/checkpoints", cfg.keep_checkpoints,
                                        cfg.async_checkpoints)

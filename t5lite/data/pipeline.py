@@ -9,6 +9,7 @@ the cursor with a checkpoint resumes the stream exactly. Hosts read disjoint exa
 
 import dataclasses
 import functools
+import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -141,14 +142,12 @@ def load_vocabulary(cfg: DataConfig) -> vocab_lib.SentencePieceVocabulary:
 
 
 def _cache_dir(cfg: DataConfig) -> str:
-  import os  # pylint: disable=import-outside-toplevel
   default = os.environ.get("T5LITE_CACHE_DIR") or "~/.cache/t5lite"
   return os.path.expanduser(cfg.cache_dir or default)
 
 
 def corpus_path(cfg: DataConfig) -> str:
   """Path of the corpus text file (building the built-in corpus if needed)."""
-  import os  # pylint: disable=import-outside-toplevel
   if cfg.corpus_file:
     if not os.path.exists(cfg.corpus_file):
       raise FileNotFoundError(f"corpus_file not found: {cfg.corpus_file}")

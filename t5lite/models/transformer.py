@@ -296,6 +296,14 @@ class DecoderOnly(nnx.Module):
           cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
           cfg.arch == "prefix_lm", rngs=rngs)
 
+  def _bias(self, q_pos, k_pos):
+    """Position bias [batch, heads, q, k] (relative or ALiBi), None for RoPE."""
+    if self.cfg.position_encoding == "relative":
+      return self.decoder_relpos(q_pos, k_pos)
+    if self.cfg.position_encoding == "alibi":
+      return attn_lib.alibi_bias(q_pos, k_pos, self.cfg.num_heads)
+    return None
+
   def mask(self, batch) -> attn_lib.Mask:
     """Self-attention mask for the architecture and batch layout.
 
@@ -322,12 +330,8 @@ class DecoderOnly(nnx.Module):
     pos = _positions(tokens, batch.get("decoder_positions"))
     r = jax.random.split(rng, 3) if rng is not None else [None] * 3
     x = layers.dropout(self.token_embed(tokens), cfg.dropout_rate, r[0])
-    bias = None
-    if cfg.position_encoding == "relative":
-      bias = self.decoder_relpos(pos, pos)
-    elif cfg.position_encoding == "alibi":
-      bias = attn_lib.alibi_bias(pos, pos, cfg.num_heads)
-    x, aux = self.decoder(x, r[1], mask=self.mask(batch), bias=bias, positions=pos)
+    x, aux = self.decoder(x, r[1], mask=self.mask(batch), bias=self._bias(pos, pos),
+                          positions=pos)
     x = layers.dropout(self.decoder_norm(x), cfg.dropout_rate, r[2])
     return self.head(x, self.token_embed), aux
 
@@ -353,13 +357,9 @@ class DecoderOnly(nnx.Module):
     if cfg.arch == "prefix_lm":
       allowed = allowed | ((slot_k[None, :] < prefix_slots) & (slot_q[:, None] < prefix_slots))
     mask = attn_lib.Mask(dense=(allowed[None] & key_valid[:, None, :])[:, None])
-    bias = None
-    if cfg.position_encoding == "relative":
-      bias = self.decoder_relpos(q_positions, k_positions)
-    elif cfg.position_encoding == "alibi":
-      bias = attn_lib.alibi_bias(q_positions, k_positions, cfg.num_heads)
     x = self.token_embed(tokens)
-    x, cache = self.decoder.decode_step(x, cache, index, mask=mask, bias=bias,
+    x, cache = self.decoder.decode_step(x, cache, index, mask=mask,
+                                        bias=self._bias(q_positions, k_positions),
                                         positions=q_positions)
     return self.head(self.decoder_norm(x), self.token_embed), cache
 
