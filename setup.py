@@ -24,6 +24,8 @@ setup(
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
         "sacrebleu>=2.4,<3",
+        # tensorflow-datasets needs it to prepare a dataset but does not declare it.
+        "importlib-resources>=6,<8",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

@@ -18,7 +18,7 @@ from typing import Sequence
 import gin
 
 from t5lite import optimizers, partitioning, schedules
-from t5lite.data import pipeline
+from t5lite.data import pipeline, task_specs
 from t5lite.models import config as model_config
 from t5lite.models import model as model_lib
 from t5lite import trainer
@@ -30,6 +30,9 @@ for _cls in (model_config.ModelConfig, model_lib.LossConfig, optimizers.Optimize
              schedules.ScheduleConfig, trainer.TrainConfig, pipeline.DataConfig,
              partitioning.MeshConfig):
   gin.external_configurable(_cls, module="t5lite")
+for _cls in (task_specs.TextSource, task_specs.JsonlSource, task_specs.TfdsSource,
+             task_specs.TaskSpec, task_specs.MixtureSpec):
+  gin.external_configurable(_cls, module="t5lite.data")
 
 
 class ConfigError(ValueError):

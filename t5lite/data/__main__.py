@@ -1,7 +1,8 @@
-"""`python -m t5lite.data inspect|stats --gin_file=F [--gin.NAME=VALUE ...]`.
+"""`python -m t5lite.data inspect|stats [TASK_OR_MIXTURE] --gin_file=F [--gin.NAME=VALUE ...]`.
 
-inspect: decodes a few examples of the configured training stream and prints token-length
-statistics of inputs and targets. stats: times the input pipeline (examples/s and tokens/s of
+inspect: decodes a few examples of the configured training stream (or of the named seqio task or
+mixture, registered by the gin files' `DataConfig.tasks` / `task_modules`) and prints
+token-length statistics of inputs and targets. stats: times the input pipeline (examples/s and tokens/s of
 packed batches), to compare with the trainer's tokens/s.
 """
 
@@ -21,10 +22,16 @@ def main(argv=None) -> int:
   bindings, rest = gin_setup.split_gin_bindings(argv)
   parser = argparse.ArgumentParser(description="Inspect or time the t5lite input pipeline.")
   parser.add_argument("command", choices=("inspect", "stats"))
+  parser.add_argument("name", nargs="?", default="",
+                      help="a seqio task or mixture (default: the gin files' data)")
   parser.add_argument("--gin_file", action="append", default=[])
   parser.add_argument("--examples", type=int, default=3)
   parser.add_argument("--batches", type=int, default=50)
   args = parser.parse_args(rest)
+  if args.name:
+    bindings.append(f"DataConfig.mixture_or_task_name = {args.name!r}")
+  if not args.gin_file:
+    args.gin_file = ["models/t5_1_1/tiny.gin"]
   try:
     exp = gin_setup.parse_gin(args.gin_file, bindings + ["experiment.model_dir = '/tmp/unused'"])
   except gin_setup.ConfigError as e:
@@ -37,12 +44,14 @@ def main(argv=None) -> int:
     return 2
   examples = data.train.examples if hasattr(data.train, "examples") else data.train.stream.examples
   if args.command == "inspect":
+    features = [k for k in ("inputs", "targets", "prompt", "chosen", "rejected")
+                if k in examples.example(0)]
     for i in range(args.examples):
       ex = examples.example(i)
       print(f"--- example {i}")
-      print(f"inputs  ({len(ex['inputs'])} tokens): {data.vocab.decode(ex['inputs'])}")
-      print(f"targets ({len(ex['targets'])} tokens): {data.vocab.decode(ex['targets'])}")
-    lengths = {k: [len(examples.example(i)[k]) for i in range(500)] for k in ("inputs", "targets")}
+      for k in features:
+        print(f"{k:8s} ({len(ex[k])} tokens): {data.vocab.decode(ex[k])}")
+    lengths = {k: [len(examples.example(i)[k]) for i in range(500)] for k in features}
     for k, v in lengths.items():
       print(f"{k}: mean {np.mean(v):.1f}, p50 {np.percentile(v, 50):.0f}, "
             f"p95 {np.percentile(v, 95):.0f}, max {max(v)} tokens (first 500 examples)")

@@ -10,7 +10,7 @@ the cursor with a checkpoint resumes the stream exactly. Hosts read disjoint exa
 import dataclasses
 import functools
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -114,6 +114,11 @@ class DataConfig:
     seed: data seed (shuffle order and objective noise).
     host_sharding: "examples" (each host reads its own examples) or "rows" (each host builds
       the global batch and keeps its rows: identical batches on any number of hosts).
+    mixture_or_task_name: read a seqio task or mixture instead of the corpus (the objective
+      then comes from the task's preprocessors).
+    tasks / mixtures: `task_specs.TaskSpec`s and `MixtureSpec`s to register first.
+    task_modules: Python modules to import first (they register tasks the seqio way).
+    train_split / eval_split: the task's splits (no eval when the task lacks eval_split).
   """
   corpus_file: str = ""
   vocab_file: str = ""
@@ -130,6 +135,12 @@ class DataConfig:
   eval_documents: int = 64
   seed: int = 0
   host_sharding: str = "examples"
+  mixture_or_task_name: str = ""
+  tasks: Tuple[Any, ...] = ()
+  mixtures: Tuple[Any, ...] = ()
+  task_modules: Tuple[str, ...] = ()
+  train_split: str = "train"
+  eval_split: str = "validation"
 
 
 def load_vocabulary(cfg: DataConfig) -> vocab_lib.SentencePieceVocabulary:
@@ -204,25 +215,43 @@ class Dataset:
 
 def make_dataset(cfg: DataConfig, arch: str, shard_index: int = 0,
                  num_shards: int = 1) -> Dataset:
-  """Tokenizes the corpus and builds train / eval streams for `arch`."""
-  vocab = load_vocabulary(cfg)
-  texts, _ = read_documents(corpus_path(cfg))
-  docs = [np.asarray(vocab.encode(t), np.int32) for t in texts]
-  docs = [d for d in docs if len(d)]
-  n_eval = min(cfg.eval_documents, len(docs) // 10)
-  train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval:]
-  preprocess = make_preprocessor(cfg, vocab.vocab_size)
-  converter = make_converter(cfg, arch)
-  if cfg.host_sharding == "rows":
-    train = RowShardedStream(BatchStream(ExampleStream(train_docs, preprocess, cfg.seed, True),
-                                         converter), shard_index, num_shards)
-  elif cfg.host_sharding == "examples":
-    train = BatchStream(ExampleStream(train_docs, preprocess, cfg.seed, True, shard_index,
-                                      num_shards), converter)
-  else:
+  """Builds the vocabulary and train / eval batch streams for `arch`.
+
+  The examples come from a seqio task or mixture when `mixture_or_task_name` is set, else from
+  the corpus file tokenized in memory with `objective`.
+  """
+  if cfg.host_sharding not in ("examples", "rows"):
     raise ValueError(f"host_sharding must be 'examples' or 'rows', got {cfg.host_sharding!r}")
-  evaluation = None
-  if eval_docs:
-    evaluation = BatchStream(ExampleStream(eval_docs, preprocess, cfg.seed + 1, False,
-                                           shard_index, num_shards), converter)
+  # With "rows" sharding every host reads the whole example stream and keeps its rows.
+  shard, shards = (shard_index, num_shards) if cfg.host_sharding == "examples" else (0, 1)
+  if cfg.mixture_or_task_name:
+    from t5lite.data import tasks  # pylint: disable=import-outside-toplevel  (TensorFlow)
+    tasks.register_all(cfg.tasks, cfg.mixtures, cfg.task_modules,
+                       default_vocab=lambda: load_vocabulary(cfg))
+    name = cfg.mixture_or_task_name
+    vocab = tasks.vocabulary(name)
+    train_examples = tasks.SeqioExampleStream(name, cfg.train_split, cfg.seed, True, shard,
+                                              shards)
+    eval_examples = None
+    if cfg.eval_split in tasks.splits(name):
+      eval_examples = tasks.SeqioExampleStream(name, cfg.eval_split, cfg.seed + 1, False,
+                                               shard_index, num_shards)
+  else:
+    vocab = load_vocabulary(cfg)
+    texts, _ = read_documents(corpus_path(cfg))
+    docs = [np.asarray(vocab.encode(t), np.int32) for t in texts]
+    docs = [d for d in docs if len(d)]
+    n_eval = min(cfg.eval_documents, len(docs) // 10)
+    train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval:]
+    preprocess = make_preprocessor(cfg, vocab.vocab_size)
+    train_examples = ExampleStream(train_docs, preprocess, cfg.seed, True, shard, shards)
+    eval_examples = None
+    if eval_docs:
+      eval_examples = ExampleStream(eval_docs, preprocess, cfg.seed + 1, False, shard_index,
+                                    num_shards)
+  converter = make_converter(cfg, arch)
+  train = BatchStream(train_examples, converter)
+  if cfg.host_sharding == "rows":
+    train = RowShardedStream(train, shard_index, num_shards)
+  evaluation = BatchStream(eval_examples, converter) if eval_examples is not None else None
   return Dataset(vocab, train, evaluation)
