@@ -4,13 +4,21 @@ Input lines are JSON: text (`{"inputs": ..., "targets": ...}`) or ids
 (`{"input_ids": [...], "target_ids": [...]}`). Output is JSONL, one object per input line, with
 the prediction (text and ids) or the log-likelihood of the targets. The output is written to a
 temporary file and renamed at the end, so a failed run never leaves a file that looks complete.
+
+Task mode: `--task NAME --gin_file F [--gin.X=Y] [--split validation]` decodes the split of a
+seqio task registered by the gin files (`DataConfig.tasks`) or `--task_module`, writes each
+prediction next to its target and the task's metrics to OUT.metrics.json (and stderr).
 Exit codes: 0 done; 2 bad input (nothing written).
 """
 
 import argparse
 import json
+import math
 import os
 import sys
+from typing import Dict, List, Tuple
+
+import numpy as np
 
 from t5lite import serving
 
@@ -42,19 +50,74 @@ def read_examples(path: str, session: serving.Session, mode: str):
   return examples
 
 
+def task_examples(args, bindings, session: serving.Session):
+  """(examples as read_examples gives them, metric names) for `--task`'s split."""
+  from t5lite import gin_setup  # pylint: disable=import-outside-toplevel
+  from t5lite.data import tasks  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  data_cfg = None
+  if args.gin_file:
+    data_cfg = gin_setup.parse_gin(args.gin_file, bindings + [
+        "experiment.model_dir = '/tmp/unused'"]).data
+  tasks.register_all(data_cfg.tasks if data_cfg else (), (), args.task_module,
+                     default_vocab=lambda: session.vocab)
+  ds = tasks.dataset(args.task, args.split, shuffle=False, num_epochs=1)
+  vocab = tasks.vocabulary(args.task)
+  examples = []
+  for ex in ds.as_numpy_iterator():
+    if args.max_examples and len(examples) >= args.max_examples:
+      break
+    target = ex.get("targets_pretokenized")
+    target = target.decode("utf-8") if target is not None else vocab.decode(ex["targets"])
+    rec = {"inputs": (ex["inputs_pretokenized"].decode("utf-8") if "inputs_pretokenized" in ex
+                      else vocab.decode(ex["inputs"])), "targets": target}
+    examples.append(([int(t) for t in ex["inputs"]], [int(t) for t in ex["targets"]], rec))
+  if not examples:
+    raise ValueError(f"task {args.task!r} split {args.split!r} holds no examples")
+  spec = tasks.task_spec(args.task)
+  return examples, (spec.metrics if spec else ("exact_match",))
+
+
+def task_metrics(names, examples, predictions: List[str], scores) -> Dict[str, float]:
+  """The task's metrics over decoded predictions (perplexity from the targets' scores)."""
+  from t5lite.data import tasks  # pylint: disable=import-outside-toplevel
+  targets = [e[2]["targets"] for e in examples]
+  out: Dict[str, float] = {}
+  for name in names:
+    if name == "perplexity":
+      tokens = sum(len(e[1]) for e in examples)
+      out["perplexity"] = math.exp(-float(np.sum(scores)) / max(tokens, 1))
+    else:
+      out.update(tasks.METRIC_FNS[name](targets, predictions))
+  return out
+
+
 def main(argv=None) -> int:
   """CLI entry point; returns the exit code."""
+  argv = list(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description="Batch inference with a t5lite checkpoint.")
   parser.add_argument("--checkpoint", required=True)
-  parser.add_argument("--input_file", required=True)
+  parser.add_argument("--input_file", default="")
   parser.add_argument("--output_file", required=True)
   parser.add_argument("--mode", default="predict", choices=("predict", "score"))
   parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--task", default="", help="decode this seqio task's split, report metrics")
+  parser.add_argument("--split", default="validation")
+  parser.add_argument("--gin_file", action="append", default=[])
+  parser.add_argument("--task_module", action="append", default=[])
+  parser.add_argument("--max_examples", type=int, default=0)
   serving.add_decode_flags(parser)
-  args = parser.parse_args(argv)
+  from t5lite.gin_setup import split_gin_bindings  # pylint: disable=import-outside-toplevel
+  bindings, rest = split_gin_bindings(argv)
+  args = parser.parse_args(rest)
+  metric_names: Tuple[str, ...] = ()
   try:
+    if bool(args.task) == bool(args.input_file):
+      raise ValueError("give exactly one of --input_file or --task")
     session = serving.Session(args.checkpoint, args.vocab_file)
-    examples = read_examples(args.input_file, session, args.mode)
+    if args.task:
+      examples, metric_names = task_examples(args, bindings, session)
+    else:
+      examples = read_examples(args.input_file, session, args.mode)
     limit = session.cfg.max_length
     for inputs, _, _ in examples:
       if len(inputs) > limit:
@@ -62,22 +125,34 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"t5lite.infer: {e}", file=sys.stderr)
     return 2
+  mode = "predict" if args.task else args.mode
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   tmp = f"{args.output_file}.partial"
   options = serving.decode_options(args)
+  predictions, scores = [], []
   try:
     with open(tmp, "w", encoding="utf-8") as out:
       for start in tqdm(range(0, len(examples), args.batch_size), unit="batch"):
         chunk = examples[start:start + args.batch_size]
         inputs = [e[0] for e in chunk]
-        if args.mode == "score":
-          scores = session.score(inputs, [e[1] for e in chunk])
-          results = [{"score": float(s)} for s in scores]
+        if mode == "score":
+          batch_scores = session.score(inputs, [e[1] for e in chunk])
+          results = [{"score": float(s)} for s in batch_scores]
         else:
           ids = session.predict(inputs, **options)
           results = [{"prediction": session.decode_ids(p), "prediction_ids": p} for p in ids]
+          predictions += [r["prediction"] for r in results]
+          if "perplexity" in metric_names:
+            scores += list(session.score(inputs, [e[1] for e in chunk]))
         for (_, _, rec), res in zip(chunk, results):
           out.write(json.dumps({**rec, **res}, ensure_ascii=False) + "\n")
+    if args.task:
+      metrics = task_metrics(metric_names, examples, predictions, scores)
+      with open(f"{args.output_file}.metrics.json", "w", encoding="utf-8") as f:
+        json.dump({"task": args.task, "split": args.split, "examples": len(examples),
+                   **metrics}, f, indent=1)
+      print(f"t5lite.infer: {args.task}:{args.split} " + ", ".join(
+          f"{k} {v:.4g}" for k, v in metrics.items()), file=sys.stderr)
     os.replace(tmp, args.output_file)
   except ValueError as e:
     print(f"t5lite.infer: {e}", file=sys.stderr)

@@ -93,3 +93,31 @@ def test_notebook_code_runs_against_a_checkpoint(trained):
   r = run_cli(["-c", code])
   assert r.returncode == 0, r.stderr[-3000:]
   assert "first loss" in r.stdout and "->" in r.stdout
+
+
+def test_task_mode_decodes_eval_split_and_reports_metrics(trained, tmp_path):
+  from t5lite import metrics
+  sft = tmp_path / "sft-dev.jsonl"
+  _write(sft, [{"conversation": [{"role": "user", "content": f"老师每天早上写{i}封长信吗？"},
+                                 {"role": "assistant", "content": f"老师每天早上写{i}封长信。"}]}
+               for i in range(5)])
+  out = tmp_path / "pred.jsonl"
+  r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--task", "zh_sft",
+               "--gin_file", "gin_configs/experiments/chatyuan_sft_mixture.gin",
+               f"--gin.SFT_TRAIN='{sft}'", f"--gin.SFT_EVAL='{sft}'",
+               f"--gin.TEXT_TRAIN='{sft}'", "--output_file", str(out), "--max_decode_len", "12",
+               "--batch_size", "2"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
+  assert len(rows) == 5 and rows[0]["inputs"].startswith("用户：老师")
+  reported = json.loads((tmp_path / "pred.jsonl.metrics.json").read_text())
+  targets, preds = [r_["targets"] for r_ in rows], [r_["prediction"] for r_ in rows]
+  expected = {**metrics.bleu(targets, preds, language="zh"), **metrics.rouge_l(targets, preds),
+              **metrics.exact_match(targets, preds)}
+  assert reported["examples"] == 5
+  for k, v in expected.items():
+    assert reported[k] == pytest.approx(v)
+  assert "zh_sft:validation" in r.stderr
+  r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--task", "nope",
+               "--output_file", str(tmp_path / "x.jsonl")])
+  assert r.returncode == 2 and "no seqio task or mixture named 'nope'" in r.stderr
