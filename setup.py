@@ -26,6 +26,9 @@ setup(
         "sacrebleu>=2.4,<3",
         # tensorflow-datasets needs it to prepare a dataset but does not declare it.
         "importlib-resources>=6,<8",
+        # scripts/clean_data.py: datatrove pipelines (local, Slurm, Ray); its JSONL writer needs orjson.
+        "datatrove>=0.10.1,<0.11",
+        "orjson>=3.9,<4",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

@@ -121,3 +121,39 @@ def test_task_mode_decodes_eval_split_and_reports_metrics(trained, tmp_path):
   r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--task", "nope",
                "--output_file", str(tmp_path / "x.jsonl")])
   assert r.returncode == 2 and "no seqio task or mixture named 'nope'" in r.stderr
+
+
+def test_clean_data_perplexity_filter(trained, tmp_path):
+  """scripts/clean_data.py drops text the checkpoint finds surprising, keeps corpus-like text."""
+  import random
+  from conftest import REPO
+  from t5lite import serving
+  from t5lite.data import cleaning, corpus
+  lines = open(corpus.write_corpus(str(tmp_path / "c.txt")), encoding="utf-8").read().splitlines()
+  natural = sorted({l for l in lines if l.endswith(("。", "."))})[:12]
+  rng = random.Random(0)
+  gibberish = ["".join(chr(rng.randint(0x9000, 0x9FA0)) for _ in range(30)) + "。"
+               for _ in range(6)] + [
+      " ".join("".join(rng.choice("qxzjvkw") for _ in range(6)) for _ in range(8)) + "."
+      for _ in range(6)]
+  session = serving.Session(trained)
+  ppl_nat = cleaning.perplexities(session, natural)
+  ppl_gib = cleaning.perplexities(session, gibberish)
+  assert max(ppl_nat) < min(ppl_gib), (ppl_nat, ppl_gib)
+  threshold = (max(ppl_nat) * min(ppl_gib)) ** 0.5
+  _write(tmp_path / "in.jsonl", [{"id": f"n{i}", "text": t} for i, t in enumerate(natural)] +
+         [{"id": f"g{i}", "text": t} for i, t in enumerate(gibberish)])
+  out = tmp_path / "out"
+  r = run_cli([os.path.join(REPO, "scripts", "clean_data.py"), "--input",
+               str(tmp_path / "in.jsonl"), "--output_dir", str(out), "--min_chars", "5",
+               "--languages", "", "--max_top_char_fraction", "0.5",
+               "--perplexity_checkpoint", trained, "--max_perplexity", str(threshold)])
+  assert r.returncode == 0, r.stderr[-3000:]
+  def read(folder):
+    return [json.loads(l) for f in sorted(os.listdir(folder))
+            for l in open(os.path.join(folder, f), encoding="utf-8")]
+  dropped = read(out / "dropped" / "perplexity")
+  kept = read(out / "kept")
+  assert sorted(d["id"] for d in dropped) == sorted(f"g{i}" for i in range(12))
+  assert sorted(d["id"] for d in kept) == sorted(f"n{i}" for i in range(len(natural)))
+  assert all(d["perplexity"] <= threshold for d in kept)
