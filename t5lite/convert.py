@@ -2,6 +2,7 @@
 
     python -m t5lite.convert hf-to-t5lite --family t5 SRC_DIR DEST_DIR
     python -m t5lite.convert t5lite-to-hf --family llama SRC_DIR DEST_DIR
+    (families: t5 = T5 v1.1 / mT5 / ChatYuan, llama, gpt2)
 
 `SRC_DIR` of hf-to-t5lite is a HF model directory (config.json + *.safetensors); the result is a
 t5lite checkpoint directory (orbax, step 0) whose stored model config lets `infer`/`chat` run
@@ -24,9 +25,9 @@ import numpy as np
 
 from t5lite.models.config import ModelConfig
 
-FAMILIES = ("t5", "llama")
+FAMILIES = ("t5", "llama", "gpt2")
 TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "vocab.model")
+                   "special_tokens_map.json", "vocab.model", "vocab.json", "merges.txt")
 
 
 class ConversionError(ValueError):
@@ -76,6 +77,25 @@ def config_from_hf(family: str, hf: Dict) -> ModelConfig:
         scale_attention=True, tie_embeddings=hf.get("tie_word_embeddings", False),
         norm_eps=hf.get("rms_norm_eps", 1e-6), dtype="float32",
         max_length=hf.get("max_position_embeddings", 2048))
+  if family == "gpt2":
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+      raise ConversionError(f"unsupported GPT-2 activation_function {act!r} (t5lite's gelu is "
+                            f"the tanh approximation)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+      if hf.get(flag):
+        raise ConversionError(f"unsupported GPT-2 option {flag}=True")
+    if not hf.get("scale_attn_weights", True):
+      raise ConversionError("unsupported GPT-2 option scale_attn_weights=False")
+    d, heads = hf["n_embd"], hf["n_head"]
+    return ModelConfig(
+        arch="decoder_only", vocab_size=hf["vocab_size"], d_model=d, num_heads=heads,
+        head_dim=d // heads, d_ff=hf.get("n_inner") or 4 * d, num_encoder_layers=0,
+        num_decoder_layers=hf["n_layer"], activation="gelu", gated_mlp=False,
+        position_encoding="learned", scale_attention=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True), norm="layer",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), use_bias=True, dtype="float32",
+        max_length=hf.get("n_positions", 1024), eos_id=hf.get("eos_token_id", 50256))
   raise ConversionError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
@@ -108,6 +128,20 @@ def config_to_hf(family: str, cfg: ModelConfig) -> Dict:
             "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_length,
             "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
             "mlp_bias": False}
+  if family == "gpt2":
+    if (cfg.arch != "decoder_only" or cfg.position_encoding != "learned" or cfg.gated_mlp
+        or cfg.norm != "layer" or not cfg.use_bias or cfg.activation != "gelu"
+        or not cfg.tie_embeddings or cfg.kv_heads != cfg.num_heads
+        or cfg.head_dim * cfg.num_heads != cfg.d_model):
+      raise ConversionError("the gpt2 family needs a decoder-only model with learned positions, "
+                            "LayerNorm, biases, plain gelu MLP, tied head, heads*head_dim=d_model")
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_head": cfg.num_heads,
+            "n_layer": cfg.num_decoder_layers, "n_inner": cfg.d_ff,
+            "n_positions": cfg.max_length, "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": True,
+            "scale_attn_weights": True, "bos_token_id": cfg.eos_id, "eos_token_id": cfg.eos_id,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
   raise ConversionError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
@@ -180,12 +214,40 @@ def tensor_map(family: str, cfg: ModelConfig):
            (f"{p}.mlp.up_proj.weight", "decoder.blocks.mlp.wi_1", "linear"),
            (f"{p}.mlp.down_proj.weight", "decoder.blocks.mlp.wo", "linear")]
     return glob_, {"decoder": (cfg.num_decoder_layers, dec)}
+  if family == "gpt2":
+    glob_ = [("transformer.wte.weight", "token_embed.embedding", "copy"),
+             ("transformer.wpe.weight", "position_embed", "copy"),
+             ("transformer.ln_f.weight", "decoder_norm.scale", "copy"),
+             ("transformer.ln_f.bias", "decoder_norm.bias", "copy")]
+    p, o = "transformer.h.{i}", "decoder.blocks"
+    dec = [(f"{p}.ln_1.weight", f"{o}.pre_self_attention_norm.scale", "copy"),
+           (f"{p}.ln_1.bias", f"{o}.pre_self_attention_norm.bias", "copy"),
+           (f"{p}.ln_2.weight", f"{o}.pre_mlp_norm.scale", "copy"),
+           (f"{p}.ln_2.bias", f"{o}.pre_mlp_norm.bias", "copy")]
+    # c_attn fuses q, k, v along its output axis; Conv1D weights are already [in, out].
+    for part, name in enumerate(("query", "key", "value")):
+      dec += [(f"{p}.attn.c_attn.weight", f"{o}.self_attention.{name}", f"fused_w{part}"),
+              (f"{p}.attn.c_attn.bias", f"{o}.self_attention.{name}_bias", f"fused_b{part}")]
+    dec += [(f"{p}.attn.c_proj.weight", f"{o}.self_attention.out", "conv_o"),
+            (f"{p}.attn.c_proj.bias", f"{o}.self_attention.out_bias", "copy"),
+            (f"{p}.mlp.c_fc.weight", f"{o}.mlp.wi_0", "copy"),
+            (f"{p}.mlp.c_fc.bias", f"{o}.mlp.wi_0_bias", "copy"),
+            (f"{p}.mlp.c_proj.weight", f"{o}.mlp.wo", "copy"),
+            (f"{p}.mlp.c_proj.bias", f"{o}.mlp.wo_bias", "copy")]
+    return glob_, {"decoder": (cfg.num_decoder_layers, dec)}
   raise ConversionError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
 def _to_ours(w: np.ndarray, kind: str, cfg: ModelConfig, heads: int) -> np.ndarray:
   if kind == "copy":
     return w
+  if kind.startswith("fused_"):  # a third of GPT-2's c_attn: [d, 3d] or [3d]
+    part = int(kind[-1])
+    w = np.split(w, 3, axis=-1)[part]
+    return w.reshape(cfg.num_heads, cfg.head_dim) if kind[6] == "b" else w.reshape(
+        cfg.d_model, cfg.num_heads, cfg.head_dim)
+  if kind == "conv_o":           # Conv1D [heads*dh, d] -> [heads, dh, d]
+    return w.reshape(cfg.num_heads, cfg.head_dim, cfg.d_model)
   if kind == "linear":           # [out, in] -> [in, out]
     return w.T
   if kind in ("q", "kv"):        # [heads*dh, d] -> [d, heads, dh]
@@ -198,6 +260,10 @@ def _to_ours(w: np.ndarray, kind: str, cfg: ModelConfig, heads: int) -> np.ndarr
 def _to_hf(w: np.ndarray, kind: str) -> np.ndarray:
   if kind == "copy":
     return w
+  if kind.startswith("fused_"):  # one third; params_to_hf concatenates the three
+    return w.reshape(-1) if kind[6] == "b" else w.reshape(w.shape[0], -1)
+  if kind == "conv_o":
+    return w.reshape(-1, w.shape[-1])
   if kind == "linear":
     return w.T
   if kind in ("q", "kv"):
@@ -226,6 +292,8 @@ def params_from_hf(family: str, cfg: ModelConfig, tensors: Dict[str, np.ndarray]
   from t5lite.models.model import Model  # pylint: disable=import-outside-toplevel
   expected = Model(cfg).abstract_params
   glob_, stacks = tensor_map(family, cfg)
+  if family == "gpt2" and "wte.weight" in tensors:  # GPT2Model files lack the prefix
+    tensors = {f"transformer.{k}": v for k, v in tensors.items()}
   if family == "t5":
     tensors = dict(tensors)
     for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
@@ -279,13 +347,19 @@ def params_to_hf(family: str, cfg: ModelConfig, params: Dict) -> Dict[str, np.nd
   """HF tensors (name -> float32 array) from t5lite parameters."""
   glob_, stacks = tensor_map(family, cfg)
   out = {}
+  fused: Dict[str, list] = {}
   for hf_name, path, kind in glob_:
     out[hf_name] = _to_hf(np.asarray(_get(params, path), np.float32), kind)
   for _, (n, entries) in stacks.items():
     for hf_name, path, kind in entries:
       stacked = np.asarray(_get(params, path), np.float32)
       for i in range(n):
-        out[hf_name.format(i=i)] = _to_hf(stacked[i], kind)
+        if kind.startswith("fused_"):
+          fused.setdefault(hf_name.format(i=i), []).append(_to_hf(stacked[i], kind))
+        else:
+          out[hf_name.format(i=i)] = _to_hf(stacked[i], kind)
+  for hf_name, parts in fused.items():
+    out[hf_name] = np.concatenate(parts, axis=-1)
   if family == "t5" and cfg.tie_embeddings:
     out["lm_head.weight"] = out["shared.weight"]
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
@@ -328,7 +402,7 @@ def hf_to_t5lite(family: str, src: str, dest: str, allow_pickle: bool = False) -
   from t5lite import checkpoints  # pylint: disable=import-outside-toplevel
   hf_cfg, tensors = read_hf_dir(src, allow_pickle)
   model_type = hf_cfg.get("model_type")
-  wanted = {"t5": ("t5", "mt5"), "llama": ("llama",)}.get(family)
+  wanted = {"t5": ("t5", "mt5"), "llama": ("llama",), "gpt2": ("gpt2",)}.get(family)
   if wanted is None:
     raise ConversionError(f"unknown family {family!r}; choose from {FAMILIES}")
   if model_type not in wanted:

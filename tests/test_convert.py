@@ -41,6 +41,18 @@ def _hf_llama(kv_heads: int, tied: bool):
   return model
 
 
+def _hf_gpt2(n_inner=None):
+  cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_head=4, n_layer=2, n_positions=64,
+                                n_inner=n_inner, resid_pdrop=0.0, embd_pdrop=0.0,
+                                attn_pdrop=0.0, bos_token_id=95, eos_token_id=95)
+  torch.manual_seed(0)
+  model = transformers.GPT2LMHeadModel(cfg).eval()
+  with torch.no_grad():  # biases and LayerNorms start at 0 / 1: make every tensor matter
+    for p in model.parameters():
+      p.normal_(0, 0.2)
+  return model
+
+
 def _tokens(seed=0):
   rng = np.random.default_rng(seed)
   return rng.integers(3, 96, (2, 9)).astype(np.int64)
@@ -84,11 +96,14 @@ def _compare_llama(hf, cfg, params):
 CASES = [("t5", lambda: _hf_t5(True, False), _compare_t5),
          ("t5", lambda: _hf_t5(False, True), _compare_t5),
          ("llama", lambda: _hf_llama(2, False), _compare_llama),
-         ("llama", lambda: _hf_llama(4, True), _compare_llama)]
+         ("llama", lambda: _hf_llama(4, True), _compare_llama),
+         ("gpt2", lambda: _hf_gpt2(), _compare_llama),
+         ("gpt2", lambda: _hf_gpt2(48), _compare_llama)]
 
 
 @pytest.mark.parametrize("family,make,compare", CASES,
-                         ids=["t5-gated-untied", "t5-relu-tied", "llama-gqa", "llama-tied"])
+                         ids=["t5-gated-untied", "t5-relu-tied", "llama-gqa", "llama-tied",
+                              "gpt2", "gpt2-n_inner"])
 def test_hf_to_t5lite_parity(tmp_path, family, make, compare):
   hf = make()
   hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
@@ -103,19 +118,28 @@ def test_hf_to_t5lite_parity(tmp_path, family, make, compare):
 @pytest.mark.parametrize("family,variant", [
     ("t5", dict(arch="encoder_decoder")),
     ("t5", dict(arch="encoder_decoder", gated_mlp=False, activation="relu", tie_embeddings=True)),
-    ("llama", dict(arch="decoder_only", num_kv_heads=2, norm_eps=1e-6))])
+    ("llama", dict(arch="decoder_only", num_kv_heads=2, norm_eps=1e-6)),
+    ("gpt2", dict(arch="decoder_only", position_encoding="learned", norm="layer",
+                  use_bias=True, gated_mlp=False, activation="gelu", tie_embeddings=True,
+                  norm_eps=1e-5, max_length=64))])
 def test_t5lite_to_hf_parity(tmp_path, family, variant):
   from t5lite import checkpoints
   cfg = tiny_config(vocab_size=96, **variant)
   params = Model(cfg).init(jax.random.key(3))
+  if family == "gpt2":  # biases start at zero: randomize every tensor
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    params = jax.tree.unflatten(tree, [0.2 * np.asarray(jax.random.normal(k, x.shape))
+                                       for k, x in zip(keys, leaves)])
   params = jax.tree.map(lambda x: np.asarray(x) * (0.2 if family == "llama" else 1.0), params)
   ckpt = checkpoints.Checkpointer(str(tmp_path / "ours" / "checkpoints"), async_save=False)
   ckpt.save(7, {"params": params}, {"cursor": 0}, cfg)
   ckpt.close()
   assert convert.main(["t5lite-to-hf", "--family", family, str(tmp_path / "ours"),
                        str(tmp_path / "hf")]) == 0
-  hf_cls = (transformers.T5ForConditionalGeneration if family == "t5"
-            else transformers.LlamaForCausalLM)
+  hf_cls = {"t5": transformers.T5ForConditionalGeneration,
+            "llama": transformers.LlamaForCausalLM,
+            "gpt2": transformers.GPT2LMHeadModel}[family]
   hf = hf_cls.from_pretrained(tmp_path / "hf").eval()
   (_compare_t5 if family == "t5" else _compare_llama)(hf, cfg, params)
 

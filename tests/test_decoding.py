@@ -12,7 +12,8 @@ from t5lite.models.model import Model
 ARCHS = [dict(arch="encoder_decoder"), dict(arch="encoder_decoder", position_encoding="rope"),
          dict(arch="decoder_only", num_kv_heads=2), dict(arch="decoder_only", position_encoding="alibi"),
          dict(arch="prefix_lm", position_encoding="relative", scale_attention=False),
-         dict(arch="prefix_lm", num_kv_heads=1)]
+         dict(arch="prefix_lm", num_kv_heads=1),
+         dict(arch="decoder_only", position_encoding="learned", norm="layer", use_bias=True, gated_mlp=False, activation="gelu", tie_embeddings=True)]
 STEPS = 6
 
 

@@ -24,6 +24,7 @@ VARIANTS = [
     dict(arch="decoder_only", position_encoding="alibi"),
     dict(arch="decoder_only", position_encoding="relative", scale_attention=False),
     dict(arch="decoder_only", num_experts=4, experts_per_token=1),
+    dict(arch="decoder_only", position_encoding="learned", norm="layer", use_bias=True, gated_mlp=False, activation="gelu", tie_embeddings=True),
     dict(arch="prefix_lm"),
     dict(arch="prefix_lm", position_encoding="relative", num_kv_heads=2),
 ]

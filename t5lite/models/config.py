@@ -10,7 +10,8 @@ import json
 from typing import Any
 
 ARCHITECTURES = ("encoder_decoder", "decoder_only", "prefix_lm")
-POSITION_ENCODINGS = ("relative", "rope", "alibi", "none")
+POSITION_ENCODINGS = ("relative", "rope", "alibi", "learned", "none")
+NORMS = ("rms", "layer")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -30,12 +31,15 @@ class ModelConfig:
     num_decoder_layers: decoder depth.
     activation: 'gelu' or 'silu' (gated when `gated_mlp`), or 'relu'.
     gated_mlp: gated feed-forward (T5 v1.1 gated-GELU, LLaMA SwiGLU).
-    position_encoding: one of POSITION_ENCODINGS.
+    position_encoding: one of POSITION_ENCODINGS ('learned': GPT-2's absolute position table of
+      max_length rows, decoder-only).
     relative_buckets / relative_max_distance: T5 relative position bias buckets.
     rope_theta: RoPE base frequency.
     scale_attention: divide q.k by sqrt(head_dim); T5 folds the scale into its init instead.
     tie_embeddings: share the input embedding and output head.
-    norm_eps: RMSNorm epsilon.
+    norm: 'rms' (T5, LLaMA) or 'layer' (GPT-2: mean-centred, with bias).
+    norm_eps: norm epsilon.
+    use_bias: biases on the attention and MLP projections (GPT-2).
     dropout_rate: dropout on residual branches and attention probabilities.
     num_experts: 0 for a dense MLP, else a top-k routed MoE feed-forward in every layer.
     experts_per_token: k of top-k routing.
@@ -66,7 +70,9 @@ class ModelConfig:
   rope_theta: float = 10000.0
   scale_attention: bool = False
   tie_embeddings: bool = False
+  norm: str = "rms"
   norm_eps: float = 1e-6
+  use_bias: bool = False
   dropout_rate: float = 0.0
   num_experts: int = 0
   experts_per_token: int = 2
@@ -87,6 +93,12 @@ class ModelConfig:
     if self.position_encoding not in POSITION_ENCODINGS:
       raise ValueError(
           f"position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    if self.position_encoding == "learned" and self.arch == "encoder_decoder":
+      raise ValueError("learned absolute positions are implemented for decoder-only models")
+    if self.use_bias and self.num_experts:
+      raise ValueError("use_bias is not supported with mixture-of-experts MLPs")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
     if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
@@ -121,6 +133,6 @@ class ModelConfig:
     shape_fields = ("arch", "vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim",
                     "d_ff", "num_encoder_layers", "num_decoder_layers", "gated_mlp",
                     "position_encoding", "relative_buckets", "tie_embeddings", "num_experts",
-                    "scan_layers")
+                    "scan_layers", "norm", "use_bias", "max_length")
     return {f: (getattr(self, f), getattr(other, f))
             for f in shape_fields if getattr(self, f) != getattr(other, f)}

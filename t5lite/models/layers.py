@@ -53,6 +53,42 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """Layer norm with mean subtraction, scale and bias (GPT-2)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    del rngs
+    self.eps = cfg.norm_eps
+    self.dtype = compute_dtype(cfg)
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.scale = nnx.Param(jnp.ones((cfg.d_model,), pdt), logical_axes=("embed",))
+    self.bias = nnx.Param(jnp.zeros((cfg.d_model,), pdt), logical_axes=("embed",))
+
+  def __call__(self, x):
+    """x: [..., embed] -> normalized x in the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)
+            + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+  """RMSNorm or LayerNorm, as `cfg.norm` says."""
+  return LayerNorm(cfg, rngs=rngs) if cfg.norm == "layer" else RMSNorm(cfg, rngs=rngs)
+
+
+def zeros_param(shape, axes, dtype) -> nnx.Param:
+  """A zero-initialized parameter (biases) with logical axis names."""
+  return nnx.Param(jnp.zeros(shape, dtype), logical_axes=tuple(axes))
+
+
+def _add_bias(y, module, name: str):
+  bias = getattr(module, name, None)
+  return y if bias is None else y + bias[...].astype(y.dtype)
+
+
 class Embed(nnx.Module):
   """Token embedding table, also usable as a tied output head."""
 
@@ -86,13 +122,30 @@ class Attention(nnx.Module):
     self.key = param(rngs, (d, k, dh), ("embed", "heads", "kv"), d ** -0.5, pdt)
     self.value = param(rngs, (d, k, dh), ("embed", "heads", "kv"), d ** -0.5, pdt)
     self.out = param(rngs, (h, dh, d), ("heads", "kv", "embed"), (h * dh) ** -0.5, pdt)
+    if cfg.use_bias:
+      self.query_bias = zeros_param((h, dh), ("heads", "kv"), pdt)
+      self.key_bias = zeros_param((k, dh), ("heads", "kv"), pdt)
+      self.value_bias = zeros_param((k, dh), ("heads", "kv"), pdt)
+      self.out_bias = zeros_param((d,), ("embed",), pdt)
+
+  def project_q(self, x):
+    """x: [batch, length, embed] -> queries [batch, length, heads, head_dim]."""
+    dt = compute_dtype(self.cfg)
+    return _add_bias(jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt)), self,
+                     "query_bias")
 
   def project_kv(self, x):
     """x: [batch, length, embed] -> (keys, values) each [batch, length, kv_heads, head_dim]."""
     dt = compute_dtype(self.cfg)
-    k = jnp.einsum("bld,dhk->blhk", x, self.key[...].astype(dt))
-    v = jnp.einsum("bld,dhk->blhk", x, self.value[...].astype(dt))
+    k = _add_bias(jnp.einsum("bld,dhk->blhk", x, self.key[...].astype(dt)), self, "key_bias")
+    v = _add_bias(jnp.einsum("bld,dhk->blhk", x, self.value[...].astype(dt)), self,
+                  "value_bias")
     return k, v
+
+  def project_out(self, y):
+    """y: [batch, length, heads, head_dim] -> [batch, length, embed]."""
+    dt = compute_dtype(self.cfg)
+    return _add_bias(jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)), self, "out_bias")
 
   def __call__(self, x, kv_input, mask, bias=None, q_positions=None, k_positions=None):
     """Attends from x to kv_input.
@@ -108,14 +161,13 @@ class Attention(nnx.Module):
       [batch, q_len, embed].
     """
     cfg = self.cfg
-    dt = compute_dtype(cfg)
-    q = jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt))
+    q = self.project_q(x)
     k, v = self.project_kv(kv_input)
     if cfg.position_encoding == "rope" and q_positions is not None:  # not for cross-attention
       q = attn_lib.apply_rope(q, q_positions, cfg.rope_theta)
       k = attn_lib.apply_rope(k, k_positions, cfg.rope_theta)
     y = attn_lib.attend(q, k, v, mask, bias, scale=self.scale(), implementation=cfg.attention_impl)
-    return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
+    return self.project_out(y)
 
   def cached(self, x, cache, index, mask, bias=None, positions=None):
     """Incremental self-attention for decoding.
@@ -126,7 +178,7 @@ class Attention(nnx.Module):
     """
     cfg = self.cfg
     dt = compute_dtype(cfg)
-    q = jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt))
+    q = self.project_q(x)
     k_new, v_new = self.project_kv(x)
     if cfg.position_encoding == "rope":
       q = attn_lib.apply_rope(q, positions, cfg.rope_theta)
@@ -136,15 +188,15 @@ class Attention(nnx.Module):
     v = jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), start)
     y = attn_lib.attend(q, k.astype(dt), v.astype(dt), mask, bias, scale=self.scale(),
                         implementation=cfg.attention_impl)
-    return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)), {"k": k, "v": v}
+    return self.project_out(y), {"k": k, "v": v}
 
   def attend_to(self, x, keys, values, mask):
     """Cross-attention from x [batch, q_len, embed] to precomputed keys/values."""
     dt = compute_dtype(self.cfg)
-    q = jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt))
+    q = self.project_q(x)
     y = attn_lib.attend(q, keys.astype(dt), values.astype(dt), mask, None, scale=self.scale(),
                         implementation=self.cfg.attention_impl)
-    return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
+    return self.project_out(y)
 
   def scale(self) -> float:
     """Logit scale: 1 for T5 (folded into init), 1/sqrt(head_dim) otherwise."""
@@ -170,16 +222,21 @@ class MLP(nnx.Module):
     if cfg.gated_mlp:
       self.wi_1 = param(rngs, (d, f), ("embed", "mlp"), d ** -0.5, pdt)
     self.wo = param(rngs, (f, d), ("mlp", "embed"), f ** -0.5, pdt)
+    if cfg.use_bias:
+      self.wi_0_bias = zeros_param((f,), ("mlp",), pdt)
+      if cfg.gated_mlp:
+        self.wi_1_bias = zeros_param((f,), ("mlp",), pdt)
+      self.wo_bias = zeros_param((d,), ("embed",), pdt)
 
   def __call__(self, x, rng=None):
     """x: [batch, length, embed] -> ([batch, length, embed], aux_loss=0)."""
     dt = compute_dtype(self.cfg)
     act = activation_fn(self.cfg.activation)
-    h = act(x @ self.wi_0[...].astype(dt))
+    h = act(_add_bias(x @ self.wi_0[...].astype(dt), self, "wi_0_bias"))
     if self.cfg.gated_mlp:
-      h = h * (x @ self.wi_1[...].astype(dt))
+      h = h * _add_bias(x @ self.wi_1[...].astype(dt), self, "wi_1_bias")
     h = dropout(h, self.cfg.dropout_rate, rng)
-    return h @ self.wo[...].astype(dt), jnp.zeros((), jnp.float32)
+    return _add_bias(h @ self.wo[...].astype(dt), self, "wo_bias"), jnp.zeros((), jnp.float32)
 
 
 class MoEMLP(nnx.Module):

@@ -31,9 +31,9 @@ class EncoderBlock(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.pre_attention_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.pre_attention_norm = layers.make_norm(cfg, rngs)
     self.attention = layers.Attention(cfg, rngs=rngs)
-    self.pre_mlp_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.pre_mlp_norm = layers.make_norm(cfg, rngs)
     self.mlp = layers.make_mlp(cfg, rngs)
 
   def __call__(self, x, rng, *, mask, bias, positions):
@@ -51,13 +51,13 @@ class DecoderBlock(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, cross_attention: bool, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.pre_self_attention_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.pre_self_attention_norm = layers.make_norm(cfg, rngs)
     self.self_attention = layers.Attention(cfg, rngs=rngs)
     self.has_cross_attention = cross_attention
     if cross_attention:
-      self.pre_cross_attention_norm = layers.RMSNorm(cfg, rngs=rngs)
+      self.pre_cross_attention_norm = layers.make_norm(cfg, rngs)
       self.cross_attention = layers.Attention(cfg, rngs=rngs)
-    self.pre_mlp_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.pre_mlp_norm = layers.make_norm(cfg, rngs)
     self.mlp = layers.make_mlp(cfg, rngs)
 
   def __call__(self, x, rng, *, mask, bias, positions, encoded=None, cross_mask=None):
@@ -183,10 +183,10 @@ class EncoderDecoder(nnx.Module):
     self.token_embed = layers.Embed(cfg, rngs=rngs)
     self.encoder = LayerStack(lambda r: EncoderBlock(cfg, rngs=r), cfg.num_encoder_layers, cfg,
                               rngs=rngs)
-    self.encoder_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.encoder_norm = layers.make_norm(cfg, rngs)
     self.decoder = LayerStack(lambda r: DecoderBlock(cfg, cross_attention=True, rngs=r),
                               cfg.num_decoder_layers, cfg, rngs=rngs)
-    self.decoder_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.decoder_norm = layers.make_norm(cfg, rngs)
     self.head = _Head(cfg, self.token_embed, rngs=rngs)
     if cfg.position_encoding == "relative":
       self.encoder_relpos = attn_lib.RelativePositionBias(
@@ -289,12 +289,25 @@ class DecoderOnly(nnx.Module):
     self.token_embed = layers.Embed(cfg, rngs=rngs)
     self.decoder = LayerStack(lambda r: DecoderBlock(cfg, cross_attention=False, rngs=r),
                               cfg.num_decoder_layers, cfg, rngs=rngs)
-    self.decoder_norm = layers.RMSNorm(cfg, rngs=rngs)
+    self.decoder_norm = layers.make_norm(cfg, rngs)
     self.head = _Head(cfg, self.token_embed, rngs=rngs)
     if cfg.position_encoding == "relative":
       self.decoder_relpos = attn_lib.RelativePositionBias(
           cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
           cfg.arch == "prefix_lm", rngs=rngs)
+    if cfg.position_encoding == "learned":
+      self.position_embed = layers.param(rngs, (cfg.max_length, cfg.d_model),
+                                         ("position", "embed"), 0.01,
+                                         jnp.dtype(cfg.param_dtype))
+
+  def _embed(self, tokens, positions):
+    """Token embeddings, plus the learned position table's rows when configured."""
+    x = self.token_embed(tokens)
+    if self.cfg.position_encoding == "learned":
+      # Clipped: left-padding slots of decoding prompts carry negative positions.
+      rows = jnp.clip(positions, 0, self.cfg.max_length - 1)
+      x = x + jnp.take(self.position_embed[...], rows, axis=0).astype(x.dtype)
+    return x
 
   def _bias(self, q_pos, k_pos):
     """Position bias [batch, heads, q, k] (relative or ALiBi), None for RoPE."""
@@ -329,7 +342,7 @@ class DecoderOnly(nnx.Module):
     tokens = batch["decoder_input_tokens"]
     pos = _positions(tokens, batch.get("decoder_positions"))
     r = jax.random.split(rng, 3) if rng is not None else [None] * 3
-    x = layers.dropout(self.token_embed(tokens), cfg.dropout_rate, r[0])
+    x = layers.dropout(self._embed(tokens, pos), cfg.dropout_rate, r[0])
     x, aux = self.decoder(x, r[1], mask=self.mask(batch), bias=self._bias(pos, pos),
                           positions=pos)
     x = layers.dropout(self.decoder_norm(x), cfg.dropout_rate, r[2])
@@ -357,7 +370,7 @@ class DecoderOnly(nnx.Module):
     if cfg.arch == "prefix_lm":
       allowed = allowed | ((slot_k[None, :] < prefix_slots) & (slot_q[:, None] < prefix_slots))
     mask = attn_lib.Mask(dense=(allowed[None] & key_valid[:, None, :])[:, None])
-    x = self.token_embed(tokens)
+    x = self._embed(tokens, q_positions)
     x, cache = self.decoder.decode_step(x, cache, index, mask=mask,
                                         bias=self._bias(q_positions, k_positions),
                                         positions=q_positions)
