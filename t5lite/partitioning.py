@@ -26,6 +26,9 @@ RULE_PRESETS: Dict[str, Tuple[Tuple[str, object], ...]] = {
                         ("vocab", "tensor"), ("experts", "tensor")),
     "fsdp_tensor": (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
                     ("mlp", "tensor"), ("vocab", "tensor"), ("experts", "tensor")),
+    # MoE: each `tensor` group holds 1/tensor of the experts; dense weights are replicated and
+    # tokens reach their experts through the collectives XLA inserts around the dispatch.
+    "expert_parallel": (("batch", ("data", "fsdp")), ("experts", "tensor")),
 }
 
 

@@ -34,8 +34,13 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 
 
 def main(arch):
+  presets = dict(PRESETS)
+  experts = {}
+  if arch == "moe":  # decoder-only with a top-2 MoE feed-forward of 8 experts
+    arch, experts = "decoder_only", dict(num_experts=8, experts_per_token=2)
+    presets["expert_parallel"] = partitioning.MeshConfig(2, 1, 4, "expert_parallel")
   cfg = tiny_config(arch=arch, d_model=64, num_heads=8, num_kv_heads=4 if arch != "encoder_decoder" else 0,
-                    head_dim=8, d_ff=128, vocab_size=256)
+                    head_dim=8, d_ff=128, vocab_size=256, **experts)
   model = Model(cfg)
   batch = random_batch(cfg, batch=8, in_len=16, out_len=8)
   loss_grad = lambda p, b: jax.value_and_grad(lambda q: model.loss(q, b)[0])(p)
@@ -44,12 +49,15 @@ def main(arch):
   ref_loss, ref_grad = jax.jit(loss_grad)(params, jax.device_put(batch, one))
   full_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   out = {"devices": len(jax.devices()), "presets": {}}
-  for name, mesh_cfg in PRESETS.items():
+  for name, mesh_cfg in presets.items():
     mesh = partitioning.make_mesh(mesh_cfg)
     shardings = partitioning.param_shardings(model.annotated_params, mesh, mesh_cfg.rules)
     # Initialized directly sharded: the init is jitted with the target shardings.
     sharded = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0))
     per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(sharded))
+    flat = jax.tree_util.tree_flatten_with_path(sharded)[0]
+    expert_bytes = [(x.addressable_shards[0].data.nbytes, x.nbytes) for path, x in flat
+                    if "mlp" in jax.tree_util.keystr(path) and x.ndim == 4]
     batch_sh = partitioning.batch_sharding(mesh)
     gbatch = jax.device_put(batch, batch_sh)
     with jax.set_mesh(mesh), partitioning.activation_rules(mesh, mesh_cfg.rules):
@@ -63,6 +71,8 @@ def main(arch):
         "loss": float(loss), "ref_loss": float(ref_loss), "max_grad_err": grad_err,
         "collectives": {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in COLLECTIVES},
         "param_bytes_per_device": per_device, "param_bytes_total": full_bytes,
+        "expert_bytes_per_device": sum(a for a, _ in expert_bytes),
+        "expert_bytes_total": sum(b for _, b in expert_bytes),
     }
   print(json.dumps(out))
 

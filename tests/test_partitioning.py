@@ -48,3 +48,21 @@ def test_presets_match_single_device_on_8_devices(arch):
   assert p["data_parallel"]["collectives"]["all-gather"] == 0
   assert p["fsdp"]["collectives"]["all-gather"] > 0
   assert p["tensor_parallel"]["collectives"]["all-reduce"] > 0
+
+
+@pytest.mark.slow
+def test_expert_parallelism_matches_single_device():
+  """MoE experts sharded over the tensor axis: same loss and gradients, 1/4 of the expert
+  weights per device, and the token exchange shows up as collectives."""
+  r = run_cli(["tests/partitioning_check.py", "moe"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  p = json.loads(r.stdout.strip().splitlines()[-1])["presets"]
+  for name, res in p.items():
+    assert abs(res["loss"] - res["ref_loss"]) < 1e-5 * max(1.0, abs(res["ref_loss"])), name
+    assert res["max_grad_err"] < 1e-5, (name, res["max_grad_err"])
+  ep = p["expert_parallel"]
+  assert ep["expert_bytes_total"] > 0
+  assert ep["expert_bytes_per_device"] == ep["expert_bytes_total"] // 4
+  assert p["data_parallel"]["expert_bytes_per_device"] == ep["expert_bytes_total"]
+  # Dispatch and combine across expert shards add collectives that data parallelism lacks.
+  assert ep["collectives"]["all-reduce"] > p["data_parallel"]["collectives"]["all-reduce"]

@@ -114,7 +114,9 @@ class LayerStack(nnx.Module):
       return partitioning.constrain(y, ("batch", "length", "embed")), aux
 
     if self.cfg.remat_policy != "none":
-      step = jax.checkpoint(step, policy=_REMAT[self.cfg.remat_policy], prevent_cse=False)
+      # Under scan the recomputation cannot be CSE'd away; unrolled, it must be prevented.
+      step = jax.checkpoint(step, policy=_REMAT[self.cfg.remat_policy],
+                            prevent_cse=not self.cfg.scan_layers)
     if self.cfg.scan_layers:
       x, aux = jax.lax.scan(step, x, (state, rngs))
       return x, jnp.sum(aux)
