@@ -1,7 +1,8 @@
 """Device mesh and the one place that maps logical axis names to mesh axes.
 
 Models annotate parameters with logical names (`embed`, `mlp`, `heads`, ...); a rule preset maps
-each name to mesh axes (`data`, `fsdp`, `tensor`). Parameters are created directly sharded by
+each name to mesh axes (`data`, `fsdp`, `tensor`), and every preset maps the stacked `layers` axis
+to `stage` (pipeline parallelism: each stage holds a contiguous block of layers). Parameters are created directly sharded by
 jitting the initializer with these shardings, and optimizer state is sharded like its parameters.
 """
 
@@ -16,7 +17,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "tensor")
+STAGE_RULE = ("layers", "stage")
 
 # Logical name -> mesh axes, as short data. Unlisted names are replicated.
 RULE_PRESETS: Dict[str, Tuple[Tuple[str, object], ...]] = {
@@ -34,16 +36,25 @@ RULE_PRESETS: Dict[str, Tuple[Tuple[str, object], ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh shape over (data, fsdp, tensor); -1 takes the devices left over (at most one -1)."""
+  """Mesh shape over (stage, data, fsdp, tensor); -1 takes the devices left over (at most one).
+
+  Attributes:
+    data / fsdp / tensor: axis sizes.
+    rules: a RULE_PRESETS name, or "auto" (t5lite.train plans first).
+    stage: pipeline stages; each holds num_layers / stage consecutive layers of every stack.
+    pipeline_microbatches: GPipe microbatches per batch when stage > 1 (0: 2 * stage).
+  """
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
-  rules: str = "data_parallel"  # a RULE_PRESETS name, or "auto" (t5lite.train plans first)
+  rules: str = "data_parallel"
+  stage: int = 1
+  pipeline_microbatches: int = 0
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> Tuple[int, ...]:
   """Resolves -1 and checks that the axes multiply to the device count."""
-  dims = [cfg.data, cfg.fsdp, cfg.tensor]
+  dims = [cfg.stage, cfg.data, cfg.fsdp, cfg.tensor]
   if dims.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got {dims}")
   known = math.prod(d for d in dims if d != -1)
@@ -81,15 +92,16 @@ def _resolve_rules(rules):
   if isinstance(rules, str):
     if rules not in RULE_PRESETS:
       raise ValueError(f"unknown rule preset {rules!r}; choose from {sorted(RULE_PRESETS)}")
-    return RULE_PRESETS[rules]
-  return tuple(rules)
+    rules = RULE_PRESETS[rules]
+  rules = tuple(rules)
+  return rules if any(name == "layers" for name, _ in rules) else rules + (STAGE_RULE,)
 
 
 def param_specs(annotated_params, rules):
   """PartitionSpecs (a nested dict) for a parameter state whose Variables carry `logical_axes`.
 
-  Parameters of scanned stacks have one more dimension than their annotation: the leading
-  `layers` axis, which is never sharded here (pipeline stages shard it).
+  Parameters of layer stacks have one more dimension than their annotation: the leading
+  `layers` axis, which the `stage` mesh axis shards.
   """
   rules = _resolve_rules(rules)
   return _map_variables(annotated_params, lambda var: logical_to_spec(_axes(var), rules))
@@ -97,7 +109,8 @@ def param_specs(annotated_params, rules):
 
 def _axes(var):
   axes = tuple(getattr(var, "logical_axes", None) or ())
-  return (None,) * (len(var.shape) - len(axes)) + axes
+  extra = len(var.shape) - len(axes)
+  return ("layers",) * min(extra, 1) + (None,) * max(extra - 1, 0) + axes
 
 
 def _map_variables(tree, fn):
@@ -150,14 +163,37 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, abstract_params
 _ACTIVE_RULES = contextvars.ContextVar("t5lite_active_rules", default=None)
 
 
+_PIPELINE = contextvars.ContextVar("t5lite_pipeline", default=None)
+
+
 @contextlib.contextmanager
-def activation_rules(mesh: Mesh, rules):
-  """While active, `constrain` pins activations to the mesh by their logical axes."""
+def activation_rules(mesh: Mesh, rules, pipeline_microbatches: int = 0):
+  """While active, `constrain` pins activations to the mesh by their logical axes, and layer
+  stacks run as a GPipe pipeline over the mesh's `stage` axis when it is larger than 1."""
   token = _ACTIVE_RULES.set((mesh, _resolve_rules(rules)))
+  stages = dict(mesh.shape).get("stage", 1)
+  pipe = _PIPELINE.set((mesh, pipeline_microbatches or 2 * stages) if stages > 1 else None)
   try:
     yield
   finally:
     _ACTIVE_RULES.reset(token)
+    _PIPELINE.reset(pipe)
+
+
+@contextlib.contextmanager
+def no_activation_rules():
+  """Suspends activation constraints and pipelining (inside a pipeline stage's body)."""
+  token, pipe = _ACTIVE_RULES.set(None), _PIPELINE.set(None)
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.reset(token)
+    _PIPELINE.reset(pipe)
+
+
+def stage_pipeline():
+  """(mesh, microbatches) when layer stacks should run pipelined, else None."""
+  return _PIPELINE.get()
 
 
 def constrain(x, logical_axes: Sequence[Optional[str]]):

@@ -108,3 +108,80 @@ def gpipe(layer_fn: Callable, stage_params, active, x, mesh: Mesh, num_microbatc
   run = jax.shard_map(per_stage, mesh=mesh, in_specs=(P(axis), P(axis), P()), out_specs=P())
   out = run(stage_params, active, micro)
   return out.reshape(x.shape[:1] + out.shape[2:])
+
+
+def pipelined_stack(make_step: Callable, x, layer_xs, kwargs, mesh: Mesh,
+                    num_microbatches: int, axis: str = "stage"):
+  """Runs a layer stack as a GPipe pipeline over `axis`; what `LayerStack` calls under a mesh
+  with stages.
+
+  Args:
+    make_step: kwargs -> scan body (carry, one layer's xs) -> (carry, aux loss); kwargs are one
+      microbatch's slice of `kwargs`.
+    x: [batch, ...] stack input.
+    layer_xs: pytree of [layers, ...] (layer parameters and rngs), sharded over `axis` so every
+      stage holds layers / stages consecutive layers.
+    kwargs: per-call inputs of every layer (mask, bias, positions, encoder output); arrays with a
+      leading batch dimension travel with their microbatch, other arrays are shared.
+  Returns:
+    (output [batch, ...], aux loss summed over layers, averaged over microbatches).
+  Only the stage axis is manual inside: data, fsdp and tensor sharding stay automatic.
+  """
+  stages = mesh.shape[axis]
+  m = num_microbatches
+  batch = x.shape[0]
+  num_layers = jax.tree.leaves(layer_xs)[0].shape[0]
+  if num_layers % stages:
+    raise ValueError(f"{num_layers} layers do not split into {stages} pipeline stages")
+  if batch % m:
+    raise ValueError(f"batch {batch} does not split into {m} pipeline microbatches")
+
+  leaves, treedef = jax.tree.flatten(kwargs)
+  kinds = []  # "micro", "shared" or "static" per leaf
+  for leaf in leaves:
+    if not hasattr(leaf, "shape"):
+      kinds.append("static")
+    elif leaf.ndim and leaf.shape[0] == batch:
+      kinds.append("micro")
+    else:
+      kinds.append("shared")
+  micro = [l.reshape((m, batch // m) + l.shape[1:]) for l, k in zip(leaves, kinds)
+           if k == "micro"]
+  shared = [l for l, k in zip(leaves, kinds) if k == "shared"]
+  xs = x.reshape((m, batch // m) + x.shape[1:])
+  perm = [(i, (i + 1) % stages) for i in range(stages)]
+
+  def rebuild(micro_vals, shared_vals):
+    it_m, it_s = iter(micro_vals), iter(shared_vals)
+    out = [next(it_m) if k == "micro" else next(it_s) if k == "shared" else leaf
+           for leaf, k in zip(leaves, kinds)]
+    return jax.tree.unflatten(treedef, out)
+
+  def per_stage(local_xs, xs, micro, shared):
+    stage = jax.lax.axis_index(axis)
+
+    def tick(t, carry):
+      held, outputs, aux_total = carry
+      index = jnp.clip(t - stage, 0, m - 1)
+      valid = (t - stage >= 0) & (t - stage < m)
+      feed = jnp.where(stage == 0, xs[jnp.minimum(t, m - 1)], held)
+      kw = rebuild([v[index] for v in micro], shared)
+      out, aux = jax.lax.scan(make_step(kw), feed, local_xs)
+      aux_total = aux_total + jnp.where(valid, jnp.sum(aux), 0.0)
+      done = t - (stages - 1)
+      write = (stage == stages - 1) & (done >= 0)
+      outputs = jnp.where(write, outputs.at[jnp.clip(done, 0, m - 1)].set(out), outputs)
+      return jax.lax.ppermute(out, axis, perm), outputs, aux_total
+
+    held = jax.lax.pcast(jnp.zeros_like(xs[0]), axis, to="varying")
+    outputs = jax.lax.pcast(jnp.zeros_like(xs), axis, to="varying")
+    aux0 = jax.lax.pcast(jnp.zeros((), jnp.float32), axis, to="varying")
+    _, outputs, aux_total = jax.lax.fori_loop(0, m + stages - 1, tick, (held, outputs, aux0))
+    outputs = jax.lax.psum(jnp.where(stage == stages - 1, outputs, jnp.zeros_like(outputs)),
+                           axis)
+    return outputs, jax.lax.psum(aux_total, axis) / m
+
+  run = jax.shard_map(per_stage, mesh=mesh, in_specs=(P(axis), P(), P(), P()),
+                      out_specs=(P(), P()), axis_names={axis})
+  out, aux = run(layer_xs, xs, micro, shared)
+  return out.reshape(x.shape), aux

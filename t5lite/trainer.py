@@ -282,7 +282,8 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
   t_log, tokens_since = time.time(), 0
   step = start
   pending = None  # metrics of the previous step, read one step late to keep dispatch async
-  with _SigtermFlag() as sigterm, jax.set_mesh(mesh), partitioning.activation_rules(mesh, rules):
+  with _SigtermFlag() as sigterm, jax.set_mesh(mesh), partitioning.activation_rules(
+      mesh, rules, r.mesh_config.pipeline_microbatches):
     while step < cfg.num_steps:
       bs = schedules.batch_size_at(step, cfg.batch_size, cfg.batch_ramp)
       local_bs = bs // jax.process_count()

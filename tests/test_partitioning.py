@@ -10,7 +10,8 @@ from t5lite import partitioning
 
 
 def test_mesh_shapes_and_errors():
-  assert partitioning.mesh_shape(partitioning.MeshConfig(-1, 2, 1), 8) == (4, 2, 1)
+  assert partitioning.mesh_shape(partitioning.MeshConfig(-1, 2, 1), 8) == (1, 4, 2, 1)
+  assert partitioning.mesh_shape(partitioning.MeshConfig(-1, 1, 2, stage=2), 8) == (2, 2, 1, 2)
   with pytest.raises(ValueError, match="at most one"):
     partitioning.mesh_shape(partitioning.MeshConfig(-1, -1, 1), 8)
   with pytest.raises(ValueError, match="needs 6 devices"):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from t5lite import partitioning
+from t5lite import partitioning, pipeline_parallel
 from t5lite.models import attention as attn_lib
 from t5lite.models import layers
 from t5lite.models.config import ModelConfig
@@ -101,22 +101,36 @@ class LayerStack(nnx.Module):
     self.blocks = nnx.merge(graphdef, states)
 
   def __call__(self, x, rng, **kwargs):
-    """Runs every layer on x: [batch, length, embed]; returns (x, summed aux loss)."""
+    """Runs every layer on x: [batch, length, embed]; returns (x, summed aux loss).
+
+    Under a mesh with pipeline stages (`partitioning.stage_pipeline`), the stack runs as a GPipe
+    pipeline, each stage holding its own consecutive layers.
+    """
     graphdef, state = nnx.split(self.blocks)
     rngs = (jax.random.split(rng, self.num_layers) if rng is not None
             else jnp.zeros((self.num_layers,), jnp.uint32))
     use_rng = rng is not None
 
-    def step(carry, xs):
-      layer_state, layer_rng = xs
-      block = nnx.merge(graphdef, layer_state)
-      y, aux = block(carry, layer_rng if use_rng else None, **kwargs)
-      return partitioning.constrain(y, ("batch", "length", "embed")), aux
+    def make_step(kw):
+      def step(carry, xs):
+        layer_state, layer_rng = xs
+        block = nnx.merge(graphdef, layer_state)
+        y, aux = block(carry, layer_rng if use_rng else None, **kw)
+        return partitioning.constrain(y, ("batch", "length", "embed")), aux
 
-    if self.cfg.remat_policy != "none":
-      # Under scan the recomputation cannot be CSE'd away; unrolled, it must be prevented.
-      step = jax.checkpoint(step, policy=_REMAT[self.cfg.remat_policy],
-                            prevent_cse=not self.cfg.scan_layers)
+      if self.cfg.remat_policy != "none":
+        # Under scan the recomputation cannot be CSE'd away; unrolled, it must be prevented.
+        step = jax.checkpoint(step, policy=_REMAT[self.cfg.remat_policy],
+                              prevent_cse=not self.cfg.scan_layers)
+      return step
+
+    pipe = partitioning.stage_pipeline()
+    if pipe is not None:
+      mesh, microbatches = pipe
+      with partitioning.no_activation_rules():
+        return pipeline_parallel.pipelined_stack(make_step, x, (state, rngs), kwargs, mesh,
+                                                 microbatches)
+    step = make_step(kwargs)
     if self.cfg.scan_layers:
       x, aux = jax.lax.scan(step, x, (state, rngs))
       return x, jnp.sum(aux)
