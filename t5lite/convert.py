@@ -176,7 +176,7 @@ def tensor_map(family: str, cfg: ModelConfig):
              ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
               "decoder_relpos.embedding", "copy")]
     if not cfg.tie_embeddings:
-      glob_.append(("lm_head.weight", "head.kernel", "linear"))
+      glob_.append(("lm_head.weight", "head.kernel", "copy"))
     enc = ([("encoder.block.{i}.layer.0.layer_norm.weight",
              "encoder.blocks.pre_attention_norm.scale", "copy"),
             ("encoder.block.{i}.layer.1.layer_norm.weight", "encoder.blocks.pre_mlp_norm.scale",
@@ -202,7 +202,7 @@ def tensor_map(family: str, cfg: ModelConfig):
     glob_ = [("model.embed_tokens.weight", "token_embed.embedding", "copy"),
              ("model.norm.weight", "decoder_norm.scale", "copy")]
     if not cfg.tie_embeddings:
-      glob_.append(("lm_head.weight", "head.kernel", "linear"))
+      glob_.append(("lm_head.weight", "head.kernel", "copy"))
     p = "model.layers.{i}"
     dec = [(f"{p}.input_layernorm.weight", "decoder.blocks.pre_self_attention_norm.scale", "copy"),
            (f"{p}.post_attention_layernorm.weight", "decoder.blocks.pre_mlp_norm.scale", "copy"),

@@ -177,7 +177,9 @@ class _Head(nnx.Module):
   def __init__(self, cfg: ModelConfig, embed: layers.Embed, *, rngs: nnx.Rngs):
     self.cfg = cfg
     if not cfg.tie_embeddings:
-      self.kernel = layers.param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+      # Stored [vocab, embed] like the embedding (and HF's lm_head): XLA's CPU backward matmuls
+      # are ~2x faster in this layout than with [embed, vocab].
+      self.kernel = layers.param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                  cfg.d_model ** -0.5, jnp.dtype(cfg.param_dtype))
 
   def __call__(self, x, embed: layers.Embed):
@@ -188,7 +190,7 @@ class _Head(nnx.Module):
         x = x * (self.cfg.d_model ** -0.5)
       return embed.attend(x).astype(jnp.float32)
     dt = layers.compute_dtype(self.cfg)
-    return (x @ self.kernel[...].astype(dt)).astype(jnp.float32)
+    return jnp.einsum("bld,vd->blv", x, self.kernel[...].astype(dt)).astype(jnp.float32)
 
 
 class EncoderDecoder(nnx.Module):
