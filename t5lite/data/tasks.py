@@ -382,7 +382,7 @@ class SeqioExampleStream:
     if self._iter is None or i != self._next:
       ds = dataset(self.name, self.split, seed=self.seed, shuffle=self.shuffle,
                    shard_index=self.shard_index, num_shards=self.num_shards)
-      self._iter = ds.skip(i).as_numpy_iterator()
+      self._iter = ds.skip(i).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
       self._next = i
       self._recent.clear()
     try:
