@@ -1,5 +1,5 @@
 """Instruction and preference data: ChatYuan-format SFT examples, preference pairs, PPO prompts,
-and a JSONL reader with a field mapping that counts (never crashes on) bad lines.
+and JSONL / text readers that count (never crash on) bad lines.
 
 ChatYuan format: the prompt is the earlier turns then the question,
 `用户：q1\\n小元：a1\\n用户：q2\\n小元：`, and the target is the assistant's answer. One conversation
@@ -26,6 +26,25 @@ class ReadReport:
     """One line for logs."""
     return (f"{self.records} records; skipped {self.empty_lines} empty, {self.bad_utf8} non-UTF-8, "
             f"{self.bad_json} broken JSON, {self.missing_fields} missing fields")
+
+
+def read_text_lines(path: str, report: Optional[ReadReport] = None) -> Iterator[str]:
+  """Yields the stripped non-empty lines of a text file; undecodable bytes are replaced and
+  counted in `report` (the line is kept), empty lines counted and skipped."""
+  report = report if report is not None else ReadReport()
+  with open(path, "rb") as f:
+    for raw in f:
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError:
+        line = raw.decode("utf-8", errors="replace")
+        report.bad_utf8 += 1
+      line = line.strip()
+      if not line:
+        report.empty_lines += 1
+        continue
+      report.records += 1
+      yield line
 
 
 def read_jsonl(path: str, fields: Dict[str, str], report: Optional[ReadReport] = None

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from t5lite.data import corpus as corpus_lib
+from t5lite.data import dialogue
 from t5lite.data import feature_converters as fc
 from t5lite.data import preprocessors
 from t5lite.data import vocabulary as vocab_lib
@@ -168,17 +169,9 @@ def corpus_path(cfg: DataConfig) -> str:
 
 def read_documents(path: str) -> Tuple[List[str], int]:
   """Non-empty lines of a UTF-8 text file; undecodable bytes are replaced and counted."""
-  docs, bad = [], 0
-  with open(path, "rb") as f:
-    for raw in f:
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError:
-        line = raw.decode("utf-8", errors="replace")
-        bad += 1
-      line = line.strip()
-      if line:
-        docs.append(line)
+  report = dialogue.ReadReport()
+  docs = list(dialogue.read_text_lines(path, report))
+  bad = report.bad_utf8
   return docs, bad
 
 

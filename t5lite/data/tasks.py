@@ -85,19 +85,8 @@ class TextDataSource(seqio.FileDataSource):
   def _lines(path) -> Iterator[Dict[str, str]]:
     path = path.decode() if isinstance(path, bytes) else str(path)
     report = dialogue.ReadReport()
-    with open(path, "rb") as f:
-      for raw in f:
-        try:
-          line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-          line = raw.decode("utf-8", errors="replace")
-          report.bad_utf8 += 1
-        line = line.strip()
-        if not line:
-          report.empty_lines += 1
-          continue
-        report.records += 1
-        yield {"text": line}
+    for line in dialogue.read_text_lines(path, report):
+      yield {"text": line}
     _report(path, report)
 
 
