@@ -3,13 +3,16 @@
 Alpa searched intra-operator sharding with an ILP; that pass is not in public CPU/GPU XLA builds,
 so t5lite searches a structured space instead and lets XLA price each point:
 
-  candidates = factorizations of the device count over (data, fsdp, tensor)
+  candidates = factorizations of the device count over (stage, data, fsdp, tensor)
                x rule presets x remat policy x microbatch count;
   for each:    lower and compile the real train step (never run it) and read
                - peak memory per device from `compiled.memory_analysis()` (full-depth model),
                - FLOPs from `compiled.cost_analysis()` and the collectives in the optimized HLO,
                  measured on unscanned 1- and 2-layer copies and extrapolated linearly in depth
                  (XLA's cost analysis counts a while-loop body once, whatever its trip count);
+               pipelined candidates (stage > 1) take the per-stage share of the same costs on
+               devices / stage devices, times GPipe's bubble (m + stages - 1) / m, plus the
+               stage-to-stage activation transfers;
   score:       compute time = FLOPs / peak, communication through an alpha-beta model
                (ring factors per collective), plan infeasible if memory exceeds the budget;
   optionally time the best few for real.
@@ -51,11 +54,18 @@ class Candidate:
   rules: str
   remat: str
   microbatches: int
+  stage: int = 1
+
+  @property
+  def pipeline_microbatches(self) -> int:
+    """GPipe microbatches when pipelined (partitioning's default: 2 x stages)."""
+    return 2 * self.stage if self.stage > 1 else 0
 
   def mesh_config(self):
     """The MeshConfig of this candidate."""
     from t5lite.partitioning import MeshConfig  # pylint: disable=import-outside-toplevel
-    return MeshConfig(self.data, self.fsdp, self.tensor, self.rules)
+    return MeshConfig(self.data, self.fsdp, self.tensor, self.rules, self.stage,
+                      self.pipeline_microbatches)
 
 
 @dataclasses.dataclass
@@ -75,9 +85,24 @@ class Estimate:
 
 def candidates(num_devices: int, batch: int, cfg, remats=("none", "full"),
                microbatches=(1, 2), max_tensor: int = 8,
-               rules_filter: Sequence[str] = ()) -> List[Candidate]:
+               rules_filter: Sequence[str] = (), stages: Sequence[int] = (1,)) -> List[Candidate]:
   """Every valid candidate: mesh factorizations that match each rule preset's axes, whose batch
-  and head / mlp sizes divide."""
+  and head / mlp sizes divide; with `stages`, also pipelines whose stage count divides the
+  devices and every layer stack."""
+  out = []
+  for stage in stages:
+    depths = [d for d in (cfg.num_encoder_layers, cfg.num_decoder_layers) if d]
+    if num_devices % stage or any(d % stage for d in depths):
+      continue
+    for c in _mesh_candidates(num_devices // stage, batch, cfg, remats, microbatches, max_tensor,
+                              rules_filter):
+      if stage > 1 and (batch // (c.data * c.fsdp * c.microbatches)) % (2 * stage):
+        continue
+      out.append(dataclasses.replace(c, stage=stage))
+  return out
+
+
+def _mesh_candidates(num_devices, batch, cfg, remats, microbatches, max_tensor, rules_filter):
   out = []
   for data in range(1, num_devices + 1):
     if num_devices % data:
@@ -209,6 +234,26 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             - mem.alias_size_in_bytes)
     est.peak_gb = peak / 2 ** 30
+    if cand.stage > 1:
+      # Memory above is the real pipelined program. Time: one stage's share of the unpipelined
+      # plan on devices / stage devices, stretched by the GPipe bubble, plus activation
+      # transfers between neighbouring stages (forward and backward, every tick).
+      flat = analyze(model_cfg, dataclasses.replace(cand, stage=1), batch, inputs, targets,
+                     devices[: n // cand.stage], hw, optimizer_cfg)
+      if flat.error:
+        raise RuntimeError(flat.error)
+      s, mp = cand.stage, cand.pipeline_microbatches
+      ticks = cand.microbatches * (mp + s - 1)  # per accumulation microbatch: mp + s - 1
+      act_bytes = (batch // (cand.data * cand.fsdp) // (cand.microbatches * mp)
+                   * (inputs + targets) * cfg.d_model * (2 if cfg.dtype == "bfloat16" else 4))
+      est.flops = flat.flops / s * (mp + s - 1) / mp
+      est.comm_gb = flat.comm_gb / s + 2 * ticks * act_bytes / 1e9
+      est.compute_s = est.flops / (hw.peak_tflops * 1e12)
+      est.comm_s = (flat.comm_s / s + 2 * ticks * hw.alpha_us * 1e-6
+                    + 2 * ticks * act_bytes / (hw.link_gbps * 1e9))
+      est.step_s = est.compute_s + est.comm_s
+      est.fits = est.peak_gb <= hw.memory_gb
+      return est
     # Per-layer costs from unscanned shallow copies, extrapolated to the real depth.
     enc_dec = cfg.arch == "encoder_decoder"
     shallow = lambda e, d: dataclasses.replace(cfg, scan_layers=False, num_encoder_layers=e if enc_dec else 0,
@@ -285,11 +330,13 @@ def _analyze_in_worker(args):
 
 def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardware,
          optimizer_cfg=None, remats=("none", "full"), microbatches=(1, 2), time_top: int = 0,
-         rules: Sequence[str] = (), workers: int = 1, log=print) -> List[Estimate]:
+         rules: Sequence[str] = (), workers: int = 1, stages: Sequence[int] = (1,),
+         log=print) -> List[Estimate]:
   """Ranks every candidate; feasible plans first, by estimated (or measured) step time."""
   from t5lite import optimizers  # pylint: disable=import-outside-toplevel
   optimizer_cfg = optimizer_cfg or optimizers.OptimizerConfig("adafactor")
-  cands = candidates(len(devices), batch, model_cfg, remats, microbatches, rules_filter=rules)
+  cands = candidates(len(devices), batch, model_cfg, remats, microbatches, rules_filter=rules,
+                     stages=stages)
   if not cands:
     raise ValueError(f"no candidate divides batch {batch} over {len(devices)} devices")
   results = []
@@ -322,23 +369,23 @@ def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardw
 
 def describe(c: Candidate) -> str:
   """Short text for a candidate."""
-  return (f"data={c.data} fsdp={c.fsdp} tensor={c.tensor} {c.rules} remat={c.remat} "
-          f"micro={c.microbatches}")
+  return (f"stage={c.stage} data={c.data} fsdp={c.fsdp} tensor={c.tensor} {c.rules} "
+          f"remat={c.remat} micro={c.microbatches}")
 
 
 def table(ranked: Sequence[Estimate]) -> str:
   """The ranked plans as a text table."""
-  lines = [f"{'#':>2} {'mesh (d,f,t)':<13}{'rules':<16}{'remat':<14}{'micro':>5}"
+  lines = [f"{'#':>2} {'mesh (s,d,f,t)':<15}{'rules':<16}{'remat':<14}{'micro':>5}"
            f"{'est step s':>11}{'compute s':>10}{'comm s':>9}{'comm GB':>9}{'peak GB':>9}  fits"]
   for i, e in enumerate(ranked):
     c = e.candidate
-    mesh = f"({c.data},{c.fsdp},{c.tensor})"
+    mesh = f"({c.stage},{c.data},{c.fsdp},{c.tensor})"
     if e.error:
-      lines.append(f"{i + 1:>2} {mesh:<13}{c.rules:<16}{c.remat:<14}{c.microbatches:>5}  "
+      lines.append(f"{i + 1:>2} {mesh:<15}{c.rules:<16}{c.remat:<14}{c.microbatches:>5}  "
                    f"error: {e.error}")
       continue
     measured = f" measured {e.measured_s:.3f}s" if e.measured_s is not None else ""
-    lines.append(f"{i + 1:>2} {mesh:<13}{c.rules:<16}{c.remat:<14}{c.microbatches:>5}"
+    lines.append(f"{i + 1:>2} {mesh:<15}{c.rules:<16}{c.remat:<14}{c.microbatches:>5}"
                  f"{e.step_s:>11.4f}{e.compute_s:>10.4f}{e.comm_s:>9.4f}{e.comm_gb:>9.2f}"
                  f"{e.peak_gb:>9.2f}  {'yes' if e.fits else 'NO'}{measured}")
   return "\n".join(lines)
@@ -351,7 +398,9 @@ def plan_gin(est: Estimate) -> str:
           f"# estimated step {est.step_s:.4f}s, peak {est.peak_gb:.2f} GB per device\n"
           f"experiment.mesh = @MeshConfig()\n"
           f"MeshConfig.data = {c.data}\nMeshConfig.fsdp = {c.fsdp}\nMeshConfig.tensor = {c.tensor}\n"
-          f"MeshConfig.rules = \"{c.rules}\"\nModelConfig.remat_policy = \"{c.remat}\"\n"
+          f"MeshConfig.rules = \"{c.rules}\"\nMeshConfig.stage = {c.stage}\n"
+          f"MeshConfig.pipeline_microbatches = {c.pipeline_microbatches}\n"
+          f"ModelConfig.remat_policy = \"{c.remat}\"\n"
           f"TrainConfig.microbatches = {c.microbatches}\n")
 
 
@@ -371,6 +420,7 @@ def main(argv=None) -> int:
   parser.add_argument("--microbatches", default="1,2")
   parser.add_argument("--time_top", type=int, default=0)
   parser.add_argument("--rules", default="", help="comma-separated presets to consider")
+  parser.add_argument("--stages", default="1", help="pipeline stage counts, e.g. 1,2,4")
   parser.add_argument("--workers", type=int, default=1, help="candidates compiled in parallel")
   parser.add_argument("--output", default="plan.gin")
   args, rest = parser.parse_known_args(argv)
@@ -396,7 +446,7 @@ def main(argv=None) -> int:
                 remats=tuple(args.remats.split(",")),
                 microbatches=tuple(int(m) for m in args.microbatches.split(",")),
                 time_top=args.time_top, rules=tuple(r for r in args.rules.split(",") if r),
-                workers=args.workers,
+                workers=args.workers, stages=tuple(int(x) for x in args.stages.split(",")),
                 log=lambda s: print(s, flush=True))
   print(table(ranked))
   best = ranked[0]

@@ -148,7 +148,10 @@ def pipelined_stack(make_step: Callable, x, layer_xs, kwargs, mesh: Mesh,
   micro = [l.reshape((m, batch // m) + l.shape[1:]) for l, k in zip(leaves, kinds)
            if k == "micro"]
   shared = [l for l, k in zip(leaves, kinds) if k == "shared"]
-  xs = x.reshape((m, batch // m) + x.shape[1:])
+  # The schedule's buffers are float32: with bfloat16 ones XLA:CPU's compiler aborts
+  # ("Invalid binary instruction opcode copy"). Layers still compute in x's dtype.
+  dtype = x.dtype
+  xs = x.astype(jnp.float32).reshape((m, batch // m) + x.shape[1:])
   perm = [(i, (i + 1) % stages) for i in range(stages)]
 
   def rebuild(micro_vals, shared_vals):
@@ -166,7 +169,8 @@ def pipelined_stack(make_step: Callable, x, layer_xs, kwargs, mesh: Mesh,
       valid = (t - stage >= 0) & (t - stage < m)
       feed = jnp.where(stage == 0, xs[jnp.minimum(t, m - 1)], held)
       kw = rebuild([v[index] for v in micro], shared)
-      out, aux = jax.lax.scan(make_step(kw), feed, local_xs)
+      out, aux = jax.lax.scan(make_step(kw), feed.astype(dtype), local_xs)
+      out = out.astype(jnp.float32)
       aux_total = aux_total + jnp.where(valid, jnp.sum(aux), 0.0)
       done = t - (stages - 1)
       write = (stage == stages - 1) & (done >= 0)
@@ -184,4 +188,4 @@ def pipelined_stack(make_step: Callable, x, layer_xs, kwargs, mesh: Mesh,
   run = jax.shard_map(per_stage, mesh=mesh, in_specs=(P(axis), P(), P(), P()),
                       out_specs=(P(), P()), axis_names={axis})
   out, aux = run(layer_xs, xs, micro, shared)
-  return out.reshape(x.shape), aux
+  return out.reshape(x.shape).astype(dtype), aux
