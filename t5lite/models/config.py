@@ -133,6 +133,8 @@ class ModelConfig:
     shape_fields = ("arch", "vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim",
                     "d_ff", "num_encoder_layers", "num_decoder_layers", "gated_mlp",
                     "position_encoding", "relative_buckets", "tie_embeddings", "num_experts",
-                    "scan_layers", "norm", "use_bias", "max_length")
+                    "scan_layers", "norm", "use_bias")
+    if "learned" in (self.position_encoding, other.position_encoding):
+      shape_fields += ("max_length",)  # the rows of the learned position table
     return {f: (getattr(self, f), getattr(other, f))
             for f in shape_fields if getattr(self, f) != getattr(other, f)}
