@@ -58,8 +58,9 @@ class Candidate:
 
   @property
   def pipeline_microbatches(self) -> int:
-    """GPipe microbatches when pipelined (partitioning's default: 2 x stages)."""
-    return 2 * self.stage if self.stage > 1 else 0
+    """GPipe microbatches when pipelined (partitioning's default for the stage count)."""
+    from t5lite.partitioning import resolve_pipeline_microbatches  # pylint: disable=import-outside-toplevel
+    return resolve_pipeline_microbatches(self.stage) if self.stage > 1 else 0
 
   def mesh_config(self):
     """The MeshConfig of this candidate."""
@@ -96,9 +97,11 @@ def candidates(num_devices: int, batch: int, cfg, remats=("none", "full"),
       continue
     for c in _mesh_candidates(num_devices // stage, batch, cfg, remats, microbatches, max_tensor,
                               rules_filter):
-      if stage > 1 and (batch // (c.data * c.fsdp * c.microbatches)) % (2 * stage):
+      staged = dataclasses.replace(c, stage=stage)
+      if stage > 1 and (batch // (c.data * c.fsdp * c.microbatches)) % (
+          staged.pipeline_microbatches):
         continue
-      out.append(dataclasses.replace(c, stage=stage))
+      out.append(staged)
   return out
 
 

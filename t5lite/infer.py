@@ -13,13 +13,13 @@ Exit codes: 0 done; 2 bad input (nothing written).
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Dict, List, Tuple
 
 import numpy as np
 
+from t5lite import metrics as metrics_lib
 from t5lite import serving
 
 
@@ -84,8 +84,7 @@ def task_metrics(names, examples, predictions: List[str], scores) -> Dict[str, f
   out: Dict[str, float] = {}
   for name in names:
     if name == "perplexity":
-      tokens = sum(len(e[1]) for e in examples)
-      out["perplexity"] = math.exp(-float(np.sum(scores)) / max(tokens, 1))
+      out.update(metrics_lib.perplexity(-float(np.sum(scores)), sum(len(e[1]) for e in examples)))
     else:
       out.update(tasks.METRIC_FNS[name](targets, predictions))
   return out

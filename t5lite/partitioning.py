@@ -166,13 +166,19 @@ _ACTIVE_RULES = contextvars.ContextVar("t5lite_active_rules", default=None)
 _PIPELINE = contextvars.ContextVar("t5lite_pipeline", default=None)
 
 
+def resolve_pipeline_microbatches(stages: int, configured: int = 0) -> int:
+  """GPipe microbatches per batch: the configured count, else 2 x stages."""
+  return configured or 2 * stages
+
+
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh, rules, pipeline_microbatches: int = 0):
   """While active, `constrain` pins activations to the mesh by their logical axes, and layer
   stacks run as a GPipe pipeline over the mesh's `stage` axis when it is larger than 1."""
   token = _ACTIVE_RULES.set((mesh, _resolve_rules(rules)))
   stages = dict(mesh.shape).get("stage", 1)
-  pipe = _PIPELINE.set((mesh, pipeline_microbatches or 2 * stages) if stages > 1 else None)
+  pipe = _PIPELINE.set((mesh, resolve_pipeline_microbatches(stages, pipeline_microbatches))
+                       if stages > 1 else None)
   try:
     yield
   finally:

@@ -1,11 +1,12 @@
 """Pipeline parallelism: Alpa's stage construction and a GPipe schedule under `shard_map`.
 
 `stage_boundaries` splits a layer sequence into contiguous stages with Alpa's dynamic program
-(minimize the slowest stage, which bounds a pipeline's steady-state throughput). `gpipe` runs the
-stages on the mesh's `stage` axis: every device holds its stage's layers (stacked, padded to the
-longest stage with inactive layers), microbatches enter stage 0 one per tick, activations move to
-the next stage with `ppermute`, and after `microbatches + stages - 1` ticks the last stage holds
-every output. The backward pass is the autodiff of that loop (the reverse schedule).
+(minimize the slowest stage, which bounds a pipeline's steady-state throughput).
+`pipelined_stack` is the one GPipe schedule, on the mesh's `stage` axis: every device holds its
+stage's layers, microbatches enter stage 0 one per tick, activations move to the next stage with
+`ppermute`, and after `microbatches + stages - 1` ticks the last stage holds every output. The
+backward pass is the autodiff of that loop (the reverse schedule). `LayerStack` calls it for
+evenly split stacks; `gpipe` runs uneven Alpa stages (padded with inactive layers) through it.
 """
 
 from typing import Callable, List, Sequence, Tuple
@@ -61,53 +62,31 @@ def stack_stages(layer_params, bounds: Sequence[Tuple[int, int]]):
 
 def gpipe(layer_fn: Callable, stage_params, active, x, mesh: Mesh, num_microbatches: int,
           axis: str = "stage"):
-  """Applies every stage's layers to x with a GPipe schedule.
+  """Applies every stage's layers to x with a GPipe schedule (that of `pipelined_stack`).
 
   Args:
     layer_fn: (one layer's params, activations [mb, ...]) -> activations.
     stage_params: pytree of [stages, max_layers, ...] (see stack_stages).
-    active: bool [stages, max_layers].
+    active: bool [stages, max_layers]; padding layers pass activations through.
     x: [batch, ...]; the batch splits into `num_microbatches`.
     mesh: a mesh with a `stage` axis of size stages.
   Returns:
     [batch, ...], equal to running all layers in order.
   """
-  stages = mesh.shape[axis]
-  m = num_microbatches
-  if x.shape[0] % m:
-    raise ValueError(f"batch {x.shape[0]} does not split into {m} microbatches")
-  micro = x.reshape((m, x.shape[0] // m) + x.shape[1:])
-  perm = [(i, (i + 1) % stages) for i in range(stages)]
+  flat = lambda a: a.reshape((-1,) + a.shape[2:])  # stage-major: each stage's block contiguous
 
-  def per_stage(params, act, xs):
-    params = jax.tree.map(lambda p: p[0], params)
-    act = act[0]
-    stage = jax.lax.axis_index(axis)
+  def make_step(kwargs):
+    del kwargs
 
-    def run_stage(h):
-      def body(h, layer):
-        p, a = layer
-        return jnp.where(a, layer_fn(p, h), h), None
-      return jax.lax.scan(body, h, (params, act))[0]
+    def step(h, layer):
+      p, a = layer
+      return jnp.where(a, layer_fn(p, h), h), jnp.zeros((), jnp.float32)
 
-    def tick(t, carry):
-      held, outputs = carry
-      feed = jnp.where(stage == 0, xs[jnp.minimum(t, m - 1)], held)
-      out = run_stage(feed)
-      done = t - (stages - 1)
-      write = (stage == stages - 1) & (done >= 0)
-      outputs = jnp.where(write, outputs.at[jnp.clip(done, 0, m - 1)].set(out), outputs)
-      return jax.lax.ppermute(out, axis, perm), outputs
+    return step
 
-    # The loop carry varies across stages; mark it so before the loop (shard_map typing).
-    held = jax.lax.pcast(jnp.zeros_like(xs[0]), axis, to="varying")
-    outputs = jax.lax.pcast(jnp.zeros_like(xs), axis, to="varying")
-    _, outputs = jax.lax.fori_loop(0, m + stages - 1, tick, (held, outputs))
-    return jax.lax.psum(jnp.where(stage == stages - 1, outputs, 0.0), axis)
-
-  run = jax.shard_map(per_stage, mesh=mesh, in_specs=(P(axis), P(axis), P()), out_specs=P())
-  out = run(stage_params, active, micro)
-  return out.reshape(x.shape[:1] + out.shape[2:])
+  out, _ = pipelined_stack(make_step, x, (jax.tree.map(flat, stage_params), flat(active)), {},
+                           mesh, num_microbatches, axis)
+  return out
 
 
 def pipelined_stack(make_step: Callable, x, layer_xs, kwargs, mesh: Mesh,

@@ -33,6 +33,41 @@ PRESETS = {
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
+def check_meshes(cfg, meshes):
+  """For each named MeshConfig: parameters born sharded, sharded loss and gradients compared
+  with one device, and the compiled program's collectives. Yields (name, sharded params,
+  result dict)."""
+  model = Model(cfg)
+  batch = random_batch(cfg, batch=8, in_len=16, out_len=8)
+  loss_grad = lambda p, b: jax.value_and_grad(lambda q: model.loss(q, b)[0])(p)
+  one = jax.devices()[0]
+  params = jax.device_put(model.init(jax.random.key(0)), one)
+  ref_loss, ref_grad = jax.jit(loss_grad)(params, jax.device_put(batch, one))
+  full_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  for name, mesh_cfg in meshes.items():
+    mesh = partitioning.make_mesh(mesh_cfg)
+    shardings = partitioning.param_shardings(model.annotated_params, mesh, mesh_cfg.rules)
+    # Initialized directly sharded: the init is jitted with the target shardings.
+    sharded = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0))
+    batch_sh = partitioning.batch_sharding(mesh)
+    gbatch = jax.device_put(batch, batch_sh)
+    with jax.set_mesh(mesh), partitioning.activation_rules(mesh, mesh_cfg.rules,
+                                                           mesh_cfg.pipeline_microbatches):
+      fn = jax.jit(loss_grad, in_shardings=(shardings, batch_sh), out_shardings=(None, shardings))
+      compiled = fn.lower(sharded, gbatch).compile()
+      loss, grad = compiled(sharded, gbatch)
+    hlo = compiled.as_text()
+    grad_err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)))
+    yield name, sharded, {
+        "loss": float(loss), "ref_loss": float(ref_loss), "max_grad_err": grad_err,
+        "collectives": {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in COLLECTIVES},
+        "param_bytes_per_device": sum(x.addressable_shards[0].data.nbytes
+                                      for x in jax.tree.leaves(sharded)),
+        "param_bytes_total": full_bytes,
+    }
+
+
 def main(arch):
   presets = dict(PRESETS)
   experts = {}
@@ -41,39 +76,13 @@ def main(arch):
     presets["expert_parallel"] = partitioning.MeshConfig(2, 1, 4, "expert_parallel")
   cfg = tiny_config(arch=arch, d_model=64, num_heads=8, num_kv_heads=4 if arch != "encoder_decoder" else 0,
                     head_dim=8, d_ff=128, vocab_size=256, **experts)
-  model = Model(cfg)
-  batch = random_batch(cfg, batch=8, in_len=16, out_len=8)
-  loss_grad = lambda p, b: jax.value_and_grad(lambda q: model.loss(q, b)[0])(p)
-  one = jax.devices()[0]
-  params = jax.device_put(model.init(jax.random.key(0)), one)
-  ref_loss, ref_grad = jax.jit(loss_grad)(params, jax.device_put(batch, one))
-  full_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   out = {"devices": len(jax.devices()), "presets": {}}
-  for name, mesh_cfg in presets.items():
-    mesh = partitioning.make_mesh(mesh_cfg)
-    shardings = partitioning.param_shardings(model.annotated_params, mesh, mesh_cfg.rules)
-    # Initialized directly sharded: the init is jitted with the target shardings.
-    sharded = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0))
-    per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(sharded))
+  for name, sharded, result in check_meshes(cfg, presets):
     flat = jax.tree_util.tree_flatten_with_path(sharded)[0]
     expert_bytes = [(x.addressable_shards[0].data.nbytes, x.nbytes) for path, x in flat
                     if "mlp" in jax.tree_util.keystr(path) and x.ndim == 4]
-    batch_sh = partitioning.batch_sharding(mesh)
-    gbatch = jax.device_put(batch, batch_sh)
-    with jax.set_mesh(mesh), partitioning.activation_rules(mesh, mesh_cfg.rules):
-      fn = jax.jit(loss_grad, in_shardings=(shardings, batch_sh), out_shardings=(None, shardings))
-      compiled = fn.lower(sharded, gbatch).compile()
-      loss, grad = compiled(sharded, gbatch)
-    hlo = compiled.as_text()
-    grad_err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)))
-    out["presets"][name] = {
-        "loss": float(loss), "ref_loss": float(ref_loss), "max_grad_err": grad_err,
-        "collectives": {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in COLLECTIVES},
-        "param_bytes_per_device": per_device, "param_bytes_total": full_bytes,
-        "expert_bytes_per_device": sum(a for a, _ in expert_bytes),
-        "expert_bytes_total": sum(b for _, b in expert_bytes),
-    }
+    out["presets"][name] = dict(result, expert_bytes_per_device=sum(a for a, _ in expert_bytes),
+                                expert_bytes_total=sum(b for _, b in expert_bytes))
   print(json.dumps(out))
 
 

@@ -14,6 +14,8 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from t5lite import metrics
+
 # Full-width CJK punctuation that NFKC would fold into ASCII (ChatYuan's `用户：` among them).
 CJK_PUNCTUATION = set("，。：；！？（）【】「」『』《》、“”‘’…—～·")
 TERMINAL_PUNCTUATION = tuple(".!?。！？…\"”’」』)）")
@@ -300,5 +302,5 @@ def perplexities(session, texts: Iterable[str], batch_size: int = 32) -> List[fl
         inputs.append([])
         targets.append(ids + [session.cfg.eos_id])
     scores = session.score(inputs, targets)
-    out += [math.exp(-float(s) / len(t)) for s, t in zip(scores, targets)]
+    out += [metrics.perplexity(-float(s), len(t))["perplexity"] for s, t in zip(scores, targets)]
   return out
