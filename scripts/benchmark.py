@@ -6,6 +6,8 @@
 Synthetic batches, no TensorFlow. Reports the median step time after warm-up (device
 synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a matmul peak
 measured on the same device (bf16 on GPU, fp32 on CPU), peak device memory and compile time.
+On CPU, --vs-hf times the implementations in alternating rounds of consecutive steps
+(--rounds), since CPU speed drifts with clocks and neighbours; on GPU they run one after another.
 
 Model FLOPs (PaLM appendix B convention; training = 3 x forward; rematerialization not counted;
 attention counted in full, causal masks not halved). Forward multiply-adds count 2 FLOPs:
@@ -83,8 +85,8 @@ def measure_peak_tflops(on_gpu: bool) -> float:
   return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
-def bench_t5lite(cfg, args, peak):
-  """Times the real t5lite train step (AdamW, donated state) on synthetic batches."""
+def t5lite_runner(cfg, args):
+  """(one synchronized train step, facts) for the real t5lite step (AdamW, donated state)."""
   import functools
   from t5lite import optimizers, trainer
   from t5lite.models.model import LossConfig, Model
@@ -98,28 +100,53 @@ def bench_t5lite(cfg, args, peak):
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  for _ in range(args.warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return float(jax.block_until_ready(metrics)["loss"])
+
+  def peak_mem_gb():
+    stats = jax.devices()[0].memory_stats() or {}
+    mem = stats.get("peak_bytes_in_use")
+    if mem is None:
+      analysis = compiled.memory_analysis()
+      mem = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+             + analysis.output_size_in_bytes - analysis.alias_size_in_bytes) if analysis else 0
+    return mem / 2 ** 30
+
+  return run, {"impl": "t5lite", "compile_s": compile_s, "peak_mem_gb": peak_mem_gb}
+
+
+def time_side_by_side(runners, args, peak: float, flops: float):
+  """Times the runners in `args.rounds` rounds of consecutive steps (an untimed settling step,
+  then steps/rounds timed ones, per runner and round). Rounds spread drift in the machine's
+  speed (clocks, neighbours) over every implementation alike; runs of consecutive steps keep
+  the caches and allocator state a real training loop has. Median per runner."""
+  for run, _ in runners:
+    for _ in range(args.warmup):
+      run()
+  rounds = max(1, min(args.rounds, args.steps))
+  times = [[] for _ in runners]
+  losses = [0.0] * len(runners)
+  for r in range(rounds):
+    per_round = args.steps // rounds + (r < args.steps % rounds)
+    for i, (run, _) in enumerate(runners):
+      if r:
+        run()
+      for _ in range(per_round):
+        t = time.perf_counter()
+        losses[i] = run()
+        times[i].append(time.perf_counter() - t)
   tokens = args.batch * (args.inputs + args.targets)
-  flops = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
-  stats = jax.devices()[0].memory_stats() or {}
-  mem = stats.get("peak_bytes_in_use")
-  if mem is None:
-    analysis = compiled.memory_analysis()
-    mem = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-           + analysis.output_size_in_bytes - analysis.alias_size_in_bytes) if analysis else 0
-  return {"impl": "t5lite", "step_s": step_s, "tokens_per_s": tokens / step_s,
-          "model_flops_per_token": flops / tokens, "tflops": flops / step_s / 1e12,
-          "mfu": flops / step_s / 1e12 / peak, "peak_mem_gb": mem / 2 ** 30,
-          "compile_s": compile_s, "loss": float(metrics["loss"])}
+  rows = []
+  for (_, facts), ts, loss in zip(runners, times, losses):
+    step_s = statistics.median(ts)
+    rows.append({"impl": facts["impl"], "step_s": step_s, "tokens_per_s": tokens / step_s,
+                 "model_flops_per_token": flops / tokens, "tflops": flops / step_s / 1e12,
+                 "mfu": flops / step_s / 1e12 / peak, "peak_mem_gb": facts["peak_mem_gb"](),
+                 "compile_s": facts["compile_s"], "loss": loss})
+  return rows
 
 
 def hf_model(cfg):
@@ -163,8 +190,9 @@ def bench_hf_generate(cfg, args, batch: int):
           "new_tokens_per_s": batch * args.decode_tokens / step_s, "compile_s": 0.0}
 
 
-def bench_hf(cfg, args, peak, compiled: bool):
-  """The same shapes in HF transformers (T5 v1.1 / LLaMA), AdamW, bf16 autocast on GPU."""
+def hf_runner(cfg, args, compiled: bool):
+  """(one synchronized train step, facts) for the same shapes in HF transformers (T5 v1.1 /
+  LLaMA), AdamW, bf16 autocast on GPU; the first step (torch.compile's) counts as compile."""
   import torch
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = hf_model(cfg)
@@ -180,37 +208,23 @@ def bench_hf(cfg, args, peak, compiled: bool):
   feed = {k: v.to(device) for k, v in feed.items()}
   forward = torch.compile(model) if compiled else model
   use_bf16 = device == "cuda"
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-  def step():
+  def run():
     with torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16):
       loss = forward(**feed).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
-
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  t = time.perf_counter()
-  step()
-  sync()
-  compile_s = time.perf_counter() - t
-  for _ in range(max(args.warmup - 1, 0)):
-    step()
-  sync()
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    loss = step()
     sync()
-    times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
-  tokens = args.batch * (args.inputs + args.targets)
-  flops = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
-  mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
-  return {"impl": "hf-compiled" if compiled else "hf-eager", "step_s": step_s,
-          "tokens_per_s": tokens / step_s, "model_flops_per_token": flops / tokens,
-          "tflops": flops / step_s / 1e12, "mfu": flops / step_s / 1e12 / peak,
-          "peak_mem_gb": mem, "compile_s": compile_s, "loss": float(loss.detach())}
+    return float(loss.detach())
+
+  t = time.perf_counter()
+  run()
+  compile_s = time.perf_counter() - t
+  mem = lambda: torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+  return run, {"impl": "hf-compiled" if compiled else "hf-eager", "compile_s": compile_s,
+               "peak_mem_gb": mem}
 
 
 def bench_decode(cfg, args, batch: int):
@@ -255,6 +269,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--microbatches", type=int, default=1)
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="CPU --vs-hf: alternate the implementations in this many rounds")
   parser.add_argument("--vs-hf", dest="vs_hf", action="store_true")
   parser.add_argument("--hf-modes", dest="hf_modes", default="eager,compiled")
   parser.add_argument("--json", default="")
@@ -280,10 +296,16 @@ def main(argv=None):
           f"{r['compile_s']:.1f}s){ratio}")
   if args.no_train:
     return {"decode": decode_rows}
-  rows = [bench_t5lite(cfg, args, peak)]
+  makers = [lambda: t5lite_runner(cfg, args)]
   if args.vs_hf:
-    for mode in args.hf_modes.split(","):
-      rows.append(bench_hf(cfg, args, peak, compiled=mode == "compiled"))
+    makers += [lambda mode=mode: hf_runner(cfg, args, compiled=mode == "compiled")
+               for mode in args.hf_modes.split(",")]
+  flops = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
+  if on_gpu:  # one at a time, so each has the GPU's memory to itself
+    rows = [row for make in makers for row in time_side_by_side([make()], args, peak, flops)]
+  else:       # in alternating rounds: CPU speed drifts with clocks and neighbours
+    rows = time_side_by_side([make() for make in makers], args, peak, flops)
+  if args.vs_hf:
     for r in rows:
       r["vs_t5lite"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
