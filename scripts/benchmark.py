@@ -120,13 +120,14 @@ def t5lite_runner(cfg, args):
 
 def time_side_by_side(runners, args, peak: float, flops: float):
   """Times the runners in `args.rounds` rounds of consecutive steps (an untimed settling step,
-  then steps/rounds timed ones, per runner and round). Rounds spread drift in the machine's
-  speed (clocks, neighbours) over every implementation alike; runs of consecutive steps keep
-  the caches and allocator state a real training loop has. Median per runner."""
+  then steps/rounds timed ones, per runner and round; one round for a single runner). Rounds
+  spread drift in the machine's speed (clocks, neighbours) over every implementation alike;
+  runs of consecutive steps keep the caches and allocator state a real training loop has.
+  Median per runner."""
   for run, _ in runners:
     for _ in range(args.warmup):
       run()
-  rounds = max(1, min(args.rounds, args.steps))
+  rounds = max(1, min(args.rounds, args.steps)) if len(runners) > 1 else 1
   times = [[] for _ in runners]
   losses = [0.0] * len(runners)
   for r in range(rounds):

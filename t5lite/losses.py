@@ -79,8 +79,9 @@ def _fused_backward(z_loss, label_smoothing, residuals, cotangents):
     d_loss = (confidence - low) * (probs - onehot) + low * (vocab * probs - 1.0)
   else:
     d_loss = probs - onehot
-  d_z = (2.0 * z_loss) * log_z[..., None] * probs
-  grad = g_loss[..., None] * (d_loss + d_z) + g_z[..., None] * d_z
+  grad = g_loss[..., None] * d_loss
+  if z_loss:  # d(z log_z^2) = 2 z log_z p, reaching both outputs (the loss includes the z-term)
+    grad = grad + ((g_loss + g_z) * (2.0 * z_loss) * log_z)[..., None] * probs
   return grad.astype(logits.dtype), None
 
 

@@ -240,12 +240,13 @@ class MLP(nnx.Module):
       # copy would add a write and a read of both kernels.
       kernels = jnp.stack([self.wi_0[...].astype(dt), self.wi_1[...].astype(dt)], axis=1)
       both = jnp.einsum("bld,dnf->blnf", x, kernels)
-      h = (act(_add_bias(both[..., 0, :], self, "wi_0_bias"))
-           * _add_bias(both[..., 1, :], self, "wi_1_bias"))
+      gate, up = both[..., 0, :], both[..., 1, :]
     else:
-      h = act(_add_bias(x @ self.wi_0[...].astype(dt), self, "wi_0_bias"))
-      if self.cfg.gated_mlp:
-        h = h * _add_bias(x @ self.wi_1[...].astype(dt), self, "wi_1_bias")
+      gate = x @ self.wi_0[...].astype(dt)
+      up = x @ self.wi_1[...].astype(dt) if self.cfg.gated_mlp else None
+    h = act(_add_bias(gate, self, "wi_0_bias"))
+    if up is not None:
+      h = h * _add_bias(up, self, "wi_1_bias")
     h = dropout(h, self.cfg.dropout_rate, rng)
     return _add_bias(h @ self.wo[...].astype(dt), self, "wo_bias"), jnp.zeros((), jnp.float32)
 
