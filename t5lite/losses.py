@@ -25,8 +25,8 @@ def cross_entropy_with_logits(logits, targets, *, z_loss: float = 0.0,
 
   The gradient is written out (softmax minus the smoothed target, plus the z-loss term) so the
   backward pass is one elementwise sweep over the logits: autodiff of the same formula keeps
-  float32 log-probabilities and scatters the target gradient back through a gather. The
-  target logit is picked with a vocabulary mask rather than a gather for the same reason.
+  float32 log-probabilities and scatters the target gradient back through a gather (the
+  forward, never differentiated, can gather the target logit).
   `cross_entropy_reference` is the plain formula the tests hold this to.
   """
   if not 0.0 <= label_smoothing < 1.0:
@@ -46,6 +46,10 @@ def _target_mask(targets, vocab: int):
   return targets[..., None] == jnp.arange(vocab, dtype=targets.dtype)
 
 
+def _target_logit(x, targets):
+  return jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _fused_cross_entropy(logits, targets, z_loss, label_smoothing):
   return _fused_forward(logits, targets, z_loss, label_smoothing)[0]
@@ -55,7 +59,7 @@ def _fused_forward(logits, targets, z_loss, label_smoothing):
   x = logits.astype(jnp.float32)
   vocab = x.shape[-1]
   log_z = jax.nn.logsumexp(x, axis=-1)
-  target_logp = jnp.sum(jnp.where(_target_mask(targets, vocab), x, 0.0), axis=-1) - log_z
+  target_logp = _target_logit(x, targets) - log_z
   if label_smoothing:
     confidence, low, constant = _smoothing_constants(vocab, label_smoothing)
     sum_logp = jnp.sum(x, axis=-1) - vocab * log_z
@@ -86,6 +90,16 @@ def _fused_backward(z_loss, label_smoothing, residuals, cotangents):
 
 
 _fused_cross_entropy.defvjp(_fused_forward, _fused_backward)
+
+
+def target_is_top(logits, targets):
+  """1.0 where the target's logit is the largest (token accuracy), else 0.0: float32 [...].
+
+  Unlike `argmax == target` (a variadic reduce, slow on XLA:CPU) this is a max and a gather,
+  which the cross-entropy computes too; a tie with another class counts as correct.
+  """
+  x = logits.astype(jnp.float32)
+  return (_target_logit(x, targets) >= jnp.max(x, axis=-1)).astype(jnp.float32)
 
 
 def cross_entropy_reference(logits, targets, *, z_loss: float = 0.0,

@@ -84,3 +84,12 @@ def test_normalizations(mode, expected_denominator):
 def test_unknown_normalization_is_rejected():
   with pytest.raises(ValueError, match="normalization"):
     losses.loss_weights(jnp.ones((1, 2), jnp.int32), None, "bogus")
+
+
+def test_target_is_top_is_argmax_accuracy():
+  logits = jax.random.normal(jax.random.key(3), (4, 9, 50))
+  targets = jax.random.randint(jax.random.key(4), (4, 9), 0, 50)
+  targets = targets.at[:, ::2].set(jnp.argmax(logits, -1)[:, ::2])  # half the tokens right
+  expected = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  np.testing.assert_array_equal(losses.target_is_top(logits, targets), expected)
+  assert 0 < float(jnp.mean(expected)) < 1

@@ -199,3 +199,40 @@ def test_tiny_model_memorizes_a_batch(arch):
   # cannot all be predicted; everything else must be.
   rows = batch["decoder_target_tokens"].shape[0]
   assert float(metrics["accuracy"]) >= 1.0 - (rows - 1) / float(metrics["target_tokens"]) - 1e-6
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("length", [1, 2, 7, 200])
+def test_sequence_relative_bias_equals_the_per_position_bias(bidirectional, length):
+  """The Toeplitz layout of `for_sequence` is the bias of positions 0..L-1, entry for entry."""
+  from flax import nnx
+  from t5lite.models import attention
+  bias = attention.RelativePositionBias(32, 128, 3, bidirectional, rngs=nnx.Rngs(0))
+  pos = jnp.arange(length)[None]
+  np.testing.assert_array_equal(np.asarray(bias.for_sequence(length)), np.asarray(bias(pos, pos)))
+  table = jnp.arange(2 * (2 * length - 1)).reshape(2, 2 * length - 1)
+  offsets = np.arange(length)[None, :] - np.arange(length)[:, None] + length - 1
+  np.testing.assert_array_equal(np.asarray(attention.toeplitz(table, length)),
+                                np.asarray(table)[:, offsets])
+
+
+@pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
+                                     dict(arch="decoder_only", num_kv_heads=2),
+                                     dict(arch="prefix_lm", position_encoding="relative",
+                                          num_kv_heads=2)], ids=_ids)
+def test_chunked_attention_matches_jax_attention(variant):
+  """'chunked' (query blocks, causal block skipping) gives jax.nn's loss and gradients, on
+  sequences several blocks long, unpacked (causal/length masks) and packed (dense masks)."""
+  cfg = tiny_config(**variant)
+  params = Model(cfg).init(jax.random.key(0))
+  unpacked = random_batch(cfg, batch=2, in_len=90, out_len=70, seed=3)
+  examples = [random_batch(cfg, batch=1, in_len=il, out_len=ol, seed=s)
+              for s, (il, ol) in enumerate([(50, 40), (60, 45)])]
+  for batch in (unpacked, _pack(examples, cfg.arch)):
+    results = []
+    for impl in ("xla", "chunked"):
+      model = Model(tiny_config(attention_impl=impl, **variant))
+      results.append(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0])(params))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4),
+                 results[1][1], results[0][1])

@@ -48,7 +48,8 @@ class ModelConfig:
     param_dtype: parameter storage dtype.
     scan_layers: stack layers and run them with lax.scan (compile time flat in depth).
     remat_policy: one of REMAT_POLICIES, applied per layer.
-    attention_impl: passed to jax.nn.dot_product_attention ('xla', 'cudnn' or None = auto).
+    attention_impl: None (auto), 'xla' or 'cudnn' for jax.nn.dot_product_attention, or
+      'chunked' (t5lite's query-block attention, the fast one on CPU).
     max_length: longest sequence the model accepts (decoding and RoPE tables).
     pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
   """

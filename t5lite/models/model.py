@@ -70,7 +70,7 @@ class Model:
         logits, targets, z_loss=self.loss_cfg.z_loss,
         label_smoothing=self.loss_cfg.label_smoothing)
     real = (batch.get("decoder_loss_weights", targets != 0)).astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * real
+    correct = losses.target_is_top(logits, targets) * real
     loss_sum = jnp.sum(token_loss * weights)
     denominator = self.denominator(batch)
     moe = self.cfg.moe_aux_loss_weight * aux * denominator if self.cfg.num_experts else 0.0

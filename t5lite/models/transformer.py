@@ -221,6 +221,13 @@ class EncoderDecoder(nnx.Module):
       return attn_lib.alibi_bias(q_pos, k_pos, cfg.num_heads)
     return None
 
+  def _sequence_bias(self, which: str, pos):
+    """Position bias of a whole sequence attending to itself (training, scoring, encoding)."""
+    if self.cfg.position_encoding == "relative":
+      module = self.encoder_relpos if which == "encoder" else self.decoder_relpos
+      return module.for_sequence(pos.shape[1])
+    return self._bias(which, pos, pos)
+
   def encode(self, tokens, segment_ids=None, positions=None, rng=None):
     """tokens: [batch, in_len] -> (encoded [batch, in_len, embed], aux_loss).
 
@@ -233,7 +240,7 @@ class EncoderDecoder(nnx.Module):
       mask = attn_lib.Mask(kv_lengths=_lengths(tokens))
     else:
       mask = attn_lib.Mask(dense=attn_lib.padding_mask(segment_ids, segment_ids))
-    x, aux = self.encoder(x, r[1], mask=mask, bias=self._bias("encoder", pos, pos),
+    x, aux = self.encoder(x, r[1], mask=mask, bias=self._sequence_bias("encoder", pos),
                           positions=pos)
     return self.encoder_norm(x), aux
 
@@ -254,8 +261,8 @@ class EncoderDecoder(nnx.Module):
       mask = attn_lib.Mask(dense=attn_lib.causal_mask(tokens.shape[1])
                            & attn_lib.padding_mask(segment_ids, segment_ids))
       cross_mask = attn_lib.Mask(dense=attn_lib.padding_mask(segment_ids, encoder_segment_ids))
-    x, aux = self.decoder(x, r[1], mask=mask, bias=self._bias("decoder", pos, pos), positions=pos,
-                          encoded=encoded, cross_mask=cross_mask)
+    x, aux = self.decoder(x, r[1], mask=mask, bias=self._sequence_bias("decoder", pos),
+                          positions=pos, encoded=encoded, cross_mask=cross_mask)
     x = layers.dropout(self.decoder_norm(x), self.cfg.dropout_rate, r[2])
     return self.head(x, self.token_embed), aux
 
@@ -335,6 +342,12 @@ class DecoderOnly(nnx.Module):
       return attn_lib.alibi_bias(q_pos, k_pos, self.cfg.num_heads)
     return None
 
+  def _sequence_bias(self, pos):
+    """Position bias of the whole sequence attending to itself (training and scoring)."""
+    if self.cfg.position_encoding == "relative":
+      return self.decoder_relpos.for_sequence(pos.shape[1])
+    return self._bias(pos, pos)
+
   def mask(self, batch) -> attn_lib.Mask:
     """Self-attention mask for the architecture and batch layout.
 
@@ -361,7 +374,7 @@ class DecoderOnly(nnx.Module):
     pos = _positions(tokens, batch.get("decoder_positions"))
     r = jax.random.split(rng, 3) if rng is not None else [None] * 3
     x = layers.dropout(self._embed(tokens, pos), cfg.dropout_rate, r[0])
-    x, aux = self.decoder(x, r[1], mask=self.mask(batch), bias=self._bias(pos, pos),
+    x, aux = self.decoder(x, r[1], mask=self.mask(batch), bias=self._sequence_bias(pos),
                           positions=pos)
     x = layers.dropout(self.decoder_norm(x), cfg.dropout_rate, r[2])
     return self.head(x, self.token_embed), aux
