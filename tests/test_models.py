@@ -220,19 +220,51 @@ def test_sequence_relative_bias_equals_the_per_position_bias(bidirectional, leng
                                      dict(arch="decoder_only", num_kv_heads=2),
                                      dict(arch="prefix_lm", position_encoding="relative",
                                           num_kv_heads=2)], ids=_ids)
-def test_chunked_attention_matches_jax_attention(variant):
-  """'chunked' (query blocks, causal block skipping) gives jax.nn's loss and gradients, on
-  sequences several blocks long, unpacked (causal/length masks) and packed (dense masks)."""
+def test_chunked_attention_model_matches_jax_attention(variant):
+  """attention_impl='chunked' gives jax.nn's loss and gradients on sequences several query
+  blocks long (the causal self-attention is chunked; the rest goes to jax.nn)."""
   cfg = tiny_config(**variant)
   params = Model(cfg).init(jax.random.key(0))
-  unpacked = random_batch(cfg, batch=2, in_len=90, out_len=70, seed=3)
-  examples = [random_batch(cfg, batch=1, in_len=il, out_len=ol, seed=s)
-              for s, (il, ol) in enumerate([(50, 40), (60, 45)])]
-  for batch in (unpacked, _pack(examples, cfg.arch)):
-    results = []
-    for impl in ("xla", "chunked"):
-      model = Model(tiny_config(attention_impl=impl, **variant))
-      results.append(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0])(params))
-    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4),
-                 results[1][1], results[0][1])
+  batch = random_batch(cfg, batch=2, in_len=90, out_len=70, seed=3)
+  results = []
+  for impl in ("xla", "chunked"):
+    model = Model(tiny_config(attention_impl=impl, **variant))
+    results.append(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0])(params))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4),
+               results[1][1], results[0][1])
+
+
+@pytest.mark.parametrize("masking", ["causal", "lengths_and_bias", "dense_and_bias"])
+def test_chunked_attention_matches_jax_attention(masking):
+  """chunked_attention itself, with grouped KV heads, under each kind of mask: outputs on the
+  real queries and gradients equal jax.nn.dot_product_attention's."""
+  from t5lite.models import attention
+  b, length, heads, kv_heads, d = 3, 150, 4, 2, 16
+  keys = jax.random.split(jax.random.key(0), 5)
+  q = jax.random.normal(keys[0], (b, length, heads, d))
+  k, v = (jax.random.normal(r, (b, length, kv_heads, d)) for r in keys[1:3])
+  bias = jax.random.normal(keys[3], (1, heads, length, length))
+  segments = np.concatenate([np.ones((b, 80)), 2 * np.ones((b, 60)), np.zeros((b, 10))], 1)
+  real = np.ones((b, length, 1, 1), bool)
+  if masking == "causal":
+    mask, bias = attention.Mask(causal=True), None
+  elif masking == "lengths_and_bias":
+    mask = attention.Mask(kv_lengths=jnp.array([150, 100, 7]))
+  else:
+    seg = jnp.asarray(segments, jnp.int32)
+    mask = attention.Mask(dense=attention.padding_mask(seg, seg) & attention.causal_mask(length))
+    real = (segments > 0)[..., None, None]   # padding queries see nothing: their output is moot
+
+  def objective(fn):
+    return lambda q, k, v: jnp.sum(jnp.where(real, jnp.sin(fn(q, k, v)), 0.0))
+
+  ref = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+      q, k, v, bias=bias, mask=mask.dense, scale=0.3, is_causal=mask.causal,
+      key_value_seq_lengths=mask.kv_lengths)
+  chunked = lambda q, k, v: attention.chunked_attention(q, k, v, mask, bias, scale=0.3)  # noqa: E731
+  np.testing.assert_allclose(np.where(real, chunked(q, k, v), 0), np.where(real, ref(q, k, v), 0),
+                             atol=2e-6)
+  for got, want in zip(jax.grad(objective(chunked), argnums=(0, 1, 2))(q, k, v),
+                       jax.grad(objective(ref), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=5e-5)

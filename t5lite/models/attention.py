@@ -177,8 +177,10 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
     bias = bias.astype(q.dtype)
     if bias.shape[0] == 1 < q.shape[0] and jax.default_backend() == "cpu":
       bias = _broadcast_batch(bias, q.shape[0])
-  if implementation == "chunked":
+  if implementation == "chunked" and mask.causal and q.shape[1] > CHUNK:
     return chunked_attention(q, k, v, mask, bias, scale=scale)
+  if implementation == "chunked":
+    implementation = None
   return jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=mask.dense, scale=scale, is_causal=mask.causal,
       key_value_seq_lengths=mask.kv_lengths, implementation=implementation)
@@ -191,7 +193,10 @@ def _broadcast_batch(bias, batch: int):
   return jnp.einsum("b,...->b...", jnp.ones((batch,), bias.dtype), bias[0])
 
 
-def chunked_attention(q, k, v, mask: Mask, bias=None, *, scale: float, chunk: int = 64):
+CHUNK = 64
+
+
+def chunked_attention(q, k, v, mask: Mask, bias=None, *, scale: float, chunk: int = CHUNK):
   """`attend` one block of `chunk` queries at a time (the 'chunked' implementation).
 
   Each block's scores [b, kv_heads, chunk, group, keys] stay small enough for the CPU's caches,
