@@ -268,3 +268,8 @@ def test_chunked_attention_matches_jax_attention(masking):
   for got, want in zip(jax.grad(objective(chunked), argnums=(0, 1, 2))(q, k, v),
                        jax.grad(objective(ref), argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, atol=5e-5)
+
+
+def test_unknown_attention_implementation_is_rejected():
+  with pytest.raises(ValueError, match="attention_impl must be one of"):
+    tiny_config(attention_impl="flash")

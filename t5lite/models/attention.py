@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t5lite.models.config import ATTENTION_IMPLEMENTATIONS
+
 
 class Mask(NamedTuple):
   """Which keys each query may see.
@@ -159,7 +161,7 @@ def apply_rope(x, positions, theta: float):
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked")
+CHUNK = 64  # queries per block of chunked_attention
 
 
 def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None):
@@ -168,11 +170,12 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
   q: [b, q_len, heads, d]; k, v: [b, k_len, kv_heads, d]; mask: a Mask;
   bias: [1 or b, heads, q_len, k_len]. Returns [b, q_len, heads, d].
   `implementation`: None (jax picks), 'xla' or 'cudnn' go to jax.nn.dot_product_attention;
-  'chunked' is `chunked_attention`.
+  'chunked' runs causal attention longer than one block through `chunked_attention` (the rest,
+  where it gains nothing, through jax.nn).
   """
-  if implementation not in IMPLEMENTATIONS:
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; choose from "
-                     f"{IMPLEMENTATIONS}")
+                     f"{ATTENTION_IMPLEMENTATIONS}")
   if bias is not None:
     bias = bias.astype(q.dtype)
     if bias.shape[0] == 1 < q.shape[0] and jax.default_backend() == "cpu":
@@ -191,9 +194,6 @@ def _broadcast_batch(bias, batch: int):
   batch is a matmul: XLA:CPU sums over a leading axis ~50x slower than the same dot (CPU only:
   on GPU, cuDNN takes the batch-1 bias as it is)."""
   return jnp.einsum("b,...->b...", jnp.ones((batch,), bias.dtype), bias[0])
-
-
-CHUNK = 64
 
 
 def chunked_attention(q, k, v, mask: Mask, bias=None, *, scale: float, chunk: int = CHUNK):

@@ -13,6 +13,7 @@ ARCHITECTURES = ("encoder_decoder", "decoder_only", "prefix_lm")
 POSITION_ENCODINGS = ("relative", "rope", "alibi", "learned", "none")
 NORMS = ("rms", "layer")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ModelConfig:
     scan_layers: stack layers and run them with lax.scan (compile time flat in depth).
     remat_policy: one of REMAT_POLICIES, applied per layer.
     attention_impl: None (auto), 'xla' or 'cudnn' for jax.nn.dot_product_attention, or
-      'chunked' (t5lite's query-block attention, the fast one on CPU).
+      'chunked' (causal attention in query blocks that skip keys past the diagonal; CPU).
     max_length: longest sequence the model accepts (decoding and RoPE tables).
     pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
   """
@@ -102,6 +103,9 @@ class ModelConfig:
       raise ValueError("use_bias is not supported with mixture-of-experts MLPs")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                       f"{self.attention_impl!r}")
     if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
       raise ValueError(
           f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})")
