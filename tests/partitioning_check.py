@@ -33,12 +33,12 @@ PRESETS = {
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def check_meshes(cfg, meshes):
+def check_meshes(cfg, meshes, lengths=(16, 8)):
   """For each named MeshConfig: parameters born sharded, sharded loss and gradients compared
   with one device, and the compiled program's collectives. Yields (name, sharded params,
-  result dict)."""
+  result dict). `lengths`: (inputs, targets) of the random batch."""
   model = Model(cfg)
-  batch = random_batch(cfg, batch=8, in_len=16, out_len=8)
+  batch = random_batch(cfg, batch=8, in_len=lengths[0], out_len=lengths[1])
   loss_grad = lambda p, b: jax.value_and_grad(lambda q: model.loss(q, b)[0])(p)
   one = jax.devices()[0]
   params = jax.device_put(model.init(jax.random.key(0)), one)
@@ -70,14 +70,16 @@ def check_meshes(cfg, meshes):
 
 def main(arch):
   presets = dict(PRESETS)
-  experts = {}
+  extra, lengths = {}, (16, 8)
   if arch == "moe":  # decoder-only with a top-2 MoE feed-forward of 8 experts
-    arch, experts = "decoder_only", dict(num_experts=8, experts_per_token=2)
+    arch, extra = "decoder_only", dict(num_experts=8, experts_per_token=2)
     presets["expert_parallel"] = partitioning.MeshConfig(2, 1, 4, "expert_parallel")
+  if arch == "chunked":  # decoder-only, chunked attention over three query blocks
+    arch, extra, lengths = "decoder_only", dict(attention_impl="chunked"), (100, 40)
   cfg = tiny_config(arch=arch, d_model=64, num_heads=8, num_kv_heads=4 if arch != "encoder_decoder" else 0,
-                    head_dim=8, d_ff=128, vocab_size=256, **experts)
+                    head_dim=8, d_ff=128, vocab_size=256, **extra)
   out = {"devices": len(jax.devices()), "presets": {}}
-  for name, sharded, result in check_meshes(cfg, presets):
+  for name, sharded, result in check_meshes(cfg, presets, lengths):
     flat = jax.tree_util.tree_flatten_with_path(sharded)[0]
     expert_bytes = [(x.addressable_shards[0].data.nbytes, x.nbytes) for path, x in flat
                     if "mlp" in jax.tree_util.keystr(path) and x.ndim == 4]

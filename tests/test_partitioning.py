@@ -52,6 +52,18 @@ def test_presets_match_single_device_on_8_devices(arch):
 
 
 @pytest.mark.slow
+def test_chunked_attention_matches_single_device_on_8_devices():
+  """The CPU lever attention_impl='chunked' under every sharding preset (160-token rows)."""
+  r = run_cli(["tests/partitioning_check.py", "chunked"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  presets = json.loads(r.stdout.strip().splitlines()[-1])["presets"]
+  assert len(presets) == 4
+  for name, res in presets.items():
+    assert abs(res["loss"] - res["ref_loss"]) < 1e-5 * max(1.0, abs(res["ref_loss"])), name
+    assert res["max_grad_err"] < 1e-5, (name, res["max_grad_err"])
+
+
+@pytest.mark.slow
 def test_expert_parallelism_matches_single_device():
   """MoE experts sharded over the tensor axis: same loss and gradients, 1/4 of the expert
   weights per device, and the token exchange shows up as collectives."""
