@@ -13,8 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5lite.models.config import ATTENTION_IMPLEMENTATIONS
-
 
 class Mask(NamedTuple):
   """Which keys each query may see.
@@ -88,16 +86,19 @@ class RelativePositionBias(nnx.Module):
     value = jax.random.normal(rngs.params(), (num_buckets, num_heads), param_dtype)
     self.embedding = nnx.Param(value, logical_axes=("relpos_buckets", "heads"))
 
+  def _values(self, relative_position):
+    """Relative positions (key - query) [...] -> learned bias [..., heads], float32."""
+    buckets = relative_position_bucket(relative_position, self.bidirectional, self.num_buckets,
+                                       self.max_distance)
+    # A one-hot matmul instead of a gather: its gradient is a matmul too, not a scatter-add of
+    # many values into 32 rows (which serializes on GPU atomics).
+    onehot = jax.nn.one_hot(buckets, self.num_buckets, dtype=jnp.float32)
+    return onehot @ self.embedding[...].astype(jnp.float32)
+
   def __call__(self, q_positions, k_positions, dtype=jnp.float32):
     """Positions [batch or 1, q] and [batch or 1, k] -> bias [batch or 1, heads, q, k]."""
     rel = k_positions[:, None, :] - q_positions[:, :, None]
-    buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
-                                       self.max_distance)
-    # A one-hot matmul instead of a gather: its gradient is a matmul too, not a scatter-add of
-    # q*k values into 32 rows (which serializes on GPU atomics).
-    onehot = jax.nn.one_hot(buckets, self.num_buckets, dtype=jnp.float32)
-    return jnp.einsum("bqkn,nh->bhqk", onehot, self.embedding[...].astype(jnp.float32)
-                      ).astype(dtype)
+    return jnp.moveaxis(self._values(rel), -1, 1).astype(dtype)
 
   def for_sequence(self, length: int, dtype=jnp.float32):
     """Bias of a length-`length` sequence attending to itself: [1, heads, length, length].
@@ -107,11 +108,7 @@ class RelativePositionBias(nnx.Module):
     The 2*length-1 offsets are bucketed once and laid out as a Toeplitz matrix by slicing, so
     neither direction touches a [batch, q, k, buckets] one-hot or a scatter.
     """
-    offsets = jnp.arange(1 - length, length)                     # k - q for every diagonal
-    buckets = relative_position_bucket(offsets, self.bidirectional, self.num_buckets,
-                                       self.max_distance)
-    onehot = jax.nn.one_hot(buckets, self.num_buckets, dtype=jnp.float32)
-    table = (onehot @ self.embedding[...].astype(jnp.float32)).T   # [heads, 2L-1]
+    table = self._values(jnp.arange(1 - length, length)).T   # [heads, 2L-1]: k - q per diagonal
     return toeplitz(table, length).astype(dtype)[None]
 
 
@@ -173,16 +170,13 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
   'chunked' runs causal attention longer than one block through `chunked_attention` (the rest,
   where it gains nothing, through jax.nn).
   """
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention implementation {implementation!r}; choose from "
-                     f"{ATTENTION_IMPLEMENTATIONS}")
   if bias is not None:
     bias = bias.astype(q.dtype)
     if bias.shape[0] == 1 < q.shape[0] and jax.default_backend() == "cpu":
       bias = _broadcast_batch(bias, q.shape[0])
-  if implementation == "chunked" and mask.causal and q.shape[1] > CHUNK:
-    return chunked_attention(q, k, v, mask, bias, scale=scale)
   if implementation == "chunked":
+    if mask.causal and q.shape[1] > CHUNK:
+      return chunked_attention(q, k, v, mask, bias, scale=scale)
     implementation = None
   return jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=mask.dense, scale=scale, is_causal=mask.causal,
