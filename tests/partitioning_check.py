@@ -74,8 +74,10 @@ def main(arch):
   if arch == "moe":  # decoder-only with a top-2 MoE feed-forward of 8 experts
     arch, extra = "decoder_only", dict(num_experts=8, experts_per_token=2)
     presets["expert_parallel"] = partitioning.MeshConfig(2, 1, 4, "expert_parallel")
-  if arch == "chunked":  # decoder-only, chunked attention over three query blocks
-    arch, extra, lengths = "decoder_only", dict(attention_impl="chunked"), (100, 40)
+  if arch == "cpu_levers":  # decoder-only with runs/cpu.gin's levers: chunked attention over
+    # three query blocks, flat weight gradients
+    arch, lengths = "decoder_only", (100, 40)
+    extra = dict(attention_impl="chunked", flat_weight_grads=True, tie_embeddings=True)
   cfg = tiny_config(arch=arch, d_model=64, num_heads=8, num_kv_heads=4 if arch != "encoder_decoder" else 0,
                     head_dim=8, d_ff=128, vocab_size=256, **extra)
   out = {"devices": len(jax.devices()), "presets": {}}

@@ -235,6 +235,27 @@ def test_chunked_attention_model_matches_jax_attention(variant):
                results[1][1], results[0][1])
 
 
+@pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
+                                     dict(arch="decoder_only", num_kv_heads=2, tie_embeddings=True),
+                                     dict(arch="decoder_only", gated_mlp=False, use_bias=True,
+                                          activation="gelu", norm="layer",
+                                          position_encoding="learned"),
+                                     dict(arch="prefix_lm", scan_layers=False)], ids=_ids)
+def test_flat_weight_grads_match_autodiff(variant):
+  """flat_weight_grads=True (every projection's kernel gradient as one flat matmul) gives the
+  same loss and gradients as autodiff of the einsums."""
+  cfg = tiny_config(**variant)
+  params = Model(cfg).init(jax.random.key(0))
+  batch = random_batch(cfg, seed=4)
+  results = []
+  for flat in (False, True):
+    model = Model(tiny_config(flat_weight_grads=flat, **variant))
+    results.append(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0])(params))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+               results[1][1], results[0][1])
+
+
 @pytest.mark.parametrize("masking", ["causal", "lengths_and_bias", "dense_and_bias"])
 def test_chunked_attention_matches_jax_attention(masking):
   """chunked_attention itself, with grouped KV heads, under each kind of mask: outputs on the

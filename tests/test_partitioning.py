@@ -52,9 +52,10 @@ def test_presets_match_single_device_on_8_devices(arch):
 
 
 @pytest.mark.slow
-def test_chunked_attention_matches_single_device_on_8_devices():
-  """The CPU lever attention_impl='chunked' under every sharding preset (160-token rows)."""
-  r = run_cli(["tests/partitioning_check.py", "chunked"])
+def test_cpu_levers_match_single_device_on_8_devices():
+  """runs/cpu.gin's levers (attention_impl='chunked', flat_weight_grads) under every sharding
+  preset (160-token rows, tied head)."""
+  r = run_cli(["tests/partitioning_check.py", "cpu_levers"])
   assert r.returncode == 0, r.stderr[-3000:]
   presets = json.loads(r.stdout.strip().splitlines()[-1])["presets"]
   assert len(presets) == 4

@@ -51,6 +51,9 @@ class ModelConfig:
     remat_policy: one of REMAT_POLICIES, applied per layer.
     attention_impl: None (auto), 'xla' or 'cudnn' for jax.nn.dot_product_attention, or
       'chunked' (causal attention in query blocks that skip keys past the diagonal; CPU).
+    flat_weight_grads: compute each projection's weight gradient as one matmul over flattened
+      tokens (`t5lite.models.projection`; same values), which spares XLA:CPU a transposed copy
+      of the gradient. A CPU lever.
     max_length: longest sequence the model accepts (decoding and RoPE tables).
     pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
   """
@@ -84,6 +87,7 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: Any = None
+  flat_weight_grads: bool = False
   max_length: int = 2048
   pad_id: int = 0
   eos_id: int = 1

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5lite.models import attention as attn_lib
+from t5lite.models import projection
 from t5lite.models.config import ModelConfig
 
 
@@ -25,6 +26,11 @@ def param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype=jnp.float32) -> nnx.
 def compute_dtype(cfg: ModelConfig):
   """The jnp dtype activations are computed in."""
   return jnp.dtype(cfg.dtype)
+
+
+def project(cfg: ModelConfig, spec: str, x, kernel):
+  """`einsum(spec, x, kernel)` for a projection, with the weight-gradient form `cfg` asks for."""
+  return projection.project(spec, x, kernel, flat_weight_grad=cfg.flat_weight_grads)
 
 
 def dropout(x, rate: float, rng):
@@ -93,6 +99,7 @@ class Embed(nnx.Module):
   """Token embedding table, also usable as a tied output head."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
     self.dtype = compute_dtype(cfg)
     # A tied decoder-only head has no T5-style output rescale, so the table starts small enough
     # for unit-scale logits.
@@ -106,7 +113,7 @@ class Embed(nnx.Module):
 
   def attend(self, x):
     """x: [batch, length, embed] -> logits [batch, length, vocab] against the table."""
-    return jnp.einsum("bld,vd->blv", x, self.embedding[...].astype(self.dtype))
+    return project(self.cfg, "bld,vd->blv", x, self.embedding[...].astype(self.dtype))
 
 
 class Attention(nnx.Module):
@@ -131,21 +138,23 @@ class Attention(nnx.Module):
   def project_q(self, x):
     """x: [batch, length, embed] -> queries [batch, length, heads, head_dim]."""
     dt = compute_dtype(self.cfg)
-    return _add_bias(jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt)), self,
+    return _add_bias(project(self.cfg, "bld,dhk->blhk", x, self.query[...].astype(dt)), self,
                      "query_bias")
 
   def project_kv(self, x):
     """x: [batch, length, embed] -> (keys, values) each [batch, length, kv_heads, head_dim]."""
     dt = compute_dtype(self.cfg)
-    k = _add_bias(jnp.einsum("bld,dhk->blhk", x, self.key[...].astype(dt)), self, "key_bias")
-    v = _add_bias(jnp.einsum("bld,dhk->blhk", x, self.value[...].astype(dt)), self,
+    k = _add_bias(project(self.cfg, "bld,dhk->blhk", x, self.key[...].astype(dt)), self,
+                  "key_bias")
+    v = _add_bias(project(self.cfg, "bld,dhk->blhk", x, self.value[...].astype(dt)), self,
                   "value_bias")
     return k, v
 
   def project_out(self, y):
     """y: [batch, length, heads, head_dim] -> [batch, length, embed]."""
     dt = compute_dtype(self.cfg)
-    return _add_bias(jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)), self, "out_bias")
+    return _add_bias(project(self.cfg, "blhk,hkd->bld", y, self.out[...].astype(dt)), self,
+                     "out_bias")
 
   def __call__(self, x, kv_input, mask, bias=None, q_positions=None, k_positions=None):
     """Attends from x to kv_input.
@@ -239,16 +248,18 @@ class MLP(nnx.Module):
       # One-token decode steps skip it: they are bound by reading the weights, and the stacked
       # copy would add a write and a read of both kernels.
       kernels = jnp.stack([self.wi_0[...].astype(dt), self.wi_1[...].astype(dt)], axis=1)
-      both = jnp.einsum("bld,dnf->blnf", x, kernels)
+      both = project(self.cfg, "bld,dnf->blnf", x, kernels)
       gate, up = both[..., 0, :], both[..., 1, :]
     else:
-      gate = x @ self.wi_0[...].astype(dt)
-      up = x @ self.wi_1[...].astype(dt) if self.cfg.gated_mlp else None
+      gate = project(self.cfg, "bld,df->blf", x, self.wi_0[...].astype(dt))
+      up = (project(self.cfg, "bld,df->blf", x, self.wi_1[...].astype(dt))
+            if self.cfg.gated_mlp else None)
     h = act(_add_bias(gate, self, "wi_0_bias"))
     if up is not None:
       h = h * _add_bias(up, self, "wi_1_bias")
     h = dropout(h, self.cfg.dropout_rate, rng)
-    return _add_bias(h @ self.wo[...].astype(dt), self, "wo_bias"), jnp.zeros((), jnp.float32)
+    out = project(self.cfg, "blf,fd->bld", h, self.wo[...].astype(dt))
+    return _add_bias(out, self, "wo_bias"), jnp.zeros((), jnp.float32)
 
 
 class MoEMLP(nnx.Module):

@@ -190,7 +190,8 @@ class _Head(nnx.Module):
         x = x * (self.cfg.d_model ** -0.5)
       return embed.attend(x).astype(jnp.float32)
     dt = layers.compute_dtype(self.cfg)
-    return jnp.einsum("bld,vd->blv", x, self.kernel[...].astype(dt)).astype(jnp.float32)
+    logits = layers.project(self.cfg, "bld,vd->blv", x, self.kernel[...].astype(dt))
+    return logits.astype(jnp.float32)
 
 
 class EncoderDecoder(nnx.Module):
