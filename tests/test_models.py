@@ -216,6 +216,19 @@ def test_sequence_relative_bias_equals_the_per_position_bias(bidirectional, leng
                                 np.asarray(table)[:, offsets])
 
 
+def _assert_same_loss_and_grads(variant, batch, reference, other, *, loss_rtol, atol, rtol):
+  """The model `variant` with config overrides `other` gives the loss and parameter gradients
+  it gives with `reference`, from the same parameters."""
+  params = Model(tiny_config(**variant)).init(jax.random.key(0))
+  results = []
+  for overrides in (reference, other):
+    model = Model(tiny_config(**overrides, **variant))
+    results.append(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0])(params))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=loss_rtol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=rtol),
+               results[1][1], results[0][1])
+
+
 @pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
                                      dict(arch="decoder_only", num_kv_heads=2),
                                      dict(arch="prefix_lm", position_encoding="relative",
@@ -223,16 +236,10 @@ def test_sequence_relative_bias_equals_the_per_position_bias(bidirectional, leng
 def test_chunked_attention_model_matches_jax_attention(variant):
   """attention_impl='chunked' gives jax.nn's loss and gradients on sequences several query
   blocks long (the causal self-attention is chunked; the rest goes to jax.nn)."""
-  cfg = tiny_config(**variant)
-  params = Model(cfg).init(jax.random.key(0))
-  batch = random_batch(cfg, batch=2, in_len=90, out_len=70, seed=3)
-  results = []
-  for impl in ("xla", "chunked"):
-    model = Model(tiny_config(attention_impl=impl, **variant))
-    results.append(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0])(params))
-  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4),
-               results[1][1], results[0][1])
+  batch = random_batch(tiny_config(**variant), batch=2, in_len=90, out_len=70, seed=3)
+  _assert_same_loss_and_grads(variant, batch, dict(attention_impl="xla"),
+                              dict(attention_impl="chunked"), loss_rtol=1e-5, atol=2e-6,
+                              rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
@@ -244,16 +251,9 @@ def test_chunked_attention_model_matches_jax_attention(variant):
 def test_flat_weight_grads_match_autodiff(variant):
   """flat_weight_grads=True (every projection's kernel gradient as one flat matmul) gives the
   same loss and gradients as autodiff of the einsums."""
-  cfg = tiny_config(**variant)
-  params = Model(cfg).init(jax.random.key(0))
-  batch = random_batch(cfg, seed=4)
-  results = []
-  for flat in (False, True):
-    model = Model(tiny_config(flat_weight_grads=flat, **variant))
-    results.append(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0])(params))
-  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-               results[1][1], results[0][1])
+  batch = random_batch(tiny_config(**variant), seed=4)
+  _assert_same_loss_and_grads(variant, batch, dict(flat_weight_grads=False),
+                              dict(flat_weight_grads=True), loss_rtol=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("masking", ["causal", "lengths_and_bias", "dense_and_bias"])

@@ -26,17 +26,24 @@ def test_logical_rules_use_each_mesh_axis_once():
   assert tuple(spec) == (("data", "fsdp"), None, None)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
-def test_presets_match_single_device_on_8_devices(arch):
+def _check_presets(arch):
+  """Runs partitioning_check.py for `arch` on 8 fake devices; asserts every preset's loss and
+  gradients match one device's and returns its JSON output."""
   r = run_cli(["tests/partitioning_check.py", arch])
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
-  assert out["devices"] == 8
-  p = out["presets"]
-  for name, res in p.items():
+  for name, res in out["presets"].items():
     assert abs(res["loss"] - res["ref_loss"]) < 1e-5 * max(1.0, abs(res["ref_loss"])), name
     assert res["max_grad_err"] < 1e-5, (name, res["max_grad_err"])
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_presets_match_single_device_on_8_devices(arch):
+  out = _check_presets(arch)
+  assert out["devices"] == 8
+  p = out["presets"]
   total = p["data_parallel"]["param_bytes_total"]
   # Data parallel replicates; FSDP over 8 shards every embed-carrying matrix 8 ways.
   assert p["data_parallel"]["param_bytes_per_device"] == total
@@ -55,25 +62,14 @@ def test_presets_match_single_device_on_8_devices(arch):
 def test_cpu_levers_match_single_device_on_8_devices():
   """runs/cpu.gin's levers (attention_impl='chunked', flat_weight_grads) under every sharding
   preset (160-token rows, tied head)."""
-  r = run_cli(["tests/partitioning_check.py", "cpu_levers"])
-  assert r.returncode == 0, r.stderr[-3000:]
-  presets = json.loads(r.stdout.strip().splitlines()[-1])["presets"]
-  assert len(presets) == 4
-  for name, res in presets.items():
-    assert abs(res["loss"] - res["ref_loss"]) < 1e-5 * max(1.0, abs(res["ref_loss"])), name
-    assert res["max_grad_err"] < 1e-5, (name, res["max_grad_err"])
+  assert len(_check_presets("cpu_levers")["presets"]) == 4
 
 
 @pytest.mark.slow
 def test_expert_parallelism_matches_single_device():
   """MoE experts sharded over the tensor axis: same loss and gradients, 1/4 of the expert
   weights per device, and the token exchange shows up as collectives."""
-  r = run_cli(["tests/partitioning_check.py", "moe"])
-  assert r.returncode == 0, r.stderr[-3000:]
-  p = json.loads(r.stdout.strip().splitlines()[-1])["presets"]
-  for name, res in p.items():
-    assert abs(res["loss"] - res["ref_loss"]) < 1e-5 * max(1.0, abs(res["ref_loss"])), name
-    assert res["max_grad_err"] < 1e-5, (name, res["max_grad_err"])
+  p = _check_presets("moe")["presets"]
   ep = p["expert_parallel"]
   assert ep["expert_bytes_total"] > 0
   assert ep["expert_bytes_per_device"] == ep["expert_bytes_total"] // 4
