@@ -9,6 +9,7 @@ import os
 import sys
 
 from t5lite import gin_setup
+from t5lite import host_malloc
 
 
 def main(argv=None) -> int:
@@ -55,4 +56,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_malloc.reexec_with_tuned_malloc()
   sys.exit(main())

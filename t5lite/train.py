@@ -9,6 +9,7 @@ import os
 import sys
 
 from t5lite import gin_setup
+from t5lite import host_malloc
 
 
 def build_run(exp: gin_setup.Experiment, shard_index: int = 0, num_shards: int = 1):
@@ -130,4 +131,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_malloc.reexec_with_tuned_malloc()
   sys.exit(main())
