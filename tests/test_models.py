@@ -256,10 +256,12 @@ def test_flat_weight_grads_match_autodiff(variant):
                               dict(flat_weight_grads=True), loss_rtol=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("streams", [1, 3])
 @pytest.mark.parametrize("masking", ["causal", "lengths_and_bias", "dense_and_bias"])
-def test_chunked_attention_matches_jax_attention(masking):
-  """chunked_attention itself, with grouped KV heads, under each kind of mask: outputs on the
-  real queries and gradients equal jax.nn.dot_product_attention's."""
+def test_chunked_attention_matches_jax_attention(masking, streams):
+  """chunked_attention itself, with grouped KV heads, under each kind of mask, in one group of
+  rows or one per row: outputs on the real queries and gradients equal
+  jax.nn.dot_product_attention's."""
   from t5lite.models import attention
   b, length, heads, kv_heads, d = 3, 150, 4, 2, 16
   keys = jax.random.split(jax.random.key(0), 5)
@@ -283,7 +285,8 @@ def test_chunked_attention_matches_jax_attention(masking):
   ref = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
       q, k, v, bias=bias, mask=mask.dense, scale=0.3, is_causal=mask.causal,
       key_value_seq_lengths=mask.kv_lengths)
-  chunked = lambda q, k, v: attention.chunked_attention(q, k, v, mask, bias, scale=0.3)  # noqa: E731
+  chunked = lambda q, k, v: attention.chunked_attention(  # noqa: E731
+      q, k, v, mask, bias, scale=0.3, streams=streams)
   np.testing.assert_allclose(np.where(real, chunked(q, k, v), 0), np.where(real, ref(q, k, v), 0),
                              atol=2e-6)
   for got, want in zip(jax.grad(objective(chunked), argnums=(0, 1, 2))(q, k, v),

@@ -6,6 +6,7 @@ sequences never attend across examples; the attention itself goes through
 """
 
 import math
+import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -193,7 +194,8 @@ def _broadcast_batch(bias, batch: int):
   return jnp.einsum("b,...->b...", jnp.ones((batch,), bias.dtype), bias[0])
 
 
-def chunked_attention(q, k, v, mask: Mask, bias=None, *, scale: float, chunk: int = CHUNK):
+def chunked_attention(q, k, v, mask: Mask, bias=None, *, scale: float, chunk: int = CHUNK,
+                      streams: Optional[int] = None):
   """`attend` one block of `chunk` queries at a time (the 'chunked' implementation).
 
   Each block's scores [b, kv_heads, chunk, group, keys] stay small enough for the CPU's caches,
@@ -202,7 +204,41 @@ def chunked_attention(q, k, v, mask: Mask, bias=None, *, scale: float, chunk: in
   are laid out heads-major once, so the blocks slice contiguous rows. Scores and softmax in
   float32, as jax.nn.dot_product_attention computes them. Measured on XLA:CPU (runs/cpu.gin);
   on GPUs cuDNN's flash attention does all of this in one kernel.
+
+  `streams`: the batch is cut into this many row groups, each attended on its own. XLA:CPU runs
+  independent ops concurrently but each block's small matmuls and softmax on one core, so one
+  group per core puts them all to work (decoder-tiny, b8 x 320, 2 cores, in-process A/B over
+  seven runs: 1% to 13% faster, 6% on average). Default: on a single device, the largest
+  divisor of the batch up to the host's core count; with more devices, 1 (the batch is
+  sharded, and a cut across shards would move rows between devices).
   """
+  b = q.shape[0]
+  if streams is None:
+    streams = math.gcd(b, _host_cores()) if jax.device_count() == 1 else 1
+  if streams <= 1:
+    return _chunked_rows(q, k, v, mask, bias, scale=scale, chunk=chunk)
+  if b % streams:
+    raise ValueError(f"streams={streams} does not divide the batch ({b})")
+  n = b // streams
+
+  def rows(x, i):
+    return x if x is None or x.shape[0] == 1 else x[i * n:(i + 1) * n]
+
+  return jnp.concatenate([
+      _chunked_rows(rows(q, i), rows(k, i), rows(v, i),
+                    Mask(rows(mask.dense, i), mask.causal, rows(mask.kv_lengths, i)),
+                    rows(bias, i), scale=scale, chunk=chunk)
+      for i in range(streams)])
+
+
+def _host_cores() -> int:
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def _chunked_rows(q, k, v, mask: Mask, bias, *, scale: float, chunk: int):
+  """`chunked_attention` of one group of rows."""
   b, q_len, heads, d = q.shape
   k_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
