@@ -208,8 +208,8 @@ def chunked_attention(q, k, v, mask: Mask, bias=None, *, scale: float, chunk: in
   `streams`: the batch is cut into this many row groups, each attended on its own. XLA:CPU runs
   independent ops concurrently but each block's small matmuls and softmax on one core, so one
   group per core puts them all to work (decoder-tiny, b8 x 320, 2 cores, in-process A/B over
-  seven runs: 1% to 13% faster, 6% on average). Default: on a single device, the largest
-  divisor of the batch up to the host's core count; with more devices, 1 (the batch is
+  seven runs: 1% to 13% faster, 6% on average). Default: on a single device, the greatest
+  common divisor of the batch and the host's core count; with more devices, 1 (the batch is
   sharded, and a cut across shards would move rows between devices).
   """
   b = q.shape[0]
