@@ -16,8 +16,8 @@ Measured on 2 cores (fp32, b8 x (256+64), runs/cpu.gin, one process per setting,
   (serve everything from a never-trimmed main heap): faster than stock but slower than huge
   pages on decoder-125m, and its heap grew until the OOM killer stopped one run (24 GB RSS).
 
-glibc reads tunables only when a process starts, so the entry points (`t5lite.train`,
-`t5lite.eval`, `t5lite.infer`, `t5lite.chat`, `scripts/benchmark.py`) call
+glibc reads tunables only when a process starts, so the step-heavy entry points
+(`t5lite.train`, `t5lite.eval`, `scripts/benchmark.py`) call
 `reexec_with_tuned_malloc()` first: it restarts the same command line (same PID, before any
 other work) with the tunable added to `GLIBC_TUNABLES`. Set `T5LITE_HOST_MALLOC=system` to opt
 out; in a notebook, export `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` before starting the kernel.
