@@ -8,8 +8,10 @@ synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a 
 measured on the same device (bf16 on GPU, fp32 on CPU), peak device memory and compile time.
 On CPU, --vs-hf times the implementations in alternating rounds of consecutive steps
 (--rounds), since CPU speed drifts with clocks and neighbours; on GPU they run one after another.
-Like `t5lite.train`, it restarts itself with glibc's huge-page tunable (t5lite/host_malloc.py;
-T5LITE_HOST_MALLOC=system opts out); HF runs in the same process, so it gets the same setting.
+Like `t5lite.train`, it restarts itself under a host allocator that keeps XLA:CPU's temp buffer
+from being faulted in and zeroed every step (t5lite/host_malloc.py: jemalloc where installed,
+else glibc huge pages; T5LITE_HOST_MALLOC=system opts out); HF runs in the same process, so it
+gets the same allocator.
 
 Model FLOPs (PaLM appendix B convention; training = 3 x forward; rematerialization not counted;
 attention counted in full, causal masks not halved). Forward multiply-adds count 2 FLOPs:
@@ -33,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from t5lite import host_malloc  # noqa: E402
 
 
 def model_flops_per_step(cfg, batch: int, inputs: int, targets: int) -> float:
@@ -314,13 +318,15 @@ def main(argv=None):
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
             "gin_files": args.gin_file, "bindings": bindings, "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "dtype": cfg.dtype,
-            "peak_tflops": peak, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "peak_tflops": peak, "host_malloc": host_malloc.active_allocator(os.environ),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "malloc_conf": os.environ.get("MALLOC_CONF", ""),
             "results": rows, "decode": decode_rows}
   head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
   print(f"# {result['device']} peak {peak:.1f} TFLOP/s ({'bf16' if on_gpu else 'fp32'} matmul); "
         f"{' '.join(args.gin_file)} {' '.join(bindings)} batch {args.batch} x "
         f"({args.inputs}+{args.targets}); model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "
-        f"GLIBC_TUNABLES={result['glibc_tunables'] or '(none)'}")
+        f"host malloc {result['host_malloc']}")
   print(head)
   for r in rows:
     print(f"{r['impl']:<12}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>12.0f}{r['tflops']:>9.2f}"
@@ -335,6 +341,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from t5lite import host_malloc  # pylint: disable=ungrouped-imports
   host_malloc.reexec_with_tuned_malloc()
   main()

@@ -1,4 +1,4 @@
-"""host_malloc: the huge-page tunable is added once, and cuts XLA:CPU's per-step page faults."""
+"""host_malloc: the allocator is set up once, and XLA:CPU's temp buffer stops faulting per step."""
 
 import json
 
@@ -13,10 +13,34 @@ def test_tuned_environ_adds_the_tunable_once_and_keeps_others():
   assert env == {"PATH": "/bin", "GLIBC_TUNABLES": host_malloc.TUNABLE}
   env = host_malloc.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
   assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{host_malloc.TUNABLE}"
+  assert host_malloc.active_allocator(env) == "hugepages"
   assert host_malloc.tuned_environ(env) is None  # already there: the re-executed run stops
   assert host_malloc.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
-  assert host_malloc.tuned_environ({host_malloc.OPT_OUT_VAR: "system"}) is None
+  assert host_malloc.tuned_environ({host_malloc.MODE_VAR: "system"}) is None
   assert host_malloc.tuned_environ({}, glibc=False) is None
+
+
+def test_tuned_environ_prefers_jemalloc_where_installed_and_keeps_the_users_choices():
+  lib = "libjemalloc.so.2"
+  env = host_malloc.tuned_environ({"PATH": "/bin"}, jemalloc=lib)
+  assert env == {"PATH": "/bin", "LD_PRELOAD": lib, "MALLOC_CONF": host_malloc.JEMALLOC_CONF}
+  assert host_malloc.active_allocator(env) == "jemalloc"
+  assert host_malloc.tuned_environ(env, jemalloc=lib) is None  # the re-executed run stops
+  env = host_malloc.tuned_environ({"LD_PRELOAD": "libfoo.so", "MALLOC_CONF": "narenas:2"},
+                                  jemalloc=lib, glibc=False)
+  assert env["LD_PRELOAD"] == f"{lib}:libfoo.so" and env["MALLOC_CONF"] == "narenas:2"
+  # An allocator the user preloads, or the huge-page tunable they set, wins.
+  assert host_malloc.tuned_environ({"LD_PRELOAD": "/opt/libtcmalloc.so.4"}, jemalloc=lib) is None
+  assert host_malloc.active_allocator({"LD_PRELOAD": "/opt/libtcmalloc.so.4"}) == "libtcmalloc.so.4"
+  assert host_malloc.tuned_environ({"GLIBC_TUNABLES": host_malloc.TUNABLE}, jemalloc=lib) is None
+  # Modes: hugepages skips jemalloc; jemalloc without the library is an error, not a fallback.
+  env = host_malloc.tuned_environ({host_malloc.MODE_VAR: "hugepages"}, jemalloc=lib)
+  assert host_malloc.active_allocator(env) == "hugepages" and "LD_PRELOAD" not in env
+  with pytest.raises(ValueError, match="apt install libjemalloc2"):
+    host_malloc.tuned_environ({host_malloc.MODE_VAR: "jemalloc"}, jemalloc=None)
+  with pytest.raises(ValueError, match="expected one of auto, jemalloc, hugepages, system"):
+    host_malloc.tuned_environ({host_malloc.MODE_VAR: "tcmalloc"}, jemalloc=lib)
+  assert host_malloc.active_allocator({}) == "system"
 
 
 # Re-executes like an entry point, then runs a jitted function whose 64 MB intermediate
@@ -37,7 +61,10 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
   f(x).block_until_ready()
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES", ""), "faults": faults}))
+with open("/proc/self/maps", encoding="utf-8") as m:
+  mapped = "libjemalloc" in m.read()
+print(json.dumps({"allocator": host_malloc.active_allocator(os.environ), "jemalloc_mapped": mapped,
+                  "tunables": os.environ.get("GLIBC_TUNABLES", ""), "faults": faults}))
 """
 
 
@@ -49,19 +76,36 @@ def _thp_mode():
     return "never"
 
 
-@pytest.mark.skipif(not host_malloc._is_glibc() or _thp_mode() == "never",  # pylint: disable=protected-access
-                    reason="needs glibc and transparent huge pages")
-def test_reexec_sets_the_tunable_and_temp_buffers_stop_faulting_page_by_page():
-  def probe(env):
-    r = run_cli(["-c", _PROBE], env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+_CLEAN = {"GLIBC_TUNABLES": "", "LD_PRELOAD": "", "MALLOC_CONF": "", host_malloc.MODE_VAR: ""}
+_PAGES = 65536 * 256 * 4 // 4096  # of the probe's temp buffer, in 4 KB pages
 
-  pages = 65536 * 256 * 4 // 4096  # of the temp buffer, in 4 KB pages
-  tuned = probe({"GLIBC_TUNABLES": ""})
-  assert tuned["tunables"] == host_malloc.TUNABLE
-  assert tuned["faults"] < pages / 8, tuned
+
+def _probe(**env):
+  r = run_cli(["-c", _PROBE], env=dict(_CLEAN, **env), timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not host_malloc.is_glibc() or _thp_mode() == "never",
+                    reason="needs glibc and transparent huge pages")
+def test_reexec_with_hugepages_cuts_the_temp_buffers_faults_512_fold():
+  tuned = _probe(**{host_malloc.MODE_VAR: "hugepages"})
+  assert tuned["allocator"] == "hugepages" and tuned["tunables"] == host_malloc.TUNABLE
+  assert not tuned["jemalloc_mapped"]
+  assert tuned["faults"] < _PAGES / 8, tuned
   if _thp_mode() == "madvise":  # with THP "always" the stock allocator gets huge pages too
-    stock = probe({host_malloc.OPT_OUT_VAR: "system", "GLIBC_TUNABLES": ""})
-    assert stock["tunables"] == ""
-    assert stock["faults"] > pages / 2, stock
+    stock = _probe(**{host_malloc.MODE_VAR: "system"})
+    assert stock["allocator"] == "system" and stock["tunables"] == ""
+    assert stock["faults"] > _PAGES / 2, stock
+
+
+@pytest.mark.skipif(not host_malloc.is_glibc(), reason="needs glibc")
+def test_reexec_by_default_takes_jemalloc_where_installed_else_hugepages():
+  auto = _probe()
+  if host_malloc.find_jemalloc():
+    assert auto["allocator"] == "jemalloc" and auto["jemalloc_mapped"], auto
+    assert auto["faults"] < _PAGES / 64, auto  # freed pages are kept and reused: no faults
+  else:
+    assert auto["allocator"] == "hugepages" and not auto["jemalloc_mapped"], auto
+    r = run_cli(["-c", _PROBE], env=dict(_CLEAN, **{host_malloc.MODE_VAR: "jemalloc"}))
+    assert r.returncode != 0 and "apt install libjemalloc2" in r.stderr
