@@ -68,32 +68,33 @@ def _mode(environ) -> str:
   return mode
 
 
+def _tunables(environ) -> list:
+  return environ.get("GLIBC_TUNABLES", "").split(":")
+
+
 def active_allocator(environ) -> str:
   """What `environ` sets up: 'jemalloc', 'hugepages', another preloaded '*malloc*', or 'system'."""
   for lib in filter(None, environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")):
     name = os.path.basename(lib)
     if "malloc" in name:
       return "jemalloc" if "jemalloc" in name else name
-  tunables = environ.get("GLIBC_TUNABLES", "").split(":")
-  if TUNABLE in tunables:
-    return "hugepages"
-  return "system"
+  return "hugepages" if TUNABLE in _tunables(environ) else "system"
 
 
 def _user_chose(environ) -> bool:
-  """Whether the environment already names an allocator or the huge-page tunable."""
-  tunables = environ.get("GLIBC_TUNABLES", "").split(":")
+  """Whether the environment already preloads an allocator or sets the huge-page tunable."""
   return (active_allocator(environ) not in ("system", "hugepages")
-          or any(t.split("=")[0] == "glibc.malloc.hugetlb" for t in tunables))
+          or any(t.split("=")[0] == "glibc.malloc.hugetlb" for t in _tunables(environ)))
 
 
-def tuned_environ(environ, *, glibc: bool = True, jemalloc=None):
+def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None):
   """`environ` set up for the allocator `T5LITE_HOST_MALLOC` picks, or None to change nothing.
 
   Args:
     environ: the current environment (a mapping; not modified).
     glibc: whether the C library is glibc (`is_glibc()`).
-    jemalloc: a libjemalloc `LD_PRELOAD` can load (`find_jemalloc()`), or None.
+    find_jemalloc: returns a libjemalloc `LD_PRELOAD` can load, or None (the module's
+      `find_jemalloc`); called only when the mode could take jemalloc, as it may run ldconfig.
 
   Returns None for `system`, where the environment already preloads an allocator or sets the
   `glibc.malloc.hugetlb` tunable (the user's choice wins, and a re-executed process does not
@@ -106,7 +107,8 @@ def tuned_environ(environ, *, glibc: bool = True, jemalloc=None):
   mode = _mode(environ)
   if mode == "system" or _user_chose(environ):
     return None
-  if mode in ("auto", "jemalloc") and jemalloc:
+  jemalloc = find_jemalloc() if mode in ("auto", "jemalloc") else None
+  if jemalloc:
     preload = environ.get("LD_PRELOAD", "")
     return dict(environ, LD_PRELOAD=f"{jemalloc}:{preload}" if preload else jemalloc,
                 MALLOC_CONF=environ.get("MALLOC_CONF") or JEMALLOC_CONF)
@@ -125,9 +127,7 @@ def reexec_with_tuned_malloc():
   Call it first thing in an entry point's `__main__` block. Returns (doing nothing) where
   `tuned_environ` says nothing should change, or when the program came from stdin.
   """
-  if _mode(os.environ) == "system" or _user_chose(os.environ):
-    return
-  environ = tuned_environ(os.environ, glibc=is_glibc(), jemalloc=find_jemalloc())
+  environ = tuned_environ(os.environ, glibc=is_glibc(), find_jemalloc=find_jemalloc)
   argv = list(getattr(sys, "orig_argv", []))
   if environ is None or not argv or "-" in argv[1:2]:
     return

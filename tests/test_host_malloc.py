@@ -22,24 +22,31 @@ def test_tuned_environ_adds_the_tunable_once_and_keeps_others():
 
 def test_tuned_environ_prefers_jemalloc_where_installed_and_keeps_the_users_choices():
   lib = "libjemalloc.so.2"
-  env = host_malloc.tuned_environ({"PATH": "/bin"}, jemalloc=lib)
+  found = lambda: lib
+
+  def must_not_look():
+    raise AssertionError("find_jemalloc called where the answer cannot matter")
+
+  env = host_malloc.tuned_environ({"PATH": "/bin"}, find_jemalloc=found)
   assert env == {"PATH": "/bin", "LD_PRELOAD": lib, "MALLOC_CONF": host_malloc.JEMALLOC_CONF}
   assert host_malloc.active_allocator(env) == "jemalloc"
-  assert host_malloc.tuned_environ(env, jemalloc=lib) is None  # the re-executed run stops
+  assert host_malloc.tuned_environ(env, find_jemalloc=must_not_look) is None  # re-executed: stop
   env = host_malloc.tuned_environ({"LD_PRELOAD": "libfoo.so", "MALLOC_CONF": "narenas:2"},
-                                  jemalloc=lib, glibc=False)
+                                  find_jemalloc=found, glibc=False)
   assert env["LD_PRELOAD"] == f"{lib}:libfoo.so" and env["MALLOC_CONF"] == "narenas:2"
   # An allocator the user preloads, or the huge-page tunable they set, wins.
-  assert host_malloc.tuned_environ({"LD_PRELOAD": "/opt/libtcmalloc.so.4"}, jemalloc=lib) is None
-  assert host_malloc.active_allocator({"LD_PRELOAD": "/opt/libtcmalloc.so.4"}) == "libtcmalloc.so.4"
-  assert host_malloc.tuned_environ({"GLIBC_TUNABLES": host_malloc.TUNABLE}, jemalloc=lib) is None
+  tcmalloc = {"LD_PRELOAD": "/opt/libtcmalloc.so.4"}
+  assert host_malloc.tuned_environ(tcmalloc, find_jemalloc=must_not_look) is None
+  assert host_malloc.active_allocator(tcmalloc) == "libtcmalloc.so.4"
+  hugetlb = {"GLIBC_TUNABLES": host_malloc.TUNABLE}
+  assert host_malloc.tuned_environ(hugetlb, find_jemalloc=must_not_look) is None
   # Modes: hugepages skips jemalloc; jemalloc without the library is an error, not a fallback.
-  env = host_malloc.tuned_environ({host_malloc.MODE_VAR: "hugepages"}, jemalloc=lib)
+  env = host_malloc.tuned_environ({host_malloc.MODE_VAR: "hugepages"}, find_jemalloc=must_not_look)
   assert host_malloc.active_allocator(env) == "hugepages" and "LD_PRELOAD" not in env
   with pytest.raises(ValueError, match="apt install libjemalloc2"):
-    host_malloc.tuned_environ({host_malloc.MODE_VAR: "jemalloc"}, jemalloc=None)
+    host_malloc.tuned_environ({host_malloc.MODE_VAR: "jemalloc"}, find_jemalloc=lambda: None)
   with pytest.raises(ValueError, match="expected one of auto, jemalloc, hugepages, system"):
-    host_malloc.tuned_environ({host_malloc.MODE_VAR: "tcmalloc"}, jemalloc=lib)
+    host_malloc.tuned_environ({host_malloc.MODE_VAR: "tcmalloc"}, find_jemalloc=found)
   assert host_malloc.active_allocator({}) == "system"
 
 
