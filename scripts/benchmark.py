@@ -5,7 +5,10 @@
 
 Synthetic batches, no TensorFlow. Reports the median step time after warm-up (device
 synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a matmul peak
-measured on the same device (bf16 on GPU, fp32 on CPU), peak device memory and compile time.
+measured on the same device (bf16 on GPU, fp32 on CPU; before and after the steps, the higher
+counts), peak device memory and compile time. The header echoes the model settings that decide
+speed (dtype, scanned layers, remat, attention, flat weight grads): gin's last binding wins, so
+list runs/cpu.gin or runs/gpu.gin after the model preset.
 On CPU, --vs-hf times the implementations in alternating rounds of consecutive steps
 (--rounds), since CPU speed drifts with clocks and neighbours; on GPU they run one after another.
 Like `t5lite.train`, it restarts itself under a host allocator that keeps XLA:CPU's temp buffer
@@ -74,21 +77,26 @@ def synthetic_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0):
           "decoder_loss_weights": np.ones((batch, length), np.float32)}
 
 
+# The model settings that decide speed, echoed in the report: gin's last binding wins, so a
+# preset listed after runs/cpu.gin would silently undo it.
+SETTINGS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "flat_weight_grads")
+
+
 def measure_peak_tflops(on_gpu: bool) -> float:
-  """Matmul peak on this device: bf16 8192^3 on GPU, fp32 2048^3 on CPU (random data; median
-  of repeated timings after the clocks have ramped up)."""
+  """Matmul peak on this device: bf16 8192^3 on GPU, fp32 2048^3 on CPU (random data; the
+  fastest of repeated timings after the clocks have ramped up, as a peak is a best case)."""
   n, dtype = (8192, jnp.bfloat16) if on_gpu else (2048, jnp.float32)
   a = jax.random.normal(jax.random.key(1), (n, n), dtype)
   b = jax.random.normal(jax.random.key(2), (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
-  for _ in range(20 if on_gpu else 1):
+  for _ in range(20 if on_gpu else 2):
     f(a, b).block_until_ready()
   times = []
-  for _ in range(30 if on_gpu else 3):
+  for _ in range(30 if on_gpu else 8):
     t = time.perf_counter()
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(times) / 1e12
+  return 2 * n ** 3 / min(times) / 1e12
 
 
 def t5lite_runner(cfg, args):
@@ -124,7 +132,7 @@ def t5lite_runner(cfg, args):
   return run, {"impl": "t5lite", "compile_s": compile_s, "peak_mem_gb": peak_mem_gb}
 
 
-def time_side_by_side(runners, args, peak: float, flops: float):
+def time_side_by_side(runners, args, flops: float):
   """Times the runners in `args.rounds` rounds of consecutive steps (an untimed settling step,
   then steps/rounds timed ones, per runner and round; one round for a single runner). Rounds
   spread drift in the machine's speed (clocks, neighbours) over every implementation alike;
@@ -151,7 +159,7 @@ def time_side_by_side(runners, args, peak: float, flops: float):
     step_s = statistics.median(ts)
     rows.append({"impl": facts["impl"], "step_s": step_s, "tokens_per_s": tokens / step_s,
                  "model_flops_per_token": flops / tokens, "tflops": flops / step_s / 1e12,
-                 "mfu": flops / step_s / 1e12 / peak, "peak_mem_gb": facts["peak_mem_gb"](),
+                 "peak_mem_gb": facts["peak_mem_gb"](),
                  "compile_s": facts["compile_s"], "loss": loss})
   return rows
 
@@ -288,7 +296,7 @@ def main(argv=None):
   from t5lite import gin_setup
   cfg = load_config(args, [gin_setup._binding(b) for b in bindings])  # pylint: disable=protected-access
   on_gpu = jax.devices()[0].platform == "gpu"
-  peak = measure_peak_tflops(on_gpu)
+  peaks = [measure_peak_tflops(on_gpu)]
   decode_rows = []
   for b in (int(b) for b in args.decode_batches.split(",") if b):
     decode_rows.append(bench_decode(cfg, args, b))
@@ -309,22 +317,30 @@ def main(argv=None):
                for mode in args.hf_modes.split(",")]
   flops = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
   if on_gpu:  # one at a time, so each has the GPU's memory to itself
-    rows = [row for make in makers for row in time_side_by_side([make()], args, peak, flops)]
+    rows = [row for make in makers for row in time_side_by_side([make()], args, flops)]
   else:       # in alternating rounds: CPU speed drifts with clocks and neighbours
-    rows = time_side_by_side([make() for make in makers], args, peak, flops)
+    rows = time_side_by_side([make() for make in makers], args, flops)
+  # The peak again after the steps, and the higher one counts: a peak measured while the
+  # machine was slowed for a moment would inflate MFU (on a busy CPU, past 100%).
+  peaks.append(measure_peak_tflops(on_gpu))
+  peak = max(peaks)
+  for r in rows:
+    r["mfu"] = r["tflops"] / peak
   if args.vs_hf:
     for r in rows:
       r["vs_t5lite"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
             "gin_files": args.gin_file, "bindings": bindings, "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "dtype": cfg.dtype,
-            "peak_tflops": peak, "host_malloc": host_malloc.active_allocator(os.environ),
+            "peak_tflops": peak, "peak_tflops_before_after": peaks,
+            "model": {k: getattr(cfg, k) for k in SETTINGS}, "host_malloc": host_malloc.active_allocator(os.environ),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "malloc_conf": os.environ.get("MALLOC_CONF", ""),
             "results": rows, "decode": decode_rows}
   head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
-  print(f"# {result['device']} peak {peak:.1f} TFLOP/s ({'bf16' if on_gpu else 'fp32'} matmul); "
-        f"{' '.join(args.gin_file)} {' '.join(bindings)} batch {args.batch} x "
+  settings = ", ".join(f"{k}={v}" for k, v in result["model"].items())
+  print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({'bf16' if on_gpu else 'fp32'} matmul); "
+        f"{' '.join(args.gin_file)} {' '.join(bindings)} ({settings}) batch {args.batch} x "
         f"({args.inputs}+{args.targets}); model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "
         f"host malloc {result['host_malloc']}")
   print(head)

@@ -25,5 +25,9 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   assert t5["tokens_per_s"] > 0 and 0 < t5["mfu"] < 1.5 and t5["model_flops_per_token"] > 0
   assert [row["impl"] for row in result["decode"]] == ["t5lite-decode-b1", "hf-generate-b1"]
   assert "t5lite / HF tokens/s" in r.stdout
+  # The report says what was measured: the settings gin resolved, and the higher of two peaks.
+  assert result["model"]["dtype"] == "float32" and result["model"]["scan_layers"] is True
+  assert "dtype=float32" in r.stdout
+  assert result["peak_tflops"] == max(result["peak_tflops_before_after"]) > 0
   if host_malloc.is_glibc():  # it re-executed itself under a tuned allocator (HF too)
     assert result["host_malloc"] == ("jemalloc" if host_malloc.find_jemalloc() else "hugepages")
