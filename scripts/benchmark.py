@@ -340,7 +340,7 @@ def main(argv=None):
   head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
   settings = ", ".join(f"{k}={v}" for k, v in result["model"].items())
   print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({'bf16' if on_gpu else 'fp32'} matmul); "
-        f"{' '.join(args.gin_file)} {' '.join(bindings)} ({settings}) batch {args.batch} x "
+        f"{' '.join(args.gin_file + bindings)} ({settings}) batch {args.batch} x "
         f"({args.inputs}+{args.targets}); model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "
         f"host malloc {result['host_malloc']}")
   print(head)
