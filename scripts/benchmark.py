@@ -332,8 +332,9 @@ def main(argv=None):
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
             "gin_files": args.gin_file, "bindings": bindings, "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "dtype": cfg.dtype,
+            "model": {k: getattr(cfg, k) for k in SETTINGS},
             "peak_tflops": peak, "peak_tflops_before_after": peaks,
-            "model": {k: getattr(cfg, k) for k in SETTINGS}, "host_malloc": host_malloc.active_allocator(os.environ),
+            "host_malloc": host_malloc.active_allocator(os.environ),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "malloc_conf": os.environ.get("MALLOC_CONF", ""),
             "results": rows, "decode": decode_rows}

@@ -93,8 +93,9 @@ def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None):
   Args:
     environ: the current environment (a mapping; not modified).
     glibc: whether the C library is glibc (`is_glibc()`).
-    find_jemalloc: returns a libjemalloc `LD_PRELOAD` can load, or None (the module's
-      `find_jemalloc`); called only when the mode could take jemalloc, as it may run ldconfig.
+    find_jemalloc: returns a libjemalloc `LD_PRELOAD` can load, or None (entry points pass
+      this module's `find_jemalloc`; the default finds none). Called only where the mode could
+      take jemalloc, as the search may run ldconfig.
 
   Returns None for `system`, where the environment already preloads an allocator or sets the
   `glibc.malloc.hugetlb` tunable (the user's choice wins, and a re-executed process does not
