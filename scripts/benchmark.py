@@ -274,6 +274,7 @@ def load_config(args, bindings):
 
 
 def main(argv=None):
+  """Parses the command line, runs the benchmark, prints the table; returns the result."""
   argv = list(sys.argv[1:] if argv is None else argv)
   bindings = [a for a in argv if a.startswith("--gin.")]
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -293,6 +294,9 @@ def main(argv=None):
   parser.add_argument("--decode_tokens", type=int, default=128)
   parser.add_argument("--no_train", action="store_true", help="skip the train step")
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
+  unknown = sorted(set(args.hf_modes.split(",")) - {"eager", "compiled"})
+  if unknown:
+    parser.error(f"--hf-modes: unknown {', '.join(unknown)} (expected eager, compiled)")
   from t5lite import gin_setup
   cfg = load_config(args, [gin_setup._binding(b) for b in bindings])  # pylint: disable=protected-access
   on_gpu = jax.devices()[0].platform == "gpu"

@@ -1,0 +1,175 @@
+"""The standard benchmark table in one command: each case of a suite through scripts/benchmark.py.
+
+    python scripts/benchmark_suite.py --suite=cpu [--json=cpu.json] [--markdown=cpu.md]
+    python scripts/benchmark_suite.py --suite=gpu --cases=t5_1_1/base   # one case per call
+
+Each case runs in its own process (fresh device memory, its own host allocator restart) with
+`--vs-hf`. If that process fails (e.g. HF runs out of GPU memory, as HF T5-large nearly does
+on an 80 GB H100), the case runs again without HF, so t5lite's numbers survive, and the table
+says why HF is missing. The table has the command of every case, t5lite's step time, tokens/s,
+MFU and peak memory, HF's best mode, the ratio, and the speed issue's targets with whether each
+was met (GPU: MFU, 1.3x HF torch.compile, peak memory; CPU: ahead of HF eager).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Optional, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One row of a suite: a model preset, a run config and the batch shape."""
+  preset: str
+  run: str
+  batch: int
+  inputs: int
+  targets: int
+  steps: int
+  warmup: int
+  hf_modes: str
+  # Targets from the speed issue: t5lite's MFU, its tokens/s over an HF mode's, peak memory.
+  min_mfu: Optional[float] = None
+  min_vs_hf: Optional[Tuple[str, float]] = None    # e.g. ("hf-compiled", 1.3)
+  max_mem_gb: Optional[float] = None
+
+  def argv(self, with_hf: bool) -> Tuple[str, ...]:
+    """scripts/benchmark.py's arguments for this case."""
+    args = (f"--gin_file=models/{self.preset}.gin", f"--gin_file=runs/{self.run}.gin",
+            f"--batch={self.batch}", f"--inputs={self.inputs}", f"--targets={self.targets}",
+            f"--steps={self.steps}", f"--warmup={self.warmup}")
+    return args + (("--vs-hf", f"--hf-modes={self.hf_modes}") if with_hf else ())
+
+
+SUITES = {
+    # The CPU comparison every session reports: b8 x (256+64), fp32, ahead of HF eager.
+    "cpu": tuple(
+        Case(preset, "cpu", 8, 256, 64, steps=steps, warmup=warmup, hf_modes="eager",
+             min_vs_hf=("hf-eager", 1.0))
+        for preset, steps, warmup in (("decoder/tiny", 30, 3), ("t5_1_1/tiny", 30, 3),
+                                      ("t5_1_1/small", 6, 2), ("decoder/125m", 4, 2))),
+    # The speed issue's GPU targets, on one H100 (bf16).
+    "gpu": (
+        Case("t5_1_1/base", "gpu", 64, 512, 128, steps=10, warmup=3, hf_modes="eager,compiled",
+             min_mfu=0.45, min_vs_hf=("hf-compiled", 1.3)),
+        Case("t5_1_1/large", "gpu", 32, 512, 128, steps=10, warmup=3, hf_modes="eager,compiled",
+             min_mfu=0.45, min_vs_hf=("hf-compiled", 1.3), max_mem_gb=40.0),
+        Case("decoder/1b", "gpu", 8, 0, 2048, steps=10, warmup=3, hf_modes="eager,compiled",
+             min_mfu=0.60, min_vs_hf=("hf-compiled", 1.3), max_mem_gb=40.0),
+    ),
+}
+
+
+def run_case(case: Case, timeout_s: float) -> dict:
+  """Runs one case (with HF, else without); returns benchmark.py's JSON plus `command` and,
+  where HF failed, `hf_error` (the last lines of its output)."""
+  hf_error = ""
+  for with_hf in (True, False):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "result.json")
+      argv = ["scripts/benchmark.py", *case.argv(with_hf), f"--json={out}"]
+      try:
+        proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+        failure = "" if proc.returncode == 0 else (proc.stdout + proc.stderr)[-1500:]
+      except subprocess.TimeoutExpired:
+        failure = f"timed out after {timeout_s:.0f} s"
+      if not failure:
+        with open(out, encoding="utf-8") as f:
+          result = json.load(f)
+        return dict(result, command="python " + " ".join(argv[:-1]), hf_error=hf_error)
+    if not with_hf:
+      raise RuntimeError(f"{case.preset}: scripts/benchmark.py failed without HF too:\n{failure}")
+    hf_error = failure
+
+
+def checks(case: Case, result: dict) -> dict:
+  """The case's targets, each as (target, measured, met); a ratio whose HF mode failed is
+  left out."""
+  rows = {r["impl"]: r for r in result["results"]}
+  ours = rows["t5lite"]
+  out = {}
+  if case.min_mfu is not None:
+    out["MFU"] = (case.min_mfu, ours["mfu"], ours["mfu"] >= case.min_mfu)
+  if case.min_vs_hf is not None and case.min_vs_hf[0] in rows:
+    mode, want = case.min_vs_hf
+    ratio = ours["tokens_per_s"] / rows[mode]["tokens_per_s"]
+    out[f"vs {mode}"] = (want, ratio, ratio >= want)
+  if case.max_mem_gb is not None:
+    out["peak GB"] = (case.max_mem_gb, ours["peak_mem_gb"], ours["peak_mem_gb"] < case.max_mem_gb)
+  return out
+
+
+def markdown(cases, results) -> str:
+  """The suite as a markdown table (one row per case), commands and HF failures below it."""
+  first = results[0]
+  lines = [f"Device: {first['device']} ({first['platform']}), matmul peak "
+           f"{first['peak_tflops']:.3g} TFLOP/s, host malloc {first['host_malloc']}.", "",
+           "| preset | shape | t5lite ms | tokens/s | MFU | peak GB | HF best | HF tokens/s "
+           "| t5lite / HF | targets |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  notes = []
+  for case, result in zip(cases, results):
+    rows = {r["impl"]: r for r in result["results"]}
+    ours = rows.pop("t5lite")
+    best = max(rows.values(), key=lambda r: r["tokens_per_s"]) if rows else None
+    hf = (f"{best['impl']} | {best['tokens_per_s']:,.0f} | "
+          f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}x") if best else "failed | - | -"
+    targets = "; ".join(f"{name} {'met' if ok else 'NOT met'} ({got:.3g} vs {want:g})"
+                        for name, (want, got, ok) in checks(case, result).items()) or "-"
+    shape = f"{case.batch} x ({case.inputs}+{case.targets})"
+    lines.append(f"| {case.preset} | {shape} | {ours['step_s'] * 1e3:,.1f} | "
+                 f"{ours['tokens_per_s']:,.0f} | {ours['mfu']:.1%} | {ours['peak_mem_gb']:.1f} | "
+                 f"{hf} | {targets} |")
+    notes.append(f"- `{result['command']}`")
+    if result["hf_error"]:
+      last = result["hf_error"].strip().splitlines()[-1]
+      notes.append(f"  - HF failed, t5lite re-run alone: {last}")
+  return "\n".join(lines + ["", "Commands:"] + notes) + "\n"
+
+
+def main(argv=None):
+  """Runs the suite's cases, prints the markdown table; returns the results."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+  parser.add_argument("--cases", default="", help="comma-separated presets (default: all)")
+  parser.add_argument("--steps", type=int, default=0,
+                      help="a quick look: this many timed steps per case, one warm-up step")
+  parser.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark run")
+  parser.add_argument("--json", default="")
+  parser.add_argument("--markdown", default="")
+  args = parser.parse_args(argv)
+  cases = SUITES[args.suite]
+  if args.cases:
+    wanted = args.cases.split(",")
+    unknown = sorted(set(wanted) - {c.preset for c in cases})
+    if unknown:
+      parser.error(f"--cases: {', '.join(unknown)} not in the {args.suite} suite "
+                   f"({', '.join(c.preset for c in cases)})")
+    cases = tuple(c for c in cases if c.preset in wanted)
+  if args.steps:
+    cases = tuple(dataclasses.replace(c, steps=args.steps, warmup=1) for c in cases)
+  results = []
+  for case in cases:
+    print(f"# {case.preset} ...", flush=True)
+    results.append(run_case(case, args.timeout))
+  table = markdown(cases, results)
+  print(table)
+  if args.markdown:
+    with open(args.markdown, "w", encoding="utf-8") as f:
+      f.write(table)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump({"suite": args.suite, "cases": [dataclasses.asdict(c) for c in cases],
+                 "results": results}, f, indent=1)
+  return results
+
+
+if __name__ == "__main__":
+  main()

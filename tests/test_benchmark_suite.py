@@ -1,0 +1,57 @@
+"""scripts/benchmark_suite.py: a real case end to end, and the fallback when HF fails."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import benchmark_suite  # noqa: E402  pylint: disable=wrong-import-position
+
+pytestmark = pytest.mark.slow
+
+
+def test_cpu_case_with_hf_makes_the_table(tmp_path):
+  pytest.importorskip("transformers")
+  out, md = tmp_path / "s.json", tmp_path / "s.md"
+  r = run_cli(["scripts/benchmark_suite.py", "--suite=cpu", "--cases=decoder/tiny", "--steps=1",
+               f"--json={out}", f"--markdown={md}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(out.read_text())["results"][0]
+  assert [row["impl"] for row in result["results"]] == ["t5lite", "hf-eager"]
+  assert result["model"]["dtype"] == "float32"  # runs/cpu.gin came after the preset
+  table = md.read_text()
+  assert "| decoder/tiny | 8 x (256+64) |" in table and "hf-eager" in table
+  assert "vs hf-eager" in table  # the CPU target: ahead of HF eager
+  assert "--gin_file=models/decoder/tiny.gin --gin_file=runs/cpu.gin" in table
+
+
+def test_hf_failure_keeps_t5lite_numbers_and_says_why():
+  case = benchmark_suite.Case("decoder/tiny", "cpu", 2, 8, 8, steps=1, warmup=1,
+                              hf_modes="eager,bogus")
+  result = benchmark_suite.run_case(case, timeout_s=600)
+  assert [row["impl"] for row in result["results"]] == ["t5lite"]
+  assert "--hf-modes: unknown bogus" in result["hf_error"]
+  assert "--vs-hf" not in result["command"]
+  table = benchmark_suite.markdown([case], [result])
+  assert "failed" in table and "HF failed, t5lite re-run alone" in table
+
+
+def test_targets_are_checked_against_the_issue():
+  case = benchmark_suite.SUITES["gpu"][2]  # decoder/1b: >= 60% MFU, >= 1.3x compiled, < 40 GB
+  result = {"results": [
+      {"impl": "t5lite", "mfu": 0.62, "tokens_per_s": 70e3, "peak_mem_gb": 29.0},
+      {"impl": "hf-compiled", "mfu": 0.48, "tokens_per_s": 56e3, "peak_mem_gb": 43.0}]}
+  got = benchmark_suite.checks(case, result)
+  assert got["MFU"][2] and got["peak GB"][2]
+  assert got["vs hf-compiled"][1] == pytest.approx(1.25) and not got["vs hf-compiled"][2]
+  del result["results"][1]  # HF failed: no ratio to judge
+  assert "vs hf-compiled" not in benchmark_suite.checks(case, result)
+
+
+def test_unknown_case_is_a_clear_error():
+  r = run_cli(["scripts/benchmark_suite.py", "--suite=gpu", "--cases=t5_1_1/bsae"])
+  assert r.returncode == 2 and "t5_1_1/bsae not in the gpu suite" in r.stderr
