@@ -109,8 +109,11 @@ def checks(case: Case, result: dict) -> dict:
 def markdown(cases, results) -> str:
   """The suite as a markdown table (one row per case), commands and HF failures below it."""
   first = results[0]
-  lines = [f"Device: {first['device']} ({first['platform']}), matmul peak "
-           f"{first['peak_tflops']:.3g} TFLOP/s, host malloc {first['host_malloc']}.", "",
+  low, high = (f"{p:.3g}" for p in (min(r["peak_tflops"] for r in results),
+                                     max(r["peak_tflops"] for r in results)))
+  peak = low if low == high else f"{low}-{high}"
+  lines = [f"Device: {first['device']} ({first['platform']}), matmul peak {peak} TFLOP/s "
+           f"(measured in each case's run), host malloc {first['host_malloc']}.", "",
            "| preset | shape | t5lite ms | tokens/s | MFU | peak GB | HF best | HF tokens/s "
            "| t5lite / HF | targets |",
            "|---|---|---|---|---|---|---|---|---|---|"]
