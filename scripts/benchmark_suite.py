@@ -4,7 +4,8 @@
     python scripts/benchmark_suite.py --suite=gpu --cases=t5_1_1/base   # one case per call
 
 Each case runs in its own process (fresh device memory, its own host allocator restart) with
-`--vs-hf`. If that process fails (e.g. HF runs out of GPU memory, as HF T5-large nearly does
+`--vs-hf`; the CPU suite hides GPUs from both JAX and torch, and the GPU suite refuses to start
+without one. If a case's run with HF fails (e.g. HF out of GPU memory, as HF T5-large nearly is
 on an 80 GB H100), the case runs again without HF, so t5lite's numbers survive, and the table
 says why HF is missing. The table has the command of every case, t5lite's step time, tokens/s,
 MFU and peak memory, HF's best mode, the ratio, and the speed issue's targets with whether each
@@ -66,9 +67,22 @@ SUITES = {
 }
 
 
-def run_case(case: Case, timeout_s: float) -> dict:
-  """Runs one case (with HF, else without); returns benchmark.py's JSON plus `command` and,
-  where HF failed, `hf_error` (the last lines of its output)."""
+# What each suite's runs may see: the CPU suite hides GPUs from JAX and torch alike, so on a
+# GPU host it still measures the CPU.
+SUITE_ENV = {"cpu": {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}, "gpu": {}}
+
+
+def jax_backend() -> str:
+  """JAX's default backend, asked in a short-lived process (one that stayed would hold on to
+  GPU memory the benchmark runs need)."""
+  proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                        capture_output=True, text=True, check=True)
+  return proc.stdout.strip().splitlines()[-1]
+
+
+def run_case(case: Case, timeout_s: float, env=None) -> dict:
+  """Runs one case (with HF, else without) with `env` added to the environment; returns
+  benchmark.py's JSON plus `command` and, where HF failed, `hf_error` (its output's end)."""
   hf_error = ""
   for with_hf in (True, False):
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +90,7 @@ def run_case(case: Case, timeout_s: float) -> dict:
       argv = ["scripts/benchmark.py", *case.argv(with_hf), f"--json={out}"]
       try:
         proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout_s, check=False)
+                              timeout=timeout_s, check=False, env=dict(os.environ, **(env or {})))
         failure = "" if proc.returncode == 0 else (proc.stdout + proc.stderr)[-1500:]
       except subprocess.TimeoutExpired:
         failure = f"timed out after {timeout_s:.0f} s"
@@ -156,12 +170,15 @@ def main(argv=None):
       parser.error(f"--cases: {', '.join(unknown)} not in the {args.suite} suite "
                    f"({', '.join(c.preset for c in cases)})")
     cases = tuple(c for c in cases if c.preset in wanted)
+  backend = jax_backend() if args.suite == "gpu" else "cpu"
+  if backend != args.suite:
+    parser.error(f"--suite=gpu needs a GPU; JAX's backend here is {backend}")
   if args.steps:
     cases = tuple(dataclasses.replace(c, steps=args.steps, warmup=1) for c in cases)
   results = []
   for case in cases:
     print(f"# {case.preset} ...", flush=True)
-    results.append(run_case(case, args.timeout))
+    results.append(run_case(case, args.timeout, SUITE_ENV[args.suite]))
   table = markdown(cases, results)
   print(table)
   if args.markdown:

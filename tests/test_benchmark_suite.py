@@ -32,7 +32,7 @@ def test_cpu_case_with_hf_makes_the_table(tmp_path):
 def test_hf_failure_keeps_t5lite_numbers_and_says_why():
   case = benchmark_suite.Case("decoder/tiny", "cpu", 2, 8, 8, steps=1, warmup=1,
                               hf_modes="eager,bogus")
-  result = benchmark_suite.run_case(case, timeout_s=600)
+  result = benchmark_suite.run_case(case, timeout_s=600, env=benchmark_suite.SUITE_ENV["cpu"])
   assert [row["impl"] for row in result["results"]] == ["t5lite"]
   assert "--hf-modes: unknown bogus" in result["hf_error"]
   assert "--vs-hf" not in result["command"]
@@ -52,6 +52,9 @@ def test_targets_are_checked_against_the_issue():
   assert "vs hf-compiled" not in benchmark_suite.checks(case, result)
 
 
-def test_unknown_case_is_a_clear_error():
+def test_unknown_case_and_the_gpu_suite_without_a_gpu_are_clear_errors():
   r = run_cli(["scripts/benchmark_suite.py", "--suite=gpu", "--cases=t5_1_1/bsae"])
   assert r.returncode == 2 and "t5_1_1/bsae not in the gpu suite" in r.stderr
+  if benchmark_suite.jax_backend() != "gpu":
+    r = run_cli(["scripts/benchmark_suite.py", "--suite=gpu", "--cases=decoder/1b"])
+    assert r.returncode == 2 and "--suite=gpu needs a GPU" in r.stderr
