@@ -166,6 +166,17 @@ def time_side_by_side(runners, args, flops: float):
   return rows
 
 
+def time_one_at_a_time(makers, args, flops: float):
+  """The GPU way: each runner built, timed and dropped in turn, so it has the device's memory
+  to itself. HF's (makers[1:]) go first and torch's cache is emptied after each, so JAX's step
+  (makers[0], allocating on demand) comes last and finds the memory free. Rows in makers' order."""
+  rows = []
+  for make in makers[1:] + makers[:1]:
+    rows += time_side_by_side([make()], args, flops)
+    release_torch_gpu_memory()
+  return rows[-1:] + rows[:-1]
+
+
 def hf_model(cfg):
   """The HF transformers model with the same shapes (T5 v1.1 or LLaMA), randomly initialized."""
   import transformers
@@ -335,12 +346,8 @@ def main(argv=None):
     makers += [lambda mode=mode: hf_runner(cfg, args, compiled=mode == "compiled")
                for mode in args.hf_modes.split(",")]
   flops = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
-  if on_gpu:  # one at a time, HF first: torch hands its cache back before JAX's step grows
-    rows = []
-    for make in makers[1:] + makers[:1]:
-      rows += time_side_by_side([make()], args, flops)
-      release_torch_gpu_memory()
-    rows = rows[-1:] + rows[:-1]  # t5lite's row first, as on CPU
+  if on_gpu:
+    rows = time_one_at_a_time(makers, args, flops)
   else:       # in alternating rounds: CPU speed drifts with clocks and neighbours
     rows = time_side_by_side([make() for make in makers], args, flops)
   # The peak again after the steps, and the higher one counts: a peak measured while the

@@ -1,10 +1,13 @@
 """scripts/benchmark.py runs end to end on CPU (tiny shapes), side by side with HF."""
 
+import argparse
 import json
+import os
+import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from t5lite import host_malloc
 
 pytestmark = pytest.mark.slow
@@ -31,3 +34,21 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   assert result["peak_tflops"] == max(result["peak_tflops_before_after"]) > 0
   if host_malloc.is_glibc():  # it re-executed itself under a tuned allocator (HF too)
     assert result["host_malloc"] == ("jemalloc" if host_malloc.find_jemalloc() else "hugepages")
+
+
+def test_gpu_order_times_hf_first_and_reports_t5lite_first():
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import benchmark  # pylint: disable=import-outside-toplevel
+  order = []
+
+  def maker(name):
+    def make():
+      order.append(name)
+      return (lambda: 1.0), {"impl": name, "compile_s": 0.0, "peak_mem_gb": lambda: 0.0}
+    return make
+
+  args = argparse.Namespace(warmup=0, steps=2, rounds=3, batch=1, inputs=2, targets=2)
+  rows = benchmark.time_one_at_a_time([maker("t5lite"), maker("hf-eager"), maker("hf-compiled")],
+                                      args, flops=1e6)
+  assert order == ["hf-eager", "hf-compiled", "t5lite"]
+  assert [r["impl"] for r in rows] == ["t5lite", "hf-eager", "hf-compiled"]
