@@ -16,6 +16,8 @@ Like `t5lite.train`, it restarts itself under a host allocator that keeps XLA:CP
 from being faulted in and zeroed every step (t5lite/host_malloc.py: jemalloc where installed,
 else glibc huge pages; T5LITE_HOST_MALLOC=system opts out); HF runs in the same process, so it
 gets the same allocator.
+--compile_depths=6,12,24 instead reports the train step's compile time at each depth, layers
+scanned and unrolled, from shapes alone (nothing allocated), so T5 v1.1 large is cheap to study.
 
 Model FLOPs (PaLM appendix B convention; training = 3 x forward; rematerialization not counted;
 attention counted in full, causal masks not halved). Forward multiply-adds count 2 FLOPs:
@@ -28,6 +30,7 @@ attention counted in full, causal masks not halved). Forward multiply-adds count
 """
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -101,18 +104,26 @@ def measure_peak_tflops(on_gpu: bool) -> float:
   return 2 * n ** 3 / min(times) / 1e12
 
 
-def t5lite_runner(cfg, args):
-  """(one synchronized train step, facts) for the real t5lite step (AdamW, donated state)."""
+def t5lite_step(cfg, args):
+  """(jitted train step with donated state, jitted state init) for the real t5lite step (AdamW,
+  z-loss 1e-4, constant learning rate)."""
   import functools
   from t5lite import optimizers, trainer
   from t5lite.models.model import LossConfig, Model
   model = Model(cfg, LossConfig(z_loss=1e-4))
   opt = optimizers.make_optimizer(optimizers.OptimizerConfig("adamw"), 1e-4)
-  state = jax.jit(functools.partial(trainer.init_state, model, opt))(jax.random.key(0))
-  batch = jax.device_put(synthetic_batch(cfg, args.batch, args.inputs, args.targets))
+  init = jax.jit(functools.partial(trainer.init_state, model, opt))
   step = jax.jit(functools.partial(trainer.train_step, model=model, optimizer=opt,
                                    schedule=lambda s: 1e-4, seed=0,
                                    microbatches=args.microbatches), donate_argnums=(0,))
+  return step, init
+
+
+def t5lite_runner(cfg, args):
+  """(one synchronized train step, facts) for the real t5lite step (AdamW, donated state)."""
+  step, init = t5lite_step(cfg, args)
+  state = init(jax.random.key(0))
+  batch = jax.device_put(synthetic_batch(cfg, args.batch, args.inputs, args.targets))
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
@@ -132,6 +143,28 @@ def t5lite_runner(cfg, args):
     return mem / 2 ** 30
 
   return run, {"impl": "t5lite", "compile_s": compile_s, "peak_mem_gb": peak_mem_gb}
+
+
+def compile_vs_depth(cfg, args, depths):
+  """Seconds to trace + lower and to compile the train step at each depth (every stack of the
+  model set to it), with layers scanned and unrolled. Shapes only: nothing is allocated or run,
+  so large presets are cheap to study. Scanned, the compile time should stay flat with depth."""
+  batch = jax.eval_shape(lambda: synthetic_batch(cfg, args.batch, args.inputs, args.targets))
+  rows = []
+  for depth in depths:
+    for scan in (True, False):
+      sized = dataclasses.replace(cfg, num_decoder_layers=depth, scan_layers=scan, **(
+          {"num_encoder_layers": depth} if cfg.arch == "encoder_decoder" else {}))
+      step, init = t5lite_step(sized, args)
+      state = jax.eval_shape(init, jax.random.key(0))
+      t = time.perf_counter()
+      lowered = step.lower(state, batch)
+      lower_s = time.perf_counter() - t
+      t = time.perf_counter()
+      lowered.compile()
+      rows.append({"depth": depth, "scan_layers": scan, "lower_s": lower_s,
+                   "compile_s": time.perf_counter() - t})
+  return rows
 
 
 def time_side_by_side(runners, args, flops: float):
@@ -294,6 +327,29 @@ def load_config(args, bindings):
   return exp.model
 
 
+def report_compile_vs_depth(cfg, args, bindings):
+  """Runs `compile_vs_depth` for --compile_depths, prints its table, writes --json."""
+  depths = [int(d) for d in args.compile_depths.split(",") if d]
+  rows = compile_vs_depth(cfg, args, depths)
+  result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+            "gin_files": args.gin_file, "bindings": bindings, "batch": args.batch,
+            "inputs": args.inputs, "targets": args.targets,
+            "model": {k: getattr(cfg, k) for k in SETTINGS if k != "scan_layers"},
+            "compile_vs_depth": rows}
+  settings = ", ".join(f"{k}={v}" for k, v in result["model"].items())
+  print(f"# train step compile time on {result['device']}; {' '.join(args.gin_file + bindings)} "
+        f"({settings}) batch {args.batch} x ({args.inputs}+{args.targets}); depth = layers per "
+        "stack")
+  print(f"{'depth':>6}{'scanned lower s':>17}{'compile s':>11}{'unrolled lower s':>18}{'compile s':>11}")
+  for scanned, unrolled in zip(rows[::2], rows[1::2]):
+    print(f"{scanned['depth']:>6}{scanned['lower_s']:>17.1f}{scanned['compile_s']:>11.1f}"
+          f"{unrolled['lower_s']:>18.1f}{unrolled['compile_s']:>11.1f}")
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
 def main(argv=None):
   """Parses the command line, runs the benchmark, prints the table; returns the result."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -314,6 +370,9 @@ def main(argv=None):
   parser.add_argument("--decode_batches", default="", help="e.g. 1,32: also time decoding")
   parser.add_argument("--decode_tokens", type=int, default=128)
   parser.add_argument("--no_train", action="store_true", help="skip the train step")
+  parser.add_argument("--compile_depths", default="",
+                      help="e.g. 6,12,24: instead of timing steps, the train step's compile time "
+                           "at these depths, layers scanned and unrolled (shapes only)")
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
   unknown = sorted(set(args.hf_modes.split(",")) - {"eager", "compiled"})
   if unknown:
@@ -324,6 +383,8 @@ def main(argv=None):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from t5lite import gin_setup
   cfg = load_config(args, [gin_setup._binding(b) for b in bindings])  # pylint: disable=protected-access
+  if args.compile_depths:
+    return report_compile_vs_depth(cfg, args, bindings)
   on_gpu = jax.devices()[0].platform == "gpu"
   peaks = [measure_peak_tflops(on_gpu)]
   decode_rows = []

@@ -52,3 +52,15 @@ def test_gpu_order_times_hf_first_and_reports_t5lite_first():
                                       args, flops=1e6)
   assert order == ["hf-eager", "hf-compiled", "t5lite"]
   assert [r["impl"] for r in rows] == ["t5lite", "hf-eager", "hf-compiled"]
+
+
+def test_compile_vs_depth_scanned_and_unrolled(tmp_path):
+  out = tmp_path / "c.json"
+  r = run_cli(["scripts/benchmark.py", "--gin_file=models/t5_1_1/tiny.gin", "--batch=2",
+               "--inputs=16", "--targets=8", "--compile_depths=1,3", f"--json={out}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = json.loads(out.read_text())["compile_vs_depth"]
+  assert [(row["depth"], row["scan_layers"]) for row in rows] == [
+      (1, True), (1, False), (3, True), (3, False)]
+  assert all(row["lower_s"] > 0 and row["compile_s"] > 0 for row in rows)
+  assert "unrolled" in r.stdout
