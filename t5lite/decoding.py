@@ -74,7 +74,8 @@ def _prepare(model, params, batch, max_decode_len: int):
   key_valid = all_slots[None, :] >= pad[:, None]
   cache = net.init_cache(b, max_len)
   logits, cache = net.decode_step(left, cache, 0, q_positions=positions[:, :p_len],
-                                  k_positions=positions, key_valid=key_valid, prefix_slots=p_len)
+                                  k_positions=positions, key_valid=key_valid, prefix_slots=p_len,
+                                  last_only=True)
 
   def step(tokens, cache, i):
     slot = p_len + i

@@ -294,6 +294,30 @@ def test_chunked_attention_matches_jax_attention(masking, streams):
     np.testing.assert_allclose(got, want, atol=5e-5)
 
 
+@pytest.mark.parametrize("masking", ["dense_and_bias", "lengths"])
+def test_attend_cache_matches_jax_attention(masking):
+  """Decoding's attention over a heads-major cache (grouped KV heads, a few new queries) equals
+  jax.nn.dot_product_attention over the same keys laid out [batch, keys, heads, d]."""
+  from t5lite.models import attention
+  b, q_len, k_len, heads, kv_heads, d = 3, 2, 40, 6, 2, 8
+  keys = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(keys[0], (b, q_len, heads, d))
+  k, v = (jax.random.normal(r, (b, kv_heads, k_len, d)) for r in keys[1:3])
+  if masking == "lengths":
+    mask, bias = attention.Mask(kv_lengths=jnp.array([40, 17, 1])), None
+  else:
+    slots = np.arange(k_len)
+    visible = (slots[None, None, :] <= np.array([[20, 21]]).T[None]) & (
+        slots >= np.array([0, 5, 19])[:, None, None])                 # causal, left padding
+    mask = attention.Mask(dense=jnp.asarray(visible)[:, None])
+    bias = jax.random.normal(keys[3], (b, heads, q_len, k_len))
+  got = attention.attend_cache(q, k, v, mask, bias, scale=0.4)
+  want = jax.nn.dot_product_attention(
+      q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias=bias, mask=mask.dense,
+      scale=0.4, key_value_seq_lengths=mask.kv_lengths)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+
+
 def test_unknown_attention_implementation_is_rejected():
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     tiny_config(attention_impl="flash")

@@ -250,19 +250,51 @@ def _chunked_rows(q, k, v, mask: Mask, bias, *, scale: float, chunk: int):
   for start in range(0, q_len, chunk):
     stop = min(start + chunk, q_len)
     keys = min(stop, k_len) if mask.causal else k_len
-    scores = jnp.einsum("bkqgd,bksd->bkqgs", q[:, :, start:stop], k[:, :, :keys],
-                        preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-      scores = scores + bias[:, :, start:stop, :, :keys].astype(jnp.float32)
-    visible = jnp.ones((1, 1, 1, 1, keys), bool)
-    if mask.causal:
-      visible = visible & (jnp.arange(keys) <= jnp.arange(start, stop)[:, None, None])
-    if mask.kv_lengths is not None:
-      visible = visible & (jnp.arange(keys) < mask.kv_lengths[:, None, None, None, None])
-    if mask.dense is not None:
-      visible = visible & mask.dense[:, :, start:stop, None, :keys]
-    scores = jnp.where(visible, scores, -0.7 * jnp.finfo(jnp.float32).max)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    outputs.append(jnp.einsum("bkqgs,bksd->bkqgd", probs, v[:, :, :keys]))
+    outputs.append(_heads_major_attention(
+        q[:, :, start:stop], k[:, :, :keys], v[:, :, :keys], _visible(mask, start, stop, keys),
+        None if bias is None else bias[:, :, start:stop, :, :keys], scale))
   out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, q_len, heads, d)
+
+
+def _visible(mask: Mask, start: int, stop: int, keys: int):
+  """Which of the first `keys` keys queries start..stop-1 see: bool broadcastable to
+  [b, kv_heads, queries, group, keys]."""
+  visible = jnp.ones((1, 1, 1, 1, keys), bool)
+  if mask.causal:
+    visible = visible & (jnp.arange(keys) <= jnp.arange(start, stop)[:, None, None])
+  if mask.kv_lengths is not None:
+    visible = visible & (jnp.arange(keys) < mask.kv_lengths[:, None, None, None, None])
+  if mask.dense is not None:
+    visible = visible & mask.dense[:, :, start:stop, None, :keys]
+  return visible
+
+
+def _heads_major_attention(q, k, v, visible, bias, scale: float):
+  """Softmax attention in the heads-major layout: q [b, kv_heads, queries, group, d], k and v
+  [b, kv_heads, keys, d], visible and bias broadcastable to [b, kv_heads, queries, group, keys].
+  Scores and softmax in float32, as jax.nn.dot_product_attention computes them."""
+  scores = jnp.einsum("bkqgd,bksd->bkqgs", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    scores = scores + bias.astype(jnp.float32)
+  scores = jnp.where(visible, scores, -0.7 * jnp.finfo(jnp.float32).max)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkqgs,bksd->bkqgd", probs, v)
+
+
+def attend_cache(q, k, v, mask: Mask, bias=None, *, scale: float):
+  """Attention of a few new queries over a decoding cache kept heads-major.
+
+  q: [b, q_len, heads, d]; k, v: [b, kv_heads, k_len, d] (each head's keys contiguous, so the
+  score and value matmuls read the cache as it lies, without a transposed copy of it per step);
+  mask: a Mask over [q_len, k_len]; bias: [1 or b, heads, q_len, k_len]. Returns
+  [b, q_len, heads, d].
+  """
+  b, q_len, heads, d = q.shape
+  kv_heads, k_len = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  q = q.reshape(b, q_len, kv_heads, group, d).transpose(0, 2, 1, 3, 4)
+  if bias is not None:
+    bias = bias.reshape(bias.shape[0], kv_heads, group, q_len, k_len).transpose(0, 1, 3, 2, 4)
+  out = _heads_major_attention(q, k, v, _visible(mask, 0, q_len, k_len), bias, scale)
   return out.transpose(0, 2, 1, 3, 4).reshape(b, q_len, heads, d)

@@ -74,19 +74,18 @@ class DecoderBlock(nnx.Module):
     return x + layers.dropout(h, self.cfg.dropout_rate, r[3]), aux
 
 
-def _decoder_block_step(block, x, cache, index, *, mask, bias, positions, cross_mask=None):
-  """One decoder block on new tokens x with a KV cache: returns (x, new_cache)."""
+def _decoder_block_step(block, x, self_cache, layer, cross_kv, index, *, mask, bias, positions,
+                        cross_mask=None):
+  """One decoder block (layer `layer`) on new tokens x with the stacked self-attention cache and
+  this layer's cross-attention keys/values (or None): returns (x, new self cache)."""
   h = block.pre_self_attention_norm(x)
-  h, self_cache = block.self_attention.cached(h, cache["self"], index, mask, bias, positions)
+  h, self_cache = block.self_attention.cached(h, self_cache, layer, index, mask, bias, positions)
   x = x + h
-  new_cache = {"self": self_cache}
   if block.has_cross_attention:
     h = block.pre_cross_attention_norm(x)
-    x = x + block.cross_attention.attend_to(h, cache["cross"]["k"], cache["cross"]["v"],
-                                            cross_mask)
-    new_cache["cross"] = cache["cross"]
+    x = x + block.cross_attention.attend_to(h, cross_kv["k"], cross_kv["v"], cross_mask)
   h, _ = block.mlp(block.pre_mlp_norm(x), None)
-  return x + h, new_cache
+  return x + h, self_cache
 
 
 class LayerStack(nnx.Module):
@@ -141,14 +140,23 @@ class LayerStack(nnx.Module):
     return x, total
 
   def decode_step(self, x, caches, index, **kwargs):
-    """Runs every layer on new tokens with per-layer KV caches; returns (x, new caches)."""
+    """Runs every layer on new tokens with the KV caches; returns (x, new caches).
+
+    The self-attention cache is stacked over layers and rides in the scan's carry, where each
+    layer writes its new slots in place; cross-attention keys, read only, are scanned over.
+    (Scanned in and out instead, the whole cache would be copied every step.)
+    """
     graphdef, state = nnx.split(self.blocks)
 
     def step(carry, xs):
-      layer_state, cache = xs
-      return _decoder_block_step(nnx.merge(graphdef, layer_state), carry, cache, index, **kwargs)
+      x, self_cache = carry
+      layer_state, layer, cross_kv = xs
+      return _decoder_block_step(nnx.merge(graphdef, layer_state), x, self_cache, layer,
+                                 cross_kv, index, **kwargs), None
 
-    return jax.lax.scan(step, x, (state, caches))
+    xs = (state, jnp.arange(self.num_layers), caches.get("cross"))
+    (x, self_cache), _ = jax.lax.scan(step, (x, caches["self"]), xs)
+    return x, dict(caches, self=self_cache)
 
   def map_blocks(self, fn):
     """Stacks fn(block) over the layers (e.g. cross-attention keys of the encoder output)."""
@@ -157,7 +165,8 @@ class LayerStack(nnx.Module):
 
 
 def _cache_shape(cfg: ModelConfig, batch: int, max_len: int):
-  return (cfg.num_decoder_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+  """Self-attention cache [layers, batch, kv_heads, max_len, head_dim] (heads-major)."""
+  return (cfg.num_decoder_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
 
 
 def _lengths(tokens):
@@ -287,16 +296,16 @@ class EncoderDecoder(nnx.Module):
     cfg = self.cfg
     zeros = jnp.zeros(_cache_shape(cfg, encoded.shape[0], max_len), layers.compute_dtype(cfg))
 
-    def cross(block):
+    def cross(block):  # heads-major, like the self-attention cache
       k, v = block.cross_attention.project_kv(encoded)
-      return {"k": k, "v": v}
+      return {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
 
     return {"self": {"k": zeros, "v": zeros}, "cross": self.decoder.map_blocks(cross)}
 
   def decode_step(self, tokens, cache, index, *, encoder_lengths):
     """Decoder on tokens [batch, q] at slots index.. with a cache -> (logits, new cache)."""
     b, q = tokens.shape
-    max_len = cache["self"]["k"].shape[2]
+    max_len = cache["self"]["k"].shape[3]
     q_pos = jnp.broadcast_to(index + jnp.arange(q), (b, q))
     k_pos = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
     mask = attn_lib.Mask(dense=(k_pos[:, None, :] <= q_pos[:, :, None])[:, None])
@@ -386,12 +395,14 @@ class DecoderOnly(nnx.Module):
     return {"self": {"k": zeros, "v": zeros}}
 
   def decode_step(self, tokens, cache, index, *, q_positions, k_positions, key_valid,
-                  prefix_slots=0):
+                  prefix_slots=0, last_only=False):
     """Tokens [batch, q] at cache slots index.. -> (logits [batch, q, vocab], new cache).
 
     Prompts are left-padded so every row's prompt ends at the same slot; `key_valid`
     [batch, max_len] masks the padding slots and `*_positions` give each row's own positions.
-    With `prefix_slots` (prefix-LM) the first slots see each other bidirectionally.
+    With `prefix_slots` (prefix-LM) the first slots see each other bidirectionally. With
+    `last_only`, logits of the last token only ([batch, 1, vocab]): all a prompt's fill needs,
+    and the output head is the largest matmul of a small model's fill.
     """
     cfg = self.cfg
     q = tokens.shape[1]
@@ -406,6 +417,8 @@ class DecoderOnly(nnx.Module):
     x, cache = self.decoder.decode_step(x, cache, index, mask=mask,
                                         bias=self._bias(q_positions, k_positions),
                                         positions=q_positions)
+    if last_only:
+      x = x[:, -1:]
     return self.head(self.decoder_norm(x), self.token_embed), cache
 
 
