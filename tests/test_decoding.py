@@ -103,6 +103,14 @@ def test_eos_stops_rows_and_pads():
   assert np.all(out[0, j + 1:] == 0)
 
 
+def test_first_max_is_argmax_with_ties():
+  logits = np.random.default_rng(0).integers(0, 5, (64, 300)).astype(np.float32)  # many ties
+  logits[3] = -np.inf
+  logits[4, 7] = np.inf
+  np.testing.assert_array_equal(jax.jit(decoding.first_max)(jnp.asarray(logits)),
+                                np.argmax(logits, axis=-1))
+
+
 def test_filter_logits():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   kept = decoding.filter_logits(logits, top_k=2) > decoding.NEG_INF / 2
