@@ -236,8 +236,10 @@ def release_torch_gpu_memory():
     torch.cuda.empty_cache()
 
 
-def bench_hf_generate(cfg, args, batch: int):
-  """HF `generate` (greedy, KV cache) on the same prompts and lengths."""
+def bench_hf_generate(cfg, args, batch: int, cache: str = "dynamic"):
+  """HF `generate` (greedy, KV cache) on the same prompts and lengths; `cache` 'static' asks
+  for HF's preallocated cache (which recent transformers also compile), 'dynamic' for the
+  default one. The first call warms up, the second is timed."""
   import torch
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = hf_model(cfg).to(device).eval()
@@ -247,6 +249,8 @@ def bench_hf_generate(cfg, args, batch: int):
   ids = torch.tensor(rng.integers(2, cfg.vocab_size, (batch, args.inputs)), device=device)
   kw = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
             do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
+  if cache == "static":
+    kw["cache_implementation"] = "static"
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   with torch.no_grad():
     model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
@@ -255,7 +259,8 @@ def bench_hf_generate(cfg, args, batch: int):
     model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
     sync()
   step_s = time.perf_counter() - t
-  return {"impl": f"hf-generate-b{batch}", "decode_s": step_s,
+  name = "hf-generate" if cache == "dynamic" else f"hf-generate-{cache}"
+  return {"impl": f"{name}-b{batch}", "decode_s": step_s,
           "new_tokens_per_s": batch * args.decode_tokens / step_s, "compile_s": 0.0}
 
 
@@ -369,6 +374,8 @@ def main(argv=None):
   parser.add_argument("--json", default="")
   parser.add_argument("--decode_batches", default="", help="e.g. 1,32: also time decoding")
   parser.add_argument("--decode_tokens", type=int, default=128)
+  parser.add_argument("--hf-generate-caches", dest="hf_generate_caches", default="dynamic",
+                      help="--vs-hf decoding: HF generate with these caches (dynamic, static)")
   parser.add_argument("--no_train", action="store_true", help="skip the train step")
   parser.add_argument("--compile_depths", default="",
                       help="e.g. 6,12,24: instead of timing steps, the train step's compile time "
@@ -377,6 +384,9 @@ def main(argv=None):
   unknown = sorted(set(args.hf_modes.split(",")) - {"eager", "compiled"})
   if unknown:
     parser.error(f"--hf-modes: unknown {', '.join(unknown)} (expected eager, compiled)")
+  unknown = sorted(set(args.hf_generate_caches.split(",")) - {"dynamic", "static"})
+  if unknown:
+    parser.error(f"--hf-generate-caches: unknown {', '.join(unknown)} (expected dynamic, static)")
   if args.vs_hf:
     # JAX would otherwise take 75% of a GPU's memory at its first use and keep it, leaving HF
     # (torch) the rest; on demand, each side gets what it uses (no effect on CPU).
@@ -389,11 +399,12 @@ def main(argv=None):
   peaks = [measure_peak_tflops(on_gpu)]
   decode_rows = []
   for b in (int(b) for b in args.decode_batches.split(",") if b):
-    decode_rows.append(bench_decode(cfg, args, b))
-    if args.vs_hf:
-      decode_rows.append(bench_hf_generate(cfg, args, b))
+    ours = bench_decode(cfg, args, b)
+    decode_rows.append(ours)
+    for cache in args.hf_generate_caches.split(",") if args.vs_hf else ():
+      decode_rows.append(bench_hf_generate(cfg, args, b, cache))
       release_torch_gpu_memory()
-      decode_rows[-1]["vs_t5lite"] = decode_rows[-2]["new_tokens_per_s"] / decode_rows[-1][
+      decode_rows[-1]["vs_t5lite"] = ours["new_tokens_per_s"] / decode_rows[-1][
           "new_tokens_per_s"]
   for r in decode_rows:
     ratio = f"; t5lite is {r['vs_t5lite']:.2f}x" if "vs_t5lite" in r else ""

@@ -19,14 +19,16 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   r = run_cli(["scripts/benchmark.py", "--gin_file=models/t5_1_1/tiny.gin",
                "--gin.ModelConfig.dtype='float32'", "--batch=2", "--inputs=16", "--targets=8",
                "--steps=1", "--warmup=1", "--decode_batches=1", "--decode_tokens=4", "--vs-hf",
-               "--hf-modes=eager", f"--json={out}"])
+               "--hf-modes=eager", "--hf-generate-caches=dynamic,static", f"--json={out}"])
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(out.read_text())
   impls = [row["impl"] for row in result["results"]]
   assert impls == ["t5lite", "hf-eager"]
   t5 = result["results"][0]
   assert t5["tokens_per_s"] > 0 and 0 < t5["mfu"] < 1.5 and t5["model_flops_per_token"] > 0
-  assert [row["impl"] for row in result["decode"]] == ["t5lite-decode-b1", "hf-generate-b1"]
+  assert [row["impl"] for row in result["decode"]] == [
+      "t5lite-decode-b1", "hf-generate-b1", "hf-generate-static-b1"]
+  assert all(row["vs_t5lite"] > 0 for row in result["decode"][1:])
   assert "t5lite / HF tokens/s" in r.stdout
   # The report says what was measured: the settings gin resolved, and the higher of two peaks.
   assert result["model"]["dtype"] == "float32" and result["model"]["scan_layers"] is True
