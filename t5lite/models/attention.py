@@ -2,7 +2,8 @@
 
 Masks are boolean `[batch, 1, q_len, k_len]` (True = may attend) built from segment ids, so packed
 sequences never attend across examples; the attention itself goes through
-`jax.nn.dot_product_attention`, which selects cuDNN flash attention on GPUs.
+`jax.nn.dot_product_attention`, which selects cuDNN flash attention on GPUs, or on CPU through
+`chunked_attention`; decoding steps attend over a heads-major KV cache with `attend_cache`.
 """
 
 import math
