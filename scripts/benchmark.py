@@ -412,7 +412,14 @@ def main(argv=None):
           f"{args.decode_tokens} new tokens, {r['decode_s']:.2f}s per batch, compile "
           f"{r['compile_s']:.1f}s){ratio}")
   if args.no_train:
-    return {"decode": decode_rows}
+    result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+              "gin_files": args.gin_file, "bindings": bindings, "inputs": args.inputs,
+              "decode_tokens": args.decode_tokens, "model": {k: getattr(cfg, k) for k in SETTINGS},
+              "host_malloc": host_malloc.active_allocator(os.environ), "decode": decode_rows}
+    if args.json:
+      with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    return result
   makers = [lambda: t5lite_runner(cfg, args)]
   if args.vs_hf:
     makers += [lambda mode=mode: hf_runner(cfg, args, compiled=mode == "compiled")

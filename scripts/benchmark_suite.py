@@ -2,6 +2,7 @@
 
     python scripts/benchmark_suite.py --suite=cpu [--json=cpu.json] [--markdown=cpu.md]
     python scripts/benchmark_suite.py --suite=gpu --cases=t5_1_1/base   # one case per call
+    python scripts/benchmark_suite.py --suite=cpu-decode                # or gpu-decode
 
 Each case runs in its own process (fresh device memory, its own host allocator restart) with
 `--vs-hf`; the CPU suite hides GPUs from both JAX and torch, and the GPU suite refuses to start
@@ -9,7 +10,9 @@ without one. If a case's run with HF fails (e.g. HF out of GPU memory, as HF T5-
 on an 80 GB H100), the case runs again without HF, so t5lite's numbers survive, and the table
 says why HF is missing. The table has the command of every case, t5lite's step time, tokens/s,
 MFU and peak memory, HF's best mode, the ratio, and the speed issue's targets with whether each
-was met (GPU: MFU, 1.3x HF torch.compile, peak memory; CPU: ahead of HF eager).
+was met (GPU: MFU, 1.3x HF torch.compile, peak memory; CPU: ahead of HF eager). The decoding
+suites time greedy decoding against HF generate with its default and its static cache (GPU:
+>= 5x at batch 1, >= 1.5x the static cache at batch 32; CPU: ahead of HF's default cache).
 """
 
 import argparse
@@ -39,13 +42,26 @@ class Case:
   min_mfu: Optional[float] = None
   min_vs_hf: Optional[Tuple[str, float]] = None    # e.g. ("hf-compiled", 1.3)
   max_mem_gb: Optional[float] = None
+  # A decoding case (`decode_tokens` > 0): greedy decode of `batch` prompts of `inputs` tokens,
+  # no train step; `hf_modes` are then HF generate's caches (dynamic, static).
+  decode_tokens: int = 0
 
   def argv(self, with_hf: bool) -> Tuple[str, ...]:
     """scripts/benchmark.py's arguments for this case."""
-    args = (f"--gin_file=models/{self.preset}.gin", f"--gin_file=runs/{self.run}.gin",
-            f"--batch={self.batch}", f"--inputs={self.inputs}", f"--targets={self.targets}",
-            f"--steps={self.steps}", f"--warmup={self.warmup}")
+    gin = (f"--gin_file=models/{self.preset}.gin", f"--gin_file=runs/{self.run}.gin")
+    if self.decode_tokens:
+      return gin + (f"--inputs={self.inputs}", "--no_train", f"--decode_batches={self.batch}",
+                    f"--decode_tokens={self.decode_tokens}") + (
+                        ("--vs-hf", f"--hf-generate-caches={self.hf_modes}") if with_hf else ())
+    args = gin + (f"--batch={self.batch}", f"--inputs={self.inputs}", f"--targets={self.targets}",
+                  f"--steps={self.steps}", f"--warmup={self.warmup}")
     return args + (("--vs-hf", f"--hf-modes={self.hf_modes}") if with_hf else ())
+
+
+def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int,
+                 min_vs_hf: Optional[Tuple[str, float]] = None) -> Case:
+  return Case(preset, run, batch, inputs, 0, steps=0, warmup=0, hf_modes="dynamic,static",
+              min_vs_hf=min_vs_hf, decode_tokens=new_tokens)
 
 
 SUITES = {
@@ -64,12 +80,24 @@ SUITES = {
         Case("decoder/1b", "gpu", 8, 0, 2048, steps=10, warmup=3, hf_modes="eager,compiled",
              min_mfu=0.60, min_vs_hf=("hf-compiled", 1.3), max_mem_gb=40.0),
     ),
+    # Decoding (the decoding issue): greedy, new tokens/s against HF generate. CPU: ahead of
+    # HF's default cache; GPU (bf16, 512-token prompts, 128 new tokens): >= 5x HF generate at
+    # batch 1 and >= 1.5x HF generate with a static cache at batch 32.
+    "cpu-decode": tuple(
+        _decode_case(preset, "cpu", batch, 64, 32, (f"hf-generate-b{batch}", 1.0))
+        for preset in ("decoder/tiny", "t5_1_1/tiny", "t5_1_1/small") for batch in (1, 32)),
+    "gpu-decode": tuple(
+        _decode_case(preset, "gpu", batch, 512, 128, target)
+        for preset in ("t5_1_1/base", "t5_1_1/large", "decoder/1b")
+        for batch, target in ((1, ("hf-generate-b1", 5.0)),
+                              (32, ("hf-generate-static-b32", 1.5)))),
 }
 
 
 # What each suite's runs may see: the CPU suite hides GPUs from JAX and torch alike, so on a
 # GPU host it still measures the CPU.
 SUITE_ENV = {"cpu": {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}, "gpu": {}}
+SUITE_ENV.update({"cpu-decode": SUITE_ENV["cpu"], "gpu-decode": SUITE_ENV["gpu"]})
 
 
 def jax_backend() -> str:
@@ -106,6 +134,14 @@ def run_case(case: Case, timeout_s: float, env=None) -> dict:
 def checks(case: Case, result: dict) -> dict:
   """The case's targets, each as (target, measured, met); a ratio whose HF mode failed is
   left out."""
+  if case.decode_tokens:
+    rows = {r["impl"]: r for r in result["decode"]}
+    ours = rows[f"t5lite-decode-b{case.batch}"]
+    if case.min_vs_hf is None or case.min_vs_hf[0] not in rows:
+      return {}
+    mode, want = case.min_vs_hf
+    ratio = ours["new_tokens_per_s"] / rows[mode]["new_tokens_per_s"]
+    return {f"vs {mode}": (want, ratio, ratio >= want)}
   rows = {r["impl"]: r for r in result["results"]}
   ours = rows["t5lite"]
   out = {}
@@ -120,8 +156,42 @@ def checks(case: Case, result: dict) -> dict:
   return out
 
 
+def _targets(case: Case, result: dict) -> str:
+  return "; ".join(f"{name} {'met' if ok else 'NOT met'} ({got:.3g} vs {want:g})"
+                   for name, (want, got, ok) in checks(case, result).items()) or "-"
+
+
+def _commands(results) -> list:
+  notes = []
+  for result in results:
+    notes.append(f"- `{result['command']}`")
+    if result["hf_error"]:
+      last = result["hf_error"].strip().splitlines()[-1]
+      notes.append(f"  - HF failed, t5lite re-run alone: {last}")
+  return ["", "Commands:"] + notes
+
+
+def decode_markdown(cases, results) -> str:
+  """A decoding suite as a markdown table (new tokens/s, one row per case), commands below."""
+  first = results[0]
+  lines = [f"Device: {first['device']} ({first['platform']}), host malloc "
+           f"{first['host_malloc']}; greedy decoding, new tokens/s.", "",
+           "| preset | batch | prompt + new | t5lite | HF generate | HF static cache "
+           "| targets |", "|---|---|---|---|---|---|---|"]
+  for case, result in zip(cases, results):
+    rows = {r["impl"]: r["new_tokens_per_s"] for r in result["decode"]}
+    ours = rows[f"t5lite-decode-b{case.batch}"]
+    hf = [rows.get(f"{name}-b{case.batch}") for name in ("hf-generate", "hf-generate-static")]
+    hf = [f"{t:,.0f} ({ours / t:.2f}x)" if t else "-" for t in hf]
+    lines.append(f"| {case.preset} | {case.batch} | {case.inputs} + {case.decode_tokens} | "
+                 f"{ours:,.0f} | {hf[0]} | {hf[1]} | {_targets(case, result)} |")
+  return "\n".join(lines + _commands(results)) + "\n"
+
+
 def markdown(cases, results) -> str:
   """The suite as a markdown table (one row per case), commands and HF failures below it."""
+  if cases[0].decode_tokens:
+    return decode_markdown(cases, results)
   first = results[0]
   low, high = (f"{p:.3g}" for p in (min(r["peak_tflops"] for r in results),
                                      max(r["peak_tflops"] for r in results)))
@@ -131,24 +201,18 @@ def markdown(cases, results) -> str:
            "| preset | shape | t5lite ms | tokens/s | MFU | peak GB | HF best | HF tokens/s "
            "| t5lite / HF | targets |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-  notes = []
   for case, result in zip(cases, results):
     rows = {r["impl"]: r for r in result["results"]}
     ours = rows.pop("t5lite")
     best = max(rows.values(), key=lambda r: r["tokens_per_s"]) if rows else None
     hf = (f"{best['impl']} | {best['tokens_per_s']:,.0f} | "
           f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}x") if best else "failed | - | -"
-    targets = "; ".join(f"{name} {'met' if ok else 'NOT met'} ({got:.3g} vs {want:g})"
-                        for name, (want, got, ok) in checks(case, result).items()) or "-"
+    targets = _targets(case, result)
     shape = f"{case.batch} x ({case.inputs}+{case.targets})"
     lines.append(f"| {case.preset} | {shape} | {ours['step_s'] * 1e3:,.1f} | "
                  f"{ours['tokens_per_s']:,.0f} | {ours['mfu']:.1%} | {ours['peak_mem_gb']:.1f} | "
                  f"{hf} | {targets} |")
-    notes.append(f"- `{result['command']}`")
-    if result["hf_error"]:
-      last = result["hf_error"].strip().splitlines()[-1]
-      notes.append(f"  - HF failed, t5lite re-run alone: {last}")
-  return "\n".join(lines + ["", "Commands:"] + notes) + "\n"
+  return "\n".join(lines + _commands(results)) + "\n"
 
 
 def main(argv=None):
@@ -168,11 +232,12 @@ def main(argv=None):
     unknown = sorted(set(wanted) - {c.preset for c in cases})
     if unknown:
       parser.error(f"--cases: {', '.join(unknown)} not in the {args.suite} suite "
-                   f"({', '.join(c.preset for c in cases)})")
+                   f"({', '.join(dict.fromkeys(c.preset for c in cases))})")
     cases = tuple(c for c in cases if c.preset in wanted)
-  backend = jax_backend() if args.suite == "gpu" else "cpu"
-  if backend != args.suite:
-    parser.error(f"--suite=gpu needs a GPU; JAX's backend here is {backend}")
+  platform = args.suite.split("-")[0]
+  backend = jax_backend() if platform == "gpu" else "cpu"
+  if backend != platform:
+    parser.error(f"--suite={args.suite} needs a GPU; JAX's backend here is {backend}")
   if args.steps:
     cases = tuple(dataclasses.replace(c, steps=args.steps, warmup=1) for c in cases)
   results = []

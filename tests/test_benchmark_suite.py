@@ -52,6 +52,29 @@ def test_targets_are_checked_against_the_issue():
   assert "vs hf-compiled" not in benchmark_suite.checks(case, result)
 
 
+def test_cpu_decode_cases_make_the_table(tmp_path):
+  pytest.importorskip("transformers")
+  md = tmp_path / "d.md"
+  r = run_cli(["scripts/benchmark_suite.py", "--suite=cpu-decode", "--cases=decoder/tiny",
+               f"--markdown={md}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  table = md.read_text()
+  for batch in (1, 32):
+    assert f"| decoder/tiny | {batch} | 64 + 32 |" in table
+    assert f"vs hf-generate-b{batch}" in table
+    assert f"--no_train --decode_batches={batch} --decode_tokens=32 --vs-hf" in table
+
+
+def test_decode_targets_are_checked_against_the_issue():
+  case = benchmark_suite.SUITES["gpu-decode"][-1]  # decoder/1b b32: 1.5x HF's static cache
+  assert (case.preset, case.batch, case.inputs, case.decode_tokens) == ("decoder/1b", 32, 512, 128)
+  result = {"decode": [{"impl": "t5lite-decode-b32", "new_tokens_per_s": 6000.0},
+                       {"impl": "hf-generate-b32", "new_tokens_per_s": 1444.0},
+                       {"impl": "hf-generate-static-b32", "new_tokens_per_s": 4701.0}]}
+  want, got, met = benchmark_suite.checks(case, result)["vs hf-generate-static-b32"]
+  assert want == 1.5 and got == pytest.approx(6000 / 4701) and not met
+
+
 def test_unknown_case_and_the_gpu_suite_without_a_gpu_are_clear_errors():
   r = run_cli(["scripts/benchmark_suite.py", "--suite=gpu", "--cases=t5_1_1/bsae"])
   assert r.returncode == 2 and "t5_1_1/bsae not in the gpu suite" in r.stderr
