@@ -240,11 +240,18 @@ def _host_cores() -> int:
 
 def _chunked_rows(q, k, v, mask: Mask, bias, *, scale: float, chunk: int):
   """`chunked_attention` of one group of rows."""
+  return _heads_major_blocks(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, bias,
+                             scale=scale, chunk=chunk)
+
+
+def _heads_major_blocks(q, k, v, mask: Mask, bias, *, scale: float, chunk: int):
+  """Attention of q [b, q_len, heads, d] over heads-major k, v [b, kv_heads, k_len, d], in
+  blocks of `chunk` queries (under a causal mask each block stops at its last query's key).
+  Returns [b, q_len, heads, d]."""
   b, q_len, heads, d = q.shape
-  k_len, kv_heads = k.shape[1], k.shape[2]
+  kv_heads, k_len = k.shape[1], k.shape[2]
   group = heads // kv_heads
   q = q.reshape(b, q_len, kv_heads, group, d).transpose(0, 2, 1, 3, 4)    # [b, kv, q, g, d]
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [b, kv, k, d]
   if bias is not None:                                                    # [b|1, kv, q, g, k]
     bias = bias.reshape(bias.shape[0], kv_heads, group, q_len, k_len).transpose(0, 1, 3, 2, 4)
   outputs = []
@@ -291,11 +298,4 @@ def attend_cache(q, k, v, mask: Mask, bias=None, *, scale: float):
   mask: a Mask over [q_len, k_len]; bias: [1 or b, heads, q_len, k_len]. Returns
   [b, q_len, heads, d].
   """
-  b, q_len, heads, d = q.shape
-  kv_heads, k_len = k.shape[1], k.shape[2]
-  group = heads // kv_heads
-  q = q.reshape(b, q_len, kv_heads, group, d).transpose(0, 2, 1, 3, 4)
-  if bias is not None:
-    bias = bias.reshape(bias.shape[0], kv_heads, group, q_len, k_len).transpose(0, 1, 3, 2, 4)
-  out = _heads_major_attention(q, k, v, _visible(mask, 0, q_len, k_len), bias, scale)
-  return out.transpose(0, 2, 1, 3, 4).reshape(b, q_len, heads, d)
+  return _heads_major_blocks(q, k, v, mask, bias, scale=scale, chunk=q.shape[1])
