@@ -332,15 +332,28 @@ def load_config(args, bindings):
   return exp.model
 
 
+def run_facts(cfg, args, bindings, settings=SETTINGS) -> dict:
+  """What every report records first: the device, the gin files and bindings, and the model
+  settings that decide speed as gin resolved them."""
+  return {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+          "gin_files": args.gin_file, "bindings": bindings,
+          "model": {k: getattr(cfg, k) for k in settings}}
+
+
+def write_json(path: str, result: dict):
+  """Writes `result` to --json's path (nothing when it is empty)."""
+  if path:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+
+
 def report_compile_vs_depth(cfg, args, bindings):
   """Runs `compile_vs_depth` for --compile_depths, prints its table, writes --json."""
   depths = [int(d) for d in args.compile_depths.split(",") if d]
   rows = compile_vs_depth(cfg, args, depths)
-  result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
-            "gin_files": args.gin_file, "bindings": bindings, "batch": args.batch,
-            "inputs": args.inputs, "targets": args.targets,
-            "model": {k: getattr(cfg, k) for k in SETTINGS if k != "scan_layers"},
-            "compile_vs_depth": rows}
+  result = dict(run_facts(cfg, args, bindings, [k for k in SETTINGS if k != "scan_layers"]),
+                batch=args.batch, inputs=args.inputs, targets=args.targets,
+                compile_vs_depth=rows)
   settings = ", ".join(f"{k}={v}" for k, v in result["model"].items())
   print(f"# train step compile time on {result['device']}; {' '.join(args.gin_file + bindings)} "
         f"({settings}) batch {args.batch} x ({args.inputs}+{args.targets}); depth = layers per "
@@ -349,9 +362,7 @@ def report_compile_vs_depth(cfg, args, bindings):
   for scanned, unrolled in zip(rows[::2], rows[1::2]):
     print(f"{scanned['depth']:>6}{scanned['lower_s']:>17.1f}{scanned['compile_s']:>11.1f}"
           f"{unrolled['lower_s']:>18.1f}{unrolled['compile_s']:>11.1f}")
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=1)
+  write_json(args.json, result)
   return result
 
 
@@ -412,13 +423,10 @@ def main(argv=None):
           f"{args.decode_tokens} new tokens, {r['decode_s']:.2f}s per batch, compile "
           f"{r['compile_s']:.1f}s){ratio}")
   if args.no_train:
-    result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
-              "gin_files": args.gin_file, "bindings": bindings, "inputs": args.inputs,
-              "decode_tokens": args.decode_tokens, "model": {k: getattr(cfg, k) for k in SETTINGS},
-              "host_malloc": host_malloc.active_allocator(os.environ), "decode": decode_rows}
-    if args.json:
-      with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    result = dict(run_facts(cfg, args, bindings), inputs=args.inputs,
+                  decode_tokens=args.decode_tokens,
+                  host_malloc=host_malloc.active_allocator(os.environ), decode=decode_rows)
+    write_json(args.json, result)
     return result
   makers = [lambda: t5lite_runner(cfg, args)]
   if args.vs_hf:
@@ -438,10 +446,8 @@ def main(argv=None):
   if args.vs_hf:
     for r in rows:
       r["vs_t5lite"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
-  result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
-            "gin_files": args.gin_file, "bindings": bindings, "batch": args.batch,
+  result = {**run_facts(cfg, args, bindings), "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "dtype": cfg.dtype,
-            "model": {k: getattr(cfg, k) for k in SETTINGS},
             "peak_tflops": peak, "peak_tflops_before_after": peaks,
             "host_malloc": host_malloc.active_allocator(os.environ),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
@@ -460,9 +466,7 @@ def main(argv=None):
   if args.vs_hf:
     print("t5lite / HF tokens/s: " + ", ".join(
         f"{r['impl']} {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x" for r in rows[1:]))
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=1)
+  write_json(args.json, result)
   return result
 
 
