@@ -131,25 +131,26 @@ def run_case(case: Case, timeout_s: float, env=None) -> dict:
     hf_error = failure
 
 
+def measured(case: Case, result: dict):
+  """(t5lite's row, HF's rows by mode name, the rate both are compared by) of a case's result:
+  a train case's step results (tokens/s) or a decoding case's rows at its batch (new tokens/s)."""
+  if case.decode_tokens:
+    rows = {r["impl"]: r for r in result["decode"]}
+    return rows.pop(f"t5lite-decode-b{case.batch}"), rows, "new_tokens_per_s"
+  rows = {r["impl"]: r for r in result["results"]}
+  return rows.pop("t5lite"), rows, "tokens_per_s"
+
+
 def checks(case: Case, result: dict) -> dict:
   """The case's targets, each as (target, measured, met); a ratio whose HF mode failed is
   left out."""
-  if case.decode_tokens:
-    rows = {r["impl"]: r for r in result["decode"]}
-    ours = rows[f"t5lite-decode-b{case.batch}"]
-    if case.min_vs_hf is None or case.min_vs_hf[0] not in rows:
-      return {}
-    mode, want = case.min_vs_hf
-    ratio = ours["new_tokens_per_s"] / rows[mode]["new_tokens_per_s"]
-    return {f"vs {mode}": (want, ratio, ratio >= want)}
-  rows = {r["impl"]: r for r in result["results"]}
-  ours = rows["t5lite"]
+  ours, rows, rate = measured(case, result)
   out = {}
   if case.min_mfu is not None:
     out["MFU"] = (case.min_mfu, ours["mfu"], ours["mfu"] >= case.min_mfu)
   if case.min_vs_hf is not None and case.min_vs_hf[0] in rows:
     mode, want = case.min_vs_hf
-    ratio = ours["tokens_per_s"] / rows[mode]["tokens_per_s"]
+    ratio = ours[rate] / rows[mode][rate]
     out[f"vs {mode}"] = (want, ratio, ratio >= want)
   if case.max_mem_gb is not None:
     out["peak GB"] = (case.max_mem_gb, ours["peak_mem_gb"], ours["peak_mem_gb"] < case.max_mem_gb)
@@ -179,12 +180,11 @@ def decode_markdown(cases, results) -> str:
            "| preset | batch | prompt + new | t5lite | HF generate | HF static cache "
            "| targets |", "|---|---|---|---|---|---|---|"]
   for case, result in zip(cases, results):
-    rows = {r["impl"]: r["new_tokens_per_s"] for r in result["decode"]}
-    ours = rows[f"t5lite-decode-b{case.batch}"]
+    ours, rows, rate = measured(case, result)
     hf = [rows.get(f"{name}-b{case.batch}") for name in ("hf-generate", "hf-generate-static")]
-    hf = [f"{t:,.0f} ({ours / t:.2f}x)" if t else "-" for t in hf]
+    hf = [f"{r[rate]:,.0f} ({ours[rate] / r[rate]:.2f}x)" if r else "-" for r in hf]
     lines.append(f"| {case.preset} | {case.batch} | {case.inputs} + {case.decode_tokens} | "
-                 f"{ours:,.0f} | {hf[0]} | {hf[1]} | {_targets(case, result)} |")
+                 f"{ours[rate]:,.0f} | {hf[0]} | {hf[1]} | {_targets(case, result)} |")
   return "\n".join(lines + _commands(results)) + "\n"
 
 
@@ -202,8 +202,7 @@ def markdown(cases, results) -> str:
            "| t5lite / HF | targets |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for case, result in zip(cases, results):
-    rows = {r["impl"]: r for r in result["results"]}
-    ours = rows.pop("t5lite")
+    ours, rows, _ = measured(case, result)
     best = max(rows.values(), key=lambda r: r["tokens_per_s"]) if rows else None
     hf = (f"{best['impl']} | {best['tokens_per_s']:,.0f} | "
           f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}x") if best else "failed | - | -"
