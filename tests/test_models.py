@@ -280,17 +280,20 @@ def test_chunked_attention_matches_jax_attention(masking, streams):
     real = (segments > 0)[..., None, None]   # padding queries see nothing: their output is moot
 
   def objective(fn):
-    return lambda q, k, v: jnp.sum(jnp.where(real, jnp.sin(fn(q, k, v)), 0.0))
+    return lambda *args: jnp.sum(jnp.where(real, jnp.sin(fn(*args)), 0.0))
 
-  ref = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+  ref = lambda q, k, v, bias=bias: jax.nn.dot_product_attention(  # noqa: E731
       q, k, v, bias=bias, mask=mask.dense, scale=0.3, is_causal=mask.causal,
       key_value_seq_lengths=mask.kv_lengths)
-  chunked = lambda q, k, v: attention.chunked_attention(  # noqa: E731
+  chunked = lambda q, k, v, bias=bias: attention.chunked_attention(  # noqa: E731
       q, k, v, mask, bias, scale=0.3, streams=streams)
   np.testing.assert_allclose(np.where(real, chunked(q, k, v), 0), np.where(real, ref(q, k, v), 0),
                              atol=2e-6)
-  for got, want in zip(jax.grad(objective(chunked), argnums=(0, 1, 2))(q, k, v),
-                       jax.grad(objective(ref), argnums=(0, 1, 2))(q, k, v)):
+  # The gradients of q, k, v and (where there is one) the bias, which chunked_attention's
+  # blocks compute by hand (flash attention's backward), not by autodiff.
+  args, argnums = ((q, k, v), (0, 1, 2)) if bias is None else ((q, k, v, bias), (0, 1, 2, 3))
+  for got, want in zip(jax.grad(objective(chunked), argnums=argnums)(*args),
+                       jax.grad(objective(ref), argnums=argnums)(*args)):
     np.testing.assert_allclose(got, want, atol=5e-5)
 
 

@@ -6,6 +6,7 @@ sequences never attend across examples; the attention itself goes through
 `chunked_attention`; decoding steps attend over a heads-major KV cache with `attend_cache`.
 """
 
+import functools
 import math
 import os
 from typing import NamedTuple, Optional
@@ -278,16 +279,51 @@ def _visible(mask: Mask, start: int, stop: int, keys: int):
   return visible
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _heads_major_attention(q, k, v, visible, bias, scale: float):
   """Softmax attention in the heads-major layout: q [b, kv_heads, queries, group, d], k and v
   [b, kv_heads, keys, d], visible and bias broadcastable to [b, kv_heads, queries, group, keys].
-  Scores and softmax in float32, as jax.nn.dot_product_attention computes them."""
+  Scores and softmax in float32, as jax.nn.dot_product_attention computes them.
+
+  Its gradient is written out (`_heads_major_backward`) as flash attention's is: the softmax's
+  backward takes each row's sum over the head dimension, dO . O, instead of autodiff's sum over
+  the keys of dP * P (on XLA:CPU that [.., keys] reduction cost more than the block's matmuls).
+  """
+  return _heads_major_forward(q, k, v, visible, bias, scale)[0]
+
+
+def _heads_major_forward(q, k, v, visible, bias, scale: float):
   scores = jnp.einsum("bkqgd,bksd->bkqgs", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     scores = scores + bias.astype(jnp.float32)
   scores = jnp.where(visible, scores, -0.7 * jnp.finfo(jnp.float32).max)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkqgs,bksd->bkqgd", probs, v)
+  out = jnp.einsum("bkqgs,bksd->bkqgd", probs, v)
+  return out, (q, k, v, visible, bias, probs, out)
+
+
+def _heads_major_backward(scale: float, saved, d_out):
+  """Gradients of `_heads_major_attention` from its probabilities and output (both saved):
+  dS = P * (dP - rowsum(dO * O)), zero where a key is hidden (fully hidden rows included)."""
+  q, k, v, visible, bias, probs, out = saved
+  d_v = jnp.einsum("bkqgs,bkqgd->bksd", probs, d_out)
+  d_probs = jnp.einsum("bkqgd,bksd->bkqgs", d_out, v, preferred_element_type=jnp.float32)
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_scores = jnp.where(visible, probs.astype(jnp.float32) * (d_probs - row), 0.0)
+  d_bias = None if bias is None else _sum_to_shape(d_scores, bias.shape).astype(bias.dtype)
+  d_scaled = (d_scores * scale).astype(q.dtype)
+  d_q = jnp.einsum("bkqgs,bksd->bkqgd", d_scaled, k)
+  d_k = jnp.einsum("bkqgs,bkqgd->bksd", d_scaled, q)
+  return d_q, d_k, d_v, None, d_bias
+
+
+_heads_major_attention.defvjp(_heads_major_forward, _heads_major_backward)
+
+
+def _sum_to_shape(x, shape):
+  """Sums x over the axes that `shape` (same rank) broadcasts, keeping them as size 1."""
+  axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
+  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
 def attend_cache(q, k, v, mask: Mask, bias=None, *, scale: float):
