@@ -182,17 +182,14 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
   q: [b, q_len, heads, d]; k, v: [b, k_len, kv_heads, d]; mask: a Mask;
   bias: [1 or b, heads, q_len, k_len]. Returns [b, q_len, heads, d].
   `implementation`: None (jax picks), 'xla' or 'cudnn' go to jax.nn.dot_product_attention;
-  'chunked' runs causal attention longer than one block through `chunked_attention` (the rest,
-  where it gains nothing, through jax.nn).
+  'chunked' to `chunked_attention`.
   """
   if bias is not None:
     bias = bias.astype(q.dtype)
     if bias.shape[0] == 1 < q.shape[0] and jax.default_backend() == "cpu":
       bias = _broadcast_batch(bias, q.shape[0])
   if implementation == "chunked":
-    if mask.causal and q.shape[1] > CHUNK:
-      return chunked_attention(q, k, v, mask, bias, scale=scale)
-    implementation = None
+    return chunked_attention(q, k, v, mask, bias, scale=scale)
   return jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=mask.dense, scale=scale, is_causal=mask.causal,
       key_value_seq_lengths=mask.kv_lengths, implementation=implementation)

@@ -50,7 +50,8 @@ class ModelConfig:
     scan_layers: stack layers and run them with lax.scan (compile time flat in depth).
     remat_policy: one of REMAT_POLICIES, applied per layer.
     attention_impl: None (auto), 'xla' or 'cudnn' for jax.nn.dot_product_attention, or
-      'chunked' (causal attention in query blocks that skip keys past the diagonal; CPU).
+      'chunked' (attention in query blocks, causal ones skipping the keys past the
+      diagonal, with a flash-attention backward; CPU).
     flat_weight_grads: compute each projection's weight gradient as one matmul over flattened
       tokens (`t5lite.models.projection`; same values), which spares XLA:CPU a transposed copy
       of the gradient. A CPU lever.
