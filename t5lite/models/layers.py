@@ -6,6 +6,7 @@ names to mesh axes. Parameters are stored in `param_dtype` and cast to the compu
 which gives bf16 compute over fp32 master weights.
 """
 
+import functools
 import math
 
 import jax
@@ -263,17 +264,45 @@ class MLP(nnx.Module):
       # copy would add a write and a read of both kernels.
       kernels = jnp.stack([self.wi_0[...].astype(dt), self.wi_1[...].astype(dt)], axis=1)
       both = project(self.cfg, "bld,dnf->blnf", x, kernels)
-      gate, up = both[..., 0, :], both[..., 1, :]
+      if self.cfg.use_bias:
+        both = both + jnp.stack([self.wi_0_bias[...], self.wi_1_bias[...]]).astype(dt)
+      h = gated_activation(both, self.cfg.activation)
     else:
       gate = project(self.cfg, "bld,df->blf", x, self.wi_0[...].astype(dt))
-      up = (project(self.cfg, "bld,df->blf", x, self.wi_1[...].astype(dt))
-            if self.cfg.gated_mlp else None)
-    h = act(_add_bias(gate, self, "wi_0_bias"))
-    if up is not None:
-      h = h * _add_bias(up, self, "wi_1_bias")
+      h = act(_add_bias(gate, self, "wi_0_bias"))
+      if self.cfg.gated_mlp:
+        h = h * _add_bias(project(self.cfg, "bld,df->blf", x, self.wi_1[...].astype(dt)), self,
+                          "wi_1_bias")
     h = dropout(h, self.cfg.dropout_rate, rng)
     out = project(self.cfg, "blf,fd->bld", h, self.wo[...].astype(dt))
     return _add_bias(out, self, "wo_bias"), jnp.zeros((), jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gated_activation(both, activation: str):
+  """act(gate) * up from the stacked projections `both` [..., 2, mlp] (gate first).
+
+  Its gradient is written by hand as one stack of the gate's and the up's gradients. Autodiff
+  of the two slices pads each slice's gradient to the stacked shape and adds them: on XLA:CPU
+  three passes over [tokens, 2, mlp] (decoder-125m, b8 x 320: 324 ms of its 8.5 s step). In-process
+  A/B of the train step (fp32, 2 cores): decoder-125m 8,607 -> 8,502 ms, T5-small 2,412 ->
+  2,370 ms, the tiny presets within noise.
+  """
+  return activation_fn(activation)(both[..., 0, :]) * both[..., 1, :]
+
+
+def _gated_forward(both, activation: str):
+  return gated_activation(both, activation), both
+
+
+def _gated_backward(activation: str, both, d_h):
+  gate, up = both[..., 0, :], both[..., 1, :]
+  activated, act_vjp = jax.vjp(activation_fn(activation), gate)
+  d_gate, = act_vjp(d_h * up)
+  return (jnp.stack([d_gate, d_h * activated], axis=-2),)
+
+
+gated_activation.defvjp(_gated_forward, _gated_backward)
 
 
 class MoEMLP(nnx.Module):
