@@ -8,6 +8,12 @@ a 232 ms single-core step for one 12 MB transpose), where transposing the small 
 would do. `project(..., flat_weight_grad=True)` writes the gradient itself as one
 [in, tokens] x [tokens, out] matmul over flattened tokens, which XLA:CPU runs with no copy of
 either operand, and then lays the small result out in the kernel's axis order.
+
+The input gradient is written flat too, as [tokens, out] x [in, out]^T. Autodiff's einsum, with
+several out axes (the gated MLP's [embed, 2, mlp] kernel, attention's [embed, heads, head_dim]),
+had XLA:CPU copy both the gradient and the kernel into a transposed layout first: five copies per
+layer of decoder-125m, and in-process A/B of the train step (b8 x 320, 2 cores) 8,309 -> 7,954
+ms; decoder-tiny 87.2 -> 82.9 ms, T5-small 2,292 -> 2,231 ms.
 """
 
 import functools
@@ -64,10 +70,15 @@ def _forward(spec, x, kernel):
 def _backward(spec, residuals, g):
   x, kernel = residuals
   tokens, ins, outs, ks = _parse(spec)
-  dx = jnp.einsum(f"{tokens}{outs},{ks}->{tokens}{ins}", g, kernel)
   n = math.prod(x.shape[:len(tokens)])
   in_shape, out_shape = x.shape[len(tokens):], g.shape[len(tokens):]
-  grad = jnp.dot(x.reshape(n, -1).T, g.reshape(n, -1))  # [in, out]
+  flat_g = g.reshape(n, -1)                                                 # [tokens, out]
+  # The kernel as [in, out]: a transpose XLA folds into the dot (a bitcast when the kernel's
+  # axes are already in that order, as for every projection but the tied output head).
+  flat_kernel = jnp.transpose(kernel, [ks.index(c) for c in ins + outs]).reshape(
+      math.prod(in_shape), math.prod(out_shape))
+  dx = jax.lax.dot_general(flat_g, flat_kernel, (((1,), (1,)), ((), ()))).reshape(x.shape)
+  grad = jnp.dot(x.reshape(n, -1).T, flat_g)  # [in, out]
   grad = grad.reshape(in_shape + out_shape)
   order = [(ins + outs).index(c) for c in ks]
   return dx, jnp.transpose(grad, order).astype(kernel.dtype)
