@@ -255,7 +255,6 @@ class MLP(nnx.Module):
   def __call__(self, x, rng=None):
     """x: [batch, length, embed] -> ([batch, length, embed], aux_loss=0)."""
     dt = compute_dtype(self.cfg)
-    act = activation_fn(self.cfg.activation)
     if self.cfg.gated_mlp and x.shape[1] > 1:
       # Both input projections as one matmul over stacked kernels [embed, 2, mlp]. XLA:CPU then
       # stops recomputing the gate's backward in a second, transposed layout: the train step of
@@ -269,7 +268,7 @@ class MLP(nnx.Module):
       h = gated_activation(both, self.cfg.activation)
     else:
       gate = project(self.cfg, "bld,df->blf", x, self.wi_0[...].astype(dt))
-      h = act(_add_bias(gate, self, "wi_0_bias"))
+      h = activation_fn(self.cfg.activation)(_add_bias(gate, self, "wi_0_bias"))
       if self.cfg.gated_mlp:
         h = h * _add_bias(project(self.cfg, "bld,df->blf", x, self.wi_1[...].astype(dt)), self,
                           "wi_1_bias")
@@ -284,9 +283,9 @@ def gated_activation(both, activation: str):
 
   Its gradient is written by hand as one stack of the gate's and the up's gradients. Autodiff
   of the two slices pads each slice's gradient to the stacked shape and adds them: on XLA:CPU
-  three passes over [tokens, 2, mlp] (decoder-125m, b8 x 320: 324 ms of its 8.5 s step). In-process
-  A/B of the train step (fp32, 2 cores): decoder-125m 8,607 -> 8,502 ms, T5-small 2,412 ->
-  2,370 ms, the tiny presets within noise.
+  three passes over [tokens, 2, mlp] (decoder-125m, b8 x 320: 324 ms of its 8.5 s step).
+  In-process A/B of the train step (fp32, 2 cores): decoder-125m 8,607 -> 8,502 ms, T5-small
+  2,412 -> 2,370 ms, the tiny presets within noise.
   """
   return activation_fn(activation)(both[..., 0, :]) * both[..., 1, :]
 

@@ -74,7 +74,7 @@ def _backward(spec, residuals, g):
   in_shape, out_shape = x.shape[len(tokens):], g.shape[len(tokens):]
   flat_g = g.reshape(n, -1)                                                 # [tokens, out]
   # The kernel as [in, out]: a transpose XLA folds into the dot (a bitcast when the kernel's
-  # axes are already in that order, as for every projection but the tied output head).
+  # axes are already in that order, as for every projection but the [vocab, embed] output head).
   flat_kernel = jnp.transpose(kernel, [ks.index(c) for c in ins + outs]).reshape(
       math.prod(in_shape), math.prod(out_shape))
   dx = jax.lax.dot_general(flat_g, flat_kernel, (((1,), (1,)), ((), ()))).reshape(x.shape)
