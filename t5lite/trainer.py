@@ -98,6 +98,18 @@ def _split_microbatches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
+def _apply_optimizer(optimizer, grads, params, opt_state):
+  """(params, optimizer state) after one optimizer update with `grads`."""
+  updates, new_opt = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), new_opt
+
+
+def _skip_update(grads, params, opt_state):
+  """(params, optimizer state) unchanged: the step of a non-finite loss or gradient."""
+  del grads
+  return params, opt_state
+
+
 def train_step(state, batch, *, model: Model, optimizer: optax.GradientTransformation,
                schedule: Callable, seed: int, microbatches: int = 1):
   """One optimizer step. Pure: returns (new_state, metrics).
@@ -138,13 +150,16 @@ def train_step(state, batch, *, model: Model, optimizer: optax.GradientTransform
 
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
-  new_params = optax.apply_updates(state["params"], updates)
-  keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  # A step is kept or skipped whole by a cond, not by a select per tensor: with selects, XLA fused
+  # each new moment into the parameter update as well as into the moment's own (donated, updated
+  # in place) buffer, and so copied every moment first. T5-small train step, 2 CPU cores,
+  # in-process A/B: 3,166 -> 2,848 ms median.
+  new_params, new_opt = jax.lax.cond(finite, functools.partial(_apply_optimizer, optimizer),
+                                     _skip_update, grads, state["params"], state["opt_state"])
   new_state = {
       "step": step + 1,
-      "params": keep(new_params, state["params"]),
-      "opt_state": keep(new_opt, state["opt_state"]),
+      "params": new_params,
+      "opt_state": new_opt,
       "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
       "nonfinite_total": state["nonfinite_total"] + (1 - finite.astype(jnp.int32)),
   }

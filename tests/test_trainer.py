@@ -46,16 +46,18 @@ def test_nonfinite_step_is_skipped_and_counted():
   model = Model(cfg)
   opt = optax.adamw(1e-3)
   state = trainer.init_state(model, opt, jax.random.key(0))
-  before = jax.tree.map(np.asarray, state["params"])
   step = _step(model, opt)
+  state, _ = step(state, random_batch(cfg))        # nonzero moments and count to keep
+  before = jax.tree.map(np.asarray, {k: state[k] for k in ("params", "opt_state")})
   bad = random_batch(cfg)
   bad["decoder_loss_weights"] = np.full(bad["decoder_target_tokens"].shape, np.nan, np.float32)
   state, metrics = step(state, bad)
   assert int(metrics["skipped"]) == 1 and int(state["nonfinite_streak"]) == 1
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["params"]), before)
+  after = jax.tree.map(np.asarray, {k: state[k] for k in ("params", "opt_state")})
+  jax.tree.map(np.testing.assert_array_equal, after, before)
   state, metrics = step(state, bad)
   assert int(state["nonfinite_streak"]) == 2 and int(state["nonfinite_total"]) == 2
-  assert int(state["step"]) == 2
+  assert int(state["step"]) == 3
   state, metrics = step(state, random_batch(cfg))
   assert int(metrics["skipped"]) == 0 and int(state["nonfinite_streak"]) == 0
   assert int(state["nonfinite_total"]) == 2
