@@ -40,17 +40,21 @@ class _RowBuilder:
     self.used = {k: 0 for k in lengths}
 
   def fits(self, sizes: Dict[str, int]) -> bool:
+    """Whether a segment of these sizes (per feature) still fits in the row."""
     return all(self.used[k] + sizes[k] <= self.lengths[k] for k in sizes)
 
   def empty(self) -> bool:
+    """Whether no segment has been added yet."""
     return all(u == 0 for u in self.used.values())
 
   def add(self, arrays: Dict[str, np.ndarray]):
+    """Appends one example's arrays (per feature) as the next segment."""
     for k, v in arrays.items():
       self.parts[k].append(v)
       self.used[k] += len(v)
 
   def build(self) -> Dict[str, np.ndarray]:
+    """The row: tokens, segment ids (1, 2, ...; 0 = padding) and positions per feature."""
     out = {}
     for k, length in self.lengths.items():
       tokens = np.zeros(length, np.int32)
