@@ -23,6 +23,26 @@ def test_clip_by_global_norm_matches_optax(scale):
   assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
   expected_norm = min(float(optax.global_norm(grads)), 1.0)
   np.testing.assert_allclose(float(optax.global_norm(got)), expected_norm, rtol=1e-6)
+  # The norm a caller already has (the trainer's) is used as given, not computed again.
+  given, _ = ours.update(grads, ours.init(grads), global_norm=optax.global_norm(grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), given, want)
+  scaled, _ = ours.update(grads, ours.init(grads), global_norm=jnp.float32(10.0))
+  jax.tree.map(lambda a, g: np.testing.assert_allclose(a, g / 10.0, rtol=1e-6), scaled, grads)
+
+
+@pytest.mark.parametrize("name", optimizers.OPTIMIZERS)
+@pytest.mark.parametrize("clip_norm", [0.0, 1.0])
+def test_optimizers_take_the_global_norm_as_an_extra_argument(name, clip_norm):
+  """The trainer passes `global_norm` to every optimizer make_optimizer builds, clipped or not:
+  the update equals one computing the norm itself."""
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
+  grads = jax.tree.map(lambda p: 5.0 * jnp.cos(p + 1.0), params)
+  opt = optimizers.make_optimizer(optimizers.OptimizerConfig(name, clip_norm=clip_norm), 1e-2)
+  state = opt.init(params)
+  want, _ = opt.update(grads, state, params)
+  got, _ = optax.with_extra_args_support(opt).update(grads, state, params,
+                                                     global_norm=optax.global_norm(grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
 
 
 def test_adamw_chain_matches_optax_chain():
