@@ -6,7 +6,7 @@ setup(
     name="t5lite",
     version="0.1.0",
     description="JAX/Flax training of T5 and decoder-only LMs: data, pretraining, finetuning, "
-                "RLHF, decoding.",
+                "decoding, Hugging Face interop.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["t5lite", "t5lite.*"]),
