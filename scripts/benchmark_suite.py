@@ -85,7 +85,8 @@ SUITES = {
     # batch 1 and >= 1.5x HF generate with a static cache at batch 32.
     "cpu-decode": tuple(
         _decode_case(preset, "cpu", batch, 64, 32, (f"hf-generate-b{batch}", 1.0))
-        for preset in ("decoder/tiny", "t5_1_1/tiny", "t5_1_1/small") for batch in (1, 32)),
+        for preset in ("decoder/tiny", "t5_1_1/tiny", "t5_1_1/small", "decoder/125m")
+        for batch in (1, 32)),
     "gpu-decode": tuple(
         _decode_case(preset, "gpu", batch, 512, 128, target)
         for preset in ("t5_1_1/base", "t5_1_1/large", "decoder/1b")

@@ -55,16 +55,18 @@ def _prepare(model, params, batch, max_decode_len: int):
   """
   net = model.network(params)
   cfg = model.cfg
+  blocks = net.decoder.unstack()  # each layer's weights, sliced once outside the token loop
   if cfg.arch == "encoder_decoder":
     enc_tokens = jnp.asarray(batch["encoder_input_tokens"])
     encoded, _ = net.encode(enc_tokens)
     lengths = jnp.sum(enc_tokens != 0, axis=-1).astype(jnp.int32)
     cache = net.init_cache(encoded, max_decode_len)
     start = jnp.full((enc_tokens.shape[0], 1), cfg.decoder_start_id, jnp.int32)
-    logits, cache = net.decode_step(start, cache, 0, encoder_lengths=lengths)
+    logits, cache = net.decode_step(start, cache, 0, encoder_lengths=lengths, blocks=blocks)
 
     def step(tokens, cache, i):
-      out, cache = net.decode_step(tokens[:, None], cache, i + 1, encoder_lengths=lengths)
+      out, cache = net.decode_step(tokens[:, None], cache, i + 1, encoder_lengths=lengths,
+                                   blocks=blocks)
       return out[:, 0], cache
 
     return logits[:, 0], cache, step
@@ -85,13 +87,14 @@ def _prepare(model, params, batch, max_decode_len: int):
   cache = net.init_cache(b, max_len)
   logits, cache = net.decode_step(left, cache, 0, q_positions=positions[:, :p_len],
                                   k_positions=positions, key_valid=key_valid, prefix_slots=p_len,
-                                  last_only=True)
+                                  last_only=True, blocks=blocks)
 
   def step(tokens, cache, i):
     slot = p_len + i
     q_pos = jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1)
     out, cache = net.decode_step(tokens[:, None], cache, slot, q_positions=q_pos,
-                                 k_positions=positions, key_valid=key_valid, prefix_slots=p_len)
+                                 k_positions=positions, key_valid=key_valid, prefix_slots=p_len,
+                                 blocks=blocks)
     return out[:, 0], cache
 
   return logits[:, -1], cache, step
@@ -149,8 +152,8 @@ def _beam_loop(model, params, batch, *, max_decode_len, beam_size, length_penalt
   b = bk // k
 
   def cache_gather(cache, rows):
-    # Caches are [layers, batch*beam, ...]; the batch axis is 1.
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=1) if x.ndim > 1 else x, cache)
+    # Every layer's caches are [batch*beam, ...].
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
 
   def body(state):
     i, logits, cache, tokens, scores, finished = state

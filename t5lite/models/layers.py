@@ -179,16 +179,16 @@ class Attention(nnx.Module):
     y = attn_lib.attend(q, k, v, mask, bias, scale=self.scale(), implementation=cfg.attention_impl)
     return self.project_out(y)
 
-  def cached(self, x, cache, layer, index, mask, bias=None, positions=None):
+  def cached(self, x, cache, index, mask, bias=None, positions=None):
     """Incremental self-attention for decoding.
 
-    Writes the keys/values of x into slots index..index+q_len-1 of layer `layer` of the stacked
-    cache and attends over that layer's slots. x: [batch, q_len, embed]; cache: {"k", "v"}
-    [layers, batch, kv_heads, max_len, head_dim] (heads-major: see `attention.attend_cache`),
-    written in place; mask: a Mask over [q_len, max_len]; bias: [1 or batch, heads, q_len,
-    max_len]; positions: [batch, q_len]. Filling a prompt into an empty cache (`index` the
-    constant 0, several tokens), the new keys are all there is to see, and x attends to them
-    alone through `attention.attend` (cuDNN flash attention on GPUs). Returns (y, new_cache).
+    Writes the keys/values of x into slots index..index+q_len-1 of this layer's cache and attends
+    over its slots. x: [batch, q_len, embed]; cache: {"k", "v"} [batch, kv_heads, max_len,
+    head_dim] (heads-major: see `attention.attend_cache`), written in place; mask: a Mask over
+    [q_len, max_len]; bias: [1 or batch, heads, q_len, max_len]; positions: [batch, q_len].
+    Filling a prompt into an empty cache (`index` the constant 0, several tokens), the new keys
+    are all there is to see, and x attends to them alone through `attention.attend` (cuDNN flash
+    attention on GPUs). Returns (y, new_cache).
     """
     cfg = self.cfg
     dt = compute_dtype(cfg)
@@ -197,9 +197,8 @@ class Attention(nnx.Module):
     if cfg.position_encoding == "rope":
       q = attn_lib.apply_rope(q, positions, cfg.rope_theta)
       k_new = attn_lib.apply_rope(k_new, positions, cfg.rope_theta)
-    start = (layer, 0, 0, index, 0)
     new_cache = {name: jax.lax.dynamic_update_slice(
-        cache[name], new.transpose(0, 2, 1, 3)[None].astype(cache[name].dtype), start)
+        cache[name], new.transpose(0, 2, 1, 3).astype(cache[name].dtype), (0, 0, index, 0))
         for name, new in (("k", k_new), ("v", v_new))}
     q_len = x.shape[1]
     if isinstance(index, int) and index == 0 and q_len > 1:
@@ -208,9 +207,8 @@ class Attention(nnx.Module):
       y = attn_lib.attend(q, k_new, v_new, first, None if bias is None else bias[..., :q_len],
                           scale=self.scale(), implementation=cfg.attention_impl)
     else:
-      k, v = (jax.lax.dynamic_index_in_dim(new_cache[name], layer, keepdims=False).astype(dt)
-              for name in ("k", "v"))
-      y = attn_lib.attend_cache(q, k, v, mask, bias, scale=self.scale())
+      y = attn_lib.attend_cache(q, new_cache["k"].astype(dt), new_cache["v"].astype(dt), mask,
+                                bias, scale=self.scale())
     return self.project_out(y), new_cache
 
   def attend_to(self, x, keys, values, mask):
