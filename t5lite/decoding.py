@@ -17,6 +17,8 @@ from typing import Dict, Optional
 import jax
 import jax.numpy as jnp
 
+from t5lite.models import transformer
+
 METHODS = ("greedy", "sample", "beam")
 NEG_INF = -1e10
 
@@ -49,13 +51,15 @@ def first_max(logits):
 
 
 def _prepare(model, params, batch, max_decode_len: int):
-  """(network, first-step logits, cache, step_fn) for the architecture.
+  """(first-step logits [b, vocab], cache, step_fn) for the architecture.
 
   step_fn(tokens [b], cache, i) -> (logits [b, vocab], cache) decodes generated token i.
   """
-  net = model.network(params)
   cfg = model.cfg
-  blocks = net.decoder.unstack()  # each layer's weights, sliced once outside the token loop
+  # Outside the token loop, once: the weights in the compute dtype (bf16 over float32 masters)
+  # and each layer's weights sliced out of the layer stack.
+  net = model.network(transformer.cast_for_compute(params, cfg))
+  blocks = net.decoder.unstack()
   if cfg.arch == "encoder_decoder":
     enc_tokens = jnp.asarray(batch["encoder_input_tokens"])
     encoded, _ = net.encode(enc_tokens)

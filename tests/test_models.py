@@ -341,3 +341,35 @@ def test_attend_cache_matches_jax_attention(masking):
 def test_unknown_attention_implementation_is_rejected():
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     tiny_config(attention_impl="flash")
+
+
+@pytest.mark.parametrize("variant", [
+    dict(arch="encoder_decoder"),  # relative position bias, untied head
+    dict(arch="encoder_decoder", tie_embeddings=True, num_experts=4, experts_per_token=2),
+    dict(arch="decoder_only", position_encoding="learned", norm="layer", use_bias=True,
+         gated_mlp=False, activation="gelu", tie_embeddings=True),
+    dict(arch="prefix_lm", position_encoding="relative", scale_attention=False),
+], ids=lambda v: "-".join(f"{k}={val}" for k, val in v.items()))
+def test_cast_for_compute_changes_no_output(variant):
+  """Parameters cast once to the compute dtype (what decoding does before its loop) give
+  bit-identical bf16 logits; what the network reads in float32 (norms, relative position bias,
+  MoE router) stays float32. Every parameter is perturbed first, so that no value survives a
+  wrong cast to bf16 unrounded."""
+  from t5lite.models.transformer import cast_for_compute
+  cfg = tiny_config(dtype="bfloat16", **variant)
+  model = Model(cfg)
+  params = model.init(jax.random.key(0))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.01 * jax.random.normal(k, x.shape, x.dtype)
+                                     for x, k in zip(leaves, keys)])
+  cast = cast_for_compute(params, cfg)
+  batch = random_batch(cfg)
+  want, _ = model.apply(params, batch)
+  got, _ = model.apply(cast, batch)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(cast)}
+  stay = [k for k in dtypes if "norm" in k or "relpos" in k or "router" in k]
+  assert stay and all(dtypes[k] == jnp.float32 for k in stay), dtypes
+  moved = [k for k in dtypes if k not in stay and "position_embed" not in k]
+  assert all(dtypes[k] == jnp.bfloat16 for k in moved), dtypes

@@ -429,6 +429,33 @@ class DecoderOnly(nnx.Module):
     return self.head(self.decoder_norm(x), self.token_embed), cache
 
 
+# Parameters the network reads only in the compute dtype: cast before their matmul, or added to
+# its bf16 output. The norms' scales and biases, the relative position bias and the MoE router
+# are read in float32 and are not among them.
+_COMPUTE_DTYPE_NAMES = frozenset({
+    "query", "key", "value", "out", "wi_0", "wi_1", "wo", "query_bias", "key_bias", "value_bias",
+    "out_bias", "wi_0_bias", "wi_1_bias", "wo_bias"})
+_COMPUTE_DTYPE_PATHS = frozenset({("token_embed", "embedding"), ("head", "kernel")})
+
+
+def cast_for_compute(params, cfg: ModelConfig):
+  """`params` with every parameter the network reads only in the compute dtype cast to it.
+
+  The network computes exactly the same outputs from them. A decoding loop casts once, before
+  its token loop, so that no step reads float32 master weights to write their bf16 copy (a
+  batch-1 decoding step is bound by the bytes of weights it reads). Identity in float32.
+  """
+  dt = layers.compute_dtype(cfg)
+
+  def cast(path, x):
+    names = tuple(getattr(k, "key", None) for k in path)
+    if names[-1] in _COMPUTE_DTYPE_NAMES or names[-2:] in _COMPUTE_DTYPE_PATHS:
+      return x.astype(dt)
+    return x
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def build_network(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   """The network for `cfg.arch`."""
   if cfg.arch == "encoder_decoder":
