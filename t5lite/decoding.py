@@ -120,24 +120,28 @@ def _sample_loop(model, params, batch, rng, *, max_decode_len, method, temperatu
       token = jax.random.categorical(jax.random.fold_in(rng, i), filtered).astype(jnp.int32)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
-  def body(state):
+  def select(state):
+    """Token i of every row (0 in finished rows): (tokens, state with them recorded)."""
     i, logits, cache, out, done, score = state
     token, token_logp = choose(logits, i)
     token = jnp.where(done, 0, token)
-    score = score + jnp.where(done, 0.0, token_logp)
-    out = out.at[:, i].set(token)
-    done = done | (token == eos_id)
-    next_logits, cache = jax.lax.cond(
-        i + 1 < max_decode_len, lambda: step(token, cache, i), lambda: (logits, cache))
-    return i + 1, next_logits, cache, out, done, score
+    return token, (i, logits, cache, out.at[:, i].set(token), done | (token == eos_id),
+                   score + jnp.where(done, 0.0, token_logp))
+
+  def body(state):
+    token, (i, _, cache, out, done, score) = select(state)
+    logits, cache = step(token, cache, i)
+    return i + 1, logits, cache, out, done, score
 
   def cond(state):
     i, _, _, _, done, _ = state
-    return (i < max_decode_len) & ~jnp.all(done)
+    return (i < max_decode_len - 1) & ~jnp.all(done)
 
   init = (jnp.int32(0), logits, cache, jnp.zeros((b, max_decode_len), jnp.int32),
           jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32))
-  _, _, _, out, _, score = jax.lax.while_loop(cond, body, init)
+  # The loop steps the model after each token but the last, which is chosen after it (a no-op
+  # where every row has finished): no conditional inside the loop, one step per token.
+  _, (_, _, _, out, _, score) = select(jax.lax.while_loop(cond, body, init))
   return {"tokens": out, "scores": score}
 
 
@@ -159,7 +163,8 @@ def _beam_loop(model, params, batch, *, max_decode_len, beam_size, length_penalt
     # Every layer's caches are [batch*beam, ...].
     return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
 
-  def body(state):
+  def select(state):
+    """Extends every beam by one token and keeps the k best: (tokens [b*k], new state)."""
     i, logits, cache, tokens, scores, finished = state
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
     only_pad = jnp.where(jnp.arange(vocab) == 0, 0.0, NEG_INF)
@@ -170,20 +175,23 @@ def _beam_loop(model, params, batch, *, max_decode_len, beam_size, length_penalt
     rows = (jnp.arange(b)[:, None] * k + beam).reshape(-1)
     tokens = jnp.take_along_axis(tokens, beam[..., None], axis=1).at[:, :, i].set(token)
     finished = jnp.take_along_axis(finished, beam, axis=1) | (token == eos_id)
-    cache = cache_gather(cache, rows)
-    next_logits, cache = jax.lax.cond(
-        i + 1 < max_decode_len, lambda: step(token.reshape(-1), cache, i),
-        lambda: (logits, cache))
-    return i + 1, next_logits, cache, tokens, top_scores, finished
+    return token.reshape(-1), (i, logits, cache_gather(cache, rows), tokens, top_scores, finished)
+
+  def body(state):
+    token, (i, _, cache, tokens, scores, finished) = select(state)
+    logits, cache = step(token, cache, i)
+    return i + 1, logits, cache, tokens, scores, finished
 
   def cond(state):
     i, *_, finished = state
-    return (i < max_decode_len) & ~jnp.all(finished)
+    return (i < max_decode_len - 1) & ~jnp.all(finished)
 
   scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1))
   init = (jnp.int32(0), logits, cache, jnp.zeros((b, k, max_decode_len), jnp.int32), scores,
           jnp.zeros((b, k), bool))
-  _, _, _, tokens, scores, _ = jax.lax.while_loop(cond, body, init)
+  # As in `_sample_loop`, the last token is chosen after the loop (where all beams finished
+  # early, it extends each with padding at no cost to its score).
+  _, (_, _, _, tokens, scores, _) = select(jax.lax.while_loop(cond, body, init))
   lengths = jnp.sum(jnp.cumsum(tokens == eos_id, axis=-1) == 0, axis=-1) + 1
   lengths = jnp.minimum(lengths, max_decode_len).astype(jnp.float32)
   normalized = scores / (((5.0 + lengths) / 6.0) ** length_penalty)  # GNMT length penalty
