@@ -29,11 +29,13 @@ setup(
         # scripts/clean_data.py: datatrove pipelines (local, Slurm, Ray); its JSONL writer needs orjson.
         "datatrove>=0.10.1,<0.11",
         "orjson>=3.9,<4",
+        # t5lite.compilation_cache: JAX locks its cache directory with it when evicting.
+        "filelock>=3.12,<5",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
         # torch==2.13.0 is the CPU build on this project's machines (a range would pull CUDA).
         "hf": ["torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.4,<1"],
     },
-    entry_points={"console_scripts": ["t5lite-train=t5lite.train:main"]},
+    entry_points={"console_scripts": ["t5lite-train=t5lite.train:cli"]},
 )

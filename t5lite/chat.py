@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import List, Tuple
 
-from t5lite import serving
+from t5lite import compilation_cache, serving
 
 USER, BOT = "用户：", "小元："
 
@@ -80,4 +80,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  compilation_cache.enable()
   sys.exit(main())

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from t5lite.models import transformer
 
 METHODS = ("greedy", "sample", "beam")
+DEFAULT_MAX_DECODE_LEN = 32
 NEG_INF = -1e10
 
 
@@ -200,9 +201,10 @@ def _beam_loop(model, params, batch, *, max_decode_len, beam_size, length_penalt
           "scores": jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]}
 
 
-def decode(model, params, batch: Dict, *, max_decode_len: int = 32, method: str = "greedy",
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, beam_size: int = 4,
-           length_penalty: float = 0.6, rng=None, eos_id: Optional[int] = None):
+def decode(model, params, batch: Dict, *, max_decode_len: int = DEFAULT_MAX_DECODE_LEN,
+           method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           beam_size: int = 4, length_penalty: float = 0.6, rng=None,
+           eos_id: Optional[int] = None):
   """Decodes up to `max_decode_len` tokens per row.
 
   Returns {"tokens": int [batch, max_decode_len] (0 after EOS), "scores": float [batch]

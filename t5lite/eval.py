@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from t5lite import gin_setup
+from t5lite import compilation_cache, gin_setup
 from t5lite import host_malloc
 
 
@@ -55,6 +55,13 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def cli():
+  """The console script and `python -m t5lite.eval`: tuned host malloc, the persistent
+  compilation cache, then `main`."""
   host_malloc.reexec_with_tuned_malloc()
+  compilation_cache.enable()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()

@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from t5lite import metrics as metrics_lib
-from t5lite import serving
+from t5lite import compilation_cache, serving
 
 
 def read_examples(path: str, session: serving.Session, mode: str):
@@ -164,4 +164,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  compilation_cache.enable()
   sys.exit(main())

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from t5lite import convert
+from t5lite import convert, decoding
 from t5lite.models.model import Model
 
 VOCAB_FILES = ("spiece.model", "tokenizer.model", "vocab.model")
@@ -58,7 +58,10 @@ class Session:
   def predict(self, inputs: List[List[int]], **decode_kwargs) -> List[List[int]]:
     """Decodes a batch of input id lists; returns generated ids per row, up to EOS."""
     key = "encoder_input_tokens" if self.encoder_decoder else "prompt_tokens"
-    batch = {key: pad(inputs)}
+    limit = self.cfg.max_length
+    if not self.encoder_decoder:  # the start token and the new tokens share the positions
+      limit -= 1 + decode_kwargs.get("max_decode_len", decoding.DEFAULT_MAX_DECODE_LEN)
+    batch = {key: pad(inputs, limit)}
     out = np.asarray(self.model.predict_batch(self.params, batch, **decode_kwargs)["tokens"])
     result = []
     for row in out:
@@ -71,13 +74,14 @@ class Session:
   def score(self, inputs: List[List[int]], targets: List[List[int]]) -> np.ndarray:
     """Log-likelihood of each target given its input: [batch]."""
     if self.encoder_decoder:
-      tgt = pad(targets)
+      tgt = pad(targets, self.cfg.max_length)
       dec_in = np.concatenate([np.zeros((len(targets), 1), np.int32), tgt[:, :-1]], axis=1)
-      batch = {"encoder_input_tokens": pad(inputs), "decoder_input_tokens": dec_in,
+      batch = {"encoder_input_tokens": pad(inputs, self.cfg.max_length),
+               "decoder_input_tokens": dec_in,
                "decoder_target_tokens": tgt}
     else:
       rows = [list(i) + list(t) for i, t in zip(inputs, targets)]
-      tgt = pad(rows)
+      tgt = pad(rows, self.cfg.max_length)
       weights = np.zeros(tgt.shape, np.float32)
       for r, (i, t) in enumerate(zip(inputs, targets)):
         weights[r, len(i):len(i) + len(t)] = 1.0
@@ -87,10 +91,14 @@ class Session:
     return np.asarray(self.model.score_batch(self.params, batch))
 
 
-def pad(rows: List[List[int]], multiple: int = 8) -> np.ndarray:
-  """Right-pads id lists with 0 to a shared length (rounded up to limit recompilation)."""
-  length = max(1, max(len(r) for r in rows))
-  length = -(-length // multiple) * multiple
+def pad(rows: List[List[int]], limit: Optional[int] = None) -> np.ndarray:
+  """Right-pads id lists with 0 to a shared length: the next power of two, at least 8, but not
+  past `limit` (the model's length limit) unless the longest row is. Inputs of any lengths
+  (a file's batches, a chat's growing history) so compile a handful of decoding programs."""
+  longest = max(1, max(len(r) for r in rows))
+  length = max(8, 1 << (longest - 1).bit_length())
+  if limit is not None:
+    length = max(longest, min(length, limit))
   out = np.zeros((len(rows), length), np.int32)
   for i, r in enumerate(rows):
     out[i, :len(r)] = r

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from test_train import QUICK
 
 pytestmark = pytest.mark.slow
@@ -59,6 +59,39 @@ def test_bad_input_files_leave_no_output(trained, tmp_path, content, message):
   assert not out.exists() and not os.path.exists(f"{out}.partial")
 
 
+def test_compilation_cache_serves_a_second_run(trained, tmp_path):
+  """The CLIs store compiled programs in the persistent compilation cache, and a second run
+  loads its decoding loop from there; `off` switches the cache off."""
+  _write(tmp_path / "in.jsonl", [{"input_ids": [5, 6, 7, 1]}])
+  cache = tmp_path / "cc"
+
+  def infer(cache_setting):
+    env = {"T5LITE_COMPILATION_CACHE": cache_setting, "T5LITE_CACHE_DIR": str(tmp_path / "base"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # the tiny model compiles fast
+           "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}     # logs cache hits
+    r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--input_file",
+                 str(tmp_path / "in.jsonl"), "--output_file", str(tmp_path / "out.jsonl"),
+                 "--max_decode_len", "4"], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stderr
+
+  hit = "Persistent compilation cache hit for 'jit__sample_loop'"
+  assert hit not in infer(str(cache))
+  assert any(name.startswith("jit__sample_loop") for name in os.listdir(cache))
+  assert hit in infer(str(cache))
+  assert hit not in infer("off")
+  assert not os.path.exists(tmp_path / "base" / "jax") and not os.path.exists(REPO + "/off")
+
+
+def test_compilation_cache_directory():
+  from t5lite import compilation_cache as cc
+  assert cc.cache_dir({"T5LITE_CACHE_DIR": "/data/c"}) == "/data/c/jax"
+  assert cc.cache_dir({}) == os.path.expanduser("~/.cache/t5lite/jax")
+  assert cc.cache_dir({cc.ENV: "/x", "T5LITE_CACHE_DIR": "/data/c"}) == "/x"
+  assert cc.cache_dir({cc.ENV: "off"}) is None and cc.cache_dir({cc.ENV: ""}) is None
+  assert cc.enable({cc.ENV: "off", "JAX_COMPILATION_CACHE_DIR": "/mine"}) == "/mine"
+
+
 def test_chat_reads_stdin_and_keeps_history(trained):
   import subprocess
   import sys
@@ -79,6 +112,18 @@ def test_chat_prompt_format_and_truncation():
   prompt = chat.build_prompt([("你好", "你好！\n有什么可以帮你？")], "写一首诗")
   assert prompt == "用户：你好\n小元：你好！\n有什么可以帮你？\n用户：写一首诗\n小元："
   assert chat.escape("a\nb\tc") == "a\\nb\\tc" and chat.unescape("a\\nb\\tc") == "a\nb\tc"
+
+
+def test_inputs_are_padded_to_few_lengths():
+  """Batches are padded to powers of two (at least 8), capped at the model's limit unless the
+  longest row is past it, so a file or a chat of varied lengths compiles a handful of programs."""
+  from t5lite import serving
+  lengths = [serving.pad([[1] * n, [2]]).shape[1] for n in (0, 1, 8, 9, 100, 300)]
+  assert lengths == [8, 8, 8, 16, 128, 512]
+  out = serving.pad([[5, 6, 7]] * 2 + [[1] * 300], limit=400)
+  assert out.shape == (3, 400) and out[0].tolist()[:4] == [5, 6, 7, 0] and out[2, 299] == 1
+  assert serving.pad([[1] * 450], limit=400).shape == (1, 450)  # decode() then says why
+  assert len({serving.pad([[1] * n]).shape for n in range(1, 257)}) == 6
 
 
 def test_notebook_code_runs_against_a_checkpoint(trained):
