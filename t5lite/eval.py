@@ -56,8 +56,8 @@ def main(argv=None) -> int:
 
 
 def cli():
-  """The console script and `python -m t5lite.eval`: tuned host malloc, the persistent
-  compilation cache, then `main`."""
+  """`python -m t5lite.eval`: tuned host malloc, the persistent compilation cache, then
+  `main`."""
   host_malloc.reexec_with_tuned_malloc()
   compilation_cache.enable()
   sys.exit(main())
