@@ -61,7 +61,8 @@ def test_bad_input_files_leave_no_output(trained, tmp_path, content, message):
 
 def test_compilation_cache_serves_a_second_run(trained, tmp_path):
   """The CLIs store compiled programs in the persistent compilation cache, and a second run
-  loads its decoding loop from there; `off` switches the cache off."""
+  loads its decoding loop from there; corrupt entries are compiled again (the run succeeds);
+  `off` switches the cache off."""
   _write(tmp_path / "in.jsonl", [{"input_ids": [5, 6, 7, 1]}])
   cache = tmp_path / "cc"
 
@@ -79,6 +80,10 @@ def test_compilation_cache_serves_a_second_run(trained, tmp_path):
   assert hit not in infer(str(cache))
   assert any(name.startswith("jit__sample_loop") for name in os.listdir(cache))
   assert hit in infer(str(cache))
+  for name in os.listdir(cache):  # corrupt entries: JAX warns and compiles again
+    if name.endswith("-cache"):
+      (cache / name).write_bytes(b"not an executable")
+  assert hit not in infer(str(cache))
   assert hit not in infer("off")
   assert not os.path.exists(tmp_path / "base" / "jax") and not os.path.exists(REPO + "/off")
 
