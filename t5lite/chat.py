@@ -49,9 +49,13 @@ def main(argv=None) -> int:
   parser.add_argument("--checkpoint", required=True)
   parser.add_argument("--max_input_tokens", type=int, default=512)
   serving.add_decode_flags(parser)
+  serving.add_mesh_flags(parser)
   args = parser.parse_args(argv)
   try:
-    session = serving.Session(args.checkpoint, args.vocab_file)
+    session = serving.Session(args.checkpoint, args.vocab_file,
+                              mesh_config=serving.mesh_config_from_flags(args))
+    if session.mesh is not None:
+      print(f"t5lite.chat: {session.placement()}", file=sys.stderr)
     if session.vocab is None:
       raise ValueError("chat needs a vocabulary (spiece.model in the checkpoint or --vocab_file)")
   except (ValueError, FileNotFoundError) as e:

@@ -105,6 +105,7 @@ def main(argv=None) -> int:
   parser.add_argument("--task_module", action="append", default=[])
   parser.add_argument("--max_examples", type=int, default=0)
   serving.add_decode_flags(parser)
+  serving.add_mesh_flags(parser)
   from t5lite.gin_setup import split_gin_bindings  # pylint: disable=import-outside-toplevel
   bindings, rest = split_gin_bindings(argv)
   args = parser.parse_args(rest)
@@ -112,7 +113,10 @@ def main(argv=None) -> int:
   try:
     if bool(args.task) == bool(args.input_file):
       raise ValueError("give exactly one of --input_file or --task")
-    session = serving.Session(args.checkpoint, args.vocab_file)
+    session = serving.Session(args.checkpoint, args.vocab_file,
+                              mesh_config=serving.mesh_config_from_flags(args))
+    if session.mesh is not None:
+      print(f"t5lite.infer: {session.placement()}", file=sys.stderr)
     if args.task:
       examples, metric_names = task_examples(args, bindings, session)
     else:

@@ -1,12 +1,14 @@
 """What `infer` and `chat` share: load a checkpoint with its own config and vocabulary, and turn
 text into padded batches and decoded ids back into text."""
 
+import contextlib
 import os
 from typing import Dict, List, Optional, Sequence
 
+import jax
 import numpy as np
 
-from t5lite import convert, decoding
+from t5lite import convert, decoding, partitioning
 from t5lite.models.model import Model
 
 VOCAB_FILES = ("spiece.model", "tokenizer.model", "vocab.model")
@@ -19,13 +21,18 @@ class Session:
     checkpoint: a t5lite MODEL_DIR or a converted checkpoint directory.
     vocab_file: SentencePiece model; default: the one stored in the checkpoint directory.
     step: checkpoint step (default latest).
+    mesh_config: a `partitioning.MeshConfig` to shard the parameters over all devices (a model
+      too large for one); decoding and scoring then run on that mesh. Default: one device.
   """
 
   def __init__(self, checkpoint: str, vocab_file: str = "", step: Optional[int] = None,
-               extra_ids: int = 100):
+               extra_ids: int = 100,
+               mesh_config: Optional[partitioning.MeshConfig] = None):
     if not os.path.isdir(checkpoint):
       raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-    self.cfg, self.params = convert.load_t5lite(checkpoint, step)
+    self.mesh_config = mesh_config
+    self.mesh = None if mesh_config is None else partitioning.make_mesh(mesh_config)
+    self.cfg, self.params = convert.load_t5lite(checkpoint, step, mesh_config)
     self.model = Model(self.cfg)
     self.vocab = None
     path = vocab_file or next((os.path.join(checkpoint, n) for n in VOCAB_FILES
@@ -62,7 +69,8 @@ class Session:
     if not self.encoder_decoder:  # the start token and the new tokens share the positions
       limit -= 1 + decode_kwargs.get("max_decode_len", decoding.DEFAULT_MAX_DECODE_LEN)
     batch = {key: pad(inputs, limit)}
-    out = np.asarray(self.model.predict_batch(self.params, batch, **decode_kwargs)["tokens"])
+    with self._on_mesh():
+      out = np.asarray(self.model.predict_batch(self.params, batch, **decode_kwargs)["tokens"])
     result = []
     for row in out:
       row = [int(t) for t in row]
@@ -88,7 +96,26 @@ class Session:
       dec_in = np.concatenate([np.zeros((len(rows), 1), np.int32), tgt[:, :-1]], axis=1)
       batch = {"decoder_input_tokens": dec_in, "decoder_target_tokens": tgt,
                "decoder_loss_weights": weights}
-    return np.asarray(self.model.score_batch(self.params, batch))
+    with self._on_mesh():
+      return np.asarray(self.model.score_batch(self.params, batch))
+
+  def placement(self) -> str:
+    """Where the parameters live: one device, or the mesh and the bytes each device holds."""
+    total = sum(x.nbytes for x in jax.tree.leaves(self.params))
+    if self.mesh is None:
+      return f"parameters on one device ({total / 2**20:.1f} MiB)"
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(self.params))
+    return (f"parameters sharded ({self.mesh_config.rules}) over mesh {dict(self.mesh.shape)}: "
+            f"{per_device / 2**20:.1f} of {total / 2**20:.1f} MiB per device")
+
+  def _on_mesh(self):
+    """The mesh and its activation rules, where the parameters are sharded."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(partitioning.activation_rules(self.mesh, self.mesh_config.rules))
+    return stack
 
 
 def pad(rows: List[List[int]], limit: Optional[int] = None) -> np.ndarray:
@@ -107,7 +134,6 @@ def pad(rows: List[List[int]], limit: Optional[int] = None) -> np.ndarray:
 
 def decode_options(args) -> Dict:
   """decode() keyword arguments from parsed CLI flags."""
-  import jax  # pylint: disable=import-outside-toplevel
   return {"method": args.decode, "max_decode_len": args.max_decode_len,
           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
           "beam_size": args.beam_size, "rng": jax.random.key(args.seed)}
@@ -123,3 +149,33 @@ def add_decode_flags(parser):
   parser.add_argument("--beam_size", type=int, default=4)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--vocab_file", default="")
+
+
+# --partitioning PRESET -> the mesh: FSDP over all devices, or tensor parallelism over --tensor
+# of them (default: all for tensor_parallel, 2 for fsdp_tensor), the rest data parallel.
+_MESHES = {
+    "data_parallel": lambda tensor: partitioning.MeshConfig(data=-1, rules="data_parallel"),
+    "fsdp": lambda tensor: partitioning.MeshConfig(data=1, fsdp=-1, rules="fsdp"),
+    "tensor_parallel": lambda tensor: partitioning.MeshConfig(
+        data=-1, tensor=tensor or jax.device_count(), rules="tensor_parallel"),
+    "fsdp_tensor": lambda tensor: partitioning.MeshConfig(
+        data=1, fsdp=-1, tensor=tensor or 2, rules="fsdp_tensor"),
+}
+
+
+def add_mesh_flags(parser):
+  """--partitioning and --tensor: shard a checkpoint over this machine's devices."""
+  parser.add_argument("--partitioning", default="", choices=("",) + tuple(_MESHES),
+                      help="shard the parameters over all devices (default: one device)")
+  parser.add_argument("--tensor", type=int, default=0,
+                      help="tensor-parallel devices (tensor_parallel: all; fsdp_tensor: 2)")
+
+
+def mesh_config_from_flags(args) -> Optional[partitioning.MeshConfig]:
+  """The MeshConfig `--partitioning`/`--tensor` ask for (None: one device); ValueError when
+  the device count does not fit it."""
+  if not args.partitioning:
+    return None
+  cfg = _MESHES[args.partitioning](args.tensor)
+  partitioning.mesh_shape(cfg, jax.device_count())  # raises with the reason
+  return cfg

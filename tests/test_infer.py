@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -57,6 +58,44 @@ def test_bad_input_files_leave_no_output(trained, tmp_path, content, message):
                str(tmp_path / "in.jsonl"), "--output_file", str(out)])
   assert r.returncode == 2 and message in r.stderr
   assert not out.exists() and not os.path.exists(f"{out}.partial")
+
+
+def test_sharded_infer_matches_one_device(trained, tmp_path):
+  """`--partitioning` shards the checkpoint over 8 (fake CPU) devices as it is restored; the
+  predictions and scores are those of one device. A mesh the devices do not fit is a clear
+  error."""
+  _write(tmp_path / "in.jsonl", [{"inputs": "老师每天早上<extra_id_0>一封长信。", "targets": "写"},
+                                 {"input_ids": [5, 6, 7, 1], "target_ids": [8, 1]},
+                                 {"inputs": "The teacher <extra_id_0> a long letter.",
+                                  "targets": "<extra_id_0> writes"}])
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+  def infer(mode, *flags):
+    out = tmp_path / f"{mode}{'-'.join(flags)}.jsonl"
+    r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--input_file",
+                 str(tmp_path / "in.jsonl"), "--output_file", str(out), "--mode", mode,
+                 "--max_decode_len", "8", *flags], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    placed = re.search(r"([\d.]+) of ([\d.]+) MiB per device", r.stderr)
+    share = float(placed.group(1)) / float(placed.group(2)) if placed else 1.0
+    return [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()], share
+
+  want, share = infer("predict")
+  assert share == 1.0
+  got, share = infer("predict", "--partitioning", "fsdp_tensor")
+  assert got == want and share < 0.3  # 4-way FSDP x 2-way tensor
+  got, share = infer("predict", "--partitioning", "tensor_parallel", "--tensor", "4")
+  assert got == want and share < 0.5
+  want_scores = [o["score"] for o in infer("score")[0]]
+  got, share = infer("score", "--partitioning", "fsdp")
+  got = [o["score"] for o in got]
+  assert share < 0.3
+  assert max(abs(a - b) for a, b in zip(got, want_scores)) < 1e-4
+  r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--input_file",
+               str(tmp_path / "in.jsonl"), "--output_file", str(tmp_path / "bad.jsonl"),
+               "--partitioning", "tensor_parallel", "--tensor", "3"], env=env)
+  assert r.returncode == 2 and "do not divide" in r.stderr
+  assert not os.path.exists(tmp_path / "bad.jsonl")
 
 
 def test_compilation_cache_serves_a_second_run(trained, tmp_path):
