@@ -52,10 +52,7 @@ def main(argv=None) -> int:
   serving.add_mesh_flags(parser)
   args = parser.parse_args(argv)
   try:
-    session = serving.Session(args.checkpoint, args.vocab_file,
-                              mesh_config=serving.mesh_config_from_flags(args))
-    if session.mesh is not None:
-      print(f"t5lite.chat: {session.placement()}", file=sys.stderr)
+    session = serving.open_session(args, "t5lite.chat")
     if session.vocab is None:
       raise ValueError("chat needs a vocabulary (spiece.model in the checkpoint or --vocab_file)")
   except (ValueError, FileNotFoundError) as e:

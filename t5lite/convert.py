@@ -423,10 +423,10 @@ def hf_to_t5lite(family: str, src: str, dest: str, allow_pickle: bool = False) -
   return cfg
 
 
-def load_t5lite(model_dir: str, step=None, mesh_config=None):
-  """(ModelConfig, params) of a t5lite run or converted checkpoint, no gin needed. With a
-  `partitioning.MeshConfig`, the parameters are restored straight into their shardings on a mesh
-  over all devices, none of them ever whole on one device."""
+def load_t5lite(model_dir: str, step=None, mesh=None, rules=None):
+  """(ModelConfig, params) of a t5lite run or converted checkpoint, no gin needed. With a `mesh`
+  and partitioning `rules`, the parameters are restored straight into their shardings on it,
+  none of them ever whole on one device."""
   import jax  # pylint: disable=import-outside-toplevel
   from t5lite import checkpoints, partitioning  # pylint: disable=import-outside-toplevel
   from t5lite.models.model import Model  # pylint: disable=import-outside-toplevel
@@ -439,12 +439,11 @@ def load_t5lite(model_dir: str, step=None, mesh_config=None):
   with open(os.path.join(ckpt_dir, str(step), "config", "metadata"), encoding="utf-8") as f:
     cfg = ModelConfig.from_json(json.dumps(json.load(f)["model_config"]))
   model = Model(cfg)
-  if mesh_config is None:
+  if mesh is None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             model.abstract_params)
   else:
-    shardings = partitioning.param_shardings(
-        model.annotated_params, partitioning.make_mesh(mesh_config), mesh_config.rules)
+    shardings = partitioning.param_shardings(model.annotated_params, mesh, rules)
     abstract = checkpoints.abstract_with_shardings(model.abstract_params, shardings)
   return cfg, checkpoints.restore_params(ckpt_dir, abstract, step)
 

@@ -65,7 +65,7 @@ def _prepare(model, params, batch, max_decode_len: int):
     enc_tokens = jnp.asarray(batch["encoder_input_tokens"])
     encoded, _ = net.encode(enc_tokens)
     lengths = jnp.sum(enc_tokens != 0, axis=-1).astype(jnp.int32)
-    cache = net.init_cache(encoded, max_decode_len)
+    cache = net.init_cache(encoded, max_decode_len, blocks)
     start = jnp.full((enc_tokens.shape[0], 1), cfg.decoder_start_id, jnp.int32)
     logits, cache = net.decode_step(start, cache, 0, encoder_lengths=lengths, blocks=blocks)
 

@@ -113,10 +113,7 @@ def main(argv=None) -> int:
   try:
     if bool(args.task) == bool(args.input_file):
       raise ValueError("give exactly one of --input_file or --task")
-    session = serving.Session(args.checkpoint, args.vocab_file,
-                              mesh_config=serving.mesh_config_from_flags(args))
-    if session.mesh is not None:
-      print(f"t5lite.infer: {session.placement()}", file=sys.stderr)
+    session = serving.open_session(args, "t5lite.infer")
     if args.task:
       examples, metric_names = task_examples(args, bindings, session)
     else:

@@ -3,6 +3,7 @@ text into padded batches and decoded ids back into text."""
 
 import contextlib
 import os
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import jax
@@ -32,7 +33,8 @@ class Session:
       raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     self.mesh_config = mesh_config
     self.mesh = None if mesh_config is None else partitioning.make_mesh(mesh_config)
-    self.cfg, self.params = convert.load_t5lite(checkpoint, step, mesh_config)
+    self.cfg, self.params = convert.load_t5lite(
+        checkpoint, step, self.mesh, None if mesh_config is None else mesh_config.rules)
     self.model = Model(self.cfg)
     self.vocab = None
     path = vocab_file or next((os.path.join(checkpoint, n) for n in VOCAB_FILES
@@ -100,22 +102,20 @@ class Session:
       return np.asarray(self.model.score_batch(self.params, batch))
 
   def placement(self) -> str:
-    """Where the parameters live: one device, or the mesh and the bytes each device holds."""
+    """A sharded session's mesh and the parameter bytes each device holds."""
     total = sum(x.nbytes for x in jax.tree.leaves(self.params))
-    if self.mesh is None:
-      return f"parameters on one device ({total / 2**20:.1f} MiB)"
     per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(self.params))
     return (f"parameters sharded ({self.mesh_config.rules}) over mesh {dict(self.mesh.shape)}: "
             f"{per_device / 2**20:.1f} of {total / 2**20:.1f} MiB per device")
 
+  @contextlib.contextmanager
   def _on_mesh(self):
     """The mesh and its activation rules, where the parameters are sharded."""
     if self.mesh is None:
-      return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(self.mesh))
-    stack.enter_context(partitioning.activation_rules(self.mesh, self.mesh_config.rules))
-    return stack
+      yield
+      return
+    with jax.set_mesh(self.mesh), partitioning.activation_rules(self.mesh, self.mesh_config.rules):
+      yield
 
 
 def pad(rows: List[List[int]], limit: Optional[int] = None) -> np.ndarray:
@@ -171,11 +171,12 @@ def add_mesh_flags(parser):
                       help="tensor-parallel devices (tensor_parallel: all; fsdp_tensor: 2)")
 
 
-def mesh_config_from_flags(args) -> Optional[partitioning.MeshConfig]:
-  """The MeshConfig `--partitioning`/`--tensor` ask for (None: one device); ValueError when
-  the device count does not fit it."""
-  if not args.partitioning:
-    return None
-  cfg = _MESHES[args.partitioning](args.tensor)
-  partitioning.mesh_shape(cfg, jax.device_count())  # raises with the reason
-  return cfg
+def open_session(args, prog: str) -> Session:
+  """The Session the CLI flags ask for (`--checkpoint`, `--vocab_file`, `--partitioning`,
+  `--tensor`). A sharded one says on stderr what each device holds; a mesh the devices do not
+  fit is a ValueError that gives the reason."""
+  mesh_config = _MESHES[args.partitioning](args.tensor) if args.partitioning else None
+  session = Session(args.checkpoint, args.vocab_file, mesh_config=mesh_config)
+  if session.mesh is not None:
+    print(f"{prog}: {session.placement()}", file=sys.stderr)
+  return session

@@ -298,15 +298,16 @@ class EncoderDecoder(nnx.Module):
     return logits, enc_aux + dec_aux
 
 
-  def init_cache(self, encoded, max_len: int):
-    """Decoding cache: empty self-attention slots and each layer's cross-attention keys."""
+  def init_cache(self, encoded, max_len: int, blocks=None):
+    """Decoding cache: empty self-attention slots and each layer's cross-attention keys.
+    `blocks`: the decoder's `unstack()`, taken once by a decoding loop."""
 
     def cross(block):  # heads-major, like the self-attention cache
       k, v = block.cross_attention.project_kv(encoded)
       return {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
 
     return {"self": _empty_self_cache(self.cfg, encoded.shape[0], max_len),
-            "cross": tuple(cross(block) for block in self.decoder.unstack())}
+            "cross": tuple(cross(block) for block in blocks or self.decoder.unstack())}
 
   def decode_step(self, tokens, cache, index, *, encoder_lengths, blocks=None):
     """Decoder on tokens [batch, q] at slots index.. with a cache -> (logits, new cache).
