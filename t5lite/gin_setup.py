@@ -67,6 +67,11 @@ def experiment(model_dir: str = gin.REQUIRED, model=gin.REQUIRED,
                     data, mesh)
 
 
+_EXPERIMENT_CONFIGS = (("loss", model_lib.LossConfig), ("optimizer", optimizers.OptimizerConfig),
+                       ("schedule", schedules.ScheduleConfig), ("train", trainer.TrainConfig),
+                       ("data", pipeline.DataConfig), ("mesh", partitioning.MeshConfig))
+
+
 def _check_required(values):
   """Raises for values still equal to gin.REQUIRED (a `MACRO = %gin.REQUIRED` never set)."""
   missing = [name for name, value in values.items() if value is gin.REQUIRED]
@@ -115,6 +120,10 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
   level = root.level
   root.setLevel(logging.CRITICAL)  # gin logs every search path it tries as an error
   try:
+    # Every config is built by gin, so a binding such as LossConfig.z_loss takes effect even
+    # where no file names the config (a file's own `experiment.loss = ...` comes later and wins).
+    gin.parse_config([f"experiment.{field} = @{cls.__name__}()"
+                      for field, cls in _EXPERIMENT_CONFIGS])
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
     return experiment()
   except ConfigError:

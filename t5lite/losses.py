@@ -73,7 +73,13 @@ def _fused_forward(logits, targets, z_loss, label_smoothing):
 def _fused_backward(z_loss, label_smoothing, residuals, cotangents):
   logits, targets, log_z = residuals
   g_loss, g_z = cotangents
-  x = logits.astype(jnp.float32)
+  grad = _logits_grad(logits.astype(jnp.float32), targets, log_z, g_loss, g_z, z_loss,
+                      label_smoothing)
+  return grad.astype(logits.dtype), None
+
+
+def _logits_grad(x, targets, log_z, g_loss, g_z, z_loss, label_smoothing):
+  """d(loss, z_term)/d(logits) for float32 logits x, given the outputs' cotangents."""
   vocab = x.shape[-1]
   probs = jnp.exp(x - log_z[..., None])
   onehot = _target_mask(targets, vocab).astype(jnp.float32)
@@ -86,10 +92,106 @@ def _fused_backward(z_loss, label_smoothing, residuals, cotangents):
   grad = g_loss[..., None] * d_loss
   if z_loss:  # d(z log_z^2) = 2 z log_z p, reaching both outputs (the loss includes the z-term)
     grad = grad + ((g_loss + g_z) * (2.0 * z_loss) * log_z)[..., None] * probs
-  return grad.astype(logits.dtype), None
+  return grad
 
 
 _fused_cross_entropy.defvjp(_fused_forward, _fused_backward)
+
+
+def head_cross_entropy(x, kernel, targets, weights, *, chunks: int, z_loss: float = 0.0,
+                       label_smoothing: float = 0.0, dtype=jnp.float32):
+  """The output projection and the weighted cross-entropy, in blocks along the length.
+
+  Args:
+    x: [batch, length, embed] final hidden states (logits = x @ kernel.T).
+    kernel: [vocab, embed] output head (or a tied embedding table).
+    targets: int [batch, length].
+    weights: float [batch, length] loss weight of each token.
+    chunks: number of blocks the length is cut into (the last one zero-padded).
+    z_loss, label_smoothing: as in `cross_entropy_with_logits`.
+    dtype: the matmuls' input dtype (the model's compute dtype); logits are float32.
+
+  Returns:
+    (loss_sum, (token_loss, z_term, target_is_top)): loss_sum = sum(weights * token_loss) is the
+    only differentiable output; the per-token statistics, [batch, length], carry no gradient.
+
+  Only one block's logits ([batch * length / chunks, vocab]) exist at a time. Under
+  differentiation the forward pass also forms each block's gradients: the loss sum's gradient
+  w.r.t. a block's logits is known up to the scalar cotangent, so the input and kernel gradients
+  are accumulated block by block and the backward pass only scales them (nothing is recomputed).
+  Batch sharding is kept, since the blocks cut the length, not the batch.
+  """
+  if chunks < 1:
+    raise ValueError(f"chunks must be >= 1, got {chunks}")
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+  loss_sum, stats = _head_loss(x, kernel, targets, weights.astype(jnp.float32), int(chunks),
+                               float(z_loss), float(label_smoothing), jnp.dtype(dtype))
+  return loss_sum, jax.lax.stop_gradient(stats)
+
+
+def _blocks(a, chunks: int):
+  """[batch, length, ...] -> [chunks, batch, ceil(length / chunks), ...], zero-padded."""
+  size = -(-a.shape[1] // chunks)
+  a = jnp.pad(a, [(0, 0), (0, size * chunks - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+  return a.reshape(a.shape[0], chunks, size, *a.shape[2:]).swapaxes(0, 1)
+
+
+def _unblock(a, length: int):
+  """Inverse of `_blocks`: [chunks, batch, size, ...] -> [batch, length, ...]."""
+  a = a.swapaxes(0, 1)
+  return a.reshape(a.shape[0], -1, *a.shape[3:])[:, :length]
+
+
+def _head_loss_scan(x, kernel, targets, weights, chunks, z_loss, label_smoothing, dtype,
+                    with_grads: bool):
+  """Loops over the blocks: ((loss_sum, stats), (dx, dkernel) of the loss sum or None)."""
+  w = kernel.astype(dtype)
+
+  def block(dkernel, xs):
+    xb, tb, wb = xs  # [batch, size, embed], [batch, size], [batch, size]
+    flat, t = xb.reshape(-1, xb.shape[-1]).astype(dtype), tb.reshape(-1)
+    logits = jnp.einsum("td,vd->tv", flat, w, preferred_element_type=jnp.float32)
+    (loss, z_term), (_, _, log_z) = _fused_forward(logits, t, z_loss, label_smoothing)
+    top = (_target_logit(logits, t) >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+    stats = tuple(s.reshape(tb.shape) for s in (loss, z_term, top))
+    if not with_grads:
+      return dkernel, (stats, ())
+    g = _logits_grad(logits, t, log_z, wb.reshape(-1), jnp.zeros_like(log_z), z_loss,
+                     label_smoothing).astype(dtype)
+    dxb = jnp.einsum("tv,vd->td", g, w).reshape(xb.shape).astype(x.dtype)
+    dkernel = dkernel + jnp.einsum("tv,td->vd", g, flat, preferred_element_type=jnp.float32)
+    return dkernel, (stats, dxb)
+
+  init = jnp.zeros(kernel.shape, jnp.float32) if with_grads else ()
+  dkernel, (stats, dx) = jax.lax.scan(
+      block, init, (_blocks(x, chunks), _blocks(targets, chunks), _blocks(weights, chunks)))
+  stats = tuple(_unblock(s, x.shape[1]) for s in stats)
+  out = (jnp.sum(stats[0] * weights), stats)
+  if not with_grads:
+    return out, None
+  return out, (_unblock(dx, x.shape[1]), dkernel.astype(kernel.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _head_loss(x, kernel, targets, weights, chunks, z_loss, label_smoothing, dtype):
+  return _head_loss_scan(x, kernel, targets, weights, chunks, z_loss, label_smoothing, dtype,
+                         with_grads=False)[0]
+
+
+def _head_loss_forward(x, kernel, targets, weights, chunks, z_loss, label_smoothing, dtype):
+  return _head_loss_scan(x, kernel, targets, weights, chunks, z_loss, label_smoothing, dtype,
+                         with_grads=True)
+
+
+def _head_loss_backward(chunks, z_loss, label_smoothing, dtype, grads, cotangents):
+  del chunks, z_loss, label_smoothing, dtype
+  dx, dkernel = grads
+  g = cotangents[0]  # the statistics are stop_gradient-ed: only the loss sum has a cotangent
+  return (g * dx).astype(dx.dtype), (g * dkernel).astype(dkernel.dtype), None, None
+
+
+_head_loss.defvjp(_head_loss_forward, _head_loss_backward)
 
 
 def target_is_top(logits, targets):

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_config  # noqa: E402
 from test_models import random_batch  # noqa: E402
 from t5lite import partitioning  # noqa: E402
-from t5lite.models.model import Model  # noqa: E402
+from t5lite.models.model import LossConfig, Model  # noqa: E402
 
 PRESETS = {
     "data_parallel": partitioning.MeshConfig(8, 1, 1, "data_parallel"),
@@ -33,11 +33,11 @@ PRESETS = {
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def check_meshes(cfg, meshes, lengths=(16, 8)):
+def check_meshes(cfg, meshes, lengths=(16, 8), loss_cfg=LossConfig()):
   """For each named MeshConfig: parameters born sharded, sharded loss and gradients compared
   with one device, and the compiled program's collectives. Yields (name, sharded params,
   result dict). `lengths`: (inputs, targets) of the random batch."""
-  model = Model(cfg)
+  model = Model(cfg, loss_cfg)
   batch = random_batch(cfg, batch=8, in_len=lengths[0], out_len=lengths[1])
   loss_grad = lambda p, b: jax.value_and_grad(lambda q: model.loss(q, b)[0])(p)
   one = jax.devices()[0]
@@ -70,7 +70,7 @@ def check_meshes(cfg, meshes, lengths=(16, 8)):
 
 def main(arch):
   presets = dict(PRESETS)
-  extra, lengths = {}, (16, 8)
+  extra, lengths, loss_cfg = {}, (16, 8), LossConfig()
   if arch == "moe":  # decoder-only with a top-2 MoE feed-forward of 8 experts
     arch, extra = "decoder_only", dict(num_experts=8, experts_per_token=2)
     presets["expert_parallel"] = partitioning.MeshConfig(2, 1, 4, "expert_parallel")
@@ -78,10 +78,12 @@ def main(arch):
     # three query blocks, flat weight gradients
     arch, lengths = "decoder_only", (100, 40)
     extra = dict(attention_impl="chunked", flat_weight_grads=True, tie_embeddings=True)
+  if arch == "head_chunks":  # decoder-only, the head and loss in 5 blocks over 24 positions
+    arch, loss_cfg = "decoder_only", LossConfig(head_chunks=5)
   cfg = tiny_config(arch=arch, d_model=64, num_heads=8, num_kv_heads=4 if arch != "encoder_decoder" else 0,
                     head_dim=8, d_ff=128, vocab_size=256, **extra)
   out = {"devices": len(jax.devices()), "presets": {}}
-  for name, sharded, result in check_meshes(cfg, presets, lengths):
+  for name, sharded, result in check_meshes(cfg, presets, lengths, loss_cfg):
     flat = jax.tree_util.tree_flatten_with_path(sharded)[0]
     expert_bytes = [(x.addressable_shards[0].data.nbytes, x.nbytes) for path, x in flat
                     if "mlp" in jax.tree_util.keystr(path) and x.ndim == 4]

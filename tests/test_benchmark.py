@@ -17,8 +17,8 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   pytest.importorskip("transformers")
   out = tmp_path / "b.json"
   r = run_cli(["scripts/benchmark.py", "--gin_file=models/t5_1_1/tiny.gin",
-               "--gin.ModelConfig.dtype='float32'", "--batch=2", "--inputs=16", "--targets=8",
-               "--steps=1", "--warmup=1", "--decode_batches=1", "--decode_tokens=4", "--vs-hf",
+               "--gin.ModelConfig.dtype='float32'", "--gin.LossConfig.head_chunks=2", "--batch=2",
+               "--inputs=16", "--targets=8", "--steps=1", "--warmup=1", "--decode_batches=1", "--decode_tokens=4", "--vs-hf",
                "--hf-modes=eager", "--hf-generate-caches=dynamic,static", f"--json={out}"])
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -33,6 +33,7 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   # The report says what was measured: the settings gin resolved, and the higher of two peaks.
   assert result["model"]["dtype"] == "float32" and result["model"]["scan_layers"] is True
   assert "dtype=float32" in r.stdout
+  assert result["loss"]["head_chunks"] == 2 and "head_chunks=2" in r.stdout
   assert result["peak_tflops"] == max(result["peak_tflops_before_after"]) > 0
   if host_malloc.is_glibc():  # it re-executed itself under a tuned allocator (HF too)
     assert result["host_malloc"] == ("jemalloc" if host_malloc.find_jemalloc() else "hugepages")

@@ -59,3 +59,14 @@ def test_preset_shapes_match_the_reference():
   assert 1.05e9 < n < 1.15e9  # TinyLlama: 1.1B
   _, n = _num_params("models/t5_1_1/base.gin")
   assert 0.24e9 < n < 0.26e9  # T5 v1.1 base: ~248M
+
+
+def test_bindings_reach_configs_no_file_names():
+  """A model preset alone (as scripts/benchmark.py takes it) still honours bindings to the
+  other configs: gin builds every config, so none is silently left at its default."""
+  exp = gin_setup.parse_gin(["models/decoder/tiny.gin"],
+                            ["experiment.model_dir = '/tmp/unused'", "LossConfig.head_chunks = 4",
+                             "OptimizerConfig.clip_norm = 0.5", "MeshConfig.tensor = 2"])
+  assert exp.loss.head_chunks == 4
+  assert exp.optimizer.clip_norm == 0.5
+  assert exp.mesh.tensor == 2

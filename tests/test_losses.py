@@ -93,3 +93,47 @@ def test_target_is_top_is_argmax_accuracy():
   expected = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   np.testing.assert_array_equal(losses.target_is_top(logits, targets), expected)
   assert 0 < float(jnp.mean(expected)) < 1
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 7])
+@pytest.mark.parametrize("z_loss,smoothing", [(0.0, 0.0), (1e-2, 0.1)])
+def test_head_cross_entropy_equals_the_whole_logits(chunks, z_loss, smoothing):
+  """The blocked head + loss gives the loss sum, per-token statistics and input and kernel
+  gradients of the plain formula on whole logits (7 blocks over 10 positions: padded)."""
+  rng = np.random.default_rng(0)
+  batch, length, embed, vocab = 3, 10, 16, 50
+  x = jnp.asarray(rng.normal(size=(batch, length, embed)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(vocab, embed)) * 0.5, jnp.float32)
+  targets = jnp.asarray(rng.integers(1, vocab, (batch, length)), jnp.int32)
+  weights = jnp.asarray(rng.uniform(0.0, 2.0, (batch, length)), jnp.float32)
+
+  def reference(x, kernel):
+    logits = jnp.einsum("bld,vd->blv", x, kernel)
+    token_loss, z_term = losses.cross_entropy_reference(logits, targets, z_loss=z_loss,
+                                                        label_smoothing=smoothing)
+    stats = (token_loss, z_term, losses.target_is_top(logits, targets))
+    return jnp.sum(token_loss * weights), stats
+
+  def blocked(x, kernel):
+    return losses.head_cross_entropy(x, kernel, targets, weights, chunks=chunks, z_loss=z_loss,
+                                     label_smoothing=smoothing)
+
+  (want, want_stats), want_grads = jax.value_and_grad(reference, (0, 1), has_aux=True)(x, kernel)
+  (got, got_stats), got_grads = jax.jit(jax.value_and_grad(blocked, (0, 1), has_aux=True))(
+      x, kernel)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(got_stats, want_stats):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  # Without differentiation (evaluation) the same values come out.
+  np.testing.assert_allclose(jax.jit(blocked)(x, kernel)[0], want, rtol=1e-5)
+  # A scaled cotangent scales the gradients (the backward pass applies it).
+  scaled = jax.grad(lambda x, k: 3.0 * blocked(x, k)[0])(x, kernel)
+  np.testing.assert_allclose(scaled, 3.0 * want_grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_head_cross_entropy_rejects_zero_chunks():
+  with pytest.raises(ValueError, match="chunks"):
+    losses.head_cross_entropy(jnp.zeros((1, 2, 4)), jnp.zeros((5, 4)), jnp.zeros((1, 2), int),
+                              jnp.ones((1, 2)), chunks=0)

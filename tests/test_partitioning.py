@@ -66,6 +66,13 @@ def test_cpu_levers_match_single_device_on_8_devices():
 
 
 @pytest.mark.slow
+def test_head_chunks_match_single_device_on_8_devices():
+  """LossConfig.head_chunks (the output head and loss in blocks along the length) under every
+  sharding preset: the batch stays sharded and the vocabulary-sharded head is reduced right."""
+  assert len(_check_presets("head_chunks")["presets"]) == 4
+
+
+@pytest.mark.slow
 def test_expert_parallelism_matches_single_device():
   """MoE experts sharded over the tensor axis: same loss and gradients, 1/4 of the expert
   weights per device, and the token exchange shows up as collectives."""

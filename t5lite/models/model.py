@@ -18,10 +18,25 @@ from t5lite.models.transformer import build_network
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """How the training loss is formed (T5X defaults: z-loss 1e-4, no smoothing, real tokens)."""
+  """How the training loss is formed (T5X defaults: z-loss 1e-4, no smoothing, real tokens).
+
+  Attributes:
+    z_loss: coefficient of log(Z)^2.
+    label_smoothing: mass spread over the other classes.
+    normalization: one of `losses.NORMALIZATIONS`.
+    head_chunks: 0 forms the [batch, length, vocab] logits whole; N > 1 runs the output head and
+      the cross-entropy in N blocks along the target length (`losses.head_cross_entropy`), so
+      only a block's logits exist at a time: a memory lever for long targets and large
+      vocabularies, with the same loss and gradients.
+  """
   z_loss: float = 1e-4
   label_smoothing: float = 0.0
   normalization: str = "tokens"
+  head_chunks: int = 0
+
+  def __post_init__(self):
+    if self.head_chunks < 0:
+      raise ValueError(f"LossConfig.head_chunks must be >= 0, got {self.head_chunks}")
 
 
 class Model:
@@ -62,16 +77,24 @@ class Model:
       (loss_sum, metrics) where loss_sum is the weighted token loss sum plus the MoE balancing
       term scaled by the batch's real token count, and metrics holds sums for logging.
     """
-    logits, aux = self.apply(params, batch, rng)
     targets = batch["decoder_target_tokens"]
     weights, _ = losses.loss_weights(targets, batch.get("decoder_loss_weights"),
                                      self.loss_cfg.normalization)
-    token_loss, z_term = losses.cross_entropy_with_logits(
-        logits, targets, z_loss=self.loss_cfg.z_loss,
-        label_smoothing=self.loss_cfg.label_smoothing)
+    options = {"z_loss": self.loss_cfg.z_loss, "label_smoothing": self.loss_cfg.label_smoothing}
+    if self.loss_cfg.head_chunks:
+      net = self.network(params)
+      x, aux = net.features(batch, rng)
+      x, kernel = net.head.operands(x, net.token_embed)
+      loss_sum, (token_loss, z_term, top) = losses.head_cross_entropy(
+          x, kernel, targets, weights, chunks=self.loss_cfg.head_chunks,
+          dtype=self.cfg.dtype, **options)
+    else:
+      logits, aux = self.apply(params, batch, rng)
+      token_loss, z_term = losses.cross_entropy_with_logits(logits, targets, **options)
+      top = losses.target_is_top(logits, targets)
+      loss_sum = jnp.sum(token_loss * weights)
     real = (batch.get("decoder_loss_weights", targets != 0)).astype(jnp.float32)
-    correct = losses.target_is_top(logits, targets) * real
-    loss_sum = jnp.sum(token_loss * weights)
+    correct = top * real
     denominator = self.denominator(batch)
     moe = self.cfg.moe_aux_loss_weight * aux * denominator if self.cfg.num_experts else 0.0
     metrics = {

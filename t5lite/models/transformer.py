@@ -209,6 +209,14 @@ class _Head(nnx.Module):
     logits = layers.project(self.cfg, "bld,vd->blv", x, self.kernel[...].astype(dt))
     return logits.astype(jnp.float32)
 
+  def operands(self, x, embed: layers.Embed):
+    """(x, kernel [vocab, embed]) with logits = x @ kernel.T, for `losses.head_cross_entropy`."""
+    if self.cfg.tie_embeddings:
+      if self.cfg.arch == "encoder_decoder":
+        x = x * (self.cfg.d_model ** -0.5)
+      return x, embed.embedding[...]
+    return x, self.kernel[...]
+
 
 class EncoderDecoder(nnx.Module):
   """T5 v1.1 encoder-decoder with a shared token embedding."""
@@ -261,9 +269,10 @@ class EncoderDecoder(nnx.Module):
                           positions=pos)
     return self.encoder_norm(x), aux
 
-  def decode(self, encoded, tokens, *, encoder_tokens=None, encoder_segment_ids=None,
-             segment_ids=None, positions=None, rng=None):
-    """Teacher-forced decoder: tokens [batch, out_len] -> logits [batch, out_len, vocab].
+  def decoder_features(self, encoded, tokens, *, encoder_tokens=None, encoder_segment_ids=None,
+                       segment_ids=None, positions=None, rng=None):
+    """Teacher-forced decoder up to the output head: tokens [batch, out_len] -> (hidden states
+    [batch, out_len, embed], aux_loss).
 
     Packed rows pass both segment id arrays; unpacked rows pass `encoder_tokens` (for the
     encoder padding) and use a causal mask.
@@ -280,22 +289,27 @@ class EncoderDecoder(nnx.Module):
       cross_mask = attn_lib.Mask(dense=attn_lib.padding_mask(segment_ids, encoder_segment_ids))
     x, aux = self.decoder(x, r[1], mask=mask, bias=self._sequence_bias("decoder", pos),
                           positions=pos, encoded=encoded, cross_mask=cross_mask)
-    x = layers.dropout(self.decoder_norm(x), self.cfg.dropout_rate, r[2])
-    return self.head(x, self.token_embed), aux
+    return layers.dropout(self.decoder_norm(x), self.cfg.dropout_rate, r[2]), aux
 
-  def __call__(self, batch, rng=None):
-    """batch of T5X encoder-decoder features -> (logits [b, out_len, vocab], aux_loss)."""
+  def features(self, batch, rng=None):
+    """batch of T5X encoder-decoder features -> (decoder hidden states before the output head
+    [b, out_len, embed], aux_loss)."""
     r = jax.random.split(rng) if rng is not None else [None, None]
     enc_tokens = batch["encoder_input_tokens"]
     packed = "encoder_segment_ids" in batch
     enc_seg = batch["encoder_segment_ids"] if packed else None
     encoded, enc_aux = self.encode(enc_tokens, enc_seg, batch.get("encoder_positions"), r[0])
     dec_seg = batch["decoder_segment_ids"] if packed else None
-    logits, dec_aux = self.decode(encoded, batch["decoder_input_tokens"],
-                                  encoder_tokens=enc_tokens, encoder_segment_ids=enc_seg,
-                                  segment_ids=dec_seg, positions=batch.get("decoder_positions"),
-                                  rng=r[1])
-    return logits, enc_aux + dec_aux
+    x, dec_aux = self.decoder_features(
+        encoded, batch["decoder_input_tokens"], encoder_tokens=enc_tokens,
+        encoder_segment_ids=enc_seg, segment_ids=dec_seg,
+        positions=batch.get("decoder_positions"), rng=r[1])
+    return x, enc_aux + dec_aux
+
+  def __call__(self, batch, rng=None):
+    """batch of T5X encoder-decoder features -> (logits [b, out_len, vocab], aux_loss)."""
+    x, aux = self.features(batch, rng)
+    return self.head(x, self.token_embed), aux
 
 
   def init_cache(self, encoded, max_len: int, blocks=None):
@@ -387,6 +401,12 @@ class DecoderOnly(nnx.Module):
 
   def __call__(self, batch, rng=None):
     """batch of decoder-only features -> (logits [b, len, vocab], aux_loss)."""
+    x, aux = self.features(batch, rng)
+    return self.head(x, self.token_embed), aux
+
+  def features(self, batch, rng=None):
+    """batch of decoder-only features -> (hidden states before the output head [b, len, embed],
+    aux_loss)."""
     cfg = self.cfg
     tokens = batch["decoder_input_tokens"]
     pos = _positions(tokens, batch.get("decoder_positions"))
@@ -394,8 +414,7 @@ class DecoderOnly(nnx.Module):
     x = layers.dropout(self._embed(tokens, pos), cfg.dropout_rate, r[0])
     x, aux = self.decoder(x, r[1], mask=self.mask(batch), bias=self._sequence_bias(pos),
                           positions=pos)
-    x = layers.dropout(self.decoder_norm(x), cfg.dropout_rate, r[2])
-    return self.head(x, self.token_embed), aux
+    return layers.dropout(self.decoder_norm(x), cfg.dropout_rate, r[2]), aux
 
   def init_cache(self, batch: int, max_len: int):
     """Empty self-attention cache slots for every layer."""
