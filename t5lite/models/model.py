@@ -24,9 +24,9 @@ class LossConfig:
     z_loss: coefficient of log(Z)^2.
     label_smoothing: mass spread over the other classes.
     normalization: one of `losses.NORMALIZATIONS`.
-    head_chunks: 0 forms the [batch, length, vocab] logits whole; N > 1 runs the output head and
-      the cross-entropy in N blocks along the target length (`losses.head_cross_entropy`), so
-      only a block's logits exist at a time: a memory lever for long targets and large
+    head_chunks: 0 forms the [batch, length, vocab] logits whole; N >= 1 runs the output head
+      and the cross-entropy in N blocks along the target length (`losses.head_cross_entropy`),
+      so only a block's logits exist at a time: a memory lever for long targets and large
       vocabularies, with the same loss and gradients.
   """
   z_loss: float = 1e-4
