@@ -7,8 +7,9 @@ Synthetic batches, no TensorFlow. Reports the median step time after warm-up (de
 synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a matmul peak
 measured on the same device (bf16 on GPU, fp32 on CPU; before and after the steps, the higher
 counts), peak device memory and compile time. The header echoes the settings that decide
-speed (dtype, scanned layers, remat, attention, flat weight grads, the loss's head chunks):
-gin's last binding wins, so list runs/cpu.gin or runs/gpu.gin after the model preset.
+speed (dtypes, scanned layers, remat, attention, flat weight grads, the loss's head chunks,
+master weights): gin's last binding wins, so list runs/cpu.gin or runs/gpu.gin after the model
+preset.
 On CPU, --vs-hf times the implementations in alternating rounds of consecutive steps
 (--rounds), since CPU speed drifts with clocks and neighbours; on GPU they run one after another
 (HF first, its memory released before t5lite's step; JAX allocates on demand with --vs-hf).
@@ -85,7 +86,8 @@ def synthetic_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0):
 
 # The model settings that decide speed, echoed in the report: gin's last binding wins, so a
 # preset listed after runs/cpu.gin would silently undo it.
-SETTINGS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "flat_weight_grads")
+SETTINGS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+            "flat_weight_grads")
 
 
 def measure_peak_tflops(on_gpu: bool) -> float:
@@ -106,13 +108,14 @@ def measure_peak_tflops(on_gpu: bool) -> float:
 
 
 def t5lite_step(cfg, args):
-  """(jitted train step with donated state, jitted state init) for the real t5lite step (AdamW,
-  the loss as gin configures it: z-loss 1e-4 by default; constant learning rate)."""
+  """(jitted train step with donated state, jitted state init) for the real t5lite step: the
+  loss and optimizer settings as gin configures them (z-loss 1e-4 by default), always AdamW (as
+  HF's side), at a constant learning rate."""
   import functools
   from t5lite import optimizers, trainer
   from t5lite.models.model import Model
   model = Model(cfg, args.loss)
-  opt = optimizers.make_optimizer(optimizers.OptimizerConfig("adamw"), 1e-4)
+  opt = optimizers.make_optimizer(dataclasses.replace(args.optimizer, name="adamw"), 1e-4)
   init = jax.jit(functools.partial(trainer.init_state, model, opt))
   step = jax.jit(functools.partial(trainer.train_step, model=model, optimizer=opt,
                                    schedule=lambda s: 1e-4, seed=0,
@@ -337,11 +340,11 @@ def bench_decode(cfg, args, batch: int):
 
 
 def load_config(args, bindings):
-  """(ModelConfig, LossConfig) from gin presets plus bindings."""
+  """(ModelConfig, LossConfig, OptimizerConfig) from gin presets plus bindings."""
   from t5lite import gin_setup
   exp = gin_setup.parse_gin(args.gin_file, ["experiment.model_dir = '/tmp/benchmark'"]
                             + bindings)
-  return exp.model, exp.loss
+  return exp.model, exp.loss, exp.optimizer
 
 
 def run_facts(cfg, args, bindings, settings=SETTINGS) -> dict:
@@ -350,7 +353,8 @@ def run_facts(cfg, args, bindings, settings=SETTINGS) -> dict:
   return {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
           "gin_files": args.gin_file, "bindings": bindings,
           "model": {k: getattr(cfg, k) for k in settings},
-          "loss": {"head_chunks": args.loss.head_chunks}}
+          "loss": {"head_chunks": args.loss.head_chunks},
+          "optimizer": {"master_weights": args.optimizer.master_weights}}
 
 
 def write_json(path: str, result: dict):
@@ -416,7 +420,7 @@ def main(argv=None):
     # (torch) the rest; on demand, each side gets what it uses (no effect on CPU).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from t5lite import gin_setup
-  cfg, args.loss = load_config(args, [gin_setup._binding(b) for b in bindings])  # pylint: disable=protected-access
+  cfg, args.loss, args.optimizer = load_config(args, [gin_setup._binding(b) for b in bindings])  # pylint: disable=protected-access
   if args.compile_depths:
     return report_compile_vs_depth(cfg, args, bindings)
   on_gpu = jax.devices()[0].platform == "gpu"
@@ -467,7 +471,8 @@ def main(argv=None):
             "malloc_conf": os.environ.get("MALLOC_CONF", ""),
             "results": rows, "decode": decode_rows}
   head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
-  settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"]}.items())
+  settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
+                                                 **result["optimizer"]}.items())
   print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({'bf16' if on_gpu else 'fp32'} matmul); "
         f"{' '.join(args.gin_file + bindings)} ({settings}) batch {args.batch} x "
         f"({args.inputs}+{args.targets}); model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "

@@ -1,6 +1,7 @@
 """Optimizers (AdamW, Adafactor) with global-norm clipping, built from a small config."""
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,10 @@ class OptimizerConfig:
     clip_norm: global gradient norm clip; 0 disables.
     adafactor_decay_rate: Adafactor second-moment decay exponent (T5: 0.8).
     multiply_by_parameter_scale: Adafactor's relative step size.
+    master_weights: keep float32 master copies of the parameters in the optimizer state and
+      update those; the parameters themselves (`ModelConfig.param_dtype`, e.g. bfloat16) are
+      their rounded copies (`with_master_weights`). Without it, updates smaller than a
+      low-precision parameter's rounding step are lost.
   """
   name: str = "adamw"
   b1: float = 0.9
@@ -29,6 +34,7 @@ class OptimizerConfig:
   clip_norm: float = 1.0
   adafactor_decay_rate: float = 0.8
   multiply_by_parameter_scale: bool = False
+  master_weights: bool = False
 
 
 def make_optimizer(cfg: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
@@ -43,8 +49,42 @@ def make_optimizer(cfg: OptimizerConfig, learning_rate) -> optax.GradientTransfo
                            multiply_by_parameter_scale=cfg.multiply_by_parameter_scale,
                            weight_decay_rate=cfg.weight_decay or None, clipping_threshold=None)
   if cfg.clip_norm:
-    return optax.chain(clip_by_global_norm(cfg.clip_norm), rule)
-  return rule
+    rule = optax.chain(clip_by_global_norm(cfg.clip_norm), rule)
+  return with_master_weights(rule) if cfg.master_weights else rule
+
+
+class MasterWeightsState(NamedTuple):
+  """`with_master_weights` state: float32 copies of the parameters and the inner state."""
+  master: Any
+  inner: Any
+
+
+def with_master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Runs `inner` on float32 master copies of the parameters (mixed-precision training).
+
+  The state holds the masters; each update applies `inner`'s update to them in float32 and
+  returns, for each parameter, the step that takes it exactly to its master rounded to the
+  parameter's dtype (so `optax.apply_updates` yields that rounding). Gradients are taken in
+  float32. Extra arguments (the trainer's `global_norm`) are passed on to `inner`.
+  """
+  inner = optax.with_extra_args_support(inner)
+  to32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+  def init(params):
+    master = to32(params)
+    return MasterWeightsState(master, inner.init(master))
+
+  def update(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("with_master_weights needs the parameters in update()")
+    steps, inner_state = inner.update(to32(updates), state.inner, state.master, **extra_args)
+    master = optax.apply_updates(state.master, steps)
+    # float32 differences of two values of the parameter's dtype are exact, so p + step lands on
+    # the rounded master.
+    steps = jax.tree.map(lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p, master, params)
+    return steps, MasterWeightsState(master, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:

@@ -134,6 +134,8 @@ def train_step(state, batch, *, model: Model, optimizer: optax.GradientTransform
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
     (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+    # Low-precision parameters have low-precision gradients: norm and update them in float32.
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
   else:
     micro = _split_microbatches(batch, microbatches)
     rngs = jax.random.split(rng, microbatches)

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from conftest import tiny_config
-from t5lite import checkpoints, trainer
+from t5lite import checkpoints, optimizers, trainer
 from t5lite.models.model import Model
 
 
@@ -36,6 +36,24 @@ def test_round_trip_with_data_position(tmp_path):
   step, restored, data = ckpt.restore_latest(_abstract(state), cfg)
   assert step == 5 and data["cursor"] == 123
   jax.tree.map(np.testing.assert_array_equal, restored, state)
+  ckpt.close()
+
+
+def test_round_trip_of_bfloat16_params_with_float32_masters(tmp_path):
+  """The master-weights optimizer state (float32 masters beside bfloat16 parameters) comes back
+  with its structure and dtypes."""
+  cfg = tiny_config(param_dtype="bfloat16")
+  opt = optimizers.make_optimizer(optimizers.OptimizerConfig(master_weights=True), 1e-3)
+  state = trainer.init_state(Model(cfg), opt, jax.random.key(0))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=1)
+  ckpt.save(1, state, {"cursor": 0, "step": 1}, cfg)
+  ckpt.wait()
+  _, restored, _ = ckpt.restore_latest(_abstract(state), cfg)
+  assert isinstance(restored["opt_state"], optimizers.MasterWeightsState)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
   ckpt.close()
 
 

@@ -61,3 +61,31 @@ def test_adamw_chain_matches_optax_chain():
     up_b, state_b = theirs.update(grads, state_b, p_b)
     p_a, p_b = optax.apply_updates(p_a, up_a), optax.apply_updates(p_b, up_b)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p_a, p_b)
+
+
+def test_master_weights_keep_updates_below_the_parameters_rounding():
+  """bfloat16 parameters lose SGD steps of +1e-3 (below half their rounding step above 0.5 and
+  1); with float32 masters the steps add up and the parameters are the masters rounded."""
+  params = {"w": jnp.array([1.0, 0.5], jnp.bfloat16)}
+  grads = {"w": -jnp.ones(2, jnp.bfloat16)}
+
+  def run(opt):
+    state, p = opt.init(params), params
+    for _ in range(20):
+      steps, state = opt.update(grads, state, p)
+      p = optax.apply_updates(p, steps)
+    return p, state
+
+  plain, _ = run(optax.sgd(1e-3))
+  np.testing.assert_array_equal(plain["w"], params["w"])
+  mixed, state = run(optimizers.with_master_weights(optax.sgd(1e-3)))
+  assert state.master["w"].dtype == jnp.float32 and mixed["w"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(state.master["w"], [1.02, 0.52], rtol=1e-5)
+  np.testing.assert_array_equal(mixed["w"], state.master["w"].astype(jnp.bfloat16))
+
+
+def test_master_weights_need_the_parameters():
+  opt = optimizers.with_master_weights(optax.sgd(1e-3))
+  state = opt.init({"w": jnp.ones(2, jnp.bfloat16)})
+  with pytest.raises(ValueError, match="parameters"):
+    opt.update({"w": jnp.ones(2, jnp.bfloat16)}, state)

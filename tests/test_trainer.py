@@ -90,6 +90,29 @@ def test_bf16_compute_keeps_fp32_params_and_state():
     assert leaf.dtype == jnp.float32
 
 
+def test_bfloat16_params_train_on_float32_masters():
+  """ModelConfig.param_dtype='bfloat16' with OptimizerConfig.master_weights: the parameters stay
+  bfloat16 and equal their float32 masters rounded, the masters (and AdamW's moments) are
+  float32, and steps too small for bfloat16 still move the masters."""
+  cfg = tiny_config(param_dtype="bfloat16")
+  model = Model(cfg)
+  opt = optimizers.make_optimizer(optimizers.OptimizerConfig("adamw", master_weights=True), 1e-5)
+  state = trainer.init_state(model, opt, jax.random.key(0))
+  first = state["params"]
+  step = _step(model, opt)
+  for _ in range(3):
+    state, metrics = step(state, random_batch(cfg))
+    assert np.isfinite(float(metrics["loss"]))
+  master = state["opt_state"].master
+  jax.tree.map(lambda p, m: np.testing.assert_array_equal(p, m.astype(jnp.bfloat16)),
+               state["params"], master)
+  assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.bfloat16)}
+  assert {leaf.dtype for leaf in jax.tree.leaves(state["opt_state"])} - {jnp.dtype(jnp.int32)} == {
+      jnp.dtype(jnp.float32)}
+  moved = jax.tree.leaves(jax.tree.map(lambda m, p: float(jnp.max(jnp.abs(m - p))), master, first))
+  assert min(moved) > 0  # every tensor's master moved by ~3 steps of 1e-5
+
+
 def test_warmup_schedule_reaches_the_step_metrics():
   cfg = tiny_config()
   model = Model(cfg)

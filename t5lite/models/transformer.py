@@ -233,9 +233,11 @@ class EncoderDecoder(nnx.Module):
     self.head = _Head(cfg, self.token_embed, rngs=rngs)
     if cfg.position_encoding == "relative":
       self.encoder_relpos = attn_lib.RelativePositionBias(
-          cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, True, rngs=rngs)
+          cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, True, rngs=rngs,
+          param_dtype=jnp.dtype(cfg.param_dtype))
       self.decoder_relpos = attn_lib.RelativePositionBias(
-          cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, False, rngs=rngs)
+          cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, False, rngs=rngs,
+          param_dtype=jnp.dtype(cfg.param_dtype))
 
   def _bias(self, which: str, q_pos, k_pos):
     cfg = self.cfg
@@ -351,7 +353,7 @@ class DecoderOnly(nnx.Module):
     if cfg.position_encoding == "relative":
       self.decoder_relpos = attn_lib.RelativePositionBias(
           cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
-          cfg.arch == "prefix_lm", rngs=rngs)
+          cfg.arch == "prefix_lm", rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype))
     if cfg.position_encoding == "learned":
       self.position_embed = layers.param(rngs, (cfg.max_length, cfg.d_model),
                                          ("position", "embed"), 0.01,
