@@ -420,7 +420,8 @@ def main(argv=None):
     # (torch) the rest; on demand, each side gets what it uses (no effect on CPU).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from t5lite import gin_setup
-  cfg, args.loss, args.optimizer = load_config(args, [gin_setup._binding(b) for b in bindings])  # pylint: disable=protected-access
+  parsed = [gin_setup._binding(b) for b in bindings]  # pylint: disable=protected-access
+  cfg, args.loss, args.optimizer = load_config(args, parsed)
   if args.compile_depths:
     return report_compile_vs_depth(cfg, args, bindings)
   on_gpu = jax.devices()[0].platform == "gpu"

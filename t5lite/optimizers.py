@@ -59,7 +59,8 @@ class MasterWeightsState(NamedTuple):
   inner: Any
 
 
-def with_master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def with_master_weights(
+    inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """Runs `inner` on float32 master copies of the parameters (mixed-precision training).
 
   The state holds the masters; each update applies `inner`'s update to them in float32 and

@@ -18,7 +18,8 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   out = tmp_path / "b.json"
   r = run_cli(["scripts/benchmark.py", "--gin_file=models/t5_1_1/tiny.gin",
                "--gin.ModelConfig.dtype='float32'", "--gin.LossConfig.head_chunks=2", "--batch=2",
-               "--inputs=16", "--targets=8", "--steps=1", "--warmup=1", "--decode_batches=1", "--decode_tokens=4", "--vs-hf",
+               "--inputs=16", "--targets=8", "--steps=1", "--warmup=1", "--decode_batches=1",
+               "--decode_tokens=4", "--vs-hf",
                "--hf-modes=eager", "--hf-generate-caches=dynamic,static", f"--json={out}"])
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(out.read_text())

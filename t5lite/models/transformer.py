@@ -313,7 +313,6 @@ class EncoderDecoder(nnx.Module):
     x, aux = self.features(batch, rng)
     return self.head(x, self.token_embed), aux
 
-
   def init_cache(self, encoded, max_len: int, blocks=None):
     """Decoding cache: empty self-attention slots and each layer's cross-attention keys.
     `blocks`: the decoder's `unstack()`, taken once by a decoding loop."""
