@@ -153,8 +153,7 @@ def _head_loss_scan(x, kernel, targets, weights, chunks, z_loss, label_smoothing
     flat, t = xb.reshape(-1, xb.shape[-1]).astype(dtype), tb.reshape(-1)
     logits = jnp.einsum("td,vd->tv", flat, w, preferred_element_type=jnp.float32)
     (loss, z_term), (_, _, log_z) = _fused_forward(logits, t, z_loss, label_smoothing)
-    top = (_target_logit(logits, t) >= jnp.max(logits, axis=-1)).astype(jnp.float32)
-    stats = tuple(s.reshape(tb.shape) for s in (loss, z_term, top))
+    stats = tuple(s.reshape(tb.shape) for s in (loss, z_term, target_is_top(logits, t)))
     if not with_grads:
       return dkernel, (stats, ())
     g = _logits_grad(logits, t, log_z, wb.reshape(-1), jnp.zeros_like(log_z), z_loss,
