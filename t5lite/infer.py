@@ -104,6 +104,9 @@ def main(argv=None) -> int:
   parser.add_argument("--gin_file", action="append", default=[])
   parser.add_argument("--task_module", action="append", default=[])
   parser.add_argument("--max_examples", type=int, default=0)
+  parser.add_argument("--head_chunks", type=int, default=0,
+                      help="score with the output head in N blocks along the targets (a "
+                           "large vocabulary's logits never whole); 0: whole")
   serving.add_decode_flags(parser)
   serving.add_mesh_flags(parser)
   from t5lite.gin_setup import split_gin_bindings  # pylint: disable=import-outside-toplevel
@@ -113,7 +116,9 @@ def main(argv=None) -> int:
   try:
     if bool(args.task) == bool(args.input_file):
       raise ValueError("give exactly one of --input_file or --task")
-    session = serving.open_session(args, "t5lite.infer")
+    if args.head_chunks < 0:
+      raise ValueError(f"--head_chunks must be >= 0, got {args.head_chunks}")
+    session = serving.open_session(args, "t5lite.infer", args.head_chunks)
     if args.task:
       examples, metric_names = task_examples(args, bindings, session)
     else:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from t5lite import convert, decoding, partitioning
-from t5lite.models.model import Model
+from t5lite.models.model import LossConfig, Model
 
 VOCAB_FILES = ("spiece.model", "tokenizer.model", "vocab.model")
 
@@ -24,18 +24,20 @@ class Session:
     step: checkpoint step (default latest).
     mesh_config: a `partitioning.MeshConfig` to shard the parameters over all devices (a model
       too large for one); decoding and scoring then run on that mesh. Default: one device.
+    head_chunks: score with the output head and log-softmax in this many blocks along the
+      target length (`LossConfig.head_chunks`): no [batch, length, vocab] logits. 0: whole.
   """
 
   def __init__(self, checkpoint: str, vocab_file: str = "", step: Optional[int] = None,
                extra_ids: int = 100,
-               mesh_config: Optional[partitioning.MeshConfig] = None):
+               mesh_config: Optional[partitioning.MeshConfig] = None, head_chunks: int = 0):
     if not os.path.isdir(checkpoint):
       raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     self.mesh_config = mesh_config
     self.mesh = None if mesh_config is None else partitioning.make_mesh(mesh_config)
     self.cfg, self.params = convert.load_t5lite(
         checkpoint, step, self.mesh, None if mesh_config is None else mesh_config.rules)
-    self.model = Model(self.cfg)
+    self.model = Model(self.cfg, LossConfig(head_chunks=head_chunks))
     self.vocab = None
     path = vocab_file or next((os.path.join(checkpoint, n) for n in VOCAB_FILES
                                if os.path.exists(os.path.join(checkpoint, n))), "")
@@ -171,12 +173,13 @@ def add_mesh_flags(parser):
                       help="tensor-parallel devices (tensor_parallel: all; fsdp_tensor: 2)")
 
 
-def open_session(args, prog: str) -> Session:
+def open_session(args, prog: str, head_chunks: int = 0) -> Session:
   """The Session the CLI flags ask for (`--checkpoint`, `--vocab_file`, `--partitioning`,
-  `--tensor`). A sharded one says on stderr what each device holds; a mesh the devices do not
-  fit is a ValueError that gives the reason."""
+  `--tensor`), scoring in `head_chunks` blocks. A sharded one says on stderr what each device
+  holds; a mesh the devices do not fit is a ValueError that gives the reason."""
   mesh_config = _MESHES[args.partitioning](args.tensor) if args.partitioning else None
-  session = Session(args.checkpoint, args.vocab_file, mesh_config=mesh_config)
+  session = Session(args.checkpoint, args.vocab_file, mesh_config=mesh_config,
+                    head_chunks=head_chunks)
   if session.mesh is not None:
     print(f"{prog}: {session.placement()}", file=sys.stderr)
   return session

@@ -45,6 +45,18 @@ def test_predict_and_score(trained, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   scores = [json.loads(l)["score"] for l in (tmp_path / "sc_out.jsonl").read_text().splitlines()]
   assert len(scores) == 2 and all(s < 0 for s in scores)
+  # The head in 3 blocks along the targets: the same scores, with no whole logits.
+  r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--input_file",
+               str(tmp_path / "sc.jsonl"), "--output_file", str(tmp_path / "sc_chunked.jsonl"),
+               "--mode", "score", "--head_chunks", "3"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  chunked = [json.loads(l)["score"]
+             for l in (tmp_path / "sc_chunked.jsonl").read_text().splitlines()]
+  assert chunked == pytest.approx(scores, rel=1e-5)
+  r = run_cli(["-m", "t5lite.infer", "--checkpoint", trained, "--input_file",
+               str(tmp_path / "sc.jsonl"), "--output_file", str(tmp_path / "bad.jsonl"),
+               "--mode", "score", "--head_chunks", "-1"])
+  assert r.returncode == 2 and "--head_chunks must be >= 0" in r.stderr
 
 
 @pytest.mark.parametrize("content,message", [("", "no examples"), ("{not json\n", "not valid JSON"),

@@ -383,20 +383,24 @@ def test_cast_for_compute_changes_no_output(variant):
                                      dict(arch="prefix_lm", num_experts=4)], ids=_ids)
 def test_head_chunks_give_the_loss_metrics_and_gradients_of_whole_logits(variant):
   """LossConfig.head_chunks (the output head and cross-entropy in blocks, 3 over 8 target
-  positions) changes no loss, metric or parameter gradient, with z-loss, label smoothing,
-  per-sequence normalization, tied heads, dropout and MoE."""
+  positions) changes no loss, metric, parameter gradient or score, with z-loss, label
+  smoothing, per-sequence normalization, tied heads, dropout and MoE."""
   cfg = tiny_config(**variant)
   batch = random_batch(cfg, seed=5)
   params = Model(cfg).init(jax.random.key(0))
   rng = jax.random.key(7)
-  results = []
+  results, scores = [], []
   for chunks in (0, 3):
     model = Model(cfg, LossConfig(z_loss=1e-3, label_smoothing=0.1,
                                   normalization="per_sequence", head_chunks=chunks))
     fn = jax.jit(jax.value_and_grad(lambda p, m=model: m.loss(p, batch, rng), has_aux=True))
     results.append(fn(params))
+    scores.append(jax.jit(model.score_batch)(params, batch))
   (loss0, metrics0), grads0 = results[0]
   (loss1, metrics1), grads1 = results[1]
+  # Scoring in blocks: the same log-likelihoods (z-loss and smoothing play no part in them).
+  np.testing.assert_allclose(scores[1], scores[0], rtol=1e-5)
+  assert np.all(np.asarray(scores[0]) < 0)
   np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
   for name in metrics0:
     np.testing.assert_allclose(metrics1[name], metrics0[name], rtol=1e-5, atol=1e-6, err_msg=name)

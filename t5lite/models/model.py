@@ -123,12 +123,23 @@ class Model:
     """Per-sequence log-likelihood of the targets: [batch] (sum over real target tokens).
 
     Packed batches are scored per row; score unpacked batches to get one value per example.
+    With `LossConfig.head_chunks`, the head and the log-softmax run in blocks along the length,
+    as in training, so no [batch, length, vocab] logits are formed.
     """
-    logits, _ = self.apply(params, batch, None)
     targets = batch["decoder_target_tokens"]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     weights = batch.get("decoder_loss_weights", targets != 0).astype(jnp.float32)
+    if self.loss_cfg.head_chunks:
+      net = self.network(params)
+      x, _ = net.features(batch, None)
+      x, kernel = net.head.operands(x, net.token_embed)
+      # Without z-loss and smoothing, the per-token loss is -log p(target).
+      _, (token_nll, _, _) = losses.head_cross_entropy(
+          x, kernel, targets, weights, chunks=self.loss_cfg.head_chunks, dtype=self.cfg.dtype)
+      token_logp = -token_nll
+    else:
+      logits, _ = self.apply(params, batch, None)
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(token_logp * weights, axis=-1)
 
   def predict_batch(self, params, batch, **decode_kwargs):
