@@ -70,6 +70,18 @@ class Model:
     """Forward pass: (logits [batch, len, vocab] float32, aux_loss). rng=None disables dropout."""
     return self.network(params)(batch, rng)
 
+  def head_operands(self, params, batch, rng=None):
+    """The output head's operands, logits = x @ kernel.T, without forming the logits.
+
+    Returns:
+      (x [batch, len, embed], kernel [vocab, embed], aux_loss); a tied T5 head's rescale is
+      already in x.
+    """
+    net = self.network(params)
+    x, aux = net.features(batch, rng)
+    x, kernel = net.head.operands(x, net.token_embed)
+    return x, kernel, aux
+
   def loss_terms(self, params, batch, rng=None):
     """Summed (not averaged) loss terms of a batch, so microbatches can be added up.
 
@@ -82,9 +94,7 @@ class Model:
                                      self.loss_cfg.normalization)
     options = {"z_loss": self.loss_cfg.z_loss, "label_smoothing": self.loss_cfg.label_smoothing}
     if self.loss_cfg.head_chunks:
-      net = self.network(params)
-      x, aux = net.features(batch, rng)
-      x, kernel = net.head.operands(x, net.token_embed)
+      x, kernel, aux = self.head_operands(params, batch, rng)
       loss_sum, (token_loss, z_term, top) = losses.head_cross_entropy(
           x, kernel, targets, weights, chunks=self.loss_cfg.head_chunks,
           dtype=self.cfg.dtype, **options)
@@ -129,9 +139,7 @@ class Model:
     targets = batch["decoder_target_tokens"]
     weights = batch.get("decoder_loss_weights", targets != 0).astype(jnp.float32)
     if self.loss_cfg.head_chunks:
-      net = self.network(params)
-      x, _ = net.features(batch, None)
-      x, kernel = net.head.operands(x, net.token_embed)
+      x, kernel, _ = self.head_operands(params, batch, None)
       # Without z-loss and smoothing, the per-token loss is -log p(target).
       _, (token_nll, _, _) = losses.head_cross_entropy(
           x, kernel, targets, weights, chunks=self.loss_cfg.head_chunks, dtype=self.cfg.dtype)
