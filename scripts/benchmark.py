@@ -108,23 +108,23 @@ def measure_peak_tflops(on_gpu: bool) -> float:
 
 
 def t5lite_step(cfg, args):
-  """(jitted train step with donated state, jitted state init) for the real t5lite step: the
-  loss and optimizer settings as gin configures them (z-loss 1e-4 by default), always AdamW (as
-  HF's side), at a constant learning rate."""
+  """(jitted train step, jitted state init) for the real t5lite step, compiled as
+  `t5lite.train` compiles it (`trainer.jit_train_step`: the state donated, gin's
+  `TrainConfig.donate_state` and `compiler_options`): the loss and optimizer settings as gin
+  configures them (z-loss 1e-4 by default), always AdamW (as HF's side), at a constant
+  learning rate."""
   import functools
   from t5lite import optimizers, trainer
   from t5lite.models.model import Model
   model = Model(cfg, args.loss)
   opt = optimizers.make_optimizer(dataclasses.replace(args.optimizer, name="adamw"), 1e-4)
   init = jax.jit(functools.partial(trainer.init_state, model, opt))
-  step = jax.jit(functools.partial(trainer.train_step, model=model, optimizer=opt,
-                                   schedule=lambda s: 1e-4, seed=0,
-                                   microbatches=args.microbatches), donate_argnums=(0,))
-  return step, init
+  train_cfg = dataclasses.replace(args.train, seed=0, microbatches=args.microbatches)
+  return trainer.jit_train_step(model, opt, lambda s: 1e-4, train_cfg), init
 
 
 def t5lite_runner(cfg, args):
-  """(one synchronized train step, facts) for the real t5lite step (AdamW, donated state)."""
+  """(one synchronized train step, facts) for the real t5lite step (AdamW)."""
   step, init = t5lite_step(cfg, args)
   state = init(jax.random.key(0))
   batch = jax.device_put(synthetic_batch(cfg, args.batch, args.inputs, args.targets))
@@ -340,11 +340,11 @@ def bench_decode(cfg, args, batch: int):
 
 
 def load_config(args, bindings):
-  """(ModelConfig, LossConfig, OptimizerConfig) from gin presets plus bindings."""
+  """(ModelConfig, LossConfig, OptimizerConfig, TrainConfig) from gin presets plus bindings."""
   from t5lite import gin_setup
   exp = gin_setup.parse_gin(args.gin_file, ["experiment.model_dir = '/tmp/benchmark'"]
                             + bindings)
-  return exp.model, exp.loss, exp.optimizer
+  return exp.model, exp.loss, exp.optimizer, exp.train
 
 
 def run_facts(cfg, args, bindings, settings=SETTINGS) -> dict:
@@ -354,7 +354,9 @@ def run_facts(cfg, args, bindings, settings=SETTINGS) -> dict:
           "gin_files": args.gin_file, "bindings": bindings,
           "model": {k: getattr(cfg, k) for k in settings},
           "loss": {"head_chunks": args.loss.head_chunks},
-          "optimizer": {"master_weights": args.optimizer.master_weights}}
+          "optimizer": {"master_weights": args.optimizer.master_weights},
+          "train": {"donate_state": args.train.donate_state,
+                    "compiler_options": dict(args.train.compiler_options)}}
 
 
 def write_json(path: str, result: dict):
@@ -421,7 +423,12 @@ def main(argv=None):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from t5lite import gin_setup
   parsed = [gin_setup._binding(b) for b in bindings]  # pylint: disable=protected-access
-  cfg, args.loss, args.optimizer = load_config(args, parsed)
+  cfg, args.loss, args.optimizer, args.train = load_config(args, parsed)
+  from t5lite import trainer
+  try:
+    trainer.check_compiler_options(args.train.compiler_options)
+  except ValueError as e:
+    parser.error(str(e))
   if args.compile_depths:
     return report_compile_vs_depth(cfg, args, bindings)
   on_gpu = jax.devices()[0].platform == "gpu"
@@ -473,7 +480,7 @@ def main(argv=None):
             "results": rows, "decode": decode_rows}
   head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
   settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
-                                                 **result["optimizer"]}.items())
+                                                 **result["optimizer"], **result["train"]}.items())
   print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({'bf16' if on_gpu else 'fp32'} matmul); "
         f"{' '.join(args.gin_file + bindings)} ({settings}) batch {args.batch} x "
         f"({args.inputs}+{args.targets}); model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "

@@ -195,11 +195,9 @@ def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, 
   abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in
                     shapes.items()}
   abstract_state = checkpoints.abstract_with_shardings(abstract, state_sh)
-  step = jax.jit(functools.partial(trainer.train_step, model=model, optimizer=opt,
-                                   schedule=lambda s: 1e-4, seed=0,
-                                   microbatches=cand.microbatches),
-                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
-                 donate_argnums=(0,))
+  step = trainer.jit_train_step(model, opt, lambda s: 1e-4,
+                                trainer.TrainConfig(microbatches=cand.microbatches),
+                                shardings=((state_sh, batch_sh), (state_sh, rep)))
   with jax.set_mesh(mesh), partitioning.activation_rules(mesh, cand.rules):
     compiled = step.lower(abstract_state, abstract_batch).compile()
   return compiled, (step, abstract_state, abstract_batch, mesh)

@@ -29,7 +29,12 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   from t5lite import checkpoints, partitioning, trainer  # pylint: disable=import-outside-toplevel
   from t5lite.train import build_run  # pylint: disable=import-outside-toplevel
-  run, _ = build_run(exp)
+  try:
+    trainer.check_compiler_options(exp.train.compiler_options)
+    run, _ = build_run(exp)
+  except (gin_setup.ConfigError, ValueError, FileNotFoundError) as e:
+    print(f"t5lite.eval: configuration error: {e}", file=sys.stderr)
+    return 2
   if run.eval_stream is None:
     print("t5lite.eval: the dataset has no eval split", file=sys.stderr)
     return 2
@@ -45,7 +50,7 @@ def main(argv=None) -> int:
   with jax.set_mesh(mesh):
     result = trainer.evaluate(run.model, params, run.eval_stream,
                               args.batches or exp.train.eval_batches, exp.train.batch_size,
-                              partitioning.batch_sharding(mesh))
+                              partitioning.batch_sharding(mesh), exp.train.compiler_options)
   step = args.step if args.step is not None else checkpoints.latest_step(ckpt_dir)
   result["step"] = step
   print(json.dumps(result))

@@ -96,6 +96,7 @@ def main(argv=None) -> int:
                                num_processes=args.num_processes, process_id=args.process_id)
   from t5lite import checkpoints, trainer  # pylint: disable=import-outside-toplevel
   try:
+    trainer.check_compiler_options(exp.train.compiler_options)
     run, dataset = build_run(exp, jax.process_index(), jax.process_count())
     if exp.mesh.rules == "auto":
       exp, run = _autoplan(exp, run)

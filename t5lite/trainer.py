@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import signal
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,11 @@ class TrainConfig:
     eval_batches: batches per eval.
     init_from: restore parameters only from this checkpoint directory (finetuning).
     progress_bar: show a tqdm bar.
+    donate_state: donate the train state's buffers to the step, which writes the new state into
+      them (off: the old and the new state are both alive at the step's end).
+    compiler_options: XLA options for the train and eval steps' compilation, e.g.
+      {"xla_gpu_enable_latency_hiding_scheduler": True}: the XLA_FLAGS of one program, set in
+      gin (`check_compiler_options` rejects a name or value XLA does not know).
   """
   num_steps: int = 1000
   batch_size: int = 32
@@ -66,6 +71,8 @@ class TrainConfig:
   eval_batches: int = 4
   init_from: str = ""
   progress_bar: bool = True
+  donate_state: bool = True
+  compiler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def init_state(model: Model, optimizer: optax.GradientTransformation, rng) -> Dict[str, Any]:
@@ -232,6 +239,32 @@ def _to_global(batch: Dict[str, np.ndarray], sharding) -> Dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def jit_train_step(model: Model, optimizer: optax.GradientTransformation, schedule: Callable,
+                   cfg: TrainConfig, shardings=None):
+  """`train_step` jitted as `run` compiles it: the state donated unless `cfg.donate_state` is
+  off, `cfg.compiler_options` passed to XLA, and `shardings` = (in_shardings, out_shardings)
+  when given. `run`, the benchmark and the parallel planner all compile this one."""
+  sharding_args = {} if shardings is None else {"in_shardings": shardings[0],
+                                                "out_shardings": shardings[1]}
+  return jax.jit(
+      functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
+                        seed=cfg.seed, microbatches=cfg.microbatches),
+      donate_argnums=(0,) if cfg.donate_state else (),
+      compiler_options=dict(cfg.compiler_options) or None, **sharding_args)
+
+
+def check_compiler_options(options: Mapping[str, Any]):
+  """Raises ValueError, before any data or model is touched, where XLA rejects an option's name
+  or value (XLA would otherwise fail only when the first step compiles)."""
+  if not options:
+    return
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(0).compile()
+  except jax.errors.JaxRuntimeError as e:
+    raise ValueError(f"TrainConfig.compiler_options {dict(options)}: "
+                     f"{str(e).splitlines()[0]}") from e
+
+
 @dataclasses.dataclass
 class Run:
   """Everything `run` needs besides configs: model, optimizer, data streams and where to write."""
@@ -280,11 +313,8 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
       state["opt_state"] = jax.jit(r.optimizer.init, out_shardings=state_sh["opt_state"])(params)
       log(f"initialized parameters from {cfg.init_from}")
 
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, optimizer=r.optimizer, schedule=r.schedule,
-                        seed=cfg.seed, microbatches=cfg.microbatches),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-      donate_argnums=(0,))
+  step_fn = jit_train_step(model, r.optimizer, r.schedule, cfg,
+                           shardings=((state_sh, batch_sh), (state_sh, replicated)))
   writer = MetricsWriter(r.model_dir, "train")
   summary = {"start_step": start, "first_loss": None, "last_loss": None, "eval": None}
   progress = None
@@ -335,7 +365,7 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
         progress.update(1)
       if cfg.eval_every and r.eval_stream is not None and step % cfg.eval_every == 0:
         summary["eval"] = evaluate(model, state["params"], r.eval_stream, cfg.eval_batches,
-                                   bs, batch_sh)
+                                   bs, batch_sh, cfg.compiler_options)
         MetricsWriter(r.model_dir, "eval", tensorboard=False).write(step, summary["eval"])
       if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
         save(step)
@@ -364,9 +394,10 @@ def _check_finite(metrics, cfg: TrainConfig):
 
 
 def evaluate(model: Model, params, stream, num_batches: int, batch_size: int,
-             batch_sh) -> Dict[str, float]:
+             batch_sh, compiler_options: Optional[Mapping[str, Any]] = None) -> Dict[str, float]:
   """Loss, perplexity and accuracy over the first `num_batches` batches of `stream`."""
-  fn = jax.jit(functools.partial(eval_step, model=model))
+  fn = jax.jit(functools.partial(eval_step, model=model),
+               compiler_options=dict(compiler_options or {}) or None)
   totals = {"nll_sum": 0.0, "correct_sum": 0.0, "token_count": 0.0}
   cursor = 0
   for _ in range(num_batches):

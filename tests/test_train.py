@@ -148,6 +148,16 @@ def test_unknown_gin_binding_exits_2(tmp_path):
   assert not os.path.exists(tmp_path / "x" / "checkpoints")
 
 
+def test_compiler_options_xla_does_not_know_exit_2(tmp_path):
+  """TrainConfig.compiler_options go to XLA; a name it does not know is a configuration error
+  before any data or checkpoint is touched."""
+  r = run_cli(QUICK + [f"--gin.MODEL_DIR={tmp_path}/x",
+                       "--gin.TrainConfig.compiler_options={'xla_no_such_option': True}"])
+  assert r.returncode == 2
+  assert "configuration error" in r.stderr and "xla_no_such_option" in r.stderr
+  assert not os.path.exists(tmp_path / "x" / "checkpoints")
+
+
 def test_missing_required_macro_exits_2():
   r = run_cli(["-m", "t5lite.train", "--gin_file=models/t5_1_1/tiny.gin",
                "--gin_file=runs/pretrain.gin", "--gin.TRAIN_STEPS=3"])

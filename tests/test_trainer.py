@@ -41,6 +41,43 @@ def test_gradient_accumulation_equals_full_batch(arch):
                acc_delta, full_delta)
 
 
+@pytest.mark.parametrize("donate", [True, False])
+def test_jit_train_step_donates_the_state_unless_told_not_to(donate):
+  """`trainer.jit_train_step` (what `run`, the benchmark and the planner compile): the state's
+  buffers are donated unless TrainConfig.donate_state is off, XLA takes the compiler options,
+  and the step computes what the plain jitted train_step does."""
+  cfg = tiny_config()
+  model = Model(cfg)
+  opt = optax.adamw(1e-3)
+  state = trainer.init_state(model, opt, jax.random.key(0))
+  batch = random_batch(cfg)
+  want_state, want = _step(model, opt)(jax.tree.map(jnp.copy, state), batch)
+  train_cfg = trainer.TrainConfig(donate_state=donate,
+                                  compiler_options={"xla_cpu_enable_fast_math": False})
+  new_state, metrics = trainer.jit_train_step(model, opt, lambda s: 1e-3, train_cfg)(state, batch)
+  assert all(x.is_deleted() == donate for x in jax.tree.leaves(state))
+  np.testing.assert_array_equal(metrics["loss"], want["loss"])
+  jax.tree.map(np.testing.assert_array_equal, new_state, want_state)
+
+
+def test_compiler_options_xla_rejects_are_value_errors():
+  """A name or value XLA does not know: a ValueError naming it from `check_compiler_options`,
+  and the same XLA error from the step compiled with it (so the options do reach XLA)."""
+  with pytest.raises(ValueError, match="xla_no_such_option"):
+    trainer.check_compiler_options({"xla_no_such_option": True})
+  with pytest.raises(ValueError, match="not a valid bool"):
+    trainer.check_compiler_options({"xla_cpu_enable_fast_math": "maybe"})
+  trainer.check_compiler_options({"xla_gpu_enable_latency_hiding_scheduler": True})
+  trainer.check_compiler_options({})
+  cfg = tiny_config()
+  model = Model(cfg)
+  opt = optax.sgd(1e-3)
+  step = trainer.jit_train_step(model, opt, lambda s: 1e-3, trainer.TrainConfig(
+      compiler_options={"xla_no_such_option": True}))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option"):
+    step(trainer.init_state(model, opt, jax.random.key(0)), random_batch(cfg))
+
+
 def test_nonfinite_step_is_skipped_and_counted():
   cfg = tiny_config()
   model = Model(cfg)
