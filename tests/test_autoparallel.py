@@ -36,6 +36,21 @@ def test_candidates_respect_divisibility():
   assert {c.rules for c in cands} == {"data_parallel", "fsdp", "tensor_parallel", "fsdp_tensor"}
 
 
+def test_planner_prices_the_loss_training_runs():
+  """The plan is priced on the experiment's loss: LossConfig.head_chunks (no whole logits) lowers
+  the peak memory the planner sees for a large vocabulary."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from t5lite import optimizers  # pylint: disable=import-outside-toplevel
+  from t5lite.models.model import LossConfig  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(arch="decoder_only", vocab_size=16384)
+  cand = autoparallel.Candidate(1, 1, 1, "data_parallel", "none", 1)
+  peaks = [autoparallel.analyze(cfg, cand, 4, 0, 256, jax.devices()[:1], autoparallel.Hardware(),
+                                optimizers.OptimizerConfig("adamw"), loss_cfg).peak_gb
+           for loss_cfg in (None, LossConfig(head_chunks=8))]
+  # The whole float32 logits and their gradient: 2 x 4 x 256 x 16384 x 4 bytes = 128 MiB.
+  assert peaks[0] - peaks[1] > 0.06, peaks
+
+
 @pytest.mark.slow
 def test_tight_budget_picks_a_sharded_plan_that_trains_like_one_device():
   r = run_cli(["tests/autoparallel_check.py"])
