@@ -108,11 +108,11 @@ def measure_peak_tflops(on_gpu: bool) -> float:
 
 
 def t5lite_step(cfg, args):
-  """(jitted train step, jitted state init) for the real t5lite step, compiled as
-  `t5lite.train` compiles it (`trainer.jit_train_step`: the state donated, gin's
-  `TrainConfig.donate_state` and `compiler_options`): the loss and optimizer settings as gin
-  configures them (z-loss 1e-4 by default), always AdamW (as HF's side), at a constant
-  learning rate."""
+  """(jitted train step, jitted state init) for the real t5lite step, compiled by
+  `trainer.jit_train_step` as `t5lite.train` compiles it (the state donated unless gin's
+  `TrainConfig.donate_state` is off, its `compiler_options` passed to XLA), with the loss and
+  optimizer settings as gin configures them (z-loss 1e-4 by default), always AdamW (as HF's
+  side), at a constant learning rate."""
   import functools
   from t5lite import optimizers, trainer
   from t5lite.models.model import Model
