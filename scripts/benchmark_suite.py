@@ -3,6 +3,7 @@
     python scripts/benchmark_suite.py --suite=cpu [--json=cpu.json] [--markdown=cpu.md]
     python scripts/benchmark_suite.py --suite=gpu --cases=t5_1_1/base   # one case per call
     python scripts/benchmark_suite.py --suite=cpu-decode                # or gpu-decode
+    python scripts/benchmark_suite.py --suite=gpu-levers                # or cpu-levers
 
 Each case runs in its own process (fresh device memory, its own host allocator restart) with
 `--vs-hf`; the CPU suite hides GPUs from both JAX and torch, and the GPU suite refuses to start
@@ -13,6 +14,9 @@ MFU and peak memory, HF's best mode, the ratio, and the speed issue's targets wi
 was met (GPU: MFU, 1.3x HF torch.compile, peak memory; CPU: ahead of HF eager). The decoding
 suites time greedy decoding against HF generate with its default and its static cache (GPU:
 >= 5x at batch 1, >= 1.5x the static cache at batch 32; CPU: ahead of HF's default cache).
+The lever suites run t5lite alone, with the run config and then with each lever of `LEVERS`
+added in gin, so one call measures what each lever gains (3 runs per preset; `--cases=PRESET`
+runs one preset, if a device call cannot hold both).
 """
 
 import argparse
@@ -37,7 +41,7 @@ class Case:
   targets: int
   steps: int
   warmup: int
-  hf_modes: str
+  hf_modes: str   # "" for t5lite alone
   # Targets from the speed issue: t5lite's MFU, its tokens/s over an HF mode's, peak memory.
   min_mfu: Optional[float] = None
   min_vs_hf: Optional[Tuple[str, float]] = None    # e.g. ("hf-compiled", 1.3)
@@ -45,10 +49,18 @@ class Case:
   # A decoding case (`decode_tokens` > 0): greedy decode of `batch` prompts of `inputs` tokens,
   # no train step; `hf_modes` are then HF generate's caches (dynamic, static).
   decode_tokens: int = 0
+  # gin bindings after the run config (a lever suite's variant), e.g. ("LossConfig.head_chunks=8",).
+  bindings: Tuple[str, ...] = ()
+
+  @property
+  def label(self) -> str:
+    """The preset, and the variant's bindings where it has any."""
+    return " ".join((self.preset,) + self.bindings)
 
   def argv(self, with_hf: bool) -> Tuple[str, ...]:
     """scripts/benchmark.py's arguments for this case."""
-    gin = (f"--gin_file=models/{self.preset}.gin", f"--gin_file=runs/{self.run}.gin")
+    gin = (f"--gin_file=models/{self.preset}.gin", f"--gin_file=runs/{self.run}.gin") + tuple(
+        f"--gin.{b}" for b in self.bindings)
     if self.decode_tokens:
       return gin + (f"--inputs={self.inputs}", "--no_train", f"--decode_batches={self.batch}",
                     f"--decode_tokens={self.decode_tokens}") + (
@@ -62,6 +74,19 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
                  min_vs_hf: Optional[Tuple[str, float]] = None) -> Case:
   return Case(preset, run, batch, inputs, 0, steps=0, warmup=0, hf_modes="dynamic,static",
               min_vs_hf=min_vs_hf, decode_tokens=new_tokens)
+
+
+# The levers of the speed issue that no GPU has measured yet, each against the run config alone,
+# t5lite only (HF's runs, torch.compile above all, would take most of a device call): the output
+# head and loss in blocks, and bfloat16 parameters on float32 masters.
+LEVERS = ((), ("LossConfig.head_chunks=8",),
+          ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True"))
+
+
+def _lever_cases(shapes, run: str, steps: int, warmup: int):
+  return tuple(Case(preset, run, batch, inputs, targets, steps=steps, warmup=warmup, hf_modes="",
+                    bindings=levers)
+               for preset, batch, inputs, targets in shapes for levers in LEVERS)
 
 
 SUITES = {
@@ -92,13 +117,20 @@ SUITES = {
         for preset in ("t5_1_1/base", "t5_1_1/large", "decoder/1b")
         for batch, target in ((1, ("hf-generate-b1", 5.0)),
                               (32, ("hf-generate-static-b32", 1.5)))),
+    # The untried levers against gpu.gin alone: T5-base b64 x (512+128), 1b b8 x 2048.
+    "gpu-levers": _lever_cases((("t5_1_1/base", 64, 512, 128), ("decoder/1b", 8, 0, 2048)),
+                               "gpu", steps=5, warmup=2),
+    # The same on CPU, float32 (bfloat16 parameters are cast up for every use there).
+    "cpu-levers": _lever_cases((("decoder/tiny", 8, 256, 64), ("t5_1_1/tiny", 8, 256, 64)),
+                               "cpu", steps=10, warmup=2),
 }
 
 
 # What each suite's runs may see: the CPU suite hides GPUs from JAX and torch alike, so on a
 # GPU host it still measures the CPU.
 SUITE_ENV = {"cpu": {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}, "gpu": {}}
-SUITE_ENV.update({"cpu-decode": SUITE_ENV["cpu"], "gpu-decode": SUITE_ENV["gpu"]})
+SUITE_ENV.update({f"{platform}-{kind}": SUITE_ENV[platform] for platform in ("cpu", "gpu")
+                  for kind in ("decode", "levers")})
 
 
 def jax_backend() -> str:
@@ -113,7 +145,7 @@ def run_case(case: Case, timeout_s: float, env=None) -> dict:
   """Runs one case (with HF, else without) with `env` added to the environment; returns
   benchmark.py's JSON plus `command` and, where HF failed, `hf_error` (its output's end)."""
   hf_error = ""
-  for with_hf in (True, False):
+  for with_hf in (True, False) if case.hf_modes else (False,):
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "result.json")
       argv = ["scripts/benchmark.py", *case.argv(with_hf), f"--json={out}"]
@@ -206,10 +238,11 @@ def markdown(cases, results) -> str:
     ours, rows, _ = measured(case, result)
     best = max(rows.values(), key=lambda r: r["tokens_per_s"]) if rows else None
     hf = (f"{best['impl']} | {best['tokens_per_s']:,.0f} | "
-          f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}x") if best else "failed | - | -"
+          f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}x") if best else (
+              "failed | - | -" if case.hf_modes else "- | - | -")
     targets = _targets(case, result)
     shape = f"{case.batch} x ({case.inputs}+{case.targets})"
-    lines.append(f"| {case.preset} | {shape} | {ours['step_s'] * 1e3:,.1f} | "
+    lines.append(f"| {case.label} | {shape} | {ours['step_s'] * 1e3:,.1f} | "
                  f"{ours['tokens_per_s']:,.0f} | {ours['mfu']:.1%} | {ours['peak_mem_gb']:.1f} | "
                  f"{hf} | {targets} |")
   return "\n".join(lines + _commands(results)) + "\n"

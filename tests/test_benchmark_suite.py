@@ -40,6 +40,31 @@ def test_hf_failure_keeps_t5lite_numbers_and_says_why():
   assert "failed" in table and "HF failed, t5lite re-run alone" in table
 
 
+def test_lever_suite_runs_each_lever_against_the_run_config(tmp_path):
+  """The lever suites: t5lite alone (no HF run), the run config and then each lever added in gin,
+  which the run's JSON echoes; one table row per variant."""
+  out, md = tmp_path / "l.json", tmp_path / "l.md"
+  r = run_cli(["scripts/benchmark_suite.py", "--suite=cpu-levers", "--cases=decoder/tiny",
+               "--steps=1", f"--json={out}", f"--markdown={md}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.loads(out.read_text())["results"]
+  assert len(results) == len(benchmark_suite.LEVERS) == 3
+  assert all([row["impl"] for row in res["results"]] == ["t5lite"] for res in results)
+  assert not any(res["hf_error"] or "--vs-hf" in res["command"] for res in results)
+  assert [res["loss"]["head_chunks"] for res in results] == [0, 8, 0]
+  assert [res["model"]["param_dtype"] for res in results] == ["float32", "float32", "bfloat16"]
+  assert [res["optimizer"]["master_weights"] for res in results] == [False, False, True]
+  table = md.read_text()
+  assert "| decoder/tiny | 8 x (256+64) |" in table
+  assert "| decoder/tiny LossConfig.head_chunks=8 | 8 x (256+64) |" in table
+  assert "OptimizerConfig.master_weights=True | 8 x (256+64) |" in table
+  assert "failed" not in table
+  gpu = benchmark_suite.SUITES["gpu-levers"]
+  assert {(c.preset, c.batch, c.inputs, c.targets) for c in gpu} == {
+      ("t5_1_1/base", 64, 512, 128), ("decoder/1b", 8, 0, 2048)}
+  assert all(c.run == "gpu" and not c.hf_modes for c in gpu)
+
+
 def test_targets_are_checked_against_the_issue():
   case = benchmark_suite.SUITES["gpu"][2]  # decoder/1b: >= 60% MFU, >= 1.3x compiled, < 40 GB
   result = {"results": [
