@@ -30,7 +30,6 @@ def main(argv=None) -> int:
   from t5lite import checkpoints, partitioning, trainer  # pylint: disable=import-outside-toplevel
   from t5lite.train import build_run  # pylint: disable=import-outside-toplevel
   try:
-    trainer.check_compiler_options(exp.train.compiler_options)
     run, _ = build_run(exp)
   except (gin_setup.ConfigError, ValueError, FileNotFoundError) as e:
     print(f"t5lite.eval: configuration error: {e}", file=sys.stderr)

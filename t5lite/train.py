@@ -13,10 +13,12 @@ from t5lite import host_malloc
 
 
 def build_run(exp: gin_setup.Experiment, shard_index: int = 0, num_shards: int = 1):
-  """Model, optimizer, schedule and data streams for an Experiment."""
+  """Model, optimizer, schedule and data streams for an Experiment. XLA options XLA rejects are
+  a ValueError before any data is read."""
   from t5lite import optimizers, schedules, trainer  # pylint: disable=import-outside-toplevel
   from t5lite.data import pipeline  # pylint: disable=import-outside-toplevel
   from t5lite.models import model as model_lib  # pylint: disable=import-outside-toplevel
+  trainer.check_compiler_options(exp.train.compiler_options)
   dataset = pipeline.make_dataset(exp.data, exp.model.arch, shard_index, num_shards)
   if dataset.vocab.vocab_size > exp.model.vocab_size:
     raise gin_setup.ConfigError(
@@ -97,7 +99,6 @@ def main(argv=None) -> int:
                                num_processes=args.num_processes, process_id=args.process_id)
   from t5lite import checkpoints, trainer  # pylint: disable=import-outside-toplevel
   try:
-    trainer.check_compiler_options(exp.train.compiler_options)
     run, dataset = build_run(exp, jax.process_index(), jax.process_count())
     if exp.mesh.rules == "auto":
       exp, run = _autoplan(exp, run)
