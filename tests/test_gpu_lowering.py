@@ -1,0 +1,140 @@
+"""The GPU benchmark suites' programs lower for CUDA, on this CPU-only machine.
+
+No GPU runs these tests, and most sessions are lent none, so this is what guards the GPU run
+config (`runs/gpu.gin`: bfloat16, cuDNN flash attention, dots_no_batch remat, scanned layers)
+between GPU runs: every case of the `gpu`, `gpu-levers` and `gpu-decode` suites is traced at its
+real shapes (abstract: nothing is allocated) and lowered to StableHLO for CUDA, and the attention
+must reach cuDNN's fused kernels, forward and backward, with T5's position bias passed at batch 1
+as the GPU gets it.
+
+JAX asks the CUDA plugin for cuDNN's version while tracing; there is none here, so the tests
+stand in a version (9.10) and a Hopper GPU for JAX's checks. Everything else is JAX's own path:
+its shape, layout and mask checks for cuDNN run as they would on an H100.
+"""
+
+import dataclasses
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import REPO
+from t5lite import gin_setup, optimizers, trainer
+from t5lite.models.model import Model
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import benchmark  # pylint: disable=wrong-import-position
+import benchmark_suite  # pylint: disable=wrong-import-position
+
+pytestmark = pytest.mark.slow
+
+
+def _stand_in_cudnn(monkeypatch):
+  """cuDNN 9.10 on a Hopper GPU, for JAX's checks while tracing."""
+  from jax._src.cudnn import fused_attention_stablehlo as fused  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(fused, "check_compute_capability", lambda capability: capability <= "9.0")
+  monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)
+
+
+@pytest.fixture(name="cuda_host")
+def fixture_cuda_host(monkeypatch):
+  """Traces as on a CUDA host with cuDNN 9.10 on a Hopper GPU."""
+  _stand_in_cudnn(monkeypatch)
+  # The model reads the backend at trace time (a batch-1 bias is broadcast on CPU only).
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+
+def _experiment(case):
+  return gin_setup.parse_gin(
+      [f"models/{case.preset}.gin", f"runs/{case.run}.gin"],
+      ["experiment.model_dir = '/tmp/unused'"] + list(case.bindings))
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _cudnn_calls(stablehlo: str):
+  """{cuDNN custom call target: [its operand types, one string per call]}."""
+  calls = {}
+  for m in re.finditer(r'custom_call @(__cudnn\$fmha\w*)\(([^)]*)\)[^\n]*: \(([^)]*)\)', stablehlo):
+    calls.setdefault(m.group(1), []).append(m.group(3))
+  return calls
+
+
+def _check_attention(exp, calls, backward: bool):
+  cfg = exp.model
+  assert cfg.attention_impl == "cudnn" and cfg.dtype == "bfloat16"
+  suffixes = ("", "Backward") if backward else ("",)
+  if cfg.arch == "encoder_decoder":
+    # Self-attention with the relative position bias, cross-attention without.
+    for suffix in suffixes:
+      assert f"__cudnn$fmhaScaleBiasSoftmax{suffix}" in calls, sorted(calls)
+      assert f"__cudnn$fmhaSoftmax{suffix}" in calls, sorted(calls)
+    for operands in calls["__cudnn$fmhaScaleBiasSoftmax"]:
+      assert f"tensor<1x{cfg.num_heads}x" in operands, operands  # the bias, at batch 1
+  else:
+    for suffix in suffixes:
+      assert f"__cudnn$fmhaSoftmax{suffix}" in calls, sorted(calls)
+    assert not any("Bias" in name for name in calls)
+  assert all("bf16" in operands for ops in calls.values() for operands in ops)
+
+
+TRAIN_CASES = [(name, c) for name in ("gpu", "gpu-levers") for c in benchmark_suite.SUITES[name]]
+DECODE_CASES = list(benchmark_suite.SUITES["gpu-decode"])
+
+
+@pytest.mark.parametrize("suite,case", TRAIN_CASES, ids=[f"{s}:{c.label}" for s, c in TRAIN_CASES])
+def test_train_step_lowers_for_cuda_with_cudnn_attention(suite, case, cuda_host):
+  del suite, cuda_host
+  exp = _experiment(case)
+  model = Model(exp.model, exp.loss)
+  opt = optimizers.make_optimizer(exp.optimizer, 1e-4)
+  step = trainer.jit_train_step(model, opt, lambda s: 1e-4, exp.train)
+  state = jax.eval_shape(lambda: trainer.init_state(model, opt, jax.random.key(0)))
+  batch = _abstract(benchmark.synthetic_batch(exp.model, case.batch, case.inputs, case.targets))
+  lowered = step.trace(state, batch).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  _check_attention(exp, _cudnn_calls(text), backward=True)
+  # Parameters are stored as the case asks, and the state is donated to the step.
+  params = state["params"]
+  want = jnp.dtype(exp.model.param_dtype)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {want}
+  assert "tf.aliasing_output" in text or "jax.buffer_donor" in text
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[f"{c.preset}-b{c.batch}" for c in DECODE_CASES])
+def test_decode_lowers_for_cuda_with_cudnn_prefill(case, cuda_host):
+  del cuda_host
+  exp = _experiment(case)
+  model = Model(exp.model)
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  key = "encoder_input_tokens" if exp.model.arch == "encoder_decoder" else "prompt_tokens"
+  feed = {key: jax.ShapeDtypeStruct((case.batch, case.inputs), jnp.int32)}
+  decode = jax.jit(lambda p, f: model.predict_batch(p, f, max_decode_len=case.decode_tokens,
+                                                    eos_id=-1))
+  text = decode.trace(params, feed).lower(lowering_platforms=("cuda",)).as_text()
+  # The prompt (the encoder for T5, the prefill for decoders) goes through cuDNN, forward
+  # only; the steps after it attend to the cache with one query each. JAX hands cuDNN a dense
+  # mask as a bias, so the decoders' prefill (its mask covers padded prompts) is biased too.
+  calls = _cudnn_calls(text)
+  assert list(calls) == ["__cudnn$fmhaScaleBiasSoftmax"], sorted(calls)
+  assert all("bf16" in operands for operands in calls["__cudnn$fmhaScaleBiasSoftmax"])
+
+
+def test_cpu_host_would_hand_cudnn_a_broadcast_bias(monkeypatch):
+  """Traced on this CPU host as it is, T5's bias reaches cuDNN broadcast over the batch: the
+  batch-1 check above sees the GPU's program, not this host's."""
+  _stand_in_cudnn(monkeypatch)
+  case = dataclasses.replace(benchmark_suite.SUITES["gpu"][0], batch=4, inputs=32, targets=8)
+  exp = _experiment(case)
+  model = Model(exp.model, exp.loss)
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  batch = _abstract(benchmark.synthetic_batch(exp.model, case.batch, case.inputs, case.targets))
+  text = jax.jit(model.loss).trace(params, batch).lower(lowering_platforms=("cuda",)).as_text()
+  biased = _cudnn_calls(text)["__cudnn$fmhaScaleBiasSoftmax"]
+  assert biased and all(f"tensor<4x{exp.model.num_heads}x" in ops for ops in biased), biased
