@@ -180,8 +180,10 @@ def collectives(hlo: str, num_devices: int) -> Dict[str, Dict[str, float]]:
 
 
 def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, devices,
-             optimizer_cfg, loss_cfg=None):
-  """Lowers and compiles the sharded train step for abstract inputs; returns the executable."""
+             optimizer_cfg, loss_cfg=None, train_cfg=None):
+  """Lowers and compiles the sharded train step for abstract inputs, as `trainer.run` compiles
+  it (`train_cfg`'s donation and XLA options, the candidate's microbatches); returns the
+  executable."""
   import jax  # pylint: disable=import-outside-toplevel
   from t5lite import checkpoints, optimizers, partitioning, trainer  # pylint: disable=import-outside-toplevel
   from t5lite.models.model import LossConfig, Model  # pylint: disable=import-outside-toplevel
@@ -195,8 +197,9 @@ def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, 
   abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in
                     shapes.items()}
   abstract_state = checkpoints.abstract_with_shardings(abstract, state_sh)
-  step = trainer.jit_train_step(model, opt, lambda s: 1e-4,
-                                trainer.TrainConfig(microbatches=cand.microbatches),
+  train_cfg = dataclasses.replace(train_cfg or trainer.TrainConfig(),
+                                  microbatches=cand.microbatches)
+  step = trainer.jit_train_step(model, opt, lambda s: 1e-4, train_cfg,
                                 shardings=((state_sh, batch_sh), (state_sh, rep)))
   with jax.set_mesh(mesh), partitioning.activation_rules(mesh, cand.rules):
     compiled = step.lower(abstract_state, abstract_batch).compile()
@@ -224,13 +227,14 @@ def _cost(compiled, num_devices: int, microbatches: int):
 
 
 def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, devices,
-            hw: Hardware, optimizer_cfg, loss_cfg=None) -> Estimate:
+            hw: Hardware, optimizer_cfg, loss_cfg=None, train_cfg=None) -> Estimate:
   """Compiles a candidate and prices it (see the module docstring)."""
   est = Estimate(cand)
   cfg = dataclasses.replace(model_cfg, remat_policy=cand.remat)
   n = len(devices)
   try:
-    compiled, _ = _compile(cfg, cand, batch, inputs, targets, devices, optimizer_cfg, loss_cfg)
+    compiled, _ = _compile(cfg, cand, batch, inputs, targets, devices, optimizer_cfg, loss_cfg,
+                           train_cfg)
     mem = compiled.memory_analysis()
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             - mem.alias_size_in_bytes)
@@ -240,7 +244,7 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
       # plan on devices / stage devices, stretched by the GPipe bubble, plus activation
       # transfers between neighbouring stages (forward and backward, every tick).
       flat = analyze(model_cfg, dataclasses.replace(cand, stage=1), batch, inputs, targets,
-                     devices[: n // cand.stage], hw, optimizer_cfg, loss_cfg)
+                     devices[: n // cand.stage], hw, optimizer_cfg, loss_cfg, train_cfg)
       if flat.error:
         raise RuntimeError(flat.error)
       s, mp = cand.stage, cand.pipeline_microbatches
@@ -267,7 +271,7 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
       points = {(0, 1): None, (0, 2): None}
     for (e, d) in points:
       c, _ = _compile(shallow(e, d), cand, batch, inputs, targets, devices, optimizer_cfg,
-                      loss_cfg)
+                      loss_cfg, train_cfg)
       points[(e, d)] = _cost(c, n, cand.microbatches)
 
     def extrapolate(get):
@@ -295,7 +299,7 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
 
 
 def measure(model_cfg, est: Estimate, batch, inputs, targets, devices, optimizer_cfg,
-            loss_cfg=None, steps: int = 3) -> float:
+            loss_cfg=None, train_cfg=None, steps: int = 3) -> float:
   """Runs a candidate for real and returns its median step time in seconds."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -303,7 +307,7 @@ def measure(model_cfg, est: Estimate, batch, inputs, targets, devices, optimizer
   from t5lite.models.model import LossConfig, Model  # pylint: disable=import-outside-toplevel
   cfg = dataclasses.replace(model_cfg, remat_policy=est.candidate.remat)
   compiled, (_, abstract_state, abstract_batch, _) = _compile(
-      cfg, est.candidate, batch, inputs, targets, devices, optimizer_cfg, loss_cfg)
+      cfg, est.candidate, batch, inputs, targets, devices, optimizer_cfg, loss_cfg, train_cfg)
   model = Model(cfg, loss_cfg or LossConfig())
   opt = optimizers.make_optimizer(optimizer_cfg, 1e-4)
   state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
@@ -325,19 +329,22 @@ def measure(model_cfg, est: Estimate, batch, inputs, targets, devices, optimizer
 def _analyze_in_worker(args):
   """Process-pool entry: analyzes one candidate on this worker's own (fake) devices."""
   import jax  # pylint: disable=import-outside-toplevel
-  model_cfg, cand, batch, inputs, targets, num_devices, hw, optimizer_cfg, loss_cfg = args
+  model_cfg, cand, batch, inputs, targets, num_devices, hw, *step_cfgs = args
   return analyze(model_cfg, cand, batch, inputs, targets, jax.devices()[:num_devices], hw,
-                 optimizer_cfg, loss_cfg)
+                 *step_cfgs)
 
 
 def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardware,
-         optimizer_cfg=None, loss_cfg=None, remats=("none", "full"), microbatches=(1, 2),
+         optimizer_cfg=None, loss_cfg=None, train_cfg=None, remats=("none", "full"),
+         microbatches=(1, 2),
          time_top: int = 0, rules: Sequence[str] = (), workers: int = 1,
          stages: Sequence[int] = (1,), log=print) -> List[Estimate]:
   """Ranks every candidate; feasible plans first, by estimated (or measured) step time.
 
-  The step priced is the one training runs: `optimizer_cfg` (default Adafactor) and `loss_cfg`
-  (default `LossConfig()`; `head_chunks` changes its memory) as the experiment sets them.
+  The step priced is the one training runs: `optimizer_cfg` (default Adafactor), `loss_cfg`
+  (default `LossConfig()`; `head_chunks` changes its memory) and `train_cfg` (default
+  `TrainConfig()`: the state donated, so the new state aliases the old; `compiler_options`) as
+  the experiment sets them; the candidate sets the microbatches.
   """
   from t5lite import optimizers  # pylint: disable=import-outside-toplevel
   optimizer_cfg = optimizer_cfg or optimizers.OptimizerConfig("adafactor")
@@ -351,8 +358,8 @@ def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardw
     # with the same device setup (XLA_FLAGS is inherited).
     import concurrent.futures  # pylint: disable=import-outside-toplevel
     import multiprocessing  # pylint: disable=import-outside-toplevel
-    jobs = [(model_cfg, c, batch, inputs, targets, len(devices), hw, optimizer_cfg, loss_cfg)
-            for c in cands]
+    jobs = [(model_cfg, c, batch, inputs, targets, len(devices), hw, optimizer_cfg, loss_cfg,
+             train_cfg) for c in cands]
     with concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn")) as pool:
       for i, est in enumerate(pool.map(_analyze_in_worker, jobs)):
@@ -361,13 +368,13 @@ def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardw
   for i, cand in enumerate(cands if workers <= 1 else []):
     t = time.perf_counter()
     results.append(analyze(model_cfg, cand, batch, inputs, targets, devices, hw, optimizer_cfg,
-                           loss_cfg))
+                           loss_cfg, train_cfg))
     log(f"  [{i + 1}/{len(cands)}] {describe(cand)}: {time.perf_counter() - t:.1f}s")
   ranked = sorted(results, key=lambda e: (not e.fits, e.error != "", e.step_s))
   for est in ranked[:time_top]:
     if est.fits:
       est.measured_s = measure(model_cfg, est, batch, inputs, targets, devices, optimizer_cfg,
-                               loss_cfg)
+                               loss_cfg, train_cfg)
   if time_top:
     timed = sorted([e for e in ranked[:time_top] if e.measured_s is not None],
                    key=lambda e: e.measured_s)
@@ -451,6 +458,7 @@ def main(argv=None) -> int:
         f"{hw.peak_tflops} TFLOP/s, {hw.link_gbps} GB/s links", flush=True)
   ranked = plan(exp.model, batch=args.batch, inputs=args.inputs, targets=args.targets,
                 devices=devices, hw=hw, optimizer_cfg=exp.optimizer, loss_cfg=exp.loss,
+                train_cfg=exp.train,
                 remats=tuple(args.remats.split(",")),
                 microbatches=tuple(int(m) for m in args.microbatches.split(",")),
                 time_top=args.time_top, rules=tuple(r for r in args.rules.split(",") if r),

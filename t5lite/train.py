@@ -46,7 +46,7 @@ def _autoplan(exp, run):
       exp.model, batch=exp.train.batch_size, inputs=exp.data.input_length if enc_dec else 0,
       targets=exp.data.target_length, devices=jax.devices(),
       hw=autoparallel.Hardware(memory_gb=memory_gb), optimizer_cfg=exp.optimizer,
-      loss_cfg=exp.loss,
+      loss_cfg=exp.loss, train_cfg=exp.train,
       remats=(exp.model.remat_policy,), microbatches=(exp.train.microbatches,),
       log=lambda s: None)
   best = ranked[0]

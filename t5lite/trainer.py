@@ -72,7 +72,8 @@ class TrainConfig:
   init_from: str = ""
   progress_bar: bool = True
   donate_state: bool = True
-  compiler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # A dict: left out of the hash (a frozen dataclass hashes its fields), kept in equality.
+  compiler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
 
 def init_state(model: Model, optimizer: optax.GradientTransformation, rng) -> Dict[str, Any]:

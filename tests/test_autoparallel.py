@@ -51,6 +51,31 @@ def test_planner_prices_the_loss_training_runs():
   assert peaks[0] - peaks[1] > 0.06, peaks
 
 
+def test_planner_prices_the_train_config_training_runs():
+  """The plan is priced on the experiment's TrainConfig: without donation the old and the new
+  state are both alive (a higher peak), and its XLA options reach the candidates' compiles."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from t5lite import optimizers, trainer  # pylint: disable=import-outside-toplevel
+  from t5lite.models.model import Model  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(arch="decoder_only", vocab_size=4096)
+  cand = autoparallel.Candidate(1, 1, 1, "data_parallel", "none", 1)
+
+  def analyze(**train):
+    return autoparallel.analyze(cfg, cand, 4, 0, 64, jax.devices()[:1], autoparallel.Hardware(),
+                                optimizers.OptimizerConfig("adamw"), None,
+                                trainer.TrainConfig(**train))
+
+  donated, kept = analyze(), analyze(donate_state=False)
+  state_gb = 3 * 4 * sum(x.size for x in jax.tree.leaves(
+      jax.eval_shape(Model(cfg).init, jax.random.key(0)))) / 2 ** 30  # params + Adam moments
+  assert not donated.error and not kept.error
+  assert kept.peak_gb - donated.peak_gb > 0.9 * state_gb, (kept.peak_gb, donated.peak_gb, state_gb)
+  bad = analyze(compiler_options={"xla_no_such_option": True})
+  assert "xla_no_such_option" in bad.error and not bad.fits
+  # A TrainConfig with options stays hashable (the dict is left out of the hash).
+  hash(trainer.TrainConfig(compiler_options={"xla_cpu_enable_fast_math": False}))
+
+
 @pytest.mark.slow
 def test_tight_budget_picks_a_sharded_plan_that_trains_like_one_device():
   r = run_cli(["tests/autoparallel_check.py"])
