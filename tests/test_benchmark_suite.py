@@ -29,6 +29,22 @@ def test_cpu_case_with_hf_makes_the_table(tmp_path):
   assert "--gin_file=models/decoder/tiny.gin --gin_file=runs/cpu.gin" in table
 
 
+def test_cpu_compiled_case_times_hf_under_torch_compile(tmp_path):
+  """The HF torch.compile runner the GPU targets compare with, on CPU (inductor): it compiles,
+  trains and is the target's reference."""
+  pytest.importorskip("transformers")
+  out = tmp_path / "s.json"
+  r = run_cli(["scripts/benchmark_suite.py", "--suite=cpu-compiled", "--cases=decoder/tiny",
+               "--steps=1", f"--json={out}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(out.read_text())["results"][0]
+  assert not result["hf_error"]
+  rows = {row["impl"]: row for row in result["results"]}
+  assert list(rows) == ["t5lite", "hf-eager", "hf-compiled"]
+  assert rows["hf-compiled"]["tokens_per_s"] > 0 and rows["hf-compiled"]["compile_s"] > 1.0
+  assert "vs hf-compiled" in r.stdout
+
+
 def test_hf_failure_keeps_t5lite_numbers_and_says_why():
   case = benchmark_suite.Case("decoder/tiny", "cpu", 2, 8, 8, steps=1, warmup=1,
                               hf_modes="eager,bogus")
