@@ -336,8 +336,7 @@ def _analyze_in_worker(args):
 
 def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardware,
          optimizer_cfg=None, loss_cfg=None, train_cfg=None, remats=("none", "full"),
-         microbatches=(1, 2),
-         time_top: int = 0, rules: Sequence[str] = (), workers: int = 1,
+         microbatches=(1, 2), time_top: int = 0, rules: Sequence[str] = (), workers: int = 1,
          stages: Sequence[int] = (1,), log=print) -> List[Estimate]:
   """Ranks every candidate; feasible plans first, by estimated (or measured) step time.
 
