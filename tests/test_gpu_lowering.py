@@ -29,8 +29,6 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 import benchmark  # pylint: disable=wrong-import-position
 import benchmark_suite  # pylint: disable=wrong-import-position
 
-pytestmark = pytest.mark.slow
-
 
 def _stand_in_cudnn(monkeypatch):
   """cuDNN 9.10 on a Hopper GPU, for JAX's checks while tracing."""
