@@ -17,8 +17,8 @@ was met (GPU: MFU, 1.3x HF torch.compile, peak memory; CPU: ahead of HF eager, a
 generate with its default and its static cache (GPU: >= 5x at batch 1, >= 1.5x the static
 cache at batch 32; CPU: ahead of HF's default cache).
 The lever suites run t5lite alone, with the run config and then with each lever of `LEVERS`
-added in gin, so one call measures what each lever gains (3 runs per preset; `--cases=PRESET`
-runs one preset, if a device call cannot hold both).
+(on GPUs `GPU_LEVERS`) added in gin, so one call measures what each lever gains (3 runs per
+preset on CPU, 4 on GPUs; `--cases=PRESET` runs one preset, if a device call cannot hold both).
 """
 
 import argparse
@@ -83,12 +83,15 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
 # head and loss in blocks, and bfloat16 parameters on float32 masters.
 LEVERS = ((), ("LossConfig.head_chunks=8",),
           ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True"))
+# GPU only: keeping cuDNN attention's outputs under dots_no_batch, so that the backward pass does
+# not run flash attention's forward again (XLA:CPU has no fused attention to keep).
+GPU_LEVERS = LEVERS + (("ModelConfig.remat_policy='dots_no_batch_attention'",),)
 
 
-def _lever_cases(shapes, run: str, steps: int, warmup: int):
+def _lever_cases(shapes, run: str, steps: int, warmup: int, levers=LEVERS):
   return tuple(Case(preset, run, batch, inputs, targets, steps=steps, warmup=warmup, hf_modes="",
-                    bindings=levers)
-               for preset, batch, inputs, targets in shapes for levers in LEVERS)
+                    bindings=lever)
+               for preset, batch, inputs, targets in shapes for lever in levers)
 
 
 # The CPU presets, with the timed and warm-up steps each takes (b8 x (256+64), fp32).
@@ -130,7 +133,7 @@ SUITES = {
                               (32, ("hf-generate-static-b32", 1.5)))),
     # The untried levers against gpu.gin alone: T5-base b64 x (512+128), 1b b8 x 2048.
     "gpu-levers": _lever_cases((("t5_1_1/base", 64, 512, 128), ("decoder/1b", 8, 0, 2048)),
-                               "gpu", steps=5, warmup=2),
+                               "gpu", steps=5, warmup=2, levers=GPU_LEVERS),
     # The same on CPU, float32 (bfloat16 parameters are cast up for every use there).
     "cpu-levers": _lever_cases((("decoder/tiny", 8, 256, 64), ("t5_1_1/tiny", 8, 256, 64)),
                                "cpu", steps=10, warmup=2),

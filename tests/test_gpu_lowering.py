@@ -100,7 +100,14 @@ def test_train_step_lowers_for_cuda_with_cudnn_attention(suite, case, cuda_host)
   batch = _abstract(benchmark.synthetic_batch(exp.model, case.batch, case.inputs, case.targets))
   lowered = step.trace(state, batch).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
-  _check_training_attention(exp, _cudnn_calls(text))
+  calls = _cudnn_calls(text)
+  _check_training_attention(exp, calls)
+  # Flash attention's forward runs again in the backward pass where the remat policy drops its
+  # outputs (dots_no_batch: they are no dot's), once per layer where it keeps them.
+  forward = sum(len(v) for k, v in calls.items() if not k.endswith("Backward"))
+  backward = sum(len(v) for k, v in calls.items() if k.endswith("Backward"))
+  recomputed = exp.model.remat_policy in ("full", "dots", "dots_no_batch")
+  assert (forward > backward) if recomputed else (forward == backward), (forward, backward)
   # Parameters are stored as the case asks, and the state is donated to the step.
   params = state["params"]
   want = jnp.dtype(exp.model.param_dtype)

@@ -143,7 +143,7 @@ def test_causal_and_prefix_visibility(arch):
 
 
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "dots_no_batch_attention"])
 def test_scan_unrolled_and_remat_agree(arch, remat):
   base_cfg = tiny_config(arch=arch)
   batch = random_batch(base_cfg)

@@ -12,7 +12,7 @@ from typing import Any
 ARCHITECTURES = ("encoder_decoder", "decoder_only", "prefix_lm")
 POSITION_ENCODINGS = ("relative", "rope", "alibi", "learned", "none")
 NORMS = ("rms", "layer")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked")
 
 
@@ -48,7 +48,10 @@ class ModelConfig:
     dtype: compute dtype ('bfloat16' or 'float32'); parameters stay float32.
     param_dtype: parameter storage dtype.
     scan_layers: stack layers and run them with lax.scan (compile time flat in depth).
-    remat_policy: one of REMAT_POLICIES, applied per layer.
+    remat_policy: one of REMAT_POLICIES, applied per layer: 'full' saves nothing, 'dots' every
+      matmul's output, 'dots_no_batch' those without batch dimensions (not attention's scores),
+      'dots_no_batch_attention' those and cuDNN's fused attention outputs too (so the backward
+      pass does not run flash attention's forward again; elsewhere the same as dots_no_batch).
     attention_impl: None (auto), 'xla' or 'cudnn' for jax.nn.dot_product_attention, or
       'chunked' (attention in query blocks, causal ones skipping the keys past the
       diagonal, with a flash-attention backward; CPU).

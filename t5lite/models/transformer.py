@@ -19,10 +19,29 @@ from t5lite.models import attention as attn_lib
 from t5lite.models import layers
 from t5lite.models.config import ModelConfig
 
+# JAX's primitive for cuDNN's fused attention forward (its outputs: the attention output and
+# the softmax statistics the fused backward needs).
+_FUSED_ATTENTION_FORWARD = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
+
+
+def _dots_no_batch_and_fused_attention(prim, *avals, **params) -> bool:
+  """dots_no_batch, and the outputs of cuDNN's fused attention kept too.
+
+  Under dots_no_batch alone, the backward pass runs every layer's flash attention forward again:
+  the output projection's kernel gradient needs the attention's output, which is no dot's
+  output. Keeping it costs [batch, length, heads, head_dim] plus float32 statistics per head and
+  query, per layer. Attention that is not cuDNN's (XLA's, `chunked`) is matmuls and softmax:
+  there this policy is dots_no_batch.
+  """
+  return (prim.name in _FUSED_ATTENTION_FORWARD
+          or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
+
+
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_no_batch_attention": _dots_no_batch_and_fused_attention,
 }
 
 
