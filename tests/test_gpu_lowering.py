@@ -5,7 +5,8 @@ config (`runs/gpu.gin`: bfloat16, cuDNN flash attention, dots_no_batch remat, sc
 between GPU runs: every case of the `gpu`, `gpu-levers` and `gpu-decode` suites is traced at its
 real shapes (abstract: nothing is allocated) and lowered to StableHLO for CUDA, and the attention
 must reach cuDNN's fused kernels, forward and backward, with T5's position bias passed at batch 1
-as the GPU gets it.
+as the GPU gets it, and run flash attention's forward a second time in the backward pass only
+where the remat policy drops its outputs.
 
 JAX asks the CUDA plugin for cuDNN's version while tracing; there is none here, so the tests
 stand in a version (9.10) and a Hopper GPU for JAX's checks. Everything else is JAX's own path:
