@@ -19,9 +19,9 @@ from t5lite.models import attention as attn_lib
 from t5lite.models import layers
 from t5lite.models.config import ModelConfig
 
-# JAX's primitive for cuDNN's fused attention forward (its outputs: the attention output and
-# the softmax statistics the fused backward needs).
-_FUSED_ATTENTION_FORWARD = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
+# The primitive that traced programs hold for cuDNN's fused attention forward in JAX 0.10 and
+# 0.11 (its outputs: the attention output and the softmax statistics the fused backward needs).
+_FUSED_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
 
 
 def _dots_no_batch_and_fused_attention(prim, *avals, **params) -> bool:
@@ -33,7 +33,7 @@ def _dots_no_batch_and_fused_attention(prim, *avals, **params) -> bool:
   query, per layer. Attention that is not cuDNN's (XLA's, `chunked`) is matmuls and softmax:
   there this policy is dots_no_batch.
   """
-  return (prim.name in _FUSED_ATTENTION_FORWARD
+  return (prim.name == _FUSED_ATTENTION_FORWARD
           or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 
 
