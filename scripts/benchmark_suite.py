@@ -59,9 +59,14 @@ class Case:
     """The preset, and the variant's bindings where it has any."""
     return " ".join((self.preset,) + self.bindings)
 
+  @property
+  def gin_files(self) -> Tuple[str, str]:
+    """The model preset, then the run config (gin's last binding wins)."""
+    return (f"models/{self.preset}.gin", f"runs/{self.run}.gin")
+
   def argv(self, with_hf: bool) -> Tuple[str, ...]:
     """scripts/benchmark.py's arguments for this case."""
-    gin = (f"--gin_file=models/{self.preset}.gin", f"--gin_file=runs/{self.run}.gin") + tuple(
+    gin = tuple(f"--gin_file={f}" for f in self.gin_files) + tuple(
         f"--gin.{b}" for b in self.bindings)
     if self.decode_tokens:
       return gin + (f"--inputs={self.inputs}", "--no_train", f"--decode_batches={self.batch}",
@@ -98,18 +103,19 @@ def _lever_cases(shapes, run: str, steps: int, warmup: int, levers=LEVERS):
 CPU_PRESETS = (("decoder/tiny", 30, 3), ("t5_1_1/tiny", 30, 3), ("t5_1_1/small", 6, 2),
                ("decoder/125m", 4, 2))
 
+
+def _cpu_cases(hf_modes: str, ahead_of: str):
+  return tuple(Case(preset, "cpu", 8, 256, 64, steps=steps, warmup=warmup, hf_modes=hf_modes,
+                    min_vs_hf=(ahead_of, 1.0))
+               for preset, steps, warmup in CPU_PRESETS)
+
+
 SUITES = {
     # The CPU comparison every session reports: ahead of HF eager.
-    "cpu": tuple(
-        Case(preset, "cpu", 8, 256, 64, steps=steps, warmup=warmup, hf_modes="eager",
-             min_vs_hf=("hf-eager", 1.0))
-        for preset, steps, warmup in CPU_PRESETS),
+    "cpu": _cpu_cases("eager", "hf-eager"),
     # The same against HF under torch.compile too (inductor's C++ kernels; each HF model takes
     # 30 s or more to compile): the CPU side of the GPU targets' comparison.
-    "cpu-compiled": tuple(
-        Case(preset, "cpu", 8, 256, 64, steps=steps, warmup=warmup, hf_modes="eager,compiled",
-             min_vs_hf=("hf-compiled", 1.0))
-        for preset, steps, warmup in CPU_PRESETS),
+    "cpu-compiled": _cpu_cases("eager,compiled", "hf-compiled"),
     # The speed issue's GPU targets, on one H100 (bf16).
     "gpu": (
         Case("t5_1_1/base", "gpu", 64, 512, 128, steps=10, warmup=3, hf_modes="eager,compiled",

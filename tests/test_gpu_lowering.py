@@ -50,9 +50,8 @@ def fixture_cuda_host(monkeypatch):
 
 
 def _experiment(case):
-  return gin_setup.parse_gin(
-      [f"models/{case.preset}.gin", f"runs/{case.run}.gin"],
-      ["experiment.model_dir = '/tmp/unused'"] + list(case.bindings))
+  return gin_setup.parse_gin(case.gin_files,
+                             ["experiment.model_dir = '/tmp/unused'"] + list(case.bindings))
 
 
 def _abstract(tree):
@@ -62,8 +61,8 @@ def _abstract(tree):
 def _cudnn_calls(stablehlo: str):
   """{cuDNN custom call target: [its operand types, one string per call]}."""
   calls = {}
-  for m in re.finditer(r'custom_call @(__cudnn\$fmha\w*)\(([^)]*)\)[^\n]*: \(([^)]*)\)', stablehlo):
-    calls.setdefault(m.group(1), []).append(m.group(3))
+  for m in re.finditer(r'custom_call @(__cudnn\$fmha\w*)\([^)]*\)[^\n]*: \(([^)]*)\)', stablehlo):
+    calls.setdefault(m.group(1), []).append(m.group(2))
   return calls
 
 
@@ -86,13 +85,14 @@ def _check_training_attention(exp, calls):
   assert all("bf16" in operands for ops in calls.values() for operands in ops)
 
 
-TRAIN_CASES = [(name, c) for name in ("gpu", "gpu-levers") for c in benchmark_suite.SUITES[name]]
+TRAIN_CASES = [pytest.param(c, id=f"{name}:{c.label}") for name in ("gpu", "gpu-levers")
+               for c in benchmark_suite.SUITES[name]]
 DECODE_CASES = list(benchmark_suite.SUITES["gpu-decode"])
 
 
-@pytest.mark.parametrize("suite,case", TRAIN_CASES, ids=[f"{s}:{c.label}" for s, c in TRAIN_CASES])
-def test_train_step_lowers_for_cuda_with_cudnn_attention(suite, case, cuda_host):
-  del suite, cuda_host
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_train_step_lowers_for_cuda_with_cudnn_attention(case, cuda_host):
+  del cuda_host
   exp = _experiment(case)
   model = Model(exp.model, exp.loss)
   opt = optimizers.make_optimizer(exp.optimizer, 1e-4)
