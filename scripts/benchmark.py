@@ -20,6 +20,9 @@ gets the same allocator.
 On CPU, torch flushes denormal floats to zero, as XLA:CPU does (see `torch_device`).
 --compile_depths=6,12,24 instead reports the train step's compile time at each depth, layers
 scanned and unrolled, from shapes alone (nothing allocated), so T5 v1.1 large is cheap to study.
+--aot=h100 instead compiles the train step for one H100 with XLA's GPU compiler on this host (a
+CPU will do: t5lite/gpu_aot.py) and reports XLA's memory plan for it and the cuDNN attention
+calls of the compiled program; with --compile_depths, the GPU compiler's compile times.
 
 Model FLOPs (PaLM appendix B convention; training = 3 x forward; rematerialization not counted;
 attention counted in full, causal masks not halved). Forward multiply-adds count 2 FLOPs:
@@ -149,26 +152,75 @@ def t5lite_runner(cfg, args):
   return run, {"impl": "t5lite", "compile_s": compile_s, "peak_mem_gb": peak_mem_gb}
 
 
+def abstract_train_step(cfg, args, target: str = ""):
+  """(train step, abstract state, abstract batch, tracing context) from shapes alone: nothing
+  is allocated. With a GPU `target` (e.g. "h100", t5lite.gpu_aot) the shapes sit on one of its
+  devices and the context traces as for it, so `.lower().compile()` runs XLA's GPU compiler
+  on this host, GPU or not."""
+  import contextlib
+  step, init = t5lite_step(cfg, args)
+  state = jax.eval_shape(init, jax.random.key(0))
+  batch = jax.eval_shape(lambda: synthetic_batch(cfg, args.batch, args.inputs, args.targets))
+  if not target:
+    return step, state, batch, contextlib.nullcontext()
+  from t5lite import gpu_aot
+  sharding = jax.sharding.SingleDeviceSharding(gpu_aot.devices(target, 1)[0])
+  place = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  return step, place(state), place(batch), gpu_aot.tracing_for(target)
+
+
 def compile_vs_depth(cfg, args, depths):
   """Seconds to trace + lower and to compile the train step at each depth (every stack of the
   model set to it), with layers scanned and unrolled. Shapes only: nothing is allocated or run,
-  so large presets are cheap to study. Scanned, the compile time should stay flat with depth."""
-  batch = jax.eval_shape(lambda: synthetic_batch(cfg, args.batch, args.inputs, args.targets))
+  so large presets are cheap to study. Scanned, the compile time should stay flat with depth.
+  With --aot, XLA's GPU compiler compiles for that GPU."""
   rows = []
   for depth in depths:
     for scan in (True, False):
       sized = dataclasses.replace(cfg, num_decoder_layers=depth, scan_layers=scan, **(
           {"num_encoder_layers": depth} if cfg.arch == "encoder_decoder" else {}))
-      step, init = t5lite_step(sized, args)
-      state = jax.eval_shape(init, jax.random.key(0))
+      step, state, batch, tracing = abstract_train_step(sized, args, args.aot)
       t = time.perf_counter()
-      lowered = step.lower(state, batch)
+      with tracing:
+        lowered = step.lower(state, batch)
       lower_s = time.perf_counter() - t
       t = time.perf_counter()
       lowered.compile()
       rows.append({"depth": depth, "scan_layers": scan, "lower_s": lower_s,
                    "compile_s": time.perf_counter() - t})
   return rows
+
+
+def report_aot(cfg, args, bindings):
+  """--aot: compiles the train step for one GPU of that kind with XLA's GPU compiler, from
+  shapes (no GPU needed, nothing runs, so no time), prints XLA's memory plan and the cuDNN
+  attention calls in the compiled program, writes --json."""
+  from t5lite import gpu_aot
+  step, state, batch, tracing = abstract_train_step(cfg, args, args.aot)
+  t = time.perf_counter()
+  with tracing:
+    lowered = step.lower(state, batch)
+  lower_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t
+  memory = gpu_aot.memory_gb(compiled)
+  result = dict(run_facts(cfg, args, bindings), device=f"{args.aot} (compiled, not run)",
+                platform="gpu-aot", aot=args.aot, batch=args.batch, inputs=args.inputs,
+                targets=args.targets, dtype=cfg.dtype, lower_s=lower_s, compile_s=compile_s,
+                memory_gb=memory, cudnn_calls=gpu_aot.cudnn_attention_calls(compiled.as_text()))
+  settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
+                                                 **result["optimizer"], **result["train"]}.items())
+  print(f"# train step compiled for {args.aot} by XLA's GPU compiler on this host (nothing run); "
+        f"{' '.join(args.gin_file + bindings)} ({settings}) batch {args.batch} x "
+        f"({args.inputs}+{args.targets})")
+  print(f"lower {lower_s:.1f} s, compile {compile_s:.1f} s; memory per device (GB): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
+  print("cuDNN attention calls: " + (", ".join(f"{k} x{v}" for k, v in
+                                              result["cudnn_calls"].items()) or "none"))
+  write_json(args.json, result)
+  return result
 
 
 def time_side_by_side(runners, args, flops: float):
@@ -373,6 +425,8 @@ def report_compile_vs_depth(cfg, args, bindings):
   result = dict(run_facts(cfg, args, bindings, [k for k in SETTINGS if k != "scan_layers"]),
                 batch=args.batch, inputs=args.inputs, targets=args.targets,
                 compile_vs_depth=rows)
+  if args.aot:
+    result.update(device=f"{args.aot} (XLA's GPU compiler on this host)", aot=args.aot)
   settings = ", ".join(f"{k}={v}" for k, v in result["model"].items())
   print(f"# train step compile time on {result['device']}; {' '.join(args.gin_file + bindings)} "
         f"({settings}) batch {args.batch} x ({args.inputs}+{args.targets}); depth = layers per "
@@ -410,6 +464,11 @@ def main(argv=None):
   parser.add_argument("--compile_depths", default="",
                       help="e.g. 6,12,24: instead of timing steps, the train step's compile time "
                            "at these depths, layers scanned and unrolled (shapes only)")
+  parser.add_argument("--aot", default="", metavar="GPU",
+                      help="e.g. h100: instead of timing steps, compile the train step for one "
+                           "such GPU with XLA's GPU compiler, on this host (no GPU needed), and "
+                           "report its memory plan (t5lite/gpu_aot.py); with --compile_depths, "
+                           "its compile time")
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
   unknown = sorted(set(args.hf_modes.split(",")) - {"eager", "compiled"})
   if unknown:
@@ -429,8 +488,18 @@ def main(argv=None):
     trainer.check_compiler_options(args.train.compiler_options)
   except ValueError as e:
     parser.error(str(e))
+  if args.aot:
+    from t5lite import gpu_aot
+    try:
+      gpu_aot.check_target(args.aot)
+    except ValueError as e:
+      parser.error(f"--aot: {e}")
+    if args.vs_hf or args.decode_batches:
+      parser.error("--aot compiles the train step only (no --vs-hf, no --decode_batches)")
   if args.compile_depths:
     return report_compile_vs_depth(cfg, args, bindings)
+  if args.aot:
+    return report_aot(cfg, args, bindings)
   on_gpu = jax.devices()[0].platform == "gpu"
   peaks = [measure_peak_tflops(on_gpu)]
   decode_rows = []

@@ -5,6 +5,7 @@
     python scripts/benchmark_suite.py --suite=gpu --cases=t5_1_1/base   # one case per call
     python scripts/benchmark_suite.py --suite=cpu-decode                # or gpu-decode
     python scripts/benchmark_suite.py --suite=gpu-levers                # or cpu-levers
+    python scripts/benchmark_suite.py --suite=gpu --aot=h100   # on any host: XLA's memory plan
 
 Each case runs in its own process (fresh device memory, its own host allocator restart) with
 `--vs-hf`; the CPU suite hides GPUs from both JAX and torch, and the GPU suite refuses to start
@@ -19,6 +20,9 @@ cache at batch 32; CPU: ahead of HF's default cache).
 The lever suites run t5lite alone, with the run config and then with each lever of `LEVERS`
 (on GPUs `GPU_LEVERS`) added in gin, so one call measures what each lever gains (3 runs per
 preset on CPU, 4 on GPUs; `--cases=PRESET` runs one preset, if a device call cannot hold both).
+`--aot=h100` compiles a GPU training suite's cases for an H100 with XLA's GPU compiler on this
+host instead (t5lite/gpu_aot.py; no GPU needed, nothing runs): the table has XLA's memory plan,
+checked against the memory targets, and the cuDNN attention calls of each compiled program.
 """
 
 import argparse
@@ -64,10 +68,13 @@ class Case:
     """The model preset, then the run config (gin's last binding wins)."""
     return (f"models/{self.preset}.gin", f"runs/{self.run}.gin")
 
-  def argv(self, with_hf: bool) -> Tuple[str, ...]:
-    """scripts/benchmark.py's arguments for this case."""
+  def argv(self, with_hf: bool, aot: str = "") -> Tuple[str, ...]:
+    """scripts/benchmark.py's arguments for this case (`aot`: compiled for that GPU instead)."""
     gin = tuple(f"--gin_file={f}" for f in self.gin_files) + tuple(
         f"--gin.{b}" for b in self.bindings)
+    if aot:
+      return gin + (f"--batch={self.batch}", f"--inputs={self.inputs}",
+                    f"--targets={self.targets}", f"--aot={aot}")
     if self.decode_tokens:
       return gin + (f"--inputs={self.inputs}", "--no_train", f"--decode_batches={self.batch}",
                     f"--decode_tokens={self.decode_tokens}") + (
@@ -159,14 +166,15 @@ def jax_backend() -> str:
   return proc.stdout.strip().splitlines()[-1]
 
 
-def run_case(case: Case, timeout_s: float, env=None) -> dict:
-  """Runs one case (with HF, else without) with `env` added to the environment; returns
-  benchmark.py's JSON plus `command` and, where HF failed, `hf_error` (its output's end)."""
+def run_case(case: Case, timeout_s: float, env=None, aot: str = "") -> dict:
+  """Runs one case (with HF, else without; `aot`: compiled for that GPU, see --aot) with `env`
+  added to the environment; returns benchmark.py's JSON plus `command` and, where HF failed,
+  `hf_error` (its output's end)."""
   hf_error = ""
-  for with_hf in (True, False) if case.hf_modes else (False,):
+  for with_hf in (True, False) if case.hf_modes and not aot else (False,):
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "result.json")
-      argv = ["scripts/benchmark.py", *case.argv(with_hf), f"--json={out}"]
+      argv = ["scripts/benchmark.py", *case.argv(with_hf, aot), f"--json={out}"]
       try:
         proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
                               timeout=timeout_s, check=False, env=dict(os.environ, **(env or {})))
@@ -195,6 +203,10 @@ def measured(case: Case, result: dict):
 def checks(case: Case, result: dict) -> dict:
   """The case's targets, each as (target, measured, met); a ratio whose HF mode failed is
   left out."""
+  if "aot" in result:   # compiled, not run: XLA's memory plan is all there is to check
+    peak = result["memory_gb"]["peak"]
+    return {} if case.max_mem_gb is None else {
+        "peak GB": (case.max_mem_gb, peak, peak < case.max_mem_gb)}
   ours, rows, rate = measured(case, result)
   out = {}
   if case.min_mfu is not None:
@@ -239,8 +251,26 @@ def decode_markdown(cases, results) -> str:
   return "\n".join(lines + _commands(results)) + "\n"
 
 
+def aot_markdown(cases, results) -> str:
+  """A suite compiled for a GPU (--aot) as a markdown table: XLA's memory plan per case."""
+  lines = [f"Compiled for {results[0]['aot']} by XLA's GPU compiler on this host (nothing run: "
+           "memory as XLA plans it, no times).", "",
+           "| preset | shape | compile s | arguments GB | temporaries GB | peak GB "
+           "| cuDNN attention calls | targets |", "|---|---|---|---|---|---|---|---|"]
+  for case, result in zip(cases, results):
+    mem = result["memory_gb"]
+    calls = ", ".join(f"{k.replace('__cudnn$', '')} x{v}" for k, v in
+                      result["cudnn_calls"].items()) or "none"
+    lines.append(f"| {case.label} | {case.batch} x ({case.inputs}+{case.targets}) | "
+                 f"{result['compile_s']:.1f} | {mem['arguments']:.1f} | {mem['temporaries']:.1f} "
+                 f"| {mem['peak']:.1f} | {calls} | {_targets(case, result)} |")
+  return "\n".join(lines + _commands(results)) + "\n"
+
+
 def markdown(cases, results) -> str:
   """The suite as a markdown table (one row per case), commands and HF failures below it."""
+  if "aot" in results[0]:
+    return aot_markdown(cases, results)
   if cases[0].decode_tokens:
     return decode_markdown(cases, results)
   first = results[0]
@@ -276,6 +306,9 @@ def main(argv=None):
   parser.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark run")
   parser.add_argument("--json", default="")
   parser.add_argument("--markdown", default="")
+  parser.add_argument("--aot", default="", metavar="GPU",
+                      help="a GPU training suite compiled for this GPU (e.g. h100) by XLA's GPU "
+                           "compiler on this host, no GPU needed: memory targets only")
   args = parser.parse_args(argv)
   cases = SUITES[args.suite]
   if args.cases:
@@ -286,6 +319,10 @@ def main(argv=None):
                    f"({', '.join(dict.fromkeys(c.preset for c in cases))})")
     cases = tuple(c for c in cases if c.preset in wanted)
   platform = args.suite.split("-")[0]
+  if args.aot:
+    if platform != "gpu" or cases[0].decode_tokens:
+      parser.error("--aot compiles the GPU training suites (gpu, gpu-levers)")
+    platform = "cpu"   # the host compiles; its own GPU, if any, stays out of it
   backend = jax_backend() if platform == "gpu" else "cpu"
   if backend != platform:
     parser.error(f"--suite={args.suite} needs a GPU; JAX's backend here is {backend}")
@@ -294,7 +331,7 @@ def main(argv=None):
   results = []
   for case in cases:
     print(f"# {case.preset} ...", flush=True)
-    results.append(run_case(case, args.timeout, SUITE_ENV[platform]))
+    results.append(run_case(case, args.timeout, SUITE_ENV[platform], args.aot))
   table = markdown(cases, results)
   print(table)
   if args.markdown:

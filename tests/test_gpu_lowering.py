@@ -8,12 +8,12 @@ must reach cuDNN's fused kernels, forward and backward, with T5's position bias 
 as the GPU gets it, and run flash attention's forward a second time in the backward pass only
 where the remat policy drops its outputs.
 
-JAX asks the CUDA plugin for cuDNN's version while tracing; there is none here, so the tests
-stand in a version (9.10) and a Hopper GPU for JAX's checks. Everything else is JAX's own path:
-its shape, layout and mask checks for cuDNN run as they would on an H100.
+JAX asks the local GPU for cuDNN's version and its compute capability while tracing; there is
+none here, so `t5lite.gpu_aot.tracing_for("h100")` answers for an H100 (cuDNN 9.10). Everything
+else is JAX's own path: its shape, layout and mask checks for cuDNN run as they would on an H100.
+tests/test_gpu_aot.py goes further and compiles these programs with XLA's GPU compiler.
 """
 
-import dataclasses
 import os
 import re
 import sys
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO
-from t5lite import gin_setup, optimizers, trainer
+from t5lite import gin_setup, gpu_aot, optimizers, trainer
+from t5lite.models import attention
 from t5lite.models.model import Model
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -31,22 +32,11 @@ import benchmark  # pylint: disable=wrong-import-position
 import benchmark_suite  # pylint: disable=wrong-import-position
 
 
-def _stand_in_cudnn(monkeypatch):
-  """cuDNN 9.10 on a Hopper GPU, for JAX's checks while tracing."""
-  from jax._src.cudnn import fused_attention_stablehlo as fused  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
-  hopper = (9, 0)
-  monkeypatch.setattr(fused, "check_compute_capability",
-                      lambda capability: tuple(map(int, capability.split("."))) <= hopper)
-  monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)
-
-
 @pytest.fixture(name="cuda_host")
-def fixture_cuda_host(monkeypatch):
-  """Traces as on a CUDA host with cuDNN 9.10 on a Hopper GPU."""
-  _stand_in_cudnn(monkeypatch)
-  # The model reads the backend at trace time (a batch-1 bias is broadcast on CPU only).
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+def fixture_cuda_host():
+  """Traces as for an H100 (cuDNN 9.10, compute capability 9.0)."""
+  with gpu_aot.tracing_for("h100"):
+    yield
 
 
 def _experiment(case):
@@ -135,15 +125,22 @@ def test_decode_lowers_for_cuda_with_cudnn_prefill(case, cuda_host):
   assert all("bf16" in operands for operands in calls["__cudnn$fmhaScaleBiasSoftmax"])
 
 
-def test_cpu_host_would_hand_cudnn_a_broadcast_bias(monkeypatch):
-  """Traced on this CPU host as it is, T5's bias reaches cuDNN broadcast over the batch: the
-  batch-1 check above sees the GPU's program, not this host's."""
-  _stand_in_cudnn(monkeypatch)
-  case = dataclasses.replace(benchmark_suite.SUITES["gpu"][0], batch=4, inputs=32, targets=8)
-  exp = _experiment(case)
-  model = Model(exp.model, exp.loss)
-  params = jax.eval_shape(model.init, jax.random.key(0))
-  batch = _abstract(benchmark.synthetic_batch(exp.model, case.batch, case.inputs, case.targets))
-  text = jax.jit(model.loss).trace(params, batch).lower(lowering_platforms=("cuda",)).as_text()
-  biased = _cudnn_calls(text)["__cudnn$fmhaScaleBiasSoftmax"]
-  assert biased and all(f"tensor<4x{exp.model.num_heads}x" in ops for ops in biased), biased
+def test_only_cudnn_gets_the_position_bias_at_batch_1(cuda_host):
+  """On a CPU host the XLA implementation gets T5's bias broadcast over the batch (a CPU speed
+  path), cuDNN gets it at batch 1 as on a GPU: so the batch-1 checks above are not vacuous, and
+  hold because the implementation, not the host, decides."""
+  del cuda_host
+  b, length, heads, dim = 4, 32, 2, 64
+  qkv = jax.ShapeDtypeStruct((b, length, heads, dim), jnp.bfloat16)
+  bias = jax.ShapeDtypeStruct((1, heads, length, length), jnp.float32)
+  texts = {}
+  for impl in ("xla", "cudnn"):
+    fn = lambda q, k, v, bias, impl=impl: attention.attend(
+        q, k, v, attention.Mask(), bias, scale=1.0, implementation=impl)
+    texts[impl] = jax.jit(fn).trace(qkv, qkv, qkv, bias).lower(
+        lowering_platforms=("cuda",)).as_text()
+  broadcast = f"tensor<{b}x{heads}x{length}x{length}xbf16>"
+  assert broadcast in texts["xla"]
+  biased = _cudnn_calls(texts["cudnn"])["__cudnn$fmhaScaleBiasSoftmax"]
+  assert biased and all(f"tensor<1x{heads}x" in ops for ops in biased), biased
+  assert broadcast not in texts["cudnn"]

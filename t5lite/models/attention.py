@@ -187,7 +187,10 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
   """
   if bias is not None:
     bias = bias.astype(q.dtype)
-    if bias.shape[0] == 1 < q.shape[0] and jax.default_backend() == "cpu":
+    # cuDNN (GPU only) takes a batch-1 bias as it is, whatever host traces the program (the
+    # host may be a CPU compiling for a GPU: t5lite.gpu_aot).
+    if (bias.shape[0] == 1 < q.shape[0] and implementation != "cudnn"
+        and jax.default_backend() == "cpu"):
       bias = _broadcast_batch(bias, q.shape[0])
   if implementation == "chunked":
     return chunked_attention(q, k, v, mask, bias, scale=scale)
