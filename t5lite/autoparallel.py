@@ -19,6 +19,11 @@ so t5lite searches a structured space instead and lets XLA price each point:
 
     python -m t5lite.autoparallel --gin_file=models/t5_1_1/large.gin --num_devices=8 \
         --device_memory_gb=16 --batch=32 --inputs=512 --targets=128 --output=plan.gin
+
+With `--target=h100` the plan is for 8 H100s from any host: each candidate's full-depth program
+is compiled for them by XLA's GPU compiler (t5lite/gpu_aot.py: cuDNN attention, GPU buffer
+assignment), so peak memory is the GPU's, not XLA:CPU's (which, for the 1b preset, says twice
+what an H100 measured); FLOPs and collectives still come from the host's fake devices.
 """
 
 import argparse
@@ -219,6 +224,14 @@ def _batch_shapes(cfg, batch, inputs, targets):
           "decoder_loss_weights": ((batch, length), np.float32)}
 
 
+def peak_bytes(compiled) -> int:
+  """Peak memory per device of a compiled program as XLA plans it: arguments + outputs +
+  temporaries, less the outputs that reuse donated arguments."""
+  mem = compiled.memory_analysis()
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes)
+
+
 def _cost(compiled, num_devices: int, microbatches: int):
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
@@ -226,25 +239,44 @@ def _cost(compiled, num_devices: int, microbatches: int):
   return flops, collectives(compiled.as_text(), num_devices)
 
 
+def _compile_for_target(target: str, model_cfg, cand: Candidate, batch, inputs, targets,
+                        num_devices: int, optimizer_cfg, loss_cfg, train_cfg):
+  """`_compile` for `num_devices` GPUs of `target` with XLA's GPU compiler (t5lite.gpu_aot)."""
+  from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+  with gpu_aot.tracing_for(target):
+    compiled, _ = _compile(model_cfg, cand, batch, inputs, targets,
+                           gpu_aot.devices(target, num_devices), optimizer_cfg, loss_cfg,
+                           train_cfg)
+  return compiled
+
+
 def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, devices,
-            hw: Hardware, optimizer_cfg, loss_cfg=None, train_cfg=None) -> Estimate:
-  """Compiles a candidate and prices it (see the module docstring)."""
+            hw: Hardware, optimizer_cfg, loss_cfg=None, train_cfg=None,
+            target: str = "") -> Estimate:
+  """Compiles a candidate and prices it (see the module docstring). With a GPU `target`
+  (e.g. "h100"), the full-depth program is compiled for len(devices) such GPUs by XLA's GPU
+  compiler (t5lite.gpu_aot), so its memory is the GPU's; FLOPs and collectives still come from
+  `devices` (XLA's GPU compiler reports no cost analysis without a GPU), with cuDNN attention
+  priced as XLA attention there."""
   est = Estimate(cand)
   cfg = dataclasses.replace(model_cfg, remat_policy=cand.remat)
   n = len(devices)
   try:
-    compiled, _ = _compile(cfg, cand, batch, inputs, targets, devices, optimizer_cfg, loss_cfg,
-                           train_cfg)
-    mem = compiled.memory_analysis()
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes)
-    est.peak_gb = peak / 2 ** 30
+    if target:
+      compiled = _compile_for_target(target, cfg, cand, batch, inputs, targets, n,
+                                     optimizer_cfg, loss_cfg, train_cfg)
+      if cfg.attention_impl == "cudnn":   # the host's compiler has no cuDNN
+        cfg = dataclasses.replace(cfg, attention_impl="xla")
+    else:
+      compiled, _ = _compile(cfg, cand, batch, inputs, targets, devices, optimizer_cfg,
+                             loss_cfg, train_cfg)
+    est.peak_gb = peak_bytes(compiled) / 2 ** 30
     if cand.stage > 1:
       # Memory above is the real pipelined program. Time: one stage's share of the unpipelined
       # plan on devices / stage devices, stretched by the GPipe bubble, plus activation
       # transfers between neighbouring stages (forward and backward, every tick).
       flat = analyze(model_cfg, dataclasses.replace(cand, stage=1), batch, inputs, targets,
-                     devices[: n // cand.stage], hw, optimizer_cfg, loss_cfg, train_cfg)
+                     devices[: n // cand.stage], hw, optimizer_cfg, loss_cfg, train_cfg, target)
       if flat.error:
         raise RuntimeError(flat.error)
       s, mp = cand.stage, cand.pipeline_microbatches
@@ -329,16 +361,20 @@ def measure(model_cfg, est: Estimate, batch, inputs, targets, devices, optimizer
 def _analyze_in_worker(args):
   """Process-pool entry: analyzes one candidate on this worker's own (fake) devices."""
   import jax  # pylint: disable=import-outside-toplevel
-  model_cfg, cand, batch, inputs, targets, num_devices, hw, *step_cfgs = args
+  model_cfg, cand, batch, inputs, targets, num_devices, hw, *step_cfgs, target = args
   return analyze(model_cfg, cand, batch, inputs, targets, jax.devices()[:num_devices], hw,
-                 *step_cfgs)
+                 *step_cfgs, target=target)
 
 
 def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardware,
          optimizer_cfg=None, loss_cfg=None, train_cfg=None, remats=("none", "full"),
          microbatches=(1, 2), time_top: int = 0, rules: Sequence[str] = (), workers: int = 1,
-         stages: Sequence[int] = (1,), log=print) -> List[Estimate]:
+         stages: Sequence[int] = (1,), target: str = "", log=print) -> List[Estimate]:
   """Ranks every candidate; feasible plans first, by estimated (or measured) step time.
+
+  `target` (e.g. "h100"): plan for len(devices) GPUs of that kind from this host, GPU or not;
+  each candidate's memory comes from XLA's GPU compiler (see `analyze`). Such plans cannot be
+  timed here (`time_top` must be 0).
 
   The step priced is the one training runs: `optimizer_cfg` (default Adafactor), `loss_cfg`
   (default `LossConfig()`; `head_chunks` changes its memory) and `train_cfg` (default
@@ -347,6 +383,8 @@ def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardw
   """
   from t5lite import optimizers  # pylint: disable=import-outside-toplevel
   optimizer_cfg = optimizer_cfg or optimizers.OptimizerConfig("adafactor")
+  if target and time_top:
+    raise ValueError(f"plans for {target} GPUs are compiled, not run, here: time_top must be 0")
   cands = candidates(len(devices), batch, model_cfg, remats, microbatches, rules_filter=rules,
                      stages=stages)
   if not cands:
@@ -358,7 +396,7 @@ def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardw
     import concurrent.futures  # pylint: disable=import-outside-toplevel
     import multiprocessing  # pylint: disable=import-outside-toplevel
     jobs = [(model_cfg, c, batch, inputs, targets, len(devices), hw, optimizer_cfg, loss_cfg,
-             train_cfg) for c in cands]
+             train_cfg, target) for c in cands]
     with concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn")) as pool:
       for i, est in enumerate(pool.map(_analyze_in_worker, jobs)):
@@ -367,7 +405,7 @@ def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardw
   for i, cand in enumerate(cands if workers <= 1 else []):
     t = time.perf_counter()
     results.append(analyze(model_cfg, cand, batch, inputs, targets, devices, hw, optimizer_cfg,
-                           loss_cfg, train_cfg))
+                           loss_cfg, train_cfg, target))
     log(f"  [{i + 1}/{len(cands)}] {describe(cand)}: {time.perf_counter() - t:.1f}s")
   ranked = sorted(results, key=lambda e: (not e.fits, e.error != "", e.step_s))
   for est in ranked[:time_top]:
@@ -424,7 +462,11 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description="Rank parallel plans with XLA's own analyses.")
   parser.add_argument("--gin_file", action="append", default=[])
   parser.add_argument("--num_devices", type=int, default=0, help="default: all devices")
-  parser.add_argument("--device_memory_gb", type=float, default=80.0)
+  parser.add_argument("--target", default="",
+                      help="plan for GPUs of this kind (e.g. h100) from this host: memory from "
+                           "XLA's GPU compiler (t5lite/gpu_aot.py), no GPU needed")
+  parser.add_argument("--device_memory_gb", type=float, default=0.0,
+                      help="default: the --target GPU's memory, else 80")
   parser.add_argument("--peak_tflops", type=float, default=800.0)
   parser.add_argument("--link_gbps", type=float, default=300.0)
   parser.add_argument("--batch", type=int, default=32)
@@ -451,9 +493,19 @@ def main(argv=None) -> int:
   bindings, _ = gin_setup.split_gin_bindings(rest)
   exp = gin_setup.parse_gin(args.gin_file, ["experiment.model_dir = '/tmp/unused'"] + bindings)
   devices = jax.devices()[: args.num_devices or None]
-  hw = Hardware(args.peak_tflops, args.device_memory_gb, args.link_gbps)
+  memory_gb = args.device_memory_gb
+  if args.target:
+    from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+    try:
+      memory_gb = memory_gb or gpu_aot.memory_gib(args.target)
+    except ValueError as e:
+      parser.error(f"--target: {e}")
+    if args.time_top:
+      parser.error("--time_top runs plans; --target plans are compiled, not run")
+  hw = Hardware(args.peak_tflops, memory_gb or 80.0, args.link_gbps)
+  where = f"{args.target} GPUs (XLA's GPU compiler on this host)" if args.target else "devices"
   print(f"planning {exp.model.arch} (d_model {exp.model.d_model}) batch {args.batch} x "
-        f"({args.inputs}+{args.targets}) on {len(devices)} devices of {hw.memory_gb} GB, "
+        f"({args.inputs}+{args.targets}) on {len(devices)} {where} of {hw.memory_gb:.1f} GB, "
         f"{hw.peak_tflops} TFLOP/s, {hw.link_gbps} GB/s links", flush=True)
   ranked = plan(exp.model, batch=args.batch, inputs=args.inputs, targets=args.targets,
                 devices=devices, hw=hw, optimizer_cfg=exp.optimizer, loss_cfg=exp.loss,
@@ -462,7 +514,7 @@ def main(argv=None) -> int:
                 microbatches=tuple(int(m) for m in args.microbatches.split(",")),
                 time_top=args.time_top, rules=tuple(r for r in args.rules.split(",") if r),
                 workers=args.workers, stages=tuple(int(x) for x in args.stages.split(",")),
-                log=lambda s: print(s, flush=True))
+                target=args.target, log=lambda s: print(s, flush=True))
   print(table(ranked))
   best = ranked[0]
   if not best.fits:

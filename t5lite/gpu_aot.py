@@ -98,6 +98,12 @@ def cudnn_version(target: str) -> int:
   return major * 10000 + minor * 100
 
 
+def memory_gib(target: str) -> float:
+  """The target GPU's memory in GiB (as the driver reports it: 79.1 for an H100 80GB)."""
+  size = re.search(r"device_memory_size:\s*(\d+)", TARGETS[check_target(target)]).group(1)
+  return int(size) / 2 ** 30
+
+
 def devices(target: str = "h100", count: int = 1) -> List:
   """`count` devices of one host of `target` GPUs, to shard and compile for (not to run on)."""
   if not plugin_available():

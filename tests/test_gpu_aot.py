@@ -1,0 +1,141 @@
+"""The GPU programs, compiled for H100s by XLA's GPU compiler on this CPU-only host.
+
+tests/test_gpu_lowering.py stops at StableHLO; here XLA's GPU compiler takes the programs the
+rest of the way (t5lite/gpu_aot.py: deviceless ahead-of-time compilation, JAX's CUDA plugin
+without CUDA): SPMD partitioning over 8 GPUs, cuDNN's custom partitioning, fusion, buffer
+assignment. What comes back is the compiled program and XLA's memory plan for one H100, which
+is what the speed issue's memory target asks about (for the 1b preset XLA plans 29.5 GB; an H100
+measured 29 GB in the first session).
+
+CI installs the plugin (.ci/run) and sets T5LITE_REQUIRE_GPU_AOT=1, so there these tests run or
+fail; elsewhere they skip when the plugin is missing.
+"""
+
+import json
+import os
+import re
+import sys
+
+import jax
+import pytest
+
+from conftest import REPO, run_cli
+from t5lite import autoparallel, gin_setup, gpu_aot
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import benchmark_suite  # pylint: disable=wrong-import-position
+
+if not gpu_aot.plugin_available():
+  if os.environ.get("T5LITE_REQUIRE_GPU_AOT") == "1":
+    raise RuntimeError("T5LITE_REQUIRE_GPU_AOT=1 but JAX's CUDA plugin is not installed")
+  pytest.skip("JAX's CUDA plugin (jax-cuda12-plugin) is not installed", allow_module_level=True)
+
+
+def _gpu_experiment(preset: str, *bindings: str):
+  return gin_setup.parse_gin([f"models/{preset}.gin", "runs/gpu.gin"],
+                             ["experiment.model_dir = '/tmp/unused'", *bindings])
+
+
+def test_gpu_suite_meets_its_memory_targets_as_xla_plans_them_for_an_h100(tmp_path):
+  """`benchmark_suite --suite=gpu --aot=h100`: every case compiles for an H100 with cuDNN
+  attention forward and backward, and T5-large and the 1b preset fit the issue's 40 GB."""
+  out = tmp_path / "aot.json"
+  benchmark_suite.main(["--suite=gpu", "--aot=h100", f"--json={out}"])
+  report = json.loads(out.read_text())
+  assert len(report["results"]) == len(benchmark_suite.SUITES["gpu"])
+  for case, result in zip(report["cases"], report["results"]):
+    assert result["aot"] == "h100" and result["model"]["attention_impl"] == "cudnn"
+    calls = result["cudnn_calls"]
+    assert any(not k.endswith("Backward") for k in calls), (case["preset"], calls)
+    assert any(k.endswith("Backward") for k in calls), (case["preset"], calls)
+    peak = result["memory_gb"]["peak"]
+    # The state (parameters and AdamW's two moments, float32) is at least in the plan.
+    assert peak > result["memory_gb"]["arguments"] > 0
+    if case["max_mem_gb"] is not None:
+      assert peak < case["max_mem_gb"], (case["preset"], peak)
+  assert {c["preset"] for c in report["cases"] if c["max_mem_gb"]} == {"t5_1_1/large",
+                                                                       "decoder/1b"}
+
+
+def _q_shapes(hlo_text: str):
+  """The attention output shapes [batch, heads, length, head_dim] of the compiled program's
+  cuDNN forward calls."""
+  return set(re.findall(r'= \(bf16\[(\d+),(\d+),(\d+),(\d+)\][^=]*custom-call\([^)]*\), '
+                        r'custom_call_target="__cudnn\$fmha\w*Softmax"', hlo_text))
+
+
+@pytest.mark.parametrize("rules,mesh", [("fsdp", (1, 8, 1)), ("fsdp_tensor", (1, 4, 2))])
+def test_sharded_train_step_compiles_for_eight_h100s(rules, mesh):
+  """The 1b preset's train step, partitioned over 8 H100s: cuDNN attention is partitioned
+  with it (each GPU attends its batch rows and its heads), and each GPU holds an eighth of the
+  state."""
+  exp = _gpu_experiment("decoder/1b")
+  cfg = exp.model
+  data, fsdp, tensor = mesh
+  cand = autoparallel.Candidate(data, fsdp, tensor, rules, cfg.remat_policy, 1)
+  batch, length = 8, 2048
+  with gpu_aot.tracing_for("h100"):
+    compiled, (_, state, _, _) = autoparallel._compile(  # pylint: disable=protected-access
+        cfg, cand, batch, 0, length, gpu_aot.devices("h100", 8), exp.optimizer, exp.loss,
+        exp.train)
+  assert {d.device_kind for d in state["step"].sharding.device_set} == {"NVIDIA H100 80GB HBM3"}
+  text = compiled.as_text()
+  assert gpu_aot.cudnn_attention_calls(text).get("__cudnn$fmhaSoftmaxBackward")
+  local = (batch // (data * fsdp), cfg.num_heads // tensor, length, cfg.head_dim)
+  assert _q_shapes(text) == {tuple(str(x) for x in local)}
+  memory = gpu_aot.memory_gb(compiled)
+  state_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / 2 ** 30
+  assert state_gb / 8 <= memory["arguments"] < state_gb / 8 * 1.05, (memory, state_gb)
+  assert memory["aliased"] > 0.99 * memory["arguments"] - 0.01   # the state is donated
+
+
+def test_planner_prices_memory_with_the_gpu_compiler():
+  """`autoparallel.analyze(target="h100")`: the peak is the H100 program's (cuDNN attention,
+  GPU buffer assignment), not the host's compile of the same candidate."""
+  exp = _gpu_experiment("t5_1_1/tiny")
+  cand = autoparallel.Candidate(1, 1, 1, "data_parallel", exp.model.remat_policy, 1)
+  hw = autoparallel.Hardware(memory_gb=gpu_aot.memory_gib("h100"))
+  args = (exp.model, cand, 8, 64, 16, jax.devices()[:1], hw, exp.optimizer, exp.loss, exp.train)
+  est = autoparallel.analyze(*args, target="h100")
+  assert not est.error and est.fits and est.flops > 0, est
+  with gpu_aot.tracing_for("h100"):
+    compiled, _ = autoparallel._compile(  # pylint: disable=protected-access
+        exp.model, cand, 8, 64, 16, gpu_aot.devices("h100", 1), exp.optimizer, exp.loss,
+        exp.train)
+  assert est.peak_gb == pytest.approx(autoparallel.peak_bytes(compiled) / 2 ** 30)
+  # Without the target the host compiles cuDNN attention, which XLA:CPU cannot.
+  assert "cudnn" in autoparallel.analyze(*args).error.lower()
+  with pytest.raises(ValueError, match="time_top"):
+    autoparallel.plan(exp.model, batch=8, inputs=64, targets=16, devices=jax.devices()[:1],
+                      hw=hw, time_top=1, target="h100")
+
+
+@pytest.mark.slow
+def test_planner_cli_plans_for_eight_h100s(tmp_path):
+  """`python -m t5lite.autoparallel --target=h100 --num_devices=8` on this CPU-only host ranks
+  plans for 8 H100s (their memory, 79.1 GB each) and writes the best."""
+  out = tmp_path / "plan.gin"
+  r = run_cli(["-m", "t5lite.autoparallel", "--gin_file=models/t5_1_1/tiny.gin",
+               "--gin_file=runs/gpu.gin", "--num_devices=8", "--target=h100", "--batch=16",
+               "--inputs=64", "--targets=16", "--remats=dots_no_batch", "--microbatches=1",
+               "--rules=data_parallel,fsdp", f"--output={out}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "on 8 h100 GPUs" in r.stdout and "of 79.1 GB" in r.stdout, r.stdout[:500]
+  rows = [line.split() for line in r.stdout.splitlines() if re.match(r"\s*\d+ \(1,", line)]
+  peaks = {(row[1], row[2]): float(row[-2]) for row in rows}
+  # FSDP over 8 shards the state that data parallelism replicates.
+  assert peaks[("(1,1,8,1)", "fsdp")] < peaks[("(1,8,1,1)", "data_parallel")], peaks
+  assert "MeshConfig.rules" in out.read_text()
+
+
+def test_tracing_for_restores_jax_and_unknown_targets_are_refused():
+  from jax._src.cudnn import fused_attention_stablehlo as fused  # pylint: disable=import-outside-toplevel
+  before = fused.check_cudnn_version
+  with gpu_aot.tracing_for("h200"):
+    assert fused.check_cudnn_version() == 91000
+    assert fused.check_compute_capability("9.0") and not fused.check_compute_capability("10.0")
+    assert fused.is_cuda_compute_capability_equal("9.0")
+  assert fused.check_cudnn_version is before
+  assert gpu_aot.memory_gib("h200") > 130 > gpu_aot.memory_gib("h100") > 75
+  with pytest.raises(ValueError, match="unknown GPU target 'a10'.*h100"):
+    gpu_aot.devices("a10")
