@@ -152,22 +152,29 @@ def t5lite_runner(cfg, args):
   return run, {"impl": "t5lite", "compile_s": compile_s, "peak_mem_gb": peak_mem_gb}
 
 
-def abstract_train_step(cfg, args, target: str = ""):
-  """(train step, abstract state, abstract batch, tracing context) from shapes alone: nothing
-  is allocated. With a GPU `target` (e.g. "h100", t5lite.gpu_aot) the shapes sit on one of its
-  devices and the context traces as for it, so `.lower().compile()` runs XLA's GPU compiler
-  on this host, GPU or not."""
+def compile_abstract(cfg, args, target: str = ""):
+  """(compiled train step, seconds to trace + lower, seconds to compile), from shapes alone:
+  nothing is allocated. With a GPU `target` (e.g. "h100", t5lite.gpu_aot) the shapes sit on one
+  of its devices and the step is traced as for it, so XLA's GPU compiler compiles it on this
+  host, GPU or not."""
   import contextlib
   step, init = t5lite_step(cfg, args)
   state = jax.eval_shape(init, jax.random.key(0))
   batch = jax.eval_shape(lambda: synthetic_batch(cfg, args.batch, args.inputs, args.targets))
-  if not target:
-    return step, state, batch, contextlib.nullcontext()
-  from t5lite import gpu_aot
-  sharding = jax.sharding.SingleDeviceSharding(gpu_aot.devices(target, 1)[0])
-  place = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-  return step, place(state), place(batch), gpu_aot.tracing_for(target)
+  tracing = contextlib.nullcontext()
+  if target:
+    from t5lite import gpu_aot
+    sharding = jax.sharding.SingleDeviceSharding(gpu_aot.devices(target, 1)[0])
+    place = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    state, batch, tracing = place(state), place(batch), gpu_aot.tracing_for(target)
+  t = time.perf_counter()
+  with tracing:
+    lowered = step.lower(state, batch)
+  lower_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, lower_s, time.perf_counter() - t
 
 
 def compile_vs_depth(cfg, args, depths):
@@ -180,15 +187,9 @@ def compile_vs_depth(cfg, args, depths):
     for scan in (True, False):
       sized = dataclasses.replace(cfg, num_decoder_layers=depth, scan_layers=scan, **(
           {"num_encoder_layers": depth} if cfg.arch == "encoder_decoder" else {}))
-      step, state, batch, tracing = abstract_train_step(sized, args, args.aot)
-      t = time.perf_counter()
-      with tracing:
-        lowered = step.lower(state, batch)
-      lower_s = time.perf_counter() - t
-      t = time.perf_counter()
-      lowered.compile()
+      _, lower_s, compile_s = compile_abstract(sized, args, args.aot)
       rows.append({"depth": depth, "scan_layers": scan, "lower_s": lower_s,
-                   "compile_s": time.perf_counter() - t})
+                   "compile_s": compile_s})
   return rows
 
 
@@ -197,14 +198,7 @@ def report_aot(cfg, args, bindings):
   shapes (no GPU needed, nothing runs, so no time), prints XLA's memory plan and the cuDNN
   attention calls in the compiled program, writes --json."""
   from t5lite import gpu_aot
-  step, state, batch, tracing = abstract_train_step(cfg, args, args.aot)
-  t = time.perf_counter()
-  with tracing:
-    lowered = step.lower(state, batch)
-  lower_s = time.perf_counter() - t
-  t = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t
+  compiled, lower_s, compile_s = compile_abstract(cfg, args, args.aot)
   memory = gpu_aot.memory_gb(compiled)
   result = dict(run_facts(cfg, args, bindings), device=f"{args.aot} (compiled, not run)",
                 platform="gpu-aot", aot=args.aot, batch=args.batch, inputs=args.inputs,

@@ -23,6 +23,7 @@ from conftest import REPO, run_cli
 from t5lite import autoparallel, gin_setup, gpu_aot
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
+import benchmark  # pylint: disable=wrong-import-position
 import benchmark_suite  # pylint: disable=wrong-import-position
 
 if not gpu_aot.plugin_available():
@@ -139,3 +140,19 @@ def test_tracing_for_restores_jax_and_unknown_targets_are_refused():
   assert gpu_aot.memory_gib("h200") > 130 > gpu_aot.memory_gib("h100") > 75
   with pytest.raises(ValueError, match="unknown GPU target 'a10'.*h100"):
     gpu_aot.devices("a10")
+
+
+def test_benchmark_reports_the_gpu_compilers_compile_time_against_depth(tmp_path, capsys):
+  """`benchmark.py --aot=h100 --compile_depths=...`: XLA's GPU compiler's compile times, layers
+  scanned and unrolled, for an H100."""
+  out = tmp_path / "depths.json"
+  result = benchmark.main(["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/gpu.gin",
+                           "--batch=4", "--inputs=32", "--targets=8", "--aot=h100",
+                           "--compile_depths=1,2", f"--json={out}"])
+  assert result["aot"] == "h100" and "h100" in capsys.readouterr().out
+  rows = json.loads(out.read_text())["compile_vs_depth"]
+  assert [(r["depth"], r["scan_layers"]) for r in rows] == [(1, True), (1, False), (2, True),
+                                                            (2, False)]
+  assert all(r["compile_s"] > 0 for r in rows)
+  with pytest.raises(SystemExit):
+    benchmark.main(["--gin_file=models/t5_1_1/tiny.gin", "--aot=a10"])
