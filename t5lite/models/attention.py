@@ -6,6 +6,8 @@ sequences never attend across examples; the attention itself goes through
 `chunked_attention`; decoding steps attend over a heads-major KV cache with `attend_cache`.
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -176,6 +178,23 @@ def _as_table(x):
 
 CHUNK = 64  # queries per block of chunked_attention
 
+_WITHOUT_CUDNN = contextvars.ContextVar("t5lite_attention_without_cudnn", default=False)
+
+
+@contextlib.contextmanager
+def without_cudnn():
+  """Within it, `attend(implementation="cudnn")` runs XLA's attention instead.
+
+  For programs traced inside a partially manual `shard_map` (pipeline stages: `stage` manual,
+  data / FSDP / tensor automatic): there JAX's cuDNN attention partitioner (jax 0.10 and 0.11)
+  gets shardings it cannot read ("'GSPMDSharding' object has no attribute 'spec'") and XLA's GPU
+  compile fails; tests/test_gpu_aot.py compiles a pipelined step for H100s to show it."""
+  token = _WITHOUT_CUDNN.set(True)
+  try:
+    yield
+  finally:
+    _WITHOUT_CUDNN.reset(token)
+
 
 def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None):
   """Scaled dot-product attention with grouped KV heads.
@@ -185,6 +204,8 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
   `implementation`: None (jax picks), 'xla' or 'cudnn' go to jax.nn.dot_product_attention;
   'chunked' to `chunked_attention`.
   """
+  if implementation == "cudnn" and _WITHOUT_CUDNN.get():
+    implementation = "xla"
   if bias is not None:
     bias = bias.astype(q.dtype)
     # cuDNN (GPU only) takes a batch-1 bias as it is, whatever host traces the program (the

@@ -10,6 +10,8 @@ Batch features follow T5X's feature converters: `encoder_input_tokens`, `decoder
 `decoder_causal_attention` (1 on prefix tokens).
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +20,8 @@ from t5lite import partitioning, pipeline_parallel
 from t5lite.models import attention as attn_lib
 from t5lite.models import layers
 from t5lite.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 # The primitive that traced programs hold for cuDNN's fused attention forward in JAX 0.10 and
 # 0.11 (its outputs: the attention output and the softmax statistics the fused backward needs).
@@ -145,7 +149,10 @@ class LayerStack(nnx.Module):
     pipe = partitioning.stage_pipeline()
     if pipe is not None:
       mesh, microbatches = pipe
-      with partitioning.no_activation_rules():
+      if self.cfg.attention_impl == "cudnn":
+        log.warning("pipeline stages: attention runs as 'xla', not 'cudnn' (JAX's cuDNN "
+                        "attention cannot be partitioned inside pipeline stages)")
+      with partitioning.no_activation_rules(), attn_lib.without_cudnn():
         return pipeline_parallel.pipelined_stack(make_step, x, (state, rngs), kwargs, mesh,
                                                  microbatches)
     step = make_step(kwargs)
