@@ -144,9 +144,8 @@ def t5lite_runner(cfg, args):
     stats = jax.devices()[0].memory_stats() or {}
     mem = stats.get("peak_bytes_in_use")
     if mem is None:
-      analysis = compiled.memory_analysis()
-      mem = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-             + analysis.output_size_in_bytes - analysis.alias_size_in_bytes) if analysis else 0
+      from t5lite.autoparallel import peak_bytes
+      mem = peak_bytes(compiled) if compiled.memory_analysis() else 0
     return mem / 2 ** 30
 
   return run, {"impl": "t5lite", "compile_s": compile_s, "peak_mem_gb": peak_mem_gb}

@@ -244,10 +244,8 @@ def _compile_for_target(target: str, model_cfg, cand: Candidate, batch, inputs, 
   """`_compile` for `num_devices` GPUs of `target` with XLA's GPU compiler (t5lite.gpu_aot)."""
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   with gpu_aot.tracing_for(target):
-    compiled, _ = _compile(model_cfg, cand, batch, inputs, targets,
-                           gpu_aot.devices(target, num_devices), optimizer_cfg, loss_cfg,
-                           train_cfg)
-  return compiled
+    return _compile(model_cfg, cand, batch, inputs, targets, gpu_aot.devices(target, num_devices),
+                    optimizer_cfg, loss_cfg, train_cfg)
 
 
 def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, devices,
@@ -263,8 +261,8 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
   n = len(devices)
   try:
     if target:
-      compiled = _compile_for_target(target, cfg, cand, batch, inputs, targets, n,
-                                     optimizer_cfg, loss_cfg, train_cfg)
+      compiled, _ = _compile_for_target(target, cfg, cand, batch, inputs, targets, n,
+                                        optimizer_cfg, loss_cfg, train_cfg)
       if cfg.attention_impl == "cudnn":   # the host's compiler has no cuDNN
         cfg = dataclasses.replace(cfg, attention_impl="xla")
     else:

@@ -148,12 +148,12 @@ def tracing_for(target: str = "h100"):
 def memory_gb(compiled) -> Dict[str, float]:
   """XLA's memory plan of a compiled program, per device, in GiB: arguments, outputs, aliased
   (donated inputs reused as outputs), temporaries, and the peak they add up to."""
+  from t5lite.autoparallel import peak_bytes  # pylint: disable=import-outside-toplevel
   m = compiled.memory_analysis()
   gb = lambda b: b / 2 ** 30
   return {"arguments": gb(m.argument_size_in_bytes), "outputs": gb(m.output_size_in_bytes),
           "aliased": gb(m.alias_size_in_bytes), "temporaries": gb(m.temp_size_in_bytes),
-          "peak": gb(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                     + m.temp_size_in_bytes)}
+          "peak": gb(peak_bytes(compiled))}
 
 
 def cudnn_attention_calls(hlo_text: str) -> Dict[str, int]:

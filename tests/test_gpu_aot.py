@@ -76,10 +76,8 @@ def test_sharded_train_step_compiles_for_eight_h100s(rules, mesh):
   data, fsdp, tensor = mesh
   cand = autoparallel.Candidate(data, fsdp, tensor, rules, cfg.remat_policy, 1)
   batch, length = 8, 2048
-  with gpu_aot.tracing_for("h100"):
-    compiled, (_, state, _, _) = autoparallel._compile(  # pylint: disable=protected-access
-        cfg, cand, batch, 0, length, gpu_aot.devices("h100", 8), exp.optimizer, exp.loss,
-        exp.train)
+  compiled, (_, state, _, _) = autoparallel._compile_for_target(  # pylint: disable=protected-access
+      "h100", cfg, cand, batch, 0, length, 8, exp.optimizer, exp.loss, exp.train)
   assert {d.device_kind for d in state["step"].sharding.device_set} == {"NVIDIA H100 80GB HBM3"}
   text = compiled.as_text()
   assert gpu_aot.cudnn_attention_calls(text).get("__cudnn$fmhaSoftmaxBackward")
@@ -167,10 +165,8 @@ def test_pipelined_step_compiles_for_h100s_with_xla_attention_in_the_stages(capl
   cand = autoparallel.Candidate(1, 2, 1, "fsdp", exp.model.remat_policy, 1, stage=2)
 
   def compile_for_h100s():
-    with gpu_aot.tracing_for("h100"):
-      return autoparallel._compile(  # pylint: disable=protected-access
-          exp.model, cand, 16, 64, 16, gpu_aot.devices("h100", 4), exp.optimizer, exp.loss,
-          exp.train)[0]
+    return autoparallel._compile_for_target(  # pylint: disable=protected-access
+        "h100", exp.model, cand, 16, 64, 16, 4, exp.optimizer, exp.loss, exp.train)[0]
 
   with caplog.at_level("WARNING"):
     compiled = compile_for_h100s()

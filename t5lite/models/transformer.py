@@ -151,7 +151,7 @@ class LayerStack(nnx.Module):
       mesh, microbatches = pipe
       if self.cfg.attention_impl == "cudnn":
         log.warning("pipeline stages: attention runs as 'xla', not 'cudnn' (JAX's cuDNN "
-                        "attention cannot be partitioned inside pipeline stages)")
+                    "attention cannot be partitioned inside pipeline stages)")
       with partitioning.no_activation_rules(), attn_lib.without_cudnn():
         return pipeline_parallel.pipelined_stack(make_step, x, (state, rngs), kwargs, mesh,
                                                  microbatches)
