@@ -21,8 +21,9 @@ On CPU, torch flushes denormal floats to zero, as XLA:CPU does (see `torch_devic
 --compile_depths=6,12,24 instead reports the train step's compile time at each depth, layers
 scanned and unrolled, from shapes alone (nothing allocated), so T5 v1.1 large is cheap to study.
 --aot=h100 instead compiles the train step for one H100 with XLA's GPU compiler on this host (a
-CPU will do: t5lite/gpu_aot.py) and reports XLA's memory plan for it and the cuDNN attention
-calls of the compiled program; with --compile_depths, the GPU compiler's compile times.
+CPU will do: t5lite/gpu_aot.py) and reports XLA's memory plan for it, the cuDNN attention
+calls of the compiled program and its matmul FLOPs against the model's (their ratio bounds the
+MFU it can reach); with --compile_depths, the GPU compiler's compile times.
 
 Model FLOPs (PaLM appendix B convention; training = 3 x forward; rematerialization not counted;
 attention counted in full, causal masks not halved). Forward multiply-adds count 2 FLOPs:
@@ -194,15 +195,22 @@ def compile_vs_depth(cfg, args, depths):
 
 def report_aot(cfg, args, bindings):
   """--aot: compiles the train step for one GPU of that kind with XLA's GPU compiler, from
-  shapes (no GPU needed, nothing runs, so no time), prints XLA's memory plan and the cuDNN
-  attention calls in the compiled program, writes --json."""
-  from t5lite import gpu_aot
+  shapes (no GPU needed, nothing runs, so no time), prints XLA's memory plan, the cuDNN
+  attention calls and the matmul FLOPs of the compiled program (t5lite/hlo_analysis.py) against
+  the model FLOPs, writes --json. Model FLOPs / program FLOPs bounds the MFU the program can
+  reach: the rest is rematerialization and flash attention's recomputed scores."""
+  from t5lite import gpu_aot, hlo_analysis
   compiled, lower_s, compile_s = compile_abstract(cfg, args, args.aot)
+  text = compiled.as_text()
   memory = gpu_aot.memory_gb(compiled)
+  program = hlo_analysis.matmul_flops(text)
+  model = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
   result = dict(run_facts(cfg, args, bindings), device=f"{args.aot} (compiled, not run)",
                 platform="gpu-aot", aot=args.aot, batch=args.batch, inputs=args.inputs,
                 targets=args.targets, dtype=cfg.dtype, lower_s=lower_s, compile_s=compile_s,
-                memory_gb=memory, cudnn_calls=gpu_aot.cudnn_attention_calls(compiled.as_text()))
+                memory_gb=memory, cudnn_calls=gpu_aot.cudnn_attention_calls(text),
+                model_flops=model, program_flops=program,
+                mfu_ceiling=model / program["total"])
   settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
                                                  **result["optimizer"], **result["train"]}.items())
   print(f"# train step compiled for {args.aot} by XLA's GPU compiler on this host (nothing run); "
@@ -212,6 +220,9 @@ def report_aot(cfg, args, bindings):
         + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
   print("cuDNN attention calls: " + (", ".join(f"{k} x{v}" for k, v in
                                               result["cudnn_calls"].items()) or "none"))
+  print(f"matmul FLOPs per step: program {program['total'] / 1e12:.3g} TFLOP ("
+        + ", ".join(f"{k} {program[k] / 1e12:.3g}" for k in ("dot", "gemm", "attention"))
+        + f"), model {model / 1e12:.3g} TFLOP: MFU can reach at most {result['mfu_ceiling']:.1%}")
   write_json(args.json, result)
   return result
 

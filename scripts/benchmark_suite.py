@@ -252,18 +252,21 @@ def decode_markdown(cases, results) -> str:
 
 
 def aot_markdown(cases, results) -> str:
-  """A suite compiled for a GPU (--aot) as a markdown table: XLA's memory plan per case."""
+  """A suite compiled for a GPU (--aot) as a markdown table: XLA's memory plan per case, and
+  the MFU the compiled program's matmul FLOPs allow (model FLOPs / program FLOPs)."""
   lines = [f"Compiled for {results[0]['aot']} by XLA's GPU compiler on this host (nothing run: "
            "memory as XLA plans it, no times).", "",
            "| preset | shape | compile s | arguments GB | temporaries GB | peak GB "
-           "| cuDNN attention calls | targets |", "|---|---|---|---|---|---|---|---|"]
+           "| program / model FLOPs | MFU ceiling | cuDNN attention calls | targets |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for case, result in zip(cases, results):
     mem = result["memory_gb"]
     calls = ", ".join(f"{k.replace('__cudnn$', '')} x{v}" for k, v in
                       result["cudnn_calls"].items()) or "none"
     lines.append(f"| {case.label} | {case.batch} x ({case.inputs}+{case.targets}) | "
                  f"{result['compile_s']:.1f} | {mem['arguments']:.1f} | {mem['temporaries']:.1f} "
-                 f"| {mem['peak']:.1f} | {calls} | {_targets(case, result)} |")
+                 f"| {mem['peak']:.1f} | {1 / result['mfu_ceiling']:.3f} "
+                 f"| {result['mfu_ceiling']:.1%} | {calls} | {_targets(case, result)} |")
   return "\n".join(lines + _commands(results)) + "\n"
 
 

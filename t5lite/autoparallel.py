@@ -5,11 +5,12 @@ so t5lite searches a structured space instead and lets XLA price each point:
 
   candidates = factorizations of the device count over (stage, data, fsdp, tensor)
                x rule presets x remat policy x microbatch count;
-  for each:    lower and compile the real train step (never run it) and read
-               - peak memory per device from `compiled.memory_analysis()` (full-depth model),
-               - FLOPs from `compiled.cost_analysis()` and the collectives in the optimized HLO,
-                 measured on unscanned 1- and 2-layer copies and extrapolated linearly in depth
-                 (XLA's cost analysis counts a while-loop body once, whatever its trip count);
+  for each:    lower and compile the real train step (never run it) and read, from that one
+               program (t5lite/hlo_analysis.py),
+               - peak memory per device from `compiled.memory_analysis()`,
+               - matmul FLOPs and the collectives from the optimized HLO, every loop body
+                 counted as often as it runs (a scanned layer stack inside an accumulation
+                 loop: layers x microbatches), rematerialization included;
                pipelined candidates (stage > 1) take the per-stage share of the same costs on
                devices / stage devices, times GPipe's bubble (m + stages - 1) / m, plus the
                stage-to-stage activation transfers;
@@ -23,23 +24,17 @@ so t5lite searches a structured space instead and lets XLA price each point:
 With `--target=h100` the plan is for 8 H100s from any host: each candidate's full-depth program
 is compiled for them by XLA's GPU compiler (t5lite/gpu_aot.py: cuDNN attention, GPU buffer
 assignment), so peak memory is the GPU's, not XLA:CPU's (which, for the 1b preset, says twice
-what an H100 measured); FLOPs and collectives still come from the host's fake devices.
+what an H100 measured), and so are the FLOPs (cuDNN flash attention recomputes its scores in the
+backward pass) and the collectives (the GPU's combiners and asynchronous collectives).
 """
 
 import argparse
 import dataclasses
 import functools
-import math
 import os
-import re
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
-                "f64": 8, "s64": 8, "u64": 8, "s16": 2, "u16": 2}
-
+from typing import List, Optional, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
@@ -141,49 +136,6 @@ def _mesh_candidates(num_devices, batch, cfg, remats, microbatches, max_tensor, 
   return out
 
 
-def _shape_bytes(shape: str) -> int:
-  total = 0
-  for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
-    n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-    total += n * _DTYPE_BYTES.get(dtype, 4)
-  return total
-
-
-def _group_size(line: str, num_devices: int) -> int:
-  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
-  if iota:
-    return int(iota.group(2))
-  groups = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
-  if groups and groups.group(1):
-    return len(groups.group(1).split(","))
-  return num_devices
-
-
-def collectives(hlo: str, num_devices: int) -> Dict[str, Dict[str, float]]:
-  """Count and ring-model bytes per collective kind, with while-loop bodies multiplied by their
-  known trip counts."""
-  trips = {m.group(1): int(m.group(2)) for m in re.finditer(
-      r"body=%?([\w.\-]+)[^\n]*?known_trip_count\":\{\"n\":\"(\d+)\"", hlo)}
-  stats = {c: {"count": 0.0, "bytes": 0.0} for c in COLLECTIVES}
-  multiplier = 1
-  for line in hlo.splitlines():
-    header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if header:
-      multiplier = trips.get(header.group(1), 1)
-      continue
-    op = re.search(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-    if not op:
-      continue
-    kind, size = op.group(2), _shape_bytes(op.group(1))
-    g = max(_group_size(line, num_devices), 1)
-    factor = {"all-reduce": 2 * (g - 1) / g, "all-gather": (g - 1) / g,
-              "reduce-scatter": (g - 1), "all-to-all": (g - 1) / g,
-              "collective-permute": 1.0}[kind]
-    stats[kind]["count"] += multiplier
-    stats[kind]["bytes"] += multiplier * factor * size
-  return stats
-
-
 def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, devices,
              optimizer_cfg, loss_cfg=None, train_cfg=None):
   """Lowers and compiles the sharded train step for abstract inputs, as `trainer.run` compiles
@@ -232,13 +184,6 @@ def peak_bytes(compiled) -> int:
           - mem.alias_size_in_bytes)
 
 
-def _cost(compiled, num_devices: int, microbatches: int):
-  ca = compiled.cost_analysis()
-  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-  flops = float(ca.get("flops", 0.0)) * microbatches
-  return flops, collectives(compiled.as_text(), num_devices)
-
-
 def _compile_for_target(target: str, model_cfg, cand: Candidate, batch, inputs, targets,
                         num_devices: int, optimizer_cfg, loss_cfg, train_cfg):
   """`_compile` for `num_devices` GPUs of `target` with XLA's GPU compiler (t5lite.gpu_aot)."""
@@ -251,11 +196,11 @@ def _compile_for_target(target: str, model_cfg, cand: Candidate, batch, inputs, 
 def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, devices,
             hw: Hardware, optimizer_cfg, loss_cfg=None, train_cfg=None,
             target: str = "") -> Estimate:
-  """Compiles a candidate and prices it (see the module docstring). With a GPU `target`
-  (e.g. "h100"), the full-depth program is compiled for len(devices) such GPUs by XLA's GPU
-  compiler (t5lite.gpu_aot), so its memory is the GPU's; FLOPs and collectives still come from
-  `devices` (XLA's GPU compiler reports no cost analysis without a GPU), with cuDNN attention
-  priced as XLA attention there."""
+  """Compiles a candidate and prices it from the compiled program (see the module docstring).
+  With a GPU `target` (e.g. "h100") the program is compiled for len(devices) such GPUs by XLA's
+  GPU compiler (t5lite.gpu_aot), so memory, FLOPs and collectives are those of the GPU program;
+  `devices` then only count."""
+  from t5lite import hlo_analysis  # pylint: disable=import-outside-toplevel
   est = Estimate(cand)
   cfg = dataclasses.replace(model_cfg, remat_policy=cand.remat)
   n = len(devices)
@@ -263,8 +208,6 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
     if target:
       compiled, _ = _compile_for_target(target, cfg, cand, batch, inputs, targets, n,
                                         optimizer_cfg, loss_cfg, train_cfg)
-      if cfg.attention_impl == "cudnn":   # the host's compiler has no cuDNN
-        cfg = dataclasses.replace(cfg, attention_impl="xla")
     else:
       compiled, _ = _compile(cfg, cand, batch, inputs, targets, devices, optimizer_cfg,
                              loss_cfg, train_cfg)
@@ -286,41 +229,15 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
       est.compute_s = est.flops / (hw.peak_tflops * 1e12)
       est.comm_s = (flat.comm_s / s + 2 * ticks * hw.alpha_us * 1e-6
                     + 2 * ticks * act_bytes / (hw.link_gbps * 1e9))
-      est.step_s = est.compute_s + est.comm_s
-      est.fits = est.peak_gb <= hw.memory_gb
-      return est
-    # Per-layer costs from unscanned shallow copies, extrapolated to the real depth.
-    enc_dec = cfg.arch == "encoder_decoder"
-    shallow = lambda e, d: dataclasses.replace(cfg, scan_layers=False, num_encoder_layers=e if enc_dec else 0,
-                                               num_decoder_layers=d)
-    same_depth = cfg.num_encoder_layers == cfg.num_decoder_layers
-    if enc_dec:
-      points = {(1, 1): None, (2, 2): None} if same_depth else {(1, 1): None, (2, 1): None,
-                                                                 (1, 2): None}
     else:
-      points = {(0, 1): None, (0, 2): None}
-    for (e, d) in points:
-      c, _ = _compile(shallow(e, d), cand, batch, inputs, targets, devices, optimizer_cfg,
-                      loss_cfg, train_cfg)
-      points[(e, d)] = _cost(c, n, cand.microbatches)
-
-    def extrapolate(get):
-      if enc_dec and same_depth:
-        base = get(points[(1, 1)])
-        return base + (cfg.num_decoder_layers - 1) * (get(points[(2, 2)]) - base)
-      if enc_dec:
-        base = get(points[(1, 1)])
-        return (base + (cfg.num_encoder_layers - 1) * (get(points[(2, 1)]) - base)
-                + (cfg.num_decoder_layers - 1) * (get(points[(1, 2)]) - base))
-      base = get(points[(0, 1)])
-      return base + (cfg.num_decoder_layers - 1) * (get(points[(0, 2)]) - base)
-
-    est.flops = extrapolate(lambda p: p[0])
-    comm_bytes = extrapolate(lambda p: sum(s["bytes"] for s in p[1].values()))
-    comm_count = extrapolate(lambda p: sum(s["count"] for s in p[1].values()))
-    est.comm_gb = comm_bytes / 1e9
-    est.compute_s = est.flops / (hw.peak_tflops * 1e12)
-    est.comm_s = comm_count * hw.alpha_us * 1e-6 + comm_bytes / (hw.link_gbps * 1e9)
+      text = compiled.as_text()
+      comm = hlo_analysis.collectives(text, n).values()
+      comm_bytes = sum(c["bytes"] for c in comm)
+      est.flops = hlo_analysis.matmul_flops(text)["total"]
+      est.comm_gb = comm_bytes / 1e9
+      est.compute_s = est.flops / (hw.peak_tflops * 1e12)
+      est.comm_s = (sum(c["count"] for c in comm) * hw.alpha_us * 1e-6
+                    + comm_bytes / (hw.link_gbps * 1e9))
     est.step_s = est.compute_s + est.comm_s
     est.fits = est.peak_gb <= hw.memory_gb
   except Exception as e:  # pylint: disable=broad-except

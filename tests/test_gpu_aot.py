@@ -21,7 +21,7 @@ import jax
 import pytest
 
 from conftest import REPO, run_cli
-from t5lite import autoparallel, gin_setup, gpu_aot
+from t5lite import autoparallel, gin_setup, gpu_aot, hlo_analysis
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import benchmark  # pylint: disable=wrong-import-position
@@ -51,6 +51,9 @@ def test_gpu_suite_meets_its_memory_targets_as_xla_plans_them_for_an_h100(tmp_pa
     assert any(not k.endswith("Backward") for k in calls), (case["preset"], calls)
     assert any(k.endswith("Backward") for k in calls), (case["preset"], calls)
     peak = result["memory_gb"]["peak"]
+    # Rematerialization (dots_no_batch) and flash attention's backward add matmuls to the
+    # model's, never take any away.
+    assert 0.5 < result["mfu_ceiling"] < 1.0, (case["preset"], result["program_flops"])
     # The state (parameters and AdamW's two moments, float32) is at least in the plan.
     assert peak > result["memory_gb"]["arguments"] > 0
     if case["max_mem_gb"] is not None:
@@ -90,8 +93,8 @@ def test_sharded_train_step_compiles_for_eight_h100s(rules, mesh):
 
 
 def test_planner_prices_memory_with_the_gpu_compiler():
-  """`autoparallel.analyze(target="h100")`: the peak is the H100 program's (cuDNN attention,
-  GPU buffer assignment), not the host's compile of the same candidate."""
+  """`autoparallel.analyze(target="h100")`: the peak and the FLOPs are the H100 program's (cuDNN
+  attention, GPU buffer assignment), not the host's compile of the same candidate."""
   exp = _gpu_experiment("t5_1_1/tiny")
   cand = autoparallel.Candidate(1, 1, 1, "data_parallel", exp.model.remat_policy, 1)
   hw = autoparallel.Hardware(memory_gb=gpu_aot.memory_gib("h100"))
@@ -103,6 +106,9 @@ def test_planner_prices_memory_with_the_gpu_compiler():
         exp.model, cand, 8, 64, 16, gpu_aot.devices("h100", 1), exp.optimizer, exp.loss,
         exp.train)
   assert est.peak_gb == pytest.approx(autoparallel.peak_bytes(compiled) / 2 ** 30)
+  # So are its FLOPs: cuDNN flash attention's, which the host's XLA attention would not count.
+  flops = hlo_analysis.matmul_flops(compiled.as_text())
+  assert flops["attention"] > 0 and est.flops == pytest.approx(flops["total"])
   # Without the target the host compiles cuDNN attention, which XLA:CPU cannot.
   assert "cudnn" in autoparallel.analyze(*args).error.lower()
   with pytest.raises(ValueError, match="time_top"):
