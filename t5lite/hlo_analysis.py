@@ -80,11 +80,14 @@ class _Instruction:
 
 
 class Program:
-  """An optimized HLO module's computations, their instructions and how often each runs."""
+  """An optimized HLO module's computations, their instructions and how often each runs
+  (`runs`). A while loop without a known trip count runs its body once here; such loops are
+  listed in `unknown_loops` (a train step's scans all have one)."""
 
   def __init__(self, hlo_text: str):
     self.computations: Dict[str, List[_Instruction]] = {}
     self.entry = ""
+    self.unknown_loops: List[str] = []
     callers: Dict[str, List[Tuple[str, int]]] = {}
     current = None
     for line in hlo_text.splitlines():
@@ -103,6 +106,8 @@ class Program:
       if inst.opcode in ("async-update", "async-done"):
         continue  # they name the computation their async-start already runs
       trips = _TRIP_COUNT.search(inst.rest)
+      if inst.opcode == "while" and not trips:
+        self.unknown_loops.append(inst.name)
       for kind, names in _CALLEES.findall(inst.rest):
         factor = int(trips.group(1)) if kind == "body" and trips else 1
         for callee in re.findall(r"%?([\w.\-]+)", names):

@@ -45,7 +45,10 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 def test_nested_loops_multiply_and_async_collectives_count_once():
   program = hlo_analysis.Program(HLO)
   assert program.runs["outer_body"] == 2 and program.runs["inner_body"] == 6
-  assert program.runs["fused_dot"] == 6
+  assert program.runs["fused_dot"] == 6 and not program.unknown_loops
+  # A loop whose trip count XLA does not know runs once here, and is listed.
+  unknown = hlo_analysis.Program(HLO.replace(', backend_config={"known_trip_count":{"n":"2"}}', ""))
+  assert unknown.unknown_loops == ["w"] and unknown.runs["inner_body"] == 3
   assert hlo_analysis.matmul_flops(HLO)["dot"] == 6 * 2 * 4 * 16 * 8
   stats = hlo_analysis.collectives(HLO, 8)
   assert stats["all-reduce"]["count"] == 6
