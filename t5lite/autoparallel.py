@@ -36,6 +36,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+
 @dataclasses.dataclass(frozen=True)
 class Hardware:
   """Per-device peak FLOP/s, memory and the alpha-beta link model."""
