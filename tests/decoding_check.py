@@ -9,7 +9,6 @@ Usage: decoding_check.py ARCH PRESET[,PRESET...]. Prints one JSON object.
 
 import json
 import os
-import re
 import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import tiny_config  # noqa: E402
-from partitioning_check import COLLECTIVES, PRESETS  # noqa: E402
+from partitioning_check import PRESETS, collectives_per_step  # noqa: E402
 from t5lite import decoding, partitioning  # noqa: E402
 from t5lite.models.model import Model  # noqa: E402
 
@@ -70,7 +69,7 @@ def _sharded(model, cfg, mesh_cfg, prompts, key, methods, ref):
         model, sharded, gfeed, jax.random.key(0), max_decode_len=MAX_DECODE_LEN,
         method="greedy", temperature=1.0, top_k=0, top_p=1.0, eos_id=cfg.eos_id,
     ).compile().as_text()
-  result["collectives"] = {c: len(re.findall(rf"\b{c}(?:-start)?\(", hlo)) for c in COLLECTIVES}
+  result["collectives"] = collectives_per_step(hlo)
   result["param_bytes_per_device"] = sum(
       s.data.nbytes for x in jax.tree.leaves(sharded) for s in x.addressable_shards[:1])
   result["param_bytes_total"] = sum(x.nbytes for x in jax.tree.leaves(sharded))
