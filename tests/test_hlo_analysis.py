@@ -63,12 +63,13 @@ def _decoder(**overrides):
                      vocab_size=256, num_decoder_layers=3, remat_policy="none", **overrides)
 
 
-def _program_flops(cfg, batch, inputs, targets, microbatches=1, target="", num_devices=1):
+def _program_flops(cfg, batch, inputs, targets, microbatches=1, target="", num_devices=1,
+                   train_cfg=None):
   cand = autoparallel.Candidate(1, num_devices, 1, "fsdp", cfg.remat_policy, microbatches)
   opt = optimizers.OptimizerConfig("adamw")
   if target:
     compiled, _ = autoparallel._compile_for_target(  # pylint: disable=protected-access
-        target, cfg, cand, batch, inputs, targets, num_devices, opt, None, None)
+        target, cfg, cand, batch, inputs, targets, num_devices, opt, None, train_cfg)
   else:
     compiled, _ = autoparallel._compile(  # pylint: disable=protected-access
         cfg, cand, batch, inputs, targets, jax.devices()[:num_devices], opt)
@@ -98,16 +99,23 @@ def test_cpu_train_step_matmul_flops_are_the_model_flops(arch):
 
 
 @pytest.mark.skipif(not gpu_aot.plugin_available(), reason="JAX's CUDA plugin is not installed")
-def test_h100_program_flops_count_cudnn_attention_and_its_sharding():
+@pytest.mark.parametrize("gemms", ["triton", "cublas"])
+def test_h100_program_flops_count_cudnn_attention_and_its_sharding(gemms):
   """The same step compiled for 8 H100s under FSDP, cuDNN flash attention: each GPU does an
   eighth of the model FLOPs, plus what flash attention's backward recomputes (the scores: a
-  fifth matmul beside the four of the formula's backward)."""
+  fifth matmul beside the four of the formula's backward). Without autotuning XLA puts every
+  GEMM in a Triton fusion (dots); with Triton GEMMs off they are cuBLAS calls."""
+  from t5lite import trainer  # pylint: disable=import-outside-toplevel
   cfg = _decoder(dtype="bfloat16", attention_impl="cudnn")
   batch, length = 16, 128
   model = benchmark.model_flops_per_step(cfg, batch, 0, length)
   attention_forward = batch * cfg.num_decoder_layers * 4 * length * length * (
       cfg.num_heads * cfg.head_dim)
-  flops = _program_flops(cfg, batch, 0, length, target="h100", num_devices=8)
-  assert flops["attention"] > 0 and flops["gemm"] + flops["dot"] > 0, flops
+  train_cfg = trainer.TrainConfig(compiler_options={
+      "xla_gpu_enable_triton_gemm": gemms == "triton"})
+  flops = _program_flops(cfg, batch, 0, length, target="h100", num_devices=8,
+                         train_cfg=train_cfg)
+  assert flops["gemm" if gemms == "cublas" else "dot"] > 0, flops
+  assert flops["dot" if gemms == "cublas" else "gemm"] == 0, flops
   assert flops["total"] == pytest.approx((model + attention_forward / 2) / 8, rel=1e-3), flops
   assert flops["attention"] == pytest.approx(3.5 * attention_forward / 8, rel=1e-6), flops
