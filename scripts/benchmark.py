@@ -23,7 +23,9 @@ scanned and unrolled, from shapes alone (nothing allocated), so T5 v1.1 large is
 --aot=h100 instead compiles the train step for one H100 with XLA's GPU compiler on this host (a
 CPU will do: t5lite/gpu_aot.py) and reports XLA's memory plan for it, the cuDNN attention
 calls of the compiled program and its matmul FLOPs against the model's (their ratio bounds the
-MFU it can reach); with --compile_depths, the GPU compiler's compile times.
+MFU it can reach); with --compile_depths, the GPU compiler's compile times. With
+--decode_batches (and --no_train for decoding alone) it compiles greedy decoding too, and
+reports the device-memory traffic of a token step, which bounds decode speed on that GPU.
 
 Model FLOPs (PaLM appendix B convention; training = 3 x forward; rematerialization not counted;
 attention counted in full, causal masks not halved). Forward multiply-adds count 2 FLOPs:
@@ -152,29 +154,54 @@ def t5lite_runner(cfg, args):
   return run, {"impl": "t5lite", "compile_s": compile_s, "peak_mem_gb": peak_mem_gb}
 
 
+def _on_gpu(target: str):
+  """(place, tracing): `place(tree)` puts abstract values on one `target` GPU (t5lite.gpu_aot)
+  and `tracing` is the context to trace them in; with no target, the host's as they are."""
+  import contextlib
+  if not target:
+    return (lambda tree: tree), contextlib.nullcontext()
+  from t5lite import gpu_aot
+  sharding = jax.sharding.SingleDeviceSharding(gpu_aot.devices(target, 1)[0])
+  place = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  return place, gpu_aot.tracing_for(target)
+
+
 def compile_abstract(cfg, args, target: str = ""):
   """(compiled train step, seconds to trace + lower, seconds to compile), from shapes alone:
   nothing is allocated. With a GPU `target` (e.g. "h100", t5lite.gpu_aot) the shapes sit on one
   of its devices and the step is traced as for it, so XLA's GPU compiler compiles it on this
   host, GPU or not."""
-  import contextlib
   step, init = t5lite_step(cfg, args)
   state = jax.eval_shape(init, jax.random.key(0))
   batch = jax.eval_shape(lambda: synthetic_batch(cfg, args.batch, args.inputs, args.targets))
-  tracing = contextlib.nullcontext()
-  if target:
-    from t5lite import gpu_aot
-    sharding = jax.sharding.SingleDeviceSharding(gpu_aot.devices(target, 1)[0])
-    place = lambda tree: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-    state, batch, tracing = place(state), place(batch), gpu_aot.tracing_for(target)
+  place, tracing = _on_gpu(target)
   t = time.perf_counter()
   with tracing:
-    lowered = step.lower(state, batch)
+    lowered = step.lower(place(state), place(batch))
   lower_s = time.perf_counter() - t
   t = time.perf_counter()
   compiled = lowered.compile()
   return compiled, lower_s, time.perf_counter() - t
+
+
+def compile_decode_abstract(cfg, args, batch: int, target: str):
+  """(compiled greedy decode, seconds to compile) of `batch` prompts of --inputs tokens and
+  --decode_tokens new tokens (EOS off, as bench_decode runs it), from shapes alone, for one
+  `target` GPU."""
+  from t5lite.models.model import Model
+  model = Model(cfg)
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  key = "encoder_input_tokens" if cfg.arch == "encoder_decoder" else "prompt_tokens"
+  feed = {key: jax.ShapeDtypeStruct((batch, args.inputs), jnp.int32)}
+  decode = jax.jit(lambda p, f: model.predict_batch(p, f, max_decode_len=args.decode_tokens,
+                                                    eos_id=-1))
+  place, tracing = _on_gpu(target)
+  with tracing:
+    lowered = decode.lower(place(params), place(feed))
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, time.perf_counter() - t
 
 
 def compile_vs_depth(cfg, args, depths):
@@ -194,37 +221,75 @@ def compile_vs_depth(cfg, args, depths):
 
 
 def report_aot(cfg, args, bindings):
-  """--aot: compiles the train step for one GPU of that kind with XLA's GPU compiler, from
-  shapes (no GPU needed, nothing runs, so no time), prints XLA's memory plan, the cuDNN
-  attention calls and the matmul FLOPs of the compiled program (t5lite/hlo_analysis.py) against
-  the model FLOPs, writes --json. Model FLOPs / program FLOPs bounds the MFU the program can
-  reach: the rest is rematerialization and flash attention's recomputed scores."""
+  """--aot: compiles for one GPU of that kind with XLA's GPU compiler, from shapes (no GPU
+  needed, nothing runs, so no time), and writes --json. The train step (unless --no_train):
+  XLA's memory plan, the cuDNN attention calls and the matmul FLOPs of the compiled program
+  (t5lite/hlo_analysis.py) against the model FLOPs; model FLOPs / program FLOPs bounds the MFU
+  the program can reach (the rest is rematerialization and flash attention's recomputed
+  scores). Greedy decoding at each of --decode_batches: see `aot_decode`."""
+  result = dict(run_facts(cfg, args, bindings), device=f"{args.aot} (compiled, not run)",
+                platform="gpu-aot", aot=args.aot, batch=args.batch, inputs=args.inputs,
+                targets=args.targets, dtype=cfg.dtype, decode=[])
+  settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
+                                                 **result["optimizer"], **result["train"]}.items())
+  print(f"# compiled for {args.aot} by XLA's GPU compiler on this host (nothing run); "
+        f"{' '.join(args.gin_file + bindings)} ({settings})")
+  if not args.no_train:
+    result.update(aot_train(cfg, args))
+  for batch in (int(b) for b in args.decode_batches.split(",") if b):
+    result["decode"].append(aot_decode(cfg, args, batch))
+  write_json(args.json, result)
+  return result
+
+
+def aot_train(cfg, args) -> dict:
+  """The train step compiled for --aot's GPU (see `report_aot`), printed; its facts."""
   from t5lite import gpu_aot, hlo_analysis
   compiled, lower_s, compile_s = compile_abstract(cfg, args, args.aot)
   text = compiled.as_text()
   memory = gpu_aot.memory_gb(compiled)
   program = hlo_analysis.matmul_flops(text)
   model = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
-  result = dict(run_facts(cfg, args, bindings), device=f"{args.aot} (compiled, not run)",
-                platform="gpu-aot", aot=args.aot, batch=args.batch, inputs=args.inputs,
-                targets=args.targets, dtype=cfg.dtype, lower_s=lower_s, compile_s=compile_s,
-                memory_gb=memory, cudnn_calls=gpu_aot.cudnn_attention_calls(text),
-                model_flops=model, program_flops=program,
-                mfu_ceiling=model / program["total"])
-  settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
-                                                 **result["optimizer"], **result["train"]}.items())
-  print(f"# train step compiled for {args.aot} by XLA's GPU compiler on this host (nothing run); "
-        f"{' '.join(args.gin_file + bindings)} ({settings}) batch {args.batch} x "
-        f"({args.inputs}+{args.targets})")
-  print(f"lower {lower_s:.1f} s, compile {compile_s:.1f} s; memory per device (GB): "
+  result = dict(lower_s=lower_s, compile_s=compile_s, memory_gb=memory,
+                cudnn_calls=gpu_aot.cudnn_attention_calls(text), model_flops=model,
+                program_flops=program, mfu_ceiling=model / program["total"])
+  print(f"train step, batch {args.batch} x ({args.inputs}+{args.targets}): lower {lower_s:.1f} s, "
+        f"compile {compile_s:.1f} s; memory per device (GB): "
         + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
   print("cuDNN attention calls: " + (", ".join(f"{k} x{v}" for k, v in
                                               result["cudnn_calls"].items()) or "none"))
   print(f"matmul FLOPs per step: program {program['total'] / 1e12:.3g} TFLOP ("
         + ", ".join(f"{k} {program[k] / 1e12:.3g}" for k in ("dot", "gemm", "attention"))
         + f"), model {model / 1e12:.3g} TFLOP: MFU can reach at most {result['mfu_ceiling']:.1%}")
-  write_json(args.json, result)
   return result
+
+
+def aot_decode(cfg, args, batch: int) -> dict:
+  """Greedy decoding of `batch` prompts compiled for --aot's GPU, printed; its facts: XLA's
+  memory plan, and the device-memory traffic and kernels of one token step (the decode loop's
+  body) and of the rest (the prompt, once). A token step at batch 32 or less is bound by that
+  traffic (every weight and the KV cache are read, for a few FLOPs each), so the GPU's memory
+  bandwidth over it bounds the new tokens/s the program can reach."""
+  from t5lite import gpu_aot, hlo_analysis
+  compiled, compile_s = compile_decode_abstract(cfg, args, batch, args.aot)
+  text = compiled.as_text()
+  loops = hlo_analysis.Program(text).unknown_loops   # stops when every row has ended
+  if len(loops) != 1:
+    raise RuntimeError(f"expected one token loop without a known trip count, found {loops}")
+  step = hlo_analysis.memory_traffic(text, loops[0])
+  whole = hlo_analysis.memory_traffic(text)          # the prompt and one token step
+  bandwidth = gpu_aot.memory_bandwidth(args.aot)
+  row = {"impl": f"t5lite-decode-b{batch}", "batch": batch, "compile_s": compile_s,
+         "memory_gb": gpu_aot.memory_gb(compiled), "step_gb": step["bytes"] / 1e9,
+         "step_kernels": step["kernels"], "prompt_gb": (whole["bytes"] - step["bytes"]) / 1e9,
+         "bandwidth_tb_s": bandwidth / 1e12,
+         "ceiling_new_tokens_per_s": batch * bandwidth / step["bytes"]}
+  print(f"greedy decode, batch {batch}, {args.inputs}-token prompts, {args.decode_tokens} new "
+        f"tokens: compile {compile_s:.1f} s, peak {row['memory_gb']['peak']:.2f} GB; a token "
+        f"step moves {row['step_gb']:.3g} GB in {step['kernels']:.0f} kernels (the prompt "
+        f"{row['prompt_gb']:.3g} GB): at {row['bandwidth_tb_s']:.2f} TB/s, at most "
+        f"{row['ceiling_new_tokens_per_s']:,.0f} new tokens/s")
+  return row
 
 
 def time_side_by_side(runners, args, flops: float):
@@ -472,7 +537,7 @@ def main(argv=None):
                       help="e.g. h100: instead of timing steps, compile the train step for one "
                            "such GPU with XLA's GPU compiler, on this host (no GPU needed), and "
                            "report its memory plan (t5lite/gpu_aot.py); with --compile_depths, "
-                           "its compile time")
+                           "its compile time; with --decode_batches, decoding's memory traffic")
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
   unknown = sorted(set(args.hf_modes.split(",")) - {"eager", "compiled"})
   if unknown:
@@ -498,8 +563,8 @@ def main(argv=None):
       gpu_aot.check_target(args.aot)
     except ValueError as e:
       parser.error(f"--aot: {e}")
-    if args.vs_hf or args.decode_batches:
-      parser.error("--aot compiles the train step only (no --vs-hf, no --decode_batches)")
+    if args.vs_hf:
+      parser.error("--aot compiles and runs nothing (no --vs-hf)")
   if args.compile_depths:
     return report_compile_vs_depth(cfg, args, bindings)
   if args.aot:

@@ -6,6 +6,7 @@
     python scripts/benchmark_suite.py --suite=cpu-decode                # or gpu-decode
     python scripts/benchmark_suite.py --suite=gpu-levers                # or cpu-levers
     python scripts/benchmark_suite.py --suite=gpu --aot=h100   # on any host: XLA's memory plan
+    python scripts/benchmark_suite.py --suite=gpu-decode --aot=h100  # decoding's memory traffic
 
 Each case runs in its own process (fresh device memory, its own host allocator restart) with
 `--vs-hf`; the CPU suite hides GPUs from both JAX and torch, and the GPU suite refuses to start
@@ -20,9 +21,11 @@ cache at batch 32; CPU: ahead of HF's default cache).
 The lever suites run t5lite alone, with the run config and then with each lever of `LEVERS`
 (on GPUs `GPU_LEVERS`) added in gin, so one call measures what each lever gains (3 runs per
 preset on CPU, 4 on GPUs; `--cases=PRESET` runs one preset, if a device call cannot hold both).
-`--aot=h100` compiles a GPU training suite's cases for an H100 with XLA's GPU compiler on this
-host instead (t5lite/gpu_aot.py; no GPU needed, nothing runs): the table has XLA's memory plan,
-checked against the memory targets, and the cuDNN attention calls of each compiled program.
+`--aot=h100` compiles a GPU suite's cases for an H100 with XLA's GPU compiler on this host
+instead (t5lite/gpu_aot.py; no GPU needed, nothing runs): for training, the table has XLA's
+memory plan, checked against the memory targets, the cuDNN attention calls and the MFU the
+program's matmul FLOPs allow; for decoding (`gpu-decode`), the memory plan and a token step's
+device-memory traffic, which bounds new tokens/s at the GPU's bandwidth.
 """
 
 import argparse
@@ -72,13 +75,14 @@ class Case:
     """scripts/benchmark.py's arguments for this case (`aot`: compiled for that GPU instead)."""
     gin = tuple(f"--gin_file={f}" for f in self.gin_files) + tuple(
         f"--gin.{b}" for b in self.bindings)
-    if aot:
-      return gin + (f"--batch={self.batch}", f"--inputs={self.inputs}",
-                    f"--targets={self.targets}", f"--aot={aot}")
     if self.decode_tokens:
       return gin + (f"--inputs={self.inputs}", "--no_train", f"--decode_batches={self.batch}",
                     f"--decode_tokens={self.decode_tokens}") + (
+                        (f"--aot={aot}",) if aot else
                         ("--vs-hf", f"--hf-generate-caches={self.hf_modes}") if with_hf else ())
+    if aot:
+      return gin + (f"--batch={self.batch}", f"--inputs={self.inputs}",
+                    f"--targets={self.targets}", f"--aot={aot}")
     args = gin + (f"--batch={self.batch}", f"--inputs={self.inputs}", f"--targets={self.targets}",
                   f"--steps={self.steps}", f"--warmup={self.warmup}")
     return args + (("--vs-hf", f"--hf-modes={self.hf_modes}") if with_hf else ())
@@ -204,6 +208,8 @@ def checks(case: Case, result: dict) -> dict:
   """The case's targets, each as (target, measured, met); a ratio whose HF mode failed is
   left out."""
   if "aot" in result:   # compiled, not run: XLA's memory plan is all there is to check
+    if case.decode_tokens:
+      return {}
     peak = result["memory_gb"]["peak"]
     return {} if case.max_mem_gb is None else {
         "peak GB": (case.max_mem_gb, peak, peak < case.max_mem_gb)}
@@ -270,10 +276,29 @@ def aot_markdown(cases, results) -> str:
   return "\n".join(lines + _commands(results)) + "\n"
 
 
+def aot_decode_markdown(cases, results) -> str:
+  """A decoding suite compiled for a GPU (--aot) as a markdown table: XLA's memory plan, the
+  device-memory traffic and kernels of a token step, and the new tokens/s the GPU's memory
+  bandwidth allows over that traffic."""
+  first = results[0]["decode"][0]
+  lines = [f"Greedy decoding compiled for {results[0]['aot']} by XLA's GPU compiler on this host "
+           f"(nothing run); a token step's device-memory traffic at "
+           f"{first['bandwidth_tb_s']:.2f} TB/s bounds new tokens/s.", "",
+           "| preset | batch | prompt + new | peak GB | token step GB | kernels per step "
+           "| prompt GB | at most new tokens/s |", "|---|---|---|---|---|---|---|---|"]
+  for case, result in zip(cases, results):
+    row = result["decode"][0]
+    lines.append(f"| {case.preset} | {case.batch} | {case.inputs} + {case.decode_tokens} | "
+                 f"{row['memory_gb']['peak']:.1f} | {row['step_gb']:.2f} | "
+                 f"{row['step_kernels']:.0f} | {row['prompt_gb']:.1f} | "
+                 f"{row['ceiling_new_tokens_per_s']:,.0f} |")
+  return "\n".join(lines + _commands(results)) + "\n"
+
+
 def markdown(cases, results) -> str:
   """The suite as a markdown table (one row per case), commands and HF failures below it."""
   if "aot" in results[0]:
-    return aot_markdown(cases, results)
+    return (aot_decode_markdown if cases[0].decode_tokens else aot_markdown)(cases, results)
   if cases[0].decode_tokens:
     return decode_markdown(cases, results)
   first = results[0]
@@ -310,8 +335,9 @@ def main(argv=None):
   parser.add_argument("--json", default="")
   parser.add_argument("--markdown", default="")
   parser.add_argument("--aot", default="", metavar="GPU",
-                      help="a GPU training suite compiled for this GPU (e.g. h100) by XLA's GPU "
-                           "compiler on this host, no GPU needed: memory targets only")
+                      help="a GPU suite compiled for this GPU (e.g. h100) by XLA's GPU compiler "
+                           "on this host, no GPU needed: memory targets, FLOPs and (decoding) "
+                           "memory traffic")
   args = parser.parse_args(argv)
   cases = SUITES[args.suite]
   if args.cases:
@@ -323,8 +349,8 @@ def main(argv=None):
     cases = tuple(c for c in cases if c.preset in wanted)
   platform = args.suite.split("-")[0]
   if args.aot:
-    if platform != "gpu" or cases[0].decode_tokens:
-      parser.error("--aot compiles the GPU training suites (gpu, gpu-levers)")
+    if platform != "gpu":
+      parser.error("--aot compiles the GPU suites (gpu, gpu-levers, gpu-decode)")
     platform = "cpu"   # the host compiles; its own GPU, if any, stays out of it
   backend = jax_backend() if platform == "gpu" else "cpu"
   if backend != platform:

@@ -106,6 +106,11 @@ def memory_gib(target: str) -> float:
   return int(size) / 2 ** 30
 
 
+def memory_bandwidth(target: str) -> float:
+  """The target GPU's device-memory bandwidth in bytes/s (3.35e12 for an H100 SXM)."""
+  return float(re.search(r"memory_bandwidth:\s*(\d+)", TARGETS[check_target(target)]).group(1))
+
+
 def devices(target: str = "h100", count: int = 1) -> List:
   """`count` devices of one host of `target` GPUs, to shard and compile for (not to run on)."""
   if not plugin_available():

@@ -13,7 +13,12 @@ text instead:
     runs 2 batched matmuls over (batch, heads, queries, keys, head dim) and whose backward runs
     5 (it recomputes the scores, then the value, probability, query and key gradients). Masks are
     not discounted (a causal kernel skips about half the blocks), the convention of model FLOPs;
-  * collectives per kind: count and ring-model bytes per device.
+  * collectives per kind: count and ring-model bytes per device;
+  * memory traffic: the bytes each kernel reads from and writes to device memory, and how many
+    kernels run, per step or per iteration of one loop (a decode loop's token step). A fused
+    kernel reads the slices and gathered rows it takes, not their whole operands, and an
+    in-place dynamic-update-slice (a KV cache write) writes its update, not the buffer. On a
+    GPU a decode step is bound by this traffic, not by FLOPs.
 
 Elementwise work and reductions are left out: on accelerators they cost memory bandwidth, not
 matmul FLOPs, and pricing them at the matmul peak says nothing.
@@ -52,10 +57,11 @@ def shape_bytes(shape: str) -> int:
 
 
 class _Instruction:
-  """One parsed HLO instruction: name, result shape, opcode, and the rest of its line."""
+  """One parsed HLO instruction: name, result shape, opcode, the rest of its line, and whether
+  it is its computation's root."""
 
-  def __init__(self, name: str, shape: str, opcode: str, rest: str):
-    self.name, self.shape, self.opcode, self.rest = name, shape, opcode, rest
+  def __init__(self, name: str, shape: str, opcode: str, rest: str, root: bool = False):
+    self.name, self.shape, self.opcode, self.rest, self.root = name, shape, opcode, rest, root
 
   def operands(self) -> List[str]:
     """The operand list's entries as written (a name, or a shape and a name)."""
@@ -88,6 +94,9 @@ class Program:
     self.computations: Dict[str, List[_Instruction]] = {}
     self.entry = ""
     self.unknown_loops: List[str] = []
+    # computation -> (callee, trips, how it is called) for every call edge
+    self.callees: Dict[str, List[Tuple[str, int, str]]] = {}
+    self.loop_bodies: Dict[str, str] = {}  # while instruction -> its body
     callers: Dict[str, List[Tuple[str, int]]] = {}
     current = None
     for line in hlo_text.splitlines():
@@ -101,7 +110,7 @@ class Program:
       found = _INSTRUCTION.match(line) if current else None
       if not found:
         continue
-      inst = _Instruction(*found.groups())
+      inst = _Instruction(*found.groups(), root=line.lstrip().startswith("ROOT"))
       self.computations[current].append(inst)
       if inst.opcode in ("async-update", "async-done"):
         continue  # they name the computation their async-start already runs
@@ -112,6 +121,9 @@ class Program:
         factor = int(trips.group(1)) if kind == "body" and trips else 1
         for callee in re.findall(r"%?([\w.\-]+)", names):
           callers.setdefault(callee, []).append((current, factor))
+          self.callees.setdefault(current, []).append((callee, factor, f"{inst.opcode}.{kind}"))
+          if inst.opcode == "while" and kind == "body":
+            self.loop_bodies[inst.name] = callee
     self.runs: Dict[str, int] = {}
     for name in self.computations:
       self._count(name, callers)
@@ -210,3 +222,119 @@ def collectives(hlo_text: str, num_devices: int) -> Dict[str, Dict[str, float]]:
     stats[kind]["count"] += runs
     stats[kind]["bytes"] += runs * _RING_FACTOR[kind](g) * shape_bytes(inst.shape)
   return stats
+
+
+# How a kernel-level computation calls another whose instructions are kernels too (a fusion's
+# body, a reducer or a sort comparator is part of its caller's kernel).
+_KERNEL_LEVEL_CALLS = ("while.body", "while.condition", "conditional.branch_computations",
+                       "conditional.true_computation", "conditional.false_computation",
+                       "call.to_apply", "async-start.calls")
+# Instructions that launch nothing and move no data.
+_NO_KERNEL = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
+              "conditional", "call", "after-all", "partition-id", "replica-id", "add-dependency",
+              "opt-barrier", "domain", "async-start", "async-update", "async-done")
+
+
+def _kernel_runs(program: Program, root: str) -> Dict[str, int]:
+  """Kernel-level computations reachable from `root` and how often each runs per run of it."""
+  runs: Dict[str, int] = {}
+
+  def visit(name: str, times: int):
+    runs[name] = runs.get(name, 0) + times
+    for callee, factor, how in program.callees.get(name, ()):
+      if how in _KERNEL_LEVEL_CALLS:
+        visit(callee, times * factor)
+
+  visit(root, 1)
+  return runs
+
+
+def _name(operand: str) -> str:
+  return operand.split()[-1].lstrip("%")
+
+
+def _elements(shape: str) -> int:
+  return sum(math.prod(d) for d in _dims(shape))
+
+
+def _fused_reads(fused: List[_Instruction], index: int, full: int) -> int:
+  """Bytes a fusion reads of its operand `index`: the slices or gathered rows where the fused
+  computation only takes those (after conversions and bitcasts), nothing where it only updates
+  the operand in place, else all of it."""
+  users: Dict[str, List[Tuple[_Instruction, int]]] = {}
+  for inst in fused:
+    for position, operand in enumerate(inst.operands()):
+      users.setdefault(_name(operand), []).append((inst, position))
+  param = next((i for i in fused if i.opcode == "parameter"
+                and i.rest.split(")", 1)[0].strip() == str(index)), None)
+  if param is None:
+    return full
+  size = max(_elements(param.shape), 1)
+
+  def fraction(name: str) -> float:
+    """The fraction of the parameter's elements that the uses of `name` read."""
+    total = 0.0
+    for user, position in users.get(name, ()):
+      if user.opcode in ("bitcast", "convert", "copy"):
+        total += fraction(user.name)
+      elif user.opcode in ("dynamic-slice", "slice", "gather") and position == 0:
+        total += _elements(user.shape) / size
+      elif user.opcode != "dynamic-update-slice" or position != 0:
+        return 1.0
+    return total
+
+  return int(min(fraction(param.name), 1.0) * full)
+
+
+def _written(fused: List[_Instruction], inst: _Instruction) -> int:
+  """Bytes written by an instruction of a fused computation as its output: an in-place
+  dynamic-update-slice writes its update only."""
+  table = {i.name: i for i in fused}
+  if inst.opcode == "bitcast":
+    source = table.get(_name(inst.operands()[0]))
+    return _written(fused, source) if source else shape_bytes(inst.shape)
+  if inst.opcode == "tuple":
+    return sum(_written(fused, table[_name(o)]) if _name(o) in table else shape_bytes(o)
+               for o in inst.operands())
+  if inst.opcode == "dynamic-update-slice":
+    update = table.get(_name(inst.operands()[1]))
+    return shape_bytes(update.shape) if update else shape_bytes(inst.shape)
+  return shape_bytes(inst.shape)
+
+
+def _kernel_bytes(program: Program, inst: _Instruction, table) -> int:
+  """Device-memory bytes one kernel reads plus writes."""
+  operand_bytes = [shape_bytes(table[_name(o)].shape) if _name(o) in table else shape_bytes(o)
+                   for o in inst.operands()]
+  if inst.opcode == "fusion":
+    called = re.search(r"calls=%?([\w.\-]+)", inst.rest)
+    fused = program.computations.get(called.group(1), []) if called else []
+    root = next((i for i in fused if i.root), None)
+    if root is not None:
+      return (sum(_fused_reads(fused, k, b) for k, b in enumerate(operand_bytes))
+              + _written(fused, root))
+  if inst.opcode == "dynamic-update-slice":
+    return 2 * operand_bytes[1]
+  if inst.opcode in ("dynamic-slice", "slice", "gather"):
+    return 2 * shape_bytes(inst.shape)
+  return sum(operand_bytes) + shape_bytes(inst.shape)
+
+
+def memory_traffic(hlo_text: str, loop: str = "") -> Dict[str, float]:
+  """{"bytes": device-memory bytes read plus written, "kernels": kernels run} per step of an
+  optimized HLO module, or per iteration of the while loop named `loop` (an instruction name,
+  e.g. one of `Program(text).unknown_loops`, a decode loop's token step). Loops inside count
+  their known trip counts, loops without one once. A model of what a GPU kernel touches (see
+  the module docstring), not a measurement: caches and fusion-internal reuse are not seen."""
+  program = Program(hlo_text)
+  root = program.loop_bodies[loop] if loop else program.entry
+  traffic = {"bytes": 0.0, "kernels": 0.0}
+  for name, runs in _kernel_runs(program, root).items():
+    insts = program.computations.get(name, [])
+    table = {i.name: i for i in insts}
+    for inst in insts:
+      if inst.opcode in _NO_KERNEL or inst.opcode.endswith("-done"):
+        continue
+      traffic["bytes"] += runs * _kernel_bytes(program, inst, table)
+      traffic["kernels"] += runs
+  return traffic

@@ -12,6 +12,7 @@ fail; elsewhere they skip when the plugin is missing.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from t5lite import autoparallel, gin_setup, gpu_aot, hlo_analysis
+from t5lite.models.model import Model
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import benchmark  # pylint: disable=wrong-import-position
@@ -60,6 +62,28 @@ def test_gpu_suite_meets_its_memory_targets_as_xla_plans_them_for_an_h100(tmp_pa
       assert peak < case["max_mem_gb"], (case["preset"], peak)
   assert {c["preset"] for c in report["cases"] if c["max_mem_gb"]} == {"t5_1_1/large",
                                                                        "decoder/1b"}
+
+
+def test_decode_case_compiled_for_an_h100_reports_a_token_steps_traffic(tmp_path):
+  """`benchmark_suite --suite=gpu-decode --aot=h100`, one case made small: greedy decoding
+  compiles for an H100, and the table has XLA's memory plan, the token step's device-memory
+  traffic and kernels, and the new tokens/s the H100's bandwidth allows over that traffic."""
+  case = dataclasses.replace(benchmark_suite.SUITES["gpu-decode"][0], preset="decoder/tiny",
+                             batch=2, inputs=16, decode_tokens=4)
+  result = benchmark_suite.run_case(case, 600, benchmark_suite.SUITE_ENV["cpu"], aot="h100")
+  assert "--aot=h100" in result["command"] and "--no_train" in result["command"]
+  assert result["aot"] == "h100" and result["model"]["attention_impl"] == "cudnn"
+  (row,) = result["decode"]
+  assert row["batch"] == 2 and row["memory_gb"]["peak"] > 0 and row["step_kernels"] > 0
+  # The weights (bfloat16) are read every token step, at least.
+  weights = 2 * sum(x.size for x in jax.tree.leaves(jax.eval_shape(
+      Model(_gpu_experiment("decoder/tiny").model).init, jax.random.key(0))))
+  assert row["step_gb"] * 1e9 > 0.9 * weights
+  assert row["ceiling_new_tokens_per_s"] == pytest.approx(
+      2 * gpu_aot.memory_bandwidth("h100") / (row["step_gb"] * 1e9))
+  table = benchmark_suite.markdown([case], [result])
+  assert "| decoder/tiny | 2 | 16 + 4 |" in table and "token step GB" in table
+  assert benchmark_suite.checks(case, result) == {}
 
 
 def _q_shapes(hlo_text: str):

@@ -1,6 +1,8 @@
 """Reading compiled programs (t5lite/hlo_analysis.py): how often each computation runs, the
 collectives, and matmul FLOPs, which must add up to the model FLOPs formula of
-scripts/benchmark.py for real train steps, XLA:CPU's and (with JAX's CUDA plugin) an H100's."""
+scripts/benchmark.py for real train steps, XLA:CPU's and (with JAX's CUDA plugin) an H100's;
+and device-memory traffic, which for a decode step on an H100 must come to its weights and KV
+cache read once."""
 
 import dataclasses
 import os
@@ -10,7 +12,7 @@ import jax
 import pytest
 
 from conftest import REPO, tiny_config
-from t5lite import autoparallel, gpu_aot, hlo_analysis, optimizers
+from t5lite import autoparallel, gin_setup, gpu_aot, hlo_analysis, optimizers
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import benchmark  # pylint: disable=wrong-import-position
@@ -56,6 +58,74 @@ def test_nested_loops_multiply_and_async_collectives_count_once():
   # The async all-gather counts once, with its result (4 x 128 bf16), over groups of 4.
   assert stats["all-gather"]["count"] == 1
   assert stats["all-gather"]["bytes"] == pytest.approx(3 / 4 * 4 * 128 * 2)
+
+
+# A token loop (no known trip count) whose body writes one row of a cache in place and runs an
+# inner loop x3 of an elementwise fusion; before it, a fusion that converts a stacked weight
+# and keeps one layer of it, and one that gathers rows of a table.
+TRAFFIC_HLO = """
+%fused_update (c: bf16[4,16,8], u: bf16[4,1,8], i: s32[]) -> bf16[4,16,8] {
+  %c = bf16[4,16,8]{2,1,0} parameter(0)
+  %u = bf16[4,1,8]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %d = bf16[4,16,8]{2,1,0} dynamic-update-slice(%c, %u, %z, %i, %z)
+}
+%fused_mul (a: f32[8,8], b: f32[8,8]) -> f32[8,8] {
+  %a = f32[8,8]{1,0} parameter(0)
+  %b = f32[8,8]{1,0} parameter(1)
+  ROOT %m = f32[8,8]{1,0} multiply(%a, %b)
+}
+%fused_layer (w: f32[6,8,8]) -> bf16[1,8,8] {
+  %w = f32[6,8,8]{2,1,0} parameter(0)
+  %c = bf16[6,8,8]{2,1,0} convert(%w)
+  ROOT %s = bf16[1,8,8]{2,1,0} slice(%c), slice={[0:1], [0:8], [0:8]}
+}
+%fused_rows (t: bf16[100,8], ids: s32[4,1]) -> (bf16[4,8], bf16[4,8]) {
+  %t = bf16[100,8]{1,0} parameter(0)
+  %ids = s32[4,1]{1,0} parameter(1)
+  %g = bf16[4,8]{1,0} gather(%t, %ids), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,8}
+  %n = bf16[4,8]{1,0} negate(%g)
+  ROOT %r = (bf16[4,8]{1,0}, bf16[4,8]{1,0}) tuple(%g, %n)
+}
+%inner_body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]{1,0}) parameter(0)
+  %x = f32[8,8]{1,0} get-tuple-element(%p), index=1
+  %y = f32[8,8]{1,0} fusion(%x, %x), kind=kLoop, calls=%fused_mul
+}
+%token_body (p: (s32[], bf16[4,16,8], bf16[4,1,8])) -> (s32[], bf16[4,16,8], bf16[4,1,8]) {
+  %p = (s32[], bf16[4,16,8]{2,1,0}, bf16[4,1,8]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %cache = bf16[4,16,8]{2,1,0} get-tuple-element(%p), index=1
+  %u = bf16[4,1,8]{2,1,0} get-tuple-element(%p), index=2
+  %k = bf16[4,16,8]{2,1,0} fusion(%cache, %u, %i), kind=kLoop, calls=%fused_update
+  %in = (s32[], f32[8,8]) while(%p), condition=%inner_cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+}
+ENTRY %main (w: f32[6,8,8], t: bf16[100,8], ids: s32[4,1]) -> bf16[1,8,8] {
+  %w = f32[6,8,8]{2,1,0} parameter(0)
+  %t = bf16[100,8]{1,0} parameter(1)
+  %ids = s32[4,1]{1,0} parameter(2)
+  %l = bf16[1,8,8]{2,1,0} fusion(%w), kind=kLoop, calls=%fused_layer
+  %r = (bf16[4,8]{1,0}, bf16[4,8]{1,0}) fusion(%t, %ids), kind=kLoop, calls=%fused_rows
+  %tokens = (s32[], bf16[4,16,8], bf16[4,1,8]) while(%init), condition=%token_cond, body=%token_body
+}
+"""
+
+
+def test_memory_traffic_counts_what_kernels_touch():
+  """A cache written in place moves its update, a slice after a conversion reads its slice of
+  the operand, gathered rows are read, not the table; loops multiply; per token step or per
+  step (the token loop, with no known trip count, once)."""
+  step = hlo_analysis.memory_traffic(TRAFFIC_HLO, loop="tokens")
+  update = 4 * 1 * 8 * 2
+  inner = 3 * (8 * 8 * 4) * 3   # two operands and the result, three times
+  assert step == {"bytes": 2 * update + 4 + inner, "kernels": 1 + 3}
+  layer = 8 * 8 * 4 + 8 * 8 * 2   # one float32 layer read, written as bfloat16
+  rows = 4 * 8 * 2 + 4 * 4 + 2 * 4 * 8 * 2   # gathered rows, ids, both outputs
+  whole = hlo_analysis.memory_traffic(TRAFFIC_HLO)
+  assert whole == {"bytes": step["bytes"] + layer + rows, "kernels": step["kernels"] + 2}
+  assert hlo_analysis.Program(TRAFFIC_HLO).loop_bodies == {"in": "inner_body",
+                                                           "tokens": "token_body"}
 
 
 def _decoder(**overrides):
@@ -119,3 +189,24 @@ def test_h100_program_flops_count_cudnn_attention_and_its_sharding(gemms):
   assert flops["dot" if gemms == "cublas" else "gemm"] == 0, flops
   assert flops["total"] == pytest.approx((model + attention_forward / 2) / 8, rel=1e-3), flops
   assert flops["attention"] == pytest.approx(3.5 * attention_forward / 8, rel=1e-6), flops
+
+
+@pytest.mark.skipif(not gpu_aot.plugin_available(), reason="JAX's CUDA plugin is not installed")
+def test_h100_decode_step_reads_its_weights_and_cache_once():
+  """The 1b preset's greedy decoding at batch 32 (the decoding issue's static-cache target)
+  compiled for an H100: a token step moves the bfloat16 weights (cast once, before the loop, not
+  per token), the whole KV cache and little else, and writes the cache in place (a copy per
+  token would double the cache's share). On an H100 that traffic bounds the step."""
+  args = benchmark.argparse.Namespace(inputs=512, decode_tokens=128)
+  cfg = gin_setup.parse_gin(["models/decoder/1b.gin", "runs/gpu.gin"],
+                            ["experiment.model_dir = '/tmp/unused'"]).model
+  compiled, _ = benchmark.compile_decode_abstract(cfg, args, 32, "h100")
+  text = compiled.as_text()
+  (loop,) = hlo_analysis.Program(text).unknown_loops
+  step = hlo_analysis.memory_traffic(text, loop)
+  d, f, layers = cfg.d_model, cfg.d_ff, cfg.num_decoder_layers
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+  weights = 2 * (layers * (2 * d * q + 2 * d * kv + 3 * d * f) + d * cfg.vocab_size)
+  cache = 2 * 2 * layers * 32 * kv * (1 + 512 + 128)
+  assert weights + cache < step["bytes"] < 1.4 * (weights + cache), (step, weights, cache)
+  assert step["kernels"] < 20 * layers, step
