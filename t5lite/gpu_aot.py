@@ -27,6 +27,7 @@ traced and lowered.
 """
 
 import contextlib
+import contextvars
 import importlib.util
 import re
 from typing import Dict, List, Tuple
@@ -66,6 +67,9 @@ TARGETS: Dict[str, str] = {
              + "  memory_bandwidth: 4800000000000\n  device_memory_size: 150754820096\n}"
              + _VERSIONS + 'device_description_str: "NVIDIA H200"\n'),
 }
+
+
+_TRACING_FOR: contextvars.ContextVar = contextvars.ContextVar("t5lite_gpu_aot_target", default="")
 
 
 def check_target(target: str) -> str:
@@ -126,7 +130,8 @@ def devices(target: str = "h100", count: int = 1) -> List:
 @contextlib.contextmanager
 def tracing_for(target: str = "h100"):
   """While active, JAX's cuDNN attention checks see `target`'s cuDNN version and compute
-  capability instead of asking a local GPU. Trace and lower inside it; compiling needs it not.
+  capability instead of asking a local GPU, and `tracing_platform()` says "gpu". Trace and
+  lower inside it; compiling needs it not.
 
   These checks are private JAX functions (`jax._src.cudnn.fused_attention_stablehlo`); a JAX
   that renames them fails here, loudly, rather than tracing a program for the wrong GPU."""
@@ -141,13 +146,24 @@ def tracing_for(target: str = "h100"):
     raise RuntimeError(f"this JAX has no {', '.join(missing)} in {fused.__name__}; "
                        "t5lite.gpu_aot needs updating for it")
   saved = {name: getattr(fused, name) for name in stand_ins}
+  token = _TRACING_FOR.set(target)
   try:
     for name, fn in stand_ins.items():
       setattr(fused, name, fn)
     yield
   finally:
+    _TRACING_FOR.reset(token)
     for name, fn in saved.items():
       setattr(fused, name, fn)
+
+
+def tracing_platform() -> str:
+  """The platform a program traced now is for: "gpu" inside `tracing_for`, else JAX's default
+  backend ("cpu", "gpu", "tpu"). For code that traces differently for GPUs."""
+  if _TRACING_FOR.get():
+    return "gpu"
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.default_backend()
 
 
 def memory_gb(compiled) -> Dict[str, float]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, tiny_config
-from t5lite import decoding
+from t5lite import decoding, gpu_aot
 from t5lite.models.model import Model
 
 ARCHS = [dict(arch="encoder_decoder"), dict(arch="encoder_decoder", position_encoding="rope"),
@@ -91,6 +91,32 @@ def test_beam_one_is_greedy_and_sampling_is_reproducible(arch):
   c = model.predict_batch(params, batch, rng=jax.random.key(8), **kw)
   np.testing.assert_array_equal(a["tokens"], b["tokens"])
   assert not np.array_equal(a["tokens"], c["tokens"])
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_one_row_decoded_as_two_gives_the_one_rows_tokens(arch):
+  """On GPUs one row decodes as two identical rows (`decoding.doubles_single_rows`); run here
+  on CPU, the doubled loop gives the single row's tokens and scores, greedy and sampled with
+  the same random numbers."""
+  cfg = tiny_config(arch=arch)
+  model = Model(cfg)
+  params = model.init(jax.random.key(2))
+  row = {k: v[:1] for k, v in _inputs(cfg).items()}
+  for method, eos in (("greedy", -1), ("sample", 5)):
+    kw = dict(max_decode_len=STEPS, method=method, temperature=1.5, top_k=20, top_p=0.9,
+              eos_id=eos)
+    one, two = (decoding._sample_loop(  # pylint: disable=protected-access
+        model, params, row, jax.random.key(7), double=double, **kw) for double in (False, True))
+    assert two["tokens"].shape == (1, STEPS)
+    np.testing.assert_array_equal(one["tokens"], two["tokens"])
+    np.testing.assert_allclose(one["scores"], two["scores"], rtol=1e-5)
+  # Only one row, only on a GPU (or traced for one), and not for beam search.
+  assert not decoding.doubles_single_rows(1, "greedy") and jax.default_backend() == "cpu"
+  with gpu_aot.tracing_for("h100"):
+    assert decoding.doubles_single_rows(1, "sample")
+    assert not decoding.doubles_single_rows(2, "greedy")
+    assert not decoding.doubles_single_rows(1, "beam")
+  assert gpu_aot.tracing_platform() == "cpu"
 
 
 def test_eos_stops_rows_and_pads():

@@ -192,21 +192,24 @@ def test_h100_program_flops_count_cudnn_attention_and_its_sharding(gemms):
 
 
 @pytest.mark.skipif(not gpu_aot.plugin_available(), reason="JAX's CUDA plugin is not installed")
-def test_h100_decode_step_reads_its_weights_and_cache_once():
-  """The 1b preset's greedy decoding at batch 32 (the decoding issue's static-cache target)
-  compiled for an H100: a token step moves the bfloat16 weights (cast once, before the loop, not
-  per token), the whole KV cache and little else, and writes the cache in place (a copy per
-  token would double the cache's share). On an H100 that traffic bounds the step."""
+@pytest.mark.parametrize("batch,most", [(1, 1.1), (32, 1.4)])
+def test_h100_decode_step_reads_its_weights_and_cache_once(batch, most):
+  """The 1b preset's greedy decoding at the decoding issue's batch sizes compiled for an H100:
+  a token step moves the bfloat16 weights (cast once, before the loop, not per token) and the
+  KV cache, and little else (at batch 32 the attention scores and split-K partial sums add a
+  quarter), and writes the cache in place (a copy per token would double the cache's share).
+  One row decodes as two (`decoding.doubles_single_rows`): as one, XLA writes out and reads
+  back the products of the MLP's and the attention output's weights, 1.19x the traffic."""
   args = benchmark.argparse.Namespace(inputs=512, decode_tokens=128)
   cfg = gin_setup.parse_gin(["models/decoder/1b.gin", "runs/gpu.gin"],
                             ["experiment.model_dir = '/tmp/unused'"]).model
-  compiled, _ = benchmark.compile_decode_abstract(cfg, args, 32, "h100")
+  compiled, _ = benchmark.compile_decode_abstract(cfg, args, batch, "h100")
   text = compiled.as_text()
   (loop,) = hlo_analysis.Program(text).unknown_loops
   step = hlo_analysis.memory_traffic(text, loop)
   d, f, layers = cfg.d_model, cfg.d_ff, cfg.num_decoder_layers
   q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
   weights = 2 * (layers * (2 * d * q + 2 * d * kv + 3 * d * f) + d * cfg.vocab_size)
-  cache = 2 * 2 * layers * 32 * kv * (1 + 512 + 128)
-  assert weights + cache < step["bytes"] < 1.4 * (weights + cache), (step, weights, cache)
+  cache = 2 * 2 * layers * max(batch, 2) * kv * (1 + 512 + 128)
+  assert weights + cache < step["bytes"] < most * (weights + cache), (step, weights, cache)
   assert step["kernels"] < 20 * layers, step
