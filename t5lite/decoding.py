@@ -52,11 +52,14 @@ def first_max(logits):
   return jnp.min(jnp.where(logits == top, index, logits.shape[-1] - 1), axis=-1)
 
 
-def _prepare(model, params, batch, max_decode_len: int):
+def _prepare(model, params, batch, max_decode_len: int, double: bool = False):
   """(first-step logits [b, vocab], cache, step_fn) for the architecture.
 
   step_fn(tokens [b], cache, i) -> (logits [b, vocab], cache) decodes generated token i.
+  `double`: after the prompt, every row is repeated, so the token steps run 2b rows (the
+  prompt, prefilled once, is not repeated).
   """
+  twice = lambda tree: jax.tree.map(lambda x: jnp.concatenate([x, x]), tree) if double else tree
   cfg = model.cfg
   # Outside the token loop, once: the weights in the compute dtype (bf16 over float32 masters)
   # and each layer's weights sliced out of the layer stack.
@@ -69,6 +72,7 @@ def _prepare(model, params, batch, max_decode_len: int):
     cache = net.init_cache(encoded, max_decode_len, blocks)
     start = jnp.full((enc_tokens.shape[0], 1), cfg.decoder_start_id, jnp.int32)
     logits, cache = net.decode_step(start, cache, 0, encoder_lengths=lengths, blocks=blocks)
+    logits, cache, lengths = twice((logits, cache, lengths))
 
     def step(tokens, cache, i):
       out, cache = net.decode_step(tokens[:, None], cache, i + 1, encoder_lengths=lengths,
@@ -94,6 +98,7 @@ def _prepare(model, params, batch, max_decode_len: int):
   logits, cache = net.decode_step(left, cache, 0, q_positions=positions[:, :p_len],
                                   k_positions=positions, key_valid=key_valid, prefix_slots=p_len,
                                   last_only=True, blocks=blocks)
+  logits, cache, positions, key_valid = twice((logits, cache, positions, key_valid))
 
   def step(tokens, cache, i):
     slot = p_len + i
@@ -107,8 +112,8 @@ def _prepare(model, params, batch, max_decode_len: int):
 
 
 def doubles_single_rows(rows: int, method: str) -> bool:
-  """Whether greedy or sampled decoding of `rows` rows runs them as two identical rows: one
-  row, on a GPU. With one row every projection of a token step is a vector-matrix product,
+  """Whether greedy or sampled decoding of `rows` rows runs its token steps as two identical
+  rows: one row, on a GPU (the prompt is filled in once, as one row). With one row every projection of a token step is a vector-matrix product,
   which XLA's GPU compiler rewrites as a multiply and a reduction and, for some (the MLP's, the
   attention output's), leaves the multiply unfused: the weight's products are written out and
   read back. With two rows they stay GEMMs that read each weight once. In the programs XLA
@@ -122,12 +127,10 @@ def doubles_single_rows(rows: int, method: str) -> bool:
                                              "top_k", "top_p", "eos_id", "double"))
 def _sample_loop(model, params, batch, rng, *, max_decode_len, method, temperature, top_k,
                  top_p, eos_id, double=False):
-  """The greedy / sampling loop. `double`: decode the one row of `batch` as two identical rows
-  (see `doubles_single_rows`); both take the tokens chosen from the first row's logits, so the
-  result is the one row's, sampled with the same random numbers."""
-  if double:
-    batch = jax.tree.map(lambda x: jnp.concatenate([x, x]), batch)
-  logits, cache, step = _prepare(model, params, batch, max_decode_len)
+  """The greedy / sampling loop. `double`: the token steps run the one row of `batch` as two
+  identical rows (see `doubles_single_rows`); both take the tokens chosen from the first row's
+  logits, so the result is the one row's, sampled with the same random numbers."""
+  logits, cache, step = _prepare(model, params, batch, max_decode_len, double)
   b = logits.shape[0]
   rows = 1 if double else b
 
