@@ -226,7 +226,8 @@ def report_aot(cfg, args, bindings):
   XLA's memory plan, the cuDNN attention calls and the matmul FLOPs of the compiled program
   (t5lite/hlo_analysis.py) against the model FLOPs; model FLOPs / program FLOPs bounds the MFU
   the program can reach (the rest is rematerialization and flash attention's recomputed
-  scores). Greedy decoding at each of --decode_batches: see `aot_decode`."""
+  scores); with the kernels' device-memory traffic too, the roofline (`hlo_analysis.roofline`)
+  bounds it lower. Greedy decoding at each of --decode_batches: see `aot_decode`."""
   result = dict(run_facts(cfg, args, bindings), device=f"{args.aot} (compiled, not run)",
                 platform="gpu-aot", aot=args.aot, batch=args.batch, inputs=args.inputs,
                 targets=args.targets, dtype=cfg.dtype, decode=[])
@@ -250,9 +251,12 @@ def aot_train(cfg, args) -> dict:
   memory = gpu_aot.memory_gb(compiled)
   program = hlo_analysis.matmul_flops(text)
   model = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
+  peak = gpu_aot.MATMUL_TFLOPS[args.aot] * 1e12
+  bound = hlo_analysis.roofline(text, peak, gpu_aot.memory_bandwidth(args.aot))
   result = dict(lower_s=lower_s, compile_s=compile_s, memory_gb=memory,
                 cudnn_calls=gpu_aot.cudnn_attention_calls(text), model_flops=model,
-                program_flops=program, mfu_ceiling=model / program["total"])
+                program_flops=program, mfu_ceiling=model / program["total"],
+                roofline=bound, roofline_mfu=model / peak / bound["seconds"])
   print(f"train step, batch {args.batch} x ({args.inputs}+{args.targets}): lower {lower_s:.1f} s, "
         f"compile {compile_s:.1f} s; memory per device (GB): "
         + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
@@ -261,6 +265,10 @@ def aot_train(cfg, args) -> dict:
   print(f"matmul FLOPs per step: program {program['total'] / 1e12:.3g} TFLOP ("
         + ", ".join(f"{k} {program[k] / 1e12:.3g}" for k in ("dot", "gemm", "attention"))
         + f"), model {model / 1e12:.3g} TFLOP: MFU can reach at most {result['mfu_ceiling']:.1%}")
+  print(f"roofline at {peak / 1e12:.0f} TFLOP/s and {gpu_aot.memory_bandwidth(args.aot) / 1e12:.2f} "
+        f"TB/s: a step takes at least {bound['seconds'] * 1e3:.1f} ms ({bound['matmul_s'] * 1e3:.1f} "
+        f"in matmul-bound kernels, {bound['memory_s'] * 1e3:.1f} in memory-bound ones): MFU at "
+        f"most {result['roofline_mfu']:.1%}")
   return result
 
 
@@ -268,8 +276,8 @@ def aot_decode(cfg, args, batch: int) -> dict:
   """Greedy decoding of `batch` prompts compiled for --aot's GPU, printed; its facts: XLA's
   memory plan, and the device-memory traffic and kernels of one token step (the decode loop's
   body) and of the rest (the prompt, once). A token step at batch 32 or less is bound by that
-  traffic (every weight and the KV cache are read, for a few FLOPs each), so the GPU's memory
-  bandwidth over it bounds the new tokens/s the program can reach."""
+  traffic (every weight and the KV cache are read, for a few FLOPs each): its roofline
+  (`hlo_analysis.roofline`) bounds the new tokens/s the program can reach."""
   from t5lite import gpu_aot, hlo_analysis
   compiled, compile_s = compile_decode_abstract(cfg, args, batch, args.aot)
   text = compiled.as_text()
@@ -279,16 +287,19 @@ def aot_decode(cfg, args, batch: int) -> dict:
   step = hlo_analysis.memory_traffic(text, loops[0])
   whole = hlo_analysis.memory_traffic(text)          # the prompt and one token step
   bandwidth = gpu_aot.memory_bandwidth(args.aot)
+  bound = hlo_analysis.roofline(text, gpu_aot.MATMUL_TFLOPS[args.aot] * 1e12, bandwidth,
+                                loops[0])
   row = {"impl": f"t5lite-decode-b{batch}", "batch": batch, "compile_s": compile_s,
          "memory_gb": gpu_aot.memory_gb(compiled), "step_gb": step["bytes"] / 1e9,
          "step_kernels": step["kernels"], "prompt_gb": (whole["bytes"] - step["bytes"]) / 1e9,
-         "bandwidth_tb_s": bandwidth / 1e12,
-         "ceiling_new_tokens_per_s": batch * bandwidth / step["bytes"]}
+         "bandwidth_tb_s": bandwidth / 1e12, "step_roofline": bound,
+         "ceiling_new_tokens_per_s": batch / bound["seconds"]}
   print(f"greedy decode, batch {batch}, {args.inputs}-token prompts, {args.decode_tokens} new "
         f"tokens: compile {compile_s:.1f} s, peak {row['memory_gb']['peak']:.2f} GB; a token "
         f"step moves {row['step_gb']:.3g} GB in {step['kernels']:.0f} kernels (the prompt "
-        f"{row['prompt_gb']:.3g} GB): at {row['bandwidth_tb_s']:.2f} TB/s, at most "
-        f"{row['ceiling_new_tokens_per_s']:,.0f} new tokens/s")
+        f"{row['prompt_gb']:.3g} GB) and takes at least {bound['seconds'] * 1e3:.2f} ms at "
+        f"{row['bandwidth_tb_s']:.2f} TB/s: at most {row['ceiling_new_tokens_per_s']:,.0f} new "
+        "tokens/s")
   return row
 
 

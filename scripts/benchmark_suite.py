@@ -258,13 +258,14 @@ def decode_markdown(cases, results) -> str:
 
 
 def aot_markdown(cases, results) -> str:
-  """A suite compiled for a GPU (--aot) as a markdown table: XLA's memory plan per case, and
-  the MFU the compiled program's matmul FLOPs allow (model FLOPs / program FLOPs)."""
+  """A suite compiled for a GPU (--aot) as a markdown table: XLA's memory plan per case, the
+  MFU the compiled program's matmul FLOPs allow (model FLOPs / program FLOPs), and the MFU its
+  roofline allows (each kernel at the matmul peak or the memory bandwidth, whichever binds)."""
   lines = [f"Compiled for {results[0]['aot']} by XLA's GPU compiler on this host (nothing run: "
            "memory as XLA plans it, no times).", "",
            "| preset | shape | compile s | arguments GB | temporaries GB | peak GB "
-           "| program / model FLOPs | MFU ceiling | cuDNN attention calls | targets |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| program / model FLOPs | MFU ceiling | roofline MFU | cuDNN attention calls "
+           "| targets |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for case, result in zip(cases, results):
     mem = result["memory_gb"]
     calls = ", ".join(f"{k.replace('__cudnn$', '')} x{v}" for k, v in
@@ -272,7 +273,8 @@ def aot_markdown(cases, results) -> str:
     lines.append(f"| {case.label} | {case.batch} x ({case.inputs}+{case.targets}) | "
                  f"{result['compile_s']:.1f} | {mem['arguments']:.1f} | {mem['temporaries']:.1f} "
                  f"| {mem['peak']:.1f} | {1 / result['mfu_ceiling']:.3f} "
-                 f"| {result['mfu_ceiling']:.1%} | {calls} | {_targets(case, result)} |")
+                 f"| {result['mfu_ceiling']:.1%} | {result['roofline_mfu']:.1%} | {calls} "
+                 f"| {_targets(case, result)} |")
   return "\n".join(lines + _commands(results)) + "\n"
 
 

@@ -94,8 +94,8 @@ class Program:
     self.computations: Dict[str, List[_Instruction]] = {}
     self.entry = ""
     self.unknown_loops: List[str] = []
-    # computation -> (callee, trips, how it is called) for every call edge
-    self.callees: Dict[str, List[Tuple[str, int, str]]] = {}
+    # computation -> (callee, trips, how it is called, the calling instruction) per call edge
+    self.callees: Dict[str, List[Tuple[str, int, str, str]]] = {}
     self.loop_bodies: Dict[str, str] = {}  # while instruction -> its body
     callers: Dict[str, List[Tuple[str, int]]] = {}
     current = None
@@ -121,7 +121,8 @@ class Program:
         factor = int(trips.group(1)) if kind == "body" and trips else 1
         for callee in re.findall(r"%?([\w.\-]+)", names):
           callers.setdefault(callee, []).append((current, factor))
-          self.callees.setdefault(current, []).append((callee, factor, f"{inst.opcode}.{kind}"))
+          self.callees.setdefault(current, []).append(
+              (callee, factor, f"{inst.opcode}.{kind}", inst.name))
           if inst.opcode == "while" and kind == "body":
             self.loop_bodies[inst.name] = callee
     self.runs: Dict[str, int] = {}
@@ -225,10 +226,9 @@ def collectives(hlo_text: str, num_devices: int) -> Dict[str, Dict[str, float]]:
 
 
 # How a kernel-level computation calls another whose instructions are kernels too (a fusion's
-# body, a reducer or a sort comparator is part of its caller's kernel).
-_KERNEL_LEVEL_CALLS = ("while.body", "while.condition", "conditional.branch_computations",
-                       "conditional.true_computation", "conditional.false_computation",
-                       "call.to_apply", "async-start.calls")
+# body, a reducer or a sort comparator is part of its caller's kernel); a conditional's branches
+# are too, one of them per run.
+_KERNEL_LEVEL_CALLS = ("while.body", "while.condition", "call.to_apply", "async-start.calls")
 # Instructions that launch nothing and move no data.
 _NO_KERNEL = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
               "conditional", "call", "after-all", "partition-id", "replica-id", "add-dependency",
@@ -236,14 +236,23 @@ _NO_KERNEL = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant", 
 
 
 def _kernel_runs(program: Program, root: str) -> Dict[str, int]:
-  """Kernel-level computations reachable from `root` and how often each runs per run of it."""
+  """Kernel-level computations reachable from `root` and how often each runs per run of it. A
+  conditional runs one branch: the one that moves the most bytes (a guard's update, not its
+  skip) is counted."""
   runs: Dict[str, int] = {}
 
   def visit(name: str, times: int):
     runs[name] = runs.get(name, 0) + times
-    for callee, factor, how in program.callees.get(name, ()):
-      if how in _KERNEL_LEVEL_CALLS:
+    branches: Dict[str, List[str]] = {}
+    for callee, factor, how, caller in program.callees.get(name, ()):
+      if how.startswith("conditional."):
+        branches.setdefault(caller, []).append(callee)
+      elif how in _KERNEL_LEVEL_CALLS:
         visit(callee, times * factor)
+    for options in branches.values():
+      visit(max(options, key=lambda branch: sum(
+          r * _kernel_bytes(program, inst, table) for inst, r, table in _kernels(program, branch))),
+            times)
 
   visit(root, 1)
   return runs
@@ -320,6 +329,29 @@ def _kernel_bytes(program: Program, inst: _Instruction, table) -> int:
   return sum(operand_bytes) + shape_bytes(inst.shape)
 
 
+def _kernels(program: Program, root: str):
+  """(kernel instruction, runs per run of `root`, its computation's table) for every kernel
+  reachable from computation `root`."""
+  for name, runs in _kernel_runs(program, root).items():
+    insts = program.computations.get(name, [])
+    table = {i.name: i for i in insts}
+    for inst in insts:
+      if inst.opcode not in _NO_KERNEL and not inst.opcode.endswith("-done"):
+        yield inst, runs, table
+
+
+def _kernel_flops(program: Program, inst: _Instruction, table) -> float:
+  """Matmul FLOPs of one kernel: its own (a cuBLAS or cuDNN call) or the dots of the fused
+  computations it calls."""
+  flops = _instruction_flops(inst, table)[1]
+  called = re.search(r"calls=%?([\w.\-]+)", inst.rest) if inst.opcode == "fusion" else None
+  if called and called.group(1) in program.computations:
+    fused = program.computations[called.group(1)]
+    inner = {i.name: i for i in fused}
+    flops += sum(_kernel_flops(program, i, inner) for i in fused)
+  return flops
+
+
 def memory_traffic(hlo_text: str, loop: str = "") -> Dict[str, float]:
   """{"bytes": device-memory bytes read plus written, "kernels": kernels run} per step of an
   optimized HLO module, or per iteration of the while loop named `loop` (an instruction name,
@@ -327,14 +359,26 @@ def memory_traffic(hlo_text: str, loop: str = "") -> Dict[str, float]:
   their known trip counts, loops without one once. A model of what a GPU kernel touches (see
   the module docstring), not a measurement: caches and fusion-internal reuse are not seen."""
   program = Program(hlo_text)
-  root = program.loop_bodies[loop] if loop else program.entry
   traffic = {"bytes": 0.0, "kernels": 0.0}
-  for name, runs in _kernel_runs(program, root).items():
-    insts = program.computations.get(name, [])
-    table = {i.name: i for i in insts}
-    for inst in insts:
-      if inst.opcode in _NO_KERNEL or inst.opcode.endswith("-done"):
-        continue
-      traffic["bytes"] += runs * _kernel_bytes(program, inst, table)
-      traffic["kernels"] += runs
+  for inst, runs, table in _kernels(program, program.loop_bodies[loop] if loop else program.entry):
+    traffic["bytes"] += runs * _kernel_bytes(program, inst, table)
+    traffic["kernels"] += runs
   return traffic
+
+
+def roofline(hlo_text: str, flops_per_s: float, bytes_per_s: float,
+             loop: str = "") -> Dict[str, float]:
+  """A lower bound on the time of a step (or of one iteration of `loop`, as in
+  `memory_traffic`) on a device with matmul peak `flops_per_s` and memory bandwidth
+  `bytes_per_s`: each kernel takes at least the longer of its matmul FLOPs at the peak and its
+  device-memory traffic at the bandwidth, and kernels run one after another. Returns
+  {"seconds": the bound, "matmul_s" / "memory_s": the kernels bound by each, summed}. Launch
+  latencies, collectives and kernels below either roof are not in it."""
+  program = Program(hlo_text)
+  bound = {"seconds": 0.0, "matmul_s": 0.0, "memory_s": 0.0}
+  for inst, runs, table in _kernels(program, program.loop_bodies[loop] if loop else program.entry):
+    compute = _kernel_flops(program, inst, table) / flops_per_s
+    memory = _kernel_bytes(program, inst, table) / bytes_per_s
+    bound["seconds"] += runs * max(compute, memory)
+    bound["matmul_s" if compute > memory else "memory_s"] += runs * max(compute, memory)
+  return bound

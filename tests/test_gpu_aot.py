@@ -56,6 +56,8 @@ def test_gpu_suite_meets_its_memory_targets_as_xla_plans_them_for_an_h100(tmp_pa
     # Rematerialization (dots_no_batch) and flash attention's backward add matmuls to the
     # model's, never take any away.
     assert 0.5 < result["mfu_ceiling"] < 1.0, (case["preset"], result["program_flops"])
+    # The roofline adds the memory-bound kernels' time to the matmuls'.
+    assert 0.3 < result["roofline_mfu"] < result["mfu_ceiling"], (case["preset"], result)
     # The state (parameters and AdamW's two moments, float32) is at least in the plan.
     assert peak > result["memory_gb"]["arguments"] > 0
     if case["max_mem_gb"] is not None:
@@ -79,8 +81,9 @@ def test_decode_case_compiled_for_an_h100_reports_a_token_steps_traffic(tmp_path
   weights = 2 * sum(x.size for x in jax.tree.leaves(jax.eval_shape(
       Model(_gpu_experiment("decoder/tiny").model).init, jax.random.key(0))))
   assert row["step_gb"] * 1e9 > 0.9 * weights
-  assert row["ceiling_new_tokens_per_s"] == pytest.approx(
-      2 * gpu_aot.memory_bandwidth("h100") / (row["step_gb"] * 1e9))
+  # Its roofline: bound by the bytes (a few FLOPs each), and by nothing less.
+  bytes_bound = 2 * gpu_aot.memory_bandwidth("h100") / (row["step_gb"] * 1e9)
+  assert 0.9 * bytes_bound < row["ceiling_new_tokens_per_s"] <= bytes_bound * (1 + 1e-9)
   table = benchmark_suite.markdown([case], [result])
   assert "| decoder/tiny | 2 | 16 + 4 |" in table and "token step GB" in table
   assert benchmark_suite.checks(case, result) == {}
@@ -114,6 +117,14 @@ def test_sharded_train_step_compiles_for_eight_h100s(rules, mesh):
   state_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / 2 ** 30
   assert state_gb / 8 <= memory["arguments"] < state_gb / 8 * 1.05, (memory, state_gb)
   assert memory["aliased"] > 0.99 * memory["arguments"] - 0.01   # the state is donated
+  # ... and mostly updated in place: the NaN guard selects (`trainer._keep_if`), where a cond's
+  # result would be copied into the donated buffers, the whole state every step (1.65 GB per GPU
+  # here). Under FSDP XLA still copies a few updates that a fusion also reads transposed (the
+  # embedding's and the head's, with their moments: 0.37 GB).
+  program = hlo_analysis.Program(text)
+  copied = sum(hlo_analysis.shape_bytes(i.shape) for i in program.computations[program.entry]
+               if i.opcode == "copy")
+  assert copied < 0.3 * state_gb / 8 * 2 ** 30, copied
 
 
 def test_planner_prices_memory_with_the_gpu_compiler():

@@ -128,6 +128,51 @@ def test_memory_traffic_counts_what_kernels_touch():
                                                            "tokens": "token_body"}
 
 
+# A conditional: one branch multiplies [64, 64] matrices (a kernel of 2 * 64^3 FLOPs over
+# 3 x 16 KB), the other passes its operand through; then an elementwise kernel.
+GUARD_HLO = """
+%fused_matmul (a: f32[64,64], b: f32[64,64]) -> f32[64,64] {
+  %a = f32[64,64]{1,0} parameter(0)
+  %b = f32[64,64]{1,0} parameter(1)
+  ROOT %d = f32[64,64]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+%fused_neg (x: f32[64,64]) -> f32[64,64] {
+  %x = f32[64,64]{1,0} parameter(0)
+  ROOT %n = f32[64,64]{1,0} negate(%x)
+}
+%update (p: (f32[64,64])) -> f32[64,64] {
+  %p = (f32[64,64]{1,0}) parameter(0)
+  %x = f32[64,64]{1,0} get-tuple-element(%p), index=0
+  ROOT %m = f32[64,64]{1,0} fusion(%x, %x), kind=kCustom, calls=%fused_matmul
+}
+%skip (p: (f32[64,64])) -> f32[64,64] {
+  %p = (f32[64,64]{1,0}) parameter(0)
+  ROOT %x = f32[64,64]{1,0} get-tuple-element(%p), index=0
+}
+ENTRY %main (ok: pred[], x: f32[64,64]) -> f32[64,64] {
+  %ok = pred[] parameter(0)
+  %x = f32[64,64]{1,0} parameter(1)
+  %t = (f32[64,64]{1,0}) tuple(%x)
+  %c = f32[64,64]{1,0} conditional(%ok, %t, %t), true_computation=%update, false_computation=%skip
+  ROOT %n = f32[64,64]{1,0} fusion(%c), kind=kLoop, calls=%fused_neg
+}
+"""
+
+
+def test_a_conditional_runs_its_costlier_branch_and_the_roofline_takes_each_kernels_bound():
+  matrix = 64 * 64 * 4
+  assert hlo_analysis.memory_traffic(GUARD_HLO) == {"bytes": 3 * matrix + 2 * matrix,
+                                                     "kernels": 2}
+  flops = 2 * 64 ** 3
+  # Bandwidth-bound matmul: both kernels at the bandwidth.
+  assert hlo_analysis.roofline(GUARD_HLO, 1e12, 1e9) == pytest.approx(
+      {"seconds": 5 * matrix / 1e9, "matmul_s": 0.0, "memory_s": 5 * matrix / 1e9})
+  # Compute-bound matmul: it takes its FLOPs at the peak, the negation its bytes.
+  assert hlo_analysis.roofline(GUARD_HLO, 1e6, 1e9) == pytest.approx(
+      {"seconds": flops / 1e6 + 2 * matrix / 1e9, "matmul_s": flops / 1e6,
+       "memory_s": 2 * matrix / 1e9})
+
+
 def _decoder(**overrides):
   return tiny_config(arch="decoder_only", d_model=64, num_heads=4, head_dim=16, d_ff=128,
                      vocab_size=256, num_decoder_layers=3, remat_policy="none", **overrides)

@@ -1,5 +1,6 @@
 """The pure train step: accumulation, NaN guard, RNG by step, bf16 compute over fp32 params."""
 
+import contextlib
 import functools
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 
 from conftest import tiny_config
 from test_models import random_batch
-from t5lite import optimizers, schedules, trainer
+from t5lite import gpu_aot, optimizers, schedules, trainer
 from t5lite.models.model import Model
 
 
@@ -78,26 +79,37 @@ def test_compiler_options_xla_rejects_are_value_errors():
     step(trainer.init_state(model, opt, jax.random.key(0)), random_batch(cfg))
 
 
-def test_nonfinite_step_is_skipped_and_counted():
+@pytest.mark.parametrize("form", ["cond", "select"])
+def test_nonfinite_step_is_skipped_and_counted(form):
+  """The update is kept or skipped by a cond on CPUs, by a select per tensor when traced for a
+  GPU (`trainer._keep_if`; run here on the CPU): both skip it whole and keep the same update."""
   cfg = tiny_config()
   model = Model(cfg)
   opt = optax.adamw(1e-3)
-  state = trainer.init_state(model, opt, jax.random.key(0))
-  step = _step(model, opt)
-  state, _ = step(state, random_batch(cfg))        # nonzero moments and count to keep
-  before = jax.tree.map(np.asarray, {k: state[k] for k in ("params", "opt_state")})
-  bad = random_batch(cfg)
-  bad["decoder_loss_weights"] = np.full(bad["decoder_target_tokens"].shape, np.nan, np.float32)
-  state, metrics = step(state, bad)
-  assert int(metrics["skipped"]) == 1 and int(state["nonfinite_streak"]) == 1
-  after = jax.tree.map(np.asarray, {k: state[k] for k in ("params", "opt_state")})
-  jax.tree.map(np.testing.assert_array_equal, after, before)
-  state, metrics = step(state, bad)
-  assert int(state["nonfinite_streak"]) == 2 and int(state["nonfinite_total"]) == 2
-  assert int(state["step"]) == 3
-  state, metrics = step(state, random_batch(cfg))
-  assert int(metrics["skipped"]) == 0 and int(state["nonfinite_streak"]) == 0
-  assert int(state["nonfinite_total"]) == 2
+  good = random_batch(cfg)
+  kept = ("params", "opt_state")
+  reference = _step(model, opt)(trainer.init_state(model, opt, jax.random.key(0)), good)[0]
+  with gpu_aot.tracing_for("h100") if form == "select" else contextlib.nullcontext():
+    state = trainer.init_state(model, opt, jax.random.key(0))
+    step = _step(model, opt)
+    text = step.lower(state, good).as_text()
+    assert ("stablehlo.case" in text or "stablehlo.if" in text) == (form == "cond")
+    state, _ = step(state, good)        # nonzero moments and count to keep
+    before = jax.tree.map(np.asarray, {k: state[k] for k in kept})
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), before,
+                 {k: reference[k] for k in kept})
+    bad = random_batch(cfg)
+    bad["decoder_loss_weights"] = np.full(bad["decoder_target_tokens"].shape, np.nan, np.float32)
+    state, metrics = step(state, bad)
+    assert int(metrics["skipped"]) == 1 and int(state["nonfinite_streak"]) == 1
+    after = jax.tree.map(np.asarray, {k: state[k] for k in kept})
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    state, metrics = step(state, bad)
+    assert int(state["nonfinite_streak"]) == 2 and int(state["nonfinite_total"]) == 2
+    assert int(state["step"]) == 3
+    state, metrics = step(state, random_batch(cfg))
+    assert int(metrics["skipped"]) == 0 and int(state["nonfinite_streak"]) == 0
+    assert int(state["nonfinite_total"]) == 2
 
 
 def test_dropout_rng_comes_from_the_step():
