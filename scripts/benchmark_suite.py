@@ -284,8 +284,9 @@ def aot_decode_markdown(cases, results) -> str:
   bandwidth allows over that traffic."""
   first = results[0]["decode"][0]
   lines = [f"Greedy decoding compiled for {results[0]['aot']} by XLA's GPU compiler on this host "
-           f"(nothing run); a token step's device-memory traffic at "
-           f"{first['bandwidth_tb_s']:.2f} TB/s bounds new tokens/s.", "",
+           f"(nothing run); a token step's roofline (its kernels' traffic at "
+           f"{first['bandwidth_tb_s']:.2f} TB/s, or their matmuls at the peak) bounds new "
+           "tokens/s.", "",
            "| preset | batch | prompt + new | peak GB | token step GB | kernels per step "
            "| prompt GB | at most new tokens/s |", "|---|---|---|---|---|---|---|---|"]
   for case, result in zip(cases, results):

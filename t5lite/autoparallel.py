@@ -14,8 +14,10 @@ so t5lite searches a structured space instead and lets XLA price each point:
                pipelined candidates (stage > 1) take the per-stage share of the same costs on
                devices / stage devices, times GPipe's bubble (m + stages - 1) / m, plus the
                stage-to-stage activation transfers;
-  score:       compute time = FLOPs / peak, communication through an alpha-beta model
-               (ring factors per collective), plan infeasible if memory exceeds the budget;
+  score:       compute time = FLOPs / peak (for a GPU target, the program's roofline: each
+               kernel at the matmul peak or at the GPU's memory bandwidth, whichever binds),
+               communication through an alpha-beta model (ring factors per collective), plan
+               infeasible if memory exceeds the budget;
   optionally time the best few for real.
 
     python -m t5lite.autoparallel --gin_file=models/t5_1_1/large.gin --num_devices=8 \
@@ -227,7 +229,7 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
                    * (inputs + targets) * cfg.d_model * (2 if cfg.dtype == "bfloat16" else 4))
       est.flops = flat.flops / s * (mp + s - 1) / mp
       est.comm_gb = flat.comm_gb / s + 2 * ticks * act_bytes / 1e9
-      est.compute_s = est.flops / (hw.peak_tflops * 1e12)
+      est.compute_s = flat.compute_s / s * (mp + s - 1) / mp
       est.comm_s = (flat.comm_s / s + 2 * ticks * hw.alpha_us * 1e-6
                     + 2 * ticks * act_bytes / (hw.link_gbps * 1e9))
     else:
@@ -237,6 +239,10 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
       est.flops = hlo_analysis.matmul_flops(text)["total"]
       est.comm_gb = comm_bytes / 1e9
       est.compute_s = est.flops / (hw.peak_tflops * 1e12)
+      if target:   # the GPU's own kernels: each at the matmul peak or at the memory bandwidth
+        from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+        est.compute_s = hlo_analysis.roofline(text, hw.peak_tflops * 1e12,
+                                              gpu_aot.memory_bandwidth(target))["seconds"]
       est.comm_s = (sum(c["count"] for c in comm) * hw.alpha_us * 1e-6
                     + comm_bytes / (hw.link_gbps * 1e9))
     est.step_s = est.compute_s + est.comm_s

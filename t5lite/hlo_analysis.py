@@ -18,10 +18,13 @@ text instead:
     kernels run, per step or per iteration of one loop (a decode loop's token step). A fused
     kernel reads the slices and gathered rows it takes, not their whole operands, and an
     in-place dynamic-update-slice (a KV cache write) writes its update, not the buffer. On a
-    GPU a decode step is bound by this traffic, not by FLOPs.
+    GPU a decode step is bound by this traffic, not by FLOPs;
+  * a roofline: each kernel takes at least the longer of its matmul FLOPs at the peak and its
+    traffic at the bandwidth, which bounds a step's time and so its MFU.
 
-Elementwise work and reductions are left out: on accelerators they cost memory bandwidth, not
-matmul FLOPs, and pricing them at the matmul peak says nothing.
+Elementwise work and reductions count no FLOPs: on accelerators they cost memory bandwidth, not
+matmul FLOPs, and pricing them at the matmul peak says nothing; the roofline has them through
+their traffic.
 """
 
 import math

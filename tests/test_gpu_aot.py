@@ -144,6 +144,10 @@ def test_planner_prices_memory_with_the_gpu_compiler():
   # So are its FLOPs: cuDNN flash attention's, which the host's XLA attention would not count.
   flops = hlo_analysis.matmul_flops(compiled.as_text())
   assert flops["attention"] > 0 and est.flops == pytest.approx(flops["total"])
+  # Its time is the program's roofline, which adds the memory-bound kernels to the matmuls.
+  assert est.compute_s == pytest.approx(hlo_analysis.roofline(
+      compiled.as_text(), hw.peak_tflops * 1e12, gpu_aot.memory_bandwidth("h100"))["seconds"])
+  assert est.compute_s > 1.01 * est.flops / (hw.peak_tflops * 1e12)
   # Without the target the host compiles cuDNN attention, which XLA:CPU cannot.
   assert "cudnn" in autoparallel.analyze(*args).error.lower()
   with pytest.raises(ValueError, match="time_top"):
