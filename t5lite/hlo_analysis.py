@@ -318,7 +318,7 @@ def _kernel_bytes(program: Program, inst: _Instruction, table) -> int:
   """Device-memory bytes one kernel reads plus writes."""
   operand_bytes = [shape_bytes(table[_name(o)].shape) if _name(o) in table else shape_bytes(o)
                    for o in inst.operands()]
-  if inst.opcode == "fusion":
+  if inst.opcode in ("fusion", "fusion-start"):   # (XLA 0.11 runs some fusions async)
     called = re.search(r"calls=%?([\w.\-]+)", inst.rest)
     fused = program.computations.get(called.group(1), []) if called else []
     root = next((i for i in fused if i.root), None)
@@ -347,7 +347,8 @@ def _kernel_flops(program: Program, inst: _Instruction, table) -> float:
   """Matmul FLOPs of one kernel: its own (a cuBLAS or cuDNN call) or the dots of the fused
   computations it calls."""
   flops = _instruction_flops(inst, table)[1]
-  called = re.search(r"calls=%?([\w.\-]+)", inst.rest) if inst.opcode == "fusion" else None
+  called = (re.search(r"calls=%?([\w.\-]+)", inst.rest)
+            if inst.opcode in ("fusion", "fusion-start") else None)
   if called and called.group(1) in program.computations:
     fused = program.computations[called.group(1)]
     inner = {i.name: i for i in fused}
