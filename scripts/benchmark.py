@@ -265,10 +265,11 @@ def aot_train(cfg, args) -> dict:
   print(f"matmul FLOPs per step: program {program['total'] / 1e12:.3g} TFLOP ("
         + ", ".join(f"{k} {program[k] / 1e12:.3g}" for k in ("dot", "gemm", "attention"))
         + f"), model {model / 1e12:.3g} TFLOP: MFU can reach at most {result['mfu_ceiling']:.1%}")
-  print(f"roofline at {peak / 1e12:.0f} TFLOP/s and {gpu_aot.memory_bandwidth(args.aot) / 1e12:.2f} "
-        f"TB/s: a step takes at least {bound['seconds'] * 1e3:.1f} ms ({bound['matmul_s'] * 1e3:.1f} "
-        f"in matmul-bound kernels, {bound['memory_s'] * 1e3:.1f} in memory-bound ones): MFU at "
-        f"most {result['roofline_mfu']:.1%}")
+  print(f"roofline at {peak / 1e12:.0f} TFLOP/s and "
+        f"{gpu_aot.memory_bandwidth(args.aot) / 1e12:.2f} TB/s: a step takes at least "
+        f"{bound['seconds'] * 1e3:.1f} ms ({bound['matmul_s'] * 1e3:.1f} in matmul-bound "
+        f"kernels, {bound['memory_s'] * 1e3:.1f} in memory-bound ones): MFU at most "
+        f"{result['roofline_mfu']:.1%}")
   return result
 
 

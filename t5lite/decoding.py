@@ -113,13 +113,14 @@ def _prepare(model, params, batch, max_decode_len: int, double: bool = False):
 
 def doubles_single_rows(rows: int, method: str) -> bool:
   """Whether greedy or sampled decoding of `rows` rows runs its token steps as two identical
-  rows: one row, on a GPU (the prompt is filled in once, as one row). With one row every projection of a token step is a vector-matrix product,
-  which XLA's GPU compiler rewrites as a multiply and a reduction and, for some (the MLP's, the
-  attention output's), leaves the multiply unfused: the weight's products are written out and
-  read back. With two rows they stay GEMMs that read each weight once. In the programs XLA
-  compiles for an H100 (`benchmark.py --aot=h100`), a token step of the 1b preset moves 2.49 GB
-  in 476 kernels at one row and 2.13 GB in 343 at two; T5 v1.1 base 0.56 GB in 265 kernels and
-  0.30 GB in 206. On CPUs a second row costs its FLOPs, so they decode one."""
+  rows: one row, on a GPU (the prompt is filled in once, as one row). With one row every
+  projection of a token step is a vector-matrix product, which XLA's GPU compiler rewrites as a
+  multiply and a reduction and, for some (the MLP's, the attention output's), leaves the
+  multiply unfused: the weight's products are written out and read back. With two rows they
+  stay GEMMs that read each weight once. In the programs XLA compiles for an H100
+  (`benchmark.py --aot=h100`), a token step of the 1b preset moves 2.49 GB in 476 kernels at one
+  row and 2.13 GB in 343 at two; T5 v1.1 base 0.56 GB in 265 kernels and 0.30 GB in 206. On
+  CPUs a second row costs its FLOPs, so they decode one."""
   return rows == 1 and method != "beam" and gpu_aot.tracing_platform() == "gpu"
 
 

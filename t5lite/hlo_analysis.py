@@ -314,13 +314,21 @@ def _written(fused: List[_Instruction], inst: _Instruction) -> int:
   return shape_bytes(inst.shape)
 
 
+def _fused_computation(program: Program, inst: _Instruction) -> List[_Instruction]:
+  """The instructions of the computation a fusion runs (empty for anything else). XLA 0.11
+  also launches some fusions asynchronously, as a fusion-start and a fusion-done."""
+  if inst.opcode not in ("fusion", "fusion-start"):
+    return []
+  called = re.search(r"calls=%?([\w.\-]+)", inst.rest)
+  return program.computations.get(called.group(1), []) if called else []
+
+
 def _kernel_bytes(program: Program, inst: _Instruction, table) -> int:
   """Device-memory bytes one kernel reads plus writes."""
   operand_bytes = [shape_bytes(table[_name(o)].shape) if _name(o) in table else shape_bytes(o)
                    for o in inst.operands()]
-  if inst.opcode in ("fusion", "fusion-start"):   # (XLA 0.11 runs some fusions async)
-    called = re.search(r"calls=%?([\w.\-]+)", inst.rest)
-    fused = program.computations.get(called.group(1), []) if called else []
+  fused = _fused_computation(program, inst)
+  if fused:
     root = next((i for i in fused if i.root), None)
     if root is not None:
       return (sum(_fused_reads(fused, k, b) for k, b in enumerate(operand_bytes))
@@ -347,10 +355,8 @@ def _kernel_flops(program: Program, inst: _Instruction, table) -> float:
   """Matmul FLOPs of one kernel: its own (a cuBLAS or cuDNN call) or the dots of the fused
   computations it calls."""
   flops = _instruction_flops(inst, table)[1]
-  called = (re.search(r"calls=%?([\w.\-]+)", inst.rest)
-            if inst.opcode in ("fusion", "fusion-start") else None)
-  if called and called.group(1) in program.computations:
-    fused = program.computations[called.group(1)]
+  fused = _fused_computation(program, inst)
+  if fused:
     inner = {i.name: i for i in fused}
     flops += sum(_kernel_flops(program, i, inner) for i in fused)
   return flops
