@@ -248,11 +248,12 @@ def aot_train(cfg, args) -> dict:
   from t5lite import gpu_aot, hlo_analysis
   compiled, lower_s, compile_s = compile_abstract(cfg, args, args.aot)
   text = compiled.as_text()
+  parsed = hlo_analysis.Program(text)
   memory = gpu_aot.memory_gb(compiled)
-  program = hlo_analysis.matmul_flops(text)
+  program = hlo_analysis.matmul_flops(parsed)
   model = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
   peak = gpu_aot.MATMUL_TFLOPS[args.aot] * 1e12
-  bound = hlo_analysis.roofline(text, peak, gpu_aot.memory_bandwidth(args.aot))
+  bound = hlo_analysis.roofline(parsed, peak, gpu_aot.memory_bandwidth(args.aot))
   result = dict(lower_s=lower_s, compile_s=compile_s, memory_gb=memory,
                 cudnn_calls=gpu_aot.cudnn_attention_calls(text), model_flops=model,
                 program_flops=program, mfu_ceiling=model / program["total"],
@@ -281,14 +282,14 @@ def aot_decode(cfg, args, batch: int) -> dict:
   (`hlo_analysis.roofline`) bounds the new tokens/s the program can reach."""
   from t5lite import gpu_aot, hlo_analysis
   compiled, compile_s = compile_decode_abstract(cfg, args, batch, args.aot)
-  text = compiled.as_text()
-  loops = hlo_analysis.Program(text).unknown_loops   # stops when every row has ended
+  program = hlo_analysis.Program(compiled.as_text())
+  loops = program.unknown_loops   # the token loop: it stops when every row has ended
   if len(loops) != 1:
     raise RuntimeError(f"expected one token loop without a known trip count, found {loops}")
-  step = hlo_analysis.memory_traffic(text, loops[0])
-  whole = hlo_analysis.memory_traffic(text)          # the prompt and one token step
+  step = hlo_analysis.memory_traffic(program, loops[0])
+  whole = hlo_analysis.memory_traffic(program)          # the prompt and one token step
   bandwidth = gpu_aot.memory_bandwidth(args.aot)
-  bound = hlo_analysis.roofline(text, gpu_aot.MATMUL_TFLOPS[args.aot] * 1e12, bandwidth,
+  bound = hlo_analysis.roofline(program, gpu_aot.MATMUL_TFLOPS[args.aot] * 1e12, bandwidth,
                                 loops[0])
   row = {"impl": f"t5lite-decode-b{batch}", "batch": batch, "compile_s": compile_s,
          "memory_gb": gpu_aot.memory_gb(compiled), "step_gb": step["bytes"] / 1e9,

@@ -233,15 +233,15 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
       est.comm_s = (flat.comm_s / s + 2 * ticks * hw.alpha_us * 1e-6
                     + 2 * ticks * act_bytes / (hw.link_gbps * 1e9))
     else:
-      text = compiled.as_text()
-      comm = hlo_analysis.collectives(text, n).values()
+      program = hlo_analysis.Program(compiled.as_text())
+      comm = hlo_analysis.collectives(program, n).values()
       comm_bytes = sum(c["bytes"] for c in comm)
-      est.flops = hlo_analysis.matmul_flops(text)["total"]
+      est.flops = hlo_analysis.matmul_flops(program)["total"]
       est.comm_gb = comm_bytes / 1e9
       est.compute_s = est.flops / (hw.peak_tflops * 1e12)
       if target:   # the GPU's own kernels: each at the matmul peak or at the memory bandwidth
         from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
-        est.compute_s = hlo_analysis.roofline(text, hw.peak_tflops * 1e12,
+        est.compute_s = hlo_analysis.roofline(program, hw.peak_tflops * 1e12,
                                               gpu_aot.memory_bandwidth(target))["seconds"]
       est.comm_s = (sum(c["count"] for c in comm) * hw.alpha_us * 1e-6
                     + comm_bytes / (hw.link_gbps * 1e9))

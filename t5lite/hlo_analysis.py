@@ -29,7 +29,7 @@ their traffic.
 
 import math
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
@@ -131,6 +131,9 @@ class Program:
     self.runs: Dict[str, int] = {}
     for name in self.computations:
       self._count(name, callers)
+    self._tables: Dict[str, Dict[str, _Instruction]] = {}
+    self._users: Dict[str, Dict[str, List[Tuple[_Instruction, int]]]] = {}
+    self._kernel_costs: Dict[str, List[Tuple[_Instruction, int, int, float]]] = {}
 
   def _count(self, name: str, callers) -> int:
     if name not in self.runs:
@@ -138,14 +141,43 @@ class Program:
           self._count(caller, callers) * factor for caller, factor in callers.get(name, ()))
     return self.runs[name]
 
+  def table(self, computation: str) -> Dict[str, _Instruction]:
+    """A computation's instructions by name."""
+    if computation not in self._tables:
+      self._tables[computation] = {i.name: i for i in self.computations.get(computation, [])}
+    return self._tables[computation]
+
+  def users(self, computation: str) -> Dict[str, List[Tuple[_Instruction, int]]]:
+    """Instruction name -> (user, operand position) for each use of it in a computation."""
+    if computation not in self._users:
+      users: Dict[str, List[Tuple[_Instruction, int]]] = {}
+      for inst in self.computations.get(computation, []):
+        for position, operand in enumerate(inst.operands()):
+          users.setdefault(_name(operand), []).append((inst, position))
+      self._users[computation] = users
+    return self._users[computation]
+
   def instructions(self):
     """(instruction, runs per step, its computation's name -> instruction table) for every
     instruction that runs."""
     for name, insts in self.computations.items():
       if self.runs.get(name):
-        table = {i.name: i for i in insts}
+        table = self.table(name)
         for inst in insts:
           yield inst, self.runs[name], table
+
+  def kernel_costs(self, root: str) -> List[Tuple[_Instruction, int, int, float]]:
+    """(kernel instruction, runs per run of computation `root`, device-memory bytes it reads
+    plus writes, its matmul FLOPs) for every kernel reachable from `root`; computed once."""
+    if root not in self._kernel_costs:
+      self._kernel_costs[root] = [
+          (inst, runs, _kernel_bytes(self, inst, table), _kernel_flops(self, inst, table))
+          for inst, runs, table in _kernels(self, root)]
+    return self._kernel_costs[root]
+
+
+def _as_program(hlo: Union[str, Program]) -> Program:
+  return hlo if isinstance(hlo, Program) else Program(hlo)
 
 
 def _operand_dims(operand: str, table) -> List[int]:
@@ -186,12 +218,12 @@ def _instruction_flops(inst: _Instruction, table) -> Tuple[str, float]:
   return "", 0.0
 
 
-def matmul_flops(hlo_text: str) -> Dict[str, float]:
-  """Matrix-multiply FLOPs per step of an optimized HLO module, by kind ("dot", "gemm" for
-  cuBLAS calls, "attention" for cuDNN fused attention) and in "total" (see the module
-  docstring)."""
+def matmul_flops(hlo: Union[str, Program]) -> Dict[str, float]:
+  """Matrix-multiply FLOPs per step of an optimized HLO module (its text or its `Program`), by
+  kind ("dot", "gemm" for cuBLAS calls, "attention" for cuDNN fused attention) and in "total"
+  (see the module docstring)."""
   flops = {"dot": 0.0, "gemm": 0.0, "attention": 0.0}
-  for inst, runs, table in Program(hlo_text).instructions():
+  for inst, runs, table in _as_program(hlo).instructions():
     kind, f = _instruction_flops(inst, table)
     if kind:
       flops[kind] += runs * f
@@ -209,13 +241,13 @@ def _group_size(rest: str, num_devices: int) -> int:
   return num_devices
 
 
-def collectives(hlo_text: str, num_devices: int) -> Dict[str, Dict[str, float]]:
+def collectives(hlo: Union[str, Program], num_devices: int) -> Dict[str, Dict[str, float]]:
   """Per collective kind: how many run per step and the bytes each device sends under a ring
   model (all-reduce 2(g-1)/g of the buffer, all-gather and all-to-all (g-1)/g of the result,
   reduce-scatter (g-1) of its result, a permute the buffer), g the replica group's size. An
   asynchronous collective (a -start and a -done) counts once, with the -done's result."""
   stats = {c: {"count": 0.0, "bytes": 0.0} for c in COLLECTIVES}
-  for inst, runs, table in Program(hlo_text).instructions():
+  for inst, runs, table in _as_program(hlo).instructions():
     kind, issued = inst.opcode, inst
     if kind.endswith("-done"):
       kind = kind[:-len("-done")]
@@ -254,8 +286,7 @@ def _kernel_runs(program: Program, root: str) -> Dict[str, int]:
         visit(callee, times * factor)
     for options in branches.values():
       visit(max(options, key=lambda branch: sum(
-          r * _kernel_bytes(program, inst, table) for inst, r, table in _kernels(program, branch))),
-            times)
+          r * b for _, r, b, _ in program.kernel_costs(branch))), times)
 
   visit(root, 1)
   return runs
@@ -269,15 +300,12 @@ def _elements(shape: str) -> int:
   return sum(math.prod(d) for d in _dims(shape))
 
 
-def _fused_reads(fused: List[_Instruction], index: int, full: int) -> int:
+def _fused_reads(program: Program, fused: str, index: int, full: int) -> int:
   """Bytes a fusion reads of its operand `index`: the slices or gathered rows where the fused
-  computation only takes those (after conversions and bitcasts), nothing where it only updates
-  the operand in place, else all of it."""
-  users: Dict[str, List[Tuple[_Instruction, int]]] = {}
-  for inst in fused:
-    for position, operand in enumerate(inst.operands()):
-      users.setdefault(_name(operand), []).append((inst, position))
-  param = next((i for i in fused if i.opcode == "parameter"
+  computation `fused` only takes those (after conversions and bitcasts), nothing where it only
+  updates the operand in place, else all of it."""
+  users = program.users(fused)
+  param = next((i for i in program.computations[fused] if i.opcode == "parameter"
                 and i.rest.split(")", 1)[0].strip() == str(index)), None)
   if param is None:
     return full
@@ -298,15 +326,14 @@ def _fused_reads(fused: List[_Instruction], index: int, full: int) -> int:
   return int(min(fraction(param.name), 1.0) * full)
 
 
-def _written(fused: List[_Instruction], inst: _Instruction) -> int:
-  """Bytes written by an instruction of a fused computation as its output: an in-place
-  dynamic-update-slice writes its update only."""
-  table = {i.name: i for i in fused}
+def _written(table: Dict[str, _Instruction], inst: _Instruction) -> int:
+  """Bytes written by an instruction of a fused computation (`table`) as its output: an
+  in-place dynamic-update-slice writes its update only."""
   if inst.opcode == "bitcast":
     source = table.get(_name(inst.operands()[0]))
-    return _written(fused, source) if source else shape_bytes(inst.shape)
+    return _written(table, source) if source else shape_bytes(inst.shape)
   if inst.opcode == "tuple":
-    return sum(_written(fused, table[_name(o)]) if _name(o) in table else shape_bytes(o)
+    return sum(_written(table, table[_name(o)]) if _name(o) in table else shape_bytes(o)
                for o in inst.operands())
   if inst.opcode == "dynamic-update-slice":
     update = table.get(_name(inst.operands()[1]))
@@ -314,13 +341,13 @@ def _written(fused: List[_Instruction], inst: _Instruction) -> int:
   return shape_bytes(inst.shape)
 
 
-def _fused_computation(program: Program, inst: _Instruction) -> List[_Instruction]:
-  """The instructions of the computation a fusion runs (empty for anything else). XLA 0.11
-  also launches some fusions asynchronously, as a fusion-start and a fusion-done."""
+def _fused_computation(program: Program, inst: _Instruction) -> str:
+  """The name of the computation a fusion runs ("" for anything else). XLA 0.11 also launches
+  some fusions asynchronously, as a fusion-start and a fusion-done."""
   if inst.opcode not in ("fusion", "fusion-start"):
-    return []
+    return ""
   called = re.search(r"calls=%?([\w.\-]+)", inst.rest)
-  return program.computations.get(called.group(1), []) if called else []
+  return called.group(1) if called and called.group(1) in program.computations else ""
 
 
 def _kernel_bytes(program: Program, inst: _Instruction, table) -> int:
@@ -329,10 +356,10 @@ def _kernel_bytes(program: Program, inst: _Instruction, table) -> int:
                    for o in inst.operands()]
   fused = _fused_computation(program, inst)
   if fused:
-    root = next((i for i in fused if i.root), None)
+    root = next((i for i in program.computations[fused] if i.root), None)
     if root is not None:
-      return (sum(_fused_reads(fused, k, b) for k, b in enumerate(operand_bytes))
-              + _written(fused, root))
+      return (sum(_fused_reads(program, fused, k, b) for k, b in enumerate(operand_bytes))
+              + _written(program.table(fused), root))
   if inst.opcode == "dynamic-update-slice":
     return 2 * operand_bytes[1]
   if inst.opcode in ("dynamic-slice", "slice", "gather"):
@@ -344,9 +371,8 @@ def _kernels(program: Program, root: str):
   """(kernel instruction, runs per run of `root`, its computation's table) for every kernel
   reachable from computation `root`."""
   for name, runs in _kernel_runs(program, root).items():
-    insts = program.computations.get(name, [])
-    table = {i.name: i for i in insts}
-    for inst in insts:
+    table = program.table(name)
+    for inst in program.computations.get(name, []):
       if inst.opcode not in _NO_KERNEL and not inst.opcode.endswith("-done"):
         yield inst, runs, table
 
@@ -357,26 +383,27 @@ def _kernel_flops(program: Program, inst: _Instruction, table) -> float:
   flops = _instruction_flops(inst, table)[1]
   fused = _fused_computation(program, inst)
   if fused:
-    inner = {i.name: i for i in fused}
-    flops += sum(_kernel_flops(program, i, inner) for i in fused)
+    inner = program.table(fused)
+    flops += sum(_kernel_flops(program, i, inner) for i in program.computations[fused])
   return flops
 
 
-def memory_traffic(hlo_text: str, loop: str = "") -> Dict[str, float]:
+def memory_traffic(hlo: Union[str, Program], loop: str = "") -> Dict[str, float]:
   """{"bytes": device-memory bytes read plus written, "kernels": kernels run} per step of an
-  optimized HLO module, or per iteration of the while loop named `loop` (an instruction name,
+  optimized HLO module (its text or its `Program`), or per iteration of the while loop named `loop` (an instruction name,
   e.g. one of `Program(text).unknown_loops`, a decode loop's token step). Loops inside count
   their known trip counts, loops without one once. A model of what a GPU kernel touches (see
   the module docstring), not a measurement: caches and fusion-internal reuse are not seen."""
-  program = Program(hlo_text)
+  program = _as_program(hlo)
   traffic = {"bytes": 0.0, "kernels": 0.0}
-  for inst, runs, table in _kernels(program, program.loop_bodies[loop] if loop else program.entry):
-    traffic["bytes"] += runs * _kernel_bytes(program, inst, table)
+  for _, runs, moved, _ in program.kernel_costs(
+      program.loop_bodies[loop] if loop else program.entry):
+    traffic["bytes"] += runs * moved
     traffic["kernels"] += runs
   return traffic
 
 
-def roofline(hlo_text: str, flops_per_s: float, bytes_per_s: float,
+def roofline(hlo: Union[str, Program], flops_per_s: float, bytes_per_s: float,
              loop: str = "") -> Dict[str, float]:
   """A lower bound on the time of a step (or of one iteration of `loop`, as in
   `memory_traffic`) on a device with matmul peak `flops_per_s` and memory bandwidth
@@ -384,11 +411,12 @@ def roofline(hlo_text: str, flops_per_s: float, bytes_per_s: float,
   device-memory traffic at the bandwidth, and kernels run one after another. Returns
   {"seconds": the bound, "matmul_s" / "memory_s": the kernels bound by each, summed}. Launch
   latencies, collectives and kernels below either roof are not in it."""
-  program = Program(hlo_text)
+  program = _as_program(hlo)
   bound = {"seconds": 0.0, "matmul_s": 0.0, "memory_s": 0.0}
-  for inst, runs, table in _kernels(program, program.loop_bodies[loop] if loop else program.entry):
-    compute = _kernel_flops(program, inst, table) / flops_per_s
-    memory = _kernel_bytes(program, inst, table) / bytes_per_s
+  for _, runs, moved, flops in program.kernel_costs(
+      program.loop_bodies[loop] if loop else program.entry):
+    compute = flops / flops_per_s
+    memory = moved / bytes_per_s
     bound["seconds"] += runs * max(compute, memory)
     bound["matmul_s" if compute > memory else "memory_s"] += runs * max(compute, memory)
   return bound
