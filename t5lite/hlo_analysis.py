@@ -17,7 +17,8 @@ text instead:
   * memory traffic: the bytes each kernel reads from and writes to device memory, and how many
     kernels run, per step or per iteration of one loop (a decode loop's token step). A fused
     kernel reads the slices and gathered rows it takes, not their whole operands, and an
-    in-place dynamic-update-slice (a KV cache write) writes its update, not the buffer. On a
+    in-place dynamic-update-slice (a KV cache write) writes its update, not the buffer, and the
+    workspace a cuBLAS or cuDNN call returns beside its result is scratch, not output. On a
     GPU a decode step is bound by this traffic, not by FLOPs;
   * a roofline: each kernel takes at least the longer of its matmul FLOPs at the peak and its
     traffic at the bandwidth, which bounds a step's time and so its MFU.
@@ -46,6 +47,8 @@ _CALLEES = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|"
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 _GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul")
+_LIBRARY_TARGETS = _GEMM_TARGETS + ("__cudnn$",)
+_SCRATCH = re.compile(r"\b[su]8\[\d*\]")   # a flat byte array: a library call's workspace
 
 
 def _dims(shape: str) -> List[List[int]]:
@@ -338,7 +341,22 @@ def _written(table: Dict[str, _Instruction], inst: _Instruction) -> int:
   if inst.opcode == "dynamic-update-slice":
     update = table.get(_name(inst.operands()[1]))
     return shape_bytes(update.shape) if update else shape_bytes(inst.shape)
-  return shape_bytes(inst.shape)
+  if inst.opcode == "get-tuple-element" and _SCRATCH.fullmatch(inst.shape.split("{")[0]):
+    source = table.get(_name(inst.operands()[0]))
+    if source is not None and _scratch_bytes(source):
+      return 0   # a library call's workspace, passed out of a fusion that wraps the call
+  return shape_bytes(inst.shape) - _scratch_bytes(inst)
+
+
+def _scratch_bytes(inst: _Instruction) -> int:
+  """Bytes of the workspace a cuBLAS or cuDNN call returns beside its results (a flat s8 or u8
+  array, 4 MB per cuBLAS GEMM): scratch the call may use, not output it writes in full."""
+  if inst.opcode != "custom-call" or not inst.shape.startswith("("):
+    return 0
+  target = re.search(r'custom_call_target="([^"]+)"', inst.rest)
+  if not target or not target.group(1).startswith(_LIBRARY_TARGETS):
+    return 0
+  return sum(shape_bytes(m.group(0)) for m in _SCRATCH.finditer(inst.shape))
 
 
 def _fused_computation(program: Program, inst: _Instruction) -> str:
@@ -364,7 +382,7 @@ def _kernel_bytes(program: Program, inst: _Instruction, table) -> int:
     return 2 * operand_bytes[1]
   if inst.opcode in ("dynamic-slice", "slice", "gather"):
     return 2 * shape_bytes(inst.shape)
-  return sum(operand_bytes) + shape_bytes(inst.shape)
+  return sum(operand_bytes) + shape_bytes(inst.shape) - _scratch_bytes(inst)
 
 
 def _kernels(program: Program, root: str):
