@@ -100,8 +100,12 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
 LEVERS = ((), ("LossConfig.head_chunks=8",),
           ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True"))
 # GPU only: keeping cuDNN attention's outputs under dots_no_batch, so that the backward pass does
-# not run flash attention's forward again (XLA:CPU has no fused attention to keep).
-GPU_LEVERS = LEVERS + (("ModelConfig.remat_policy='dots_no_batch_attention'",),)
+# not run flash attention's forward again (XLA:CPU has no fused attention to keep); and every GEMM
+# a cuBLAS call (the first session measured that slower, perhaps on a JAX whose XLA ran some
+# cuBLAS GEMMs twice: runs/gpu.gin now stops that, and this keeps it stopped).
+GPU_LEVERS = LEVERS + (("ModelConfig.remat_policy='dots_no_batch_attention'",),
+                       ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
+                        "'xla_gpu_enable_dynamic_slice_fusion': False}",))
 
 
 def _lever_cases(shapes, run: str, steps: int, warmup: int, levers=LEVERS):
