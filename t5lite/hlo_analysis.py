@@ -331,7 +331,7 @@ def _fused_reads(program: Program, fused: str, index: int, full: int) -> int:
 
 def _written(table: Dict[str, _Instruction], inst: _Instruction) -> int:
   """Bytes written by an instruction of a fused computation (`table`) as its output: an
-  in-place dynamic-update-slice writes its update only."""
+  in-place dynamic-update-slice writes its update only, a library call's workspace nothing."""
   if inst.opcode == "bitcast":
     source = table.get(_name(inst.operands()[0]))
     return _written(table, source) if source else shape_bytes(inst.shape)
