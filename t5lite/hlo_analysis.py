@@ -183,6 +183,12 @@ def _as_program(hlo: Union[str, Program]) -> Program:
   return hlo if isinstance(hlo, Program) else Program(hlo)
 
 
+def _call_target(inst: _Instruction) -> str:
+  """A custom-call's target ("" for anything else), e.g. "__cublas$lt$matmul"."""
+  found = re.search(r'custom_call_target="([^"]+)"', inst.rest)
+  return found.group(1) if inst.opcode == "custom-call" and found else ""
+
+
 def _operand_dims(operand: str, table) -> List[int]:
   """Dimensions of an operand written as '%name' or as 'f32[2,3]{1,0} %name'."""
   written = _dims(operand)
@@ -207,8 +213,7 @@ def _instruction_flops(inst: _Instruction, table) -> Tuple[str, float]:
     return "dot", _matmul_flops(_dims(inst.shape)[0], lhs, inst.attribute("lhs_contracting_dims"))
   if inst.opcode != "custom-call":
     return "", 0.0
-  target = re.search(r'custom_call_target="([^"]+)"', inst.rest)
-  target = target.group(1) if target else ""
+  target = _call_target(inst)
   if target.startswith(_GEMM_TARGETS):
     lhs = _operand_dims(inst.operands()[0], table)
     return "gemm", _matmul_flops(_dims(inst.shape)[0], lhs,
@@ -351,10 +356,7 @@ def _written(table: Dict[str, _Instruction], inst: _Instruction) -> int:
 def _scratch_bytes(inst: _Instruction) -> int:
   """Bytes of the workspace a cuBLAS or cuDNN call returns beside its results (a flat s8 or u8
   array, 4 MB per cuBLAS GEMM): scratch the call may use, not output it writes in full."""
-  if inst.opcode != "custom-call" or not inst.shape.startswith("("):
-    return 0
-  target = re.search(r'custom_call_target="([^"]+)"', inst.rest)
-  if not target or not target.group(1).startswith(_LIBRARY_TARGETS):
+  if not inst.shape.startswith("(") or not _call_target(inst).startswith(_LIBRARY_TARGETS):
     return 0
   return sum(shape_bytes(m.group(0)) for m in _SCRATCH.finditer(inst.shape))
 
@@ -406,16 +408,21 @@ def _kernel_flops(program: Program, inst: _Instruction, table) -> float:
   return flops
 
 
+def _loop_kernel_costs(hlo: Union[str, Program], loop: str):
+  """`Program.kernel_costs` of the module's entry, or of the body of the while loop `loop`."""
+  program = _as_program(hlo)
+  return program.kernel_costs(program.loop_bodies[loop] if loop else program.entry)
+
+
 def memory_traffic(hlo: Union[str, Program], loop: str = "") -> Dict[str, float]:
   """{"bytes": device-memory bytes read plus written, "kernels": kernels run} per step of an
-  optimized HLO module (its text or its `Program`), or per iteration of the while loop named `loop` (an instruction name,
-  e.g. one of `Program(text).unknown_loops`, a decode loop's token step). Loops inside count
-  their known trip counts, loops without one once. A model of what a GPU kernel touches (see
-  the module docstring), not a measurement: caches and fusion-internal reuse are not seen."""
-  program = _as_program(hlo)
+  optimized HLO module (its text or its `Program`), or per iteration of the while loop named
+  `loop` (an instruction name, e.g. one of `Program(text).unknown_loops`, a decode loop's token
+  step). Loops inside count their known trip counts, loops without one once. A model of what a
+  GPU kernel touches (see the module docstring), not a measurement: caches and fusion-internal
+  reuse are not seen."""
   traffic = {"bytes": 0.0, "kernels": 0.0}
-  for _, runs, moved, _ in program.kernel_costs(
-      program.loop_bodies[loop] if loop else program.entry):
+  for _, runs, moved, _ in _loop_kernel_costs(hlo, loop):
     traffic["bytes"] += runs * moved
     traffic["kernels"] += runs
   return traffic
@@ -429,10 +436,8 @@ def roofline(hlo: Union[str, Program], flops_per_s: float, bytes_per_s: float,
   device-memory traffic at the bandwidth, and kernels run one after another. Returns
   {"seconds": the bound, "matmul_s" / "memory_s": the kernels bound by each, summed}. Launch
   latencies, collectives and kernels below either roof are not in it."""
-  program = _as_program(hlo)
   bound = {"seconds": 0.0, "matmul_s": 0.0, "memory_s": 0.0}
-  for _, runs, moved, flops in program.kernel_costs(
-      program.loop_bodies[loop] if loop else program.entry):
+  for _, runs, moved, flops in _loop_kernel_costs(hlo, loop):
     compute = flops / flops_per_s
     memory = moved / bytes_per_s
     bound["seconds"] += runs * max(compute, memory)

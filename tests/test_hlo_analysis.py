@@ -303,16 +303,15 @@ def test_gpu_run_config_stops_xla_running_a_cublas_gemm_twice():
   """jax 0.11's XLA (not 0.10's) fuses a cuBLAS GEMM whose result the scanned layer also saves
   for the backward pass into a dynamic-slice fusion that writes the saved copy by running the
   GEMM again: the MLP's input GEMM, 1/12 more FLOPs at the tiny preset (15% at the 1b preset).
-  runs/gpu.gin turns that fusion off; the step is then the formula's on either JAX."""
+  runs/gpu.gin turns that fusion off; the step is then the formula's on either JAX (the
+  cuBLAS case of the test above compiles it so)."""
   options = _gpu_run_options()
   assert options.get("xla_gpu_enable_dynamic_slice_fusion") is False, options
-  flops, expected, _ = _h100_flops("cublas", options)
-  assert flops["total"] == pytest.approx(expected, rel=1e-3), flops
-  default, _, _ = _h100_flops("cublas", {})
+  default, expected, _ = _h100_flops("cublas", {})
   if tuple(int(x) for x in jax.__version__.split(".")[:2]) == (0, 11):
     assert default["total"] == pytest.approx(13 / 12 * expected, rel=1e-3), default
   else:
-    assert default["total"] >= flops["total"], default
+    assert default["total"] >= expected * (1 - 1e-3), default
 
 
 @pytest.mark.skipif(not gpu_aot.plugin_available(), reason="JAX's CUDA plugin is not installed")
