@@ -13,7 +13,7 @@ ARCHITECTURES = ("encoder_decoder", "decoder_only", "prefix_lm")
 POSITION_ENCODINGS = ("relative", "rope", "alibi", "learned", "none")
 NORMS = ("rms", "layer")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention")
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "cpu_kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,8 @@ class ModelConfig:
       pass does not run flash attention's forward again; elsewhere the same as dots_no_batch).
     attention_impl: None (auto), 'xla' or 'cudnn' for jax.nn.dot_product_attention, or
       'chunked' (attention in query blocks, causal ones skipping the keys past the
-      diagonal, with a flash-attention backward; CPU).
+      diagonal, with a flash-attention backward; CPU), or 'cpu_kernel' (a compiled C++ kernel,
+      t5lite.kernels.cpu_attention, falling back to 'chunked' where it does not apply; CPU).
     flat_weight_grads: compute each projection's weight gradient as one matmul over flattened
       tokens (`t5lite.models.projection`; same values), which spares XLA:CPU a transposed copy
       of the gradient. A CPU lever.

@@ -1,0 +1,1 @@
+"""Hand-written kernels XLA calls through its FFI (optional; callers fall back to XLA)."""

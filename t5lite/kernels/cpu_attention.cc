@@ -1,0 +1,473 @@
+// Softmax attention for XLA:CPU as two XLA FFI handlers (forward and backward), fp32.
+//
+// XLA:CPU runs attention as separate ops, each one pass over the [queries, keys] scores in
+// memory, and its batched [rows x head_dim] x [head_dim x keys] matmuls run far below the
+// CPU's peak at head_dim 32-64. Here, for one (batch row, KV head) at a time and in blocks of
+// kRows queries, the scores of a block stay in cache from the QK^T product through the softmax
+// to the PV product, as in flash attention. The backward recomputes the probabilities from the
+// saved log-sum-exp. The (batch row, KV head) items are spread over XLA's intra-op threads.
+//
+// Layouts (row-major): q [B, Lq, H, D]; k, v [B, Lk, K, D] with H a multiple of K (grouped
+// queries); lengths int32 [B] (keys at or past a row's length are hidden); bias
+// [Bb, H, Lq, Lk] with Bb 1 or B (read only when has_bias); out [B, Lq, H, D];
+// lse float32 [B, H, Lq]. Causal: key j is hidden from query i when j > i. A query that sees
+// no key gets zeros (and passes no gradient). D must be a multiple of 16.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float V16 __attribute__((vector_size(64), aligned(4)));
+constexpr int kLanes = 16;
+constexpr int kRows = 32;  // queries per block
+constexpr float kHidden = -INFINITY;
+
+typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));
+
+inline V16 Load(const float* p) { V16 v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline V16 Splat(float x) { return V16{} + x; }
+
+// e^x, vectorized (Cody-Waite reduction to [-ln2/2, ln2/2], Cephes' degree-6 polynomial,
+// ~1 ulp); x below -87.3 (and -inf) gives 0. Arguments here are <= 0 (scores minus their max).
+inline V16 Exp(V16 x) {
+  const V16 lo = Splat(-87.3365f);
+  I16 under = x < lo;
+  x = under ? lo : x;
+  V16 t = x * 1.44269504088896341f + 0.5f;
+  I16 n = __builtin_convertvector(t, I16);
+  V16 nf = __builtin_convertvector(n, V16);
+  I16 above = nf > t;  // truncation went up (t < 0): floor instead
+  n += above;          // true is -1
+  nf = __builtin_convertvector(n, V16);
+  V16 f = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  V16 p = Splat(1.9875691500e-4f);
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  V16 y = p * f * f + f + 1.0f;
+  I16 bits = (n + 127) << 23;
+  V16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  y *= scale;
+  return under ? V16{} : y;
+}
+
+inline float Max(V16 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+inline float Sum(V16 v) {
+  float t = 0.0f;
+  for (int i = 0; i < kLanes; ++i) t += v[i];
+  return t;
+}
+
+// row[j] = exp(row[j] - shift) for j < cols (a multiple of kLanes; -inf entries give 0);
+// returns the sum.
+inline float ExpRow(float* row, int cols, float shift) {
+  V16 sum = {};
+  for (int j = 0; j < cols; j += kLanes) {
+    V16 e = Exp(Load(row + j) - shift);
+    Store(row + j, e);
+    sum += e;
+  }
+  return Sum(sum);
+}
+
+struct Shape {
+  int64_t b, lq, lk, h, kv, d, bias_b;
+  bool causal, has_bias;
+  float scale;
+};
+
+// C[r][j] = sum_d A[r][d] * BT[d][j] for r < rows, j < cols (cols a multiple of 2 * kLanes;
+// BT's padding columns are zero).
+void RowsTimesKeysT(const float* a, int64_t lda, int rows, const float* bt, int64_t ldb,
+                    int cols, int d, float* c, int64_t ldc) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    for (int j = 0; j < cols; j += 2 * kLanes) {
+      V16 acc[4][2] = {};
+      for (int e = 0; e < d; ++e) {
+        V16 b0 = Load(bt + e * ldb + j), b1 = Load(bt + e * ldb + j + kLanes);
+        for (int i = 0; i < 4; ++i) {
+          V16 x = Splat(a[(r + i) * lda + e]);
+          acc[i][0] += x * b0;
+          acc[i][1] += x * b1;
+        }
+      }
+      for (int i = 0; i < 4; ++i) {
+        Store(c + (r + i) * ldc + j, acc[i][0]);
+        Store(c + (r + i) * ldc + j + kLanes, acc[i][1]);
+      }
+    }
+  }
+  for (; r < rows; ++r) {
+    for (int j = 0; j < cols; j += kLanes) {
+      V16 acc = {};
+      for (int e = 0; e < d; ++e) acc += Splat(a[r * lda + e]) * Load(bt + e * ldb + j);
+      Store(c + r * ldc + j, acc);
+    }
+  }
+}
+
+// out[r][:] (=|+=) sum_{j < cols} p[r][j] * m[j][:], D = d (a multiple of kLanes).
+template <int kVecs>
+void RowsTimesMatChunk(const float* p, int64_t ldp, int rows, int cols, const float* m,
+                       int64_t ldm, float* out, int64_t ldo, bool accumulate) {
+  int r = 0;
+  constexpr int kTile = kVecs <= 2 ? 6 : 3;
+  for (; r < rows; r += kTile) {
+    int n = std::min(kTile, rows - r);
+    V16 acc[kTile][kVecs] = {};
+    for (int j = 0; j < cols; ++j) {
+      V16 mv[kVecs];
+      for (int u = 0; u < kVecs; ++u) mv[u] = Load(m + j * ldm + u * kLanes);
+      for (int i = 0; i < kTile; ++i) {
+        if (i >= n) break;
+        V16 x = Splat(p[(r + i) * ldp + j]);
+        for (int u = 0; u < kVecs; ++u) acc[i][u] += x * mv[u];
+      }
+    }
+    for (int i = 0; i < n; ++i)
+      for (int u = 0; u < kVecs; ++u) {
+        float* o = out + (r + i) * ldo + u * kLanes;
+        Store(o, accumulate ? Load(o) + acc[i][u] : acc[i][u]);
+      }
+  }
+}
+
+void RowsTimesMat(const float* p, int64_t ldp, int rows, int cols, const float* m, int64_t ldm,
+                  int d, float* out, int64_t ldo, bool accumulate) {
+  int e = 0;
+  for (; e + 4 * kLanes <= d; e += 4 * kLanes)
+    RowsTimesMatChunk<4>(p, ldp, rows, cols, m + e, ldm, out + e, ldo, accumulate);
+  for (; e + 2 * kLanes <= d; e += 2 * kLanes)
+    RowsTimesMatChunk<2>(p, ldp, rows, cols, m + e, ldm, out + e, ldo, accumulate);
+  for (; e < d; e += kLanes)
+    RowsTimesMatChunk<1>(p, ldp, rows, cols, m + e, ldm, out + e, ldo, accumulate);
+}
+
+// out[j][:] += sum_{r < rows} p[r][j] * a[r][:] for j < cols.
+template <int kVecs>
+void KeysTimesRowsChunk(const float* p, int64_t ldp, int rows, int cols, const float* a,
+                        int64_t lda, float* out, int64_t ldo) {
+  constexpr int kTile = kVecs <= 2 ? 6 : 3;
+  for (int j = 0; j < cols; j += kTile) {
+    int n = std::min(kTile, cols - j);
+    V16 acc[kTile][kVecs] = {};
+    for (int r = 0; r < rows; ++r) {
+      V16 av[kVecs];
+      for (int u = 0; u < kVecs; ++u) av[u] = Load(a + r * lda + u * kLanes);
+      for (int i = 0; i < kTile; ++i) {
+        if (i >= n) break;
+        V16 x = Splat(p[r * ldp + j + i]);
+        for (int u = 0; u < kVecs; ++u) acc[i][u] += x * av[u];
+      }
+    }
+    for (int i = 0; i < n; ++i)
+      for (int u = 0; u < kVecs; ++u) {
+        float* o = out + (j + i) * ldo + u * kLanes;
+        Store(o, Load(o) + acc[i][u]);
+      }
+  }
+}
+
+void KeysTimesRows(const float* p, int64_t ldp, int rows, int cols, const float* a, int64_t lda,
+                   int d, float* out, int64_t ldo) {
+  int e = 0;
+  for (; e + 4 * kLanes <= d; e += 4 * kLanes)
+    KeysTimesRowsChunk<4>(p, ldp, rows, cols, a + e, lda, out + e, ldo);
+  for (; e + 2 * kLanes <= d; e += 2 * kLanes)
+    KeysTimesRowsChunk<2>(p, ldp, rows, cols, a + e, lda, out + e, ldo);
+  for (; e < d; e += kLanes) KeysTimesRowsChunk<1>(p, ldp, rows, cols, a + e, lda, out + e, ldo);
+}
+
+// Packs x[b, :, head, :] (rows of stride `stride`) transposed into xt[D][ld] (zero padded).
+void PackTransposed(const float* x, int64_t stride, int64_t rows, int d, float* xt, int64_t ld) {
+  std::fill(xt, xt + d * ld, 0.0f);
+  for (int64_t j = 0; j < rows; ++j)
+    for (int e = 0; e < d; ++e) xt[e * ld + j] = x[j * stride + e];
+}
+
+// Keys query i of `rows` from `start` may see: [0, Visible(i)).
+inline int64_t VisibleKeys(const Shape& s, int64_t length, int64_t i) {
+  int64_t n = std::min(s.lk, length);
+  return s.causal ? std::min(n, i + 1) : n;
+}
+
+// Scores of queries [start, start + rows) of (b, h): scale * q k^T + bias, hidden -> -inf.
+// Returns the number of key columns computed (a multiple of 2 * kLanes).
+int BlockScores(const Shape& s, const float* q, const float* kt, int64_t ldk, const float* bias,
+                int64_t b, int64_t h, int64_t start, int rows, int64_t length, float* sc,
+                int64_t ldc) {
+  int64_t last = VisibleKeys(s, length, start + rows - 1);
+  int cols = static_cast<int>((last + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes));
+  if (cols == 0) return 0;
+  const float* qrow = q + ((b * s.lq + start) * s.h + h) * s.d;
+  RowsTimesKeysT(qrow, s.h * s.d, rows, kt, ldk, cols, s.d, sc, ldc);
+  const float* brow = nullptr;
+  if (s.has_bias)
+    brow = bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk;
+  for (int r = 0; r < rows; ++r) {
+    int64_t seen = VisibleKeys(s, length, start + r);
+    float* row = sc + r * ldc;
+    for (int64_t j = 0; j < seen; ++j)
+      row[j] = row[j] * s.scale + (brow ? brow[r * s.lk + j] : 0.0f);
+    for (int64_t j = seen; j < cols; ++j) row[j] = kHidden;
+  }
+  return cols;
+}
+
+ffi::Error CheckShapes(const Shape& s) {
+  if (s.d % kLanes != 0)
+    return ffi::Error::InvalidArgument("cpu attention: head_dim must be a multiple of 16");
+  if (s.kv <= 0 || s.h % s.kv != 0)
+    return ffi::Error::InvalidArgument("cpu attention: query heads must be a multiple of KV heads");
+  return ffi::Error::Success();
+}
+
+Shape MakeShape(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& bias,
+                float scale, bool causal, bool has_bias) {
+  auto qd = q.dimensions(), kd = k.dimensions(), bd = bias.dimensions();
+  return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], bd[0], causal, has_bias, scale};
+}
+
+// Runs fn(slot, item) for every item < items on the calling thread and up to threads - 1 tasks
+// of XLA's intra-op thread pool (slot < threads tells apart the concurrent runners, for their
+// scratch space). Items are claimed one at a time, so the caller never waits for a task that
+// has not started: it waits only for items claimed and not yet finished. A task that starts
+// after every item was claimed does nothing.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t items, int threads, Fn& fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::atomic<int> slot{1};
+  };
+  auto state = std::make_shared<State>();
+  Fn* body = &fn;
+  auto drain = [state, items, body](int slot) {
+    for (int64_t i; (i = state->next.fetch_add(1)) < items;) {
+      (*body)(slot, i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int t = 1; t < threads; ++t)
+    pool.Schedule([state, drain]() { drain(state->slot.fetch_add(1)); });
+  drain(0);
+  while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+// Threads for `items` work items: XLA's intra-op pool's, at most one per item.
+int Threads(ffi::ThreadPool& pool, int64_t items) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), items)));
+}
+
+struct Operands {
+  const float *q, *k, *v, *bias, *out, *lse, *d_out;
+  const int32_t* lengths;
+};
+
+// Forward of one (batch row b, KV head kh): its group of query heads over its keys.
+void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float* out,
+                 float* lse, std::vector<float>& kt, std::vector<float>& sc) {
+  const int64_t ldk = (s.lk + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+  const int64_t group = s.h / s.kv, kstride = s.kv * s.d, qstride = s.h * s.d;
+  const int64_t length = x.lengths[b];
+  const float* vbase = x.v + (b * s.lk * s.kv + kh) * s.d;
+  PackTransposed(x.k + (b * s.lk * s.kv + kh) * s.d, kstride, s.lk, s.d, kt.data(), ldk);
+  for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+    for (int64_t start = 0; start < s.lq; start += kRows) {
+      int rows = static_cast<int>(std::min<int64_t>(kRows, s.lq - start));
+      int cols = BlockScores(s, x.q, kt.data(), ldk, x.bias, b, h, start, rows, length,
+                             sc.data(), ldk);
+      float* orow = out + ((b * s.lq + start) * s.h + h) * s.d;
+      float* lrow = lse + (b * s.h + h) * s.lq + start;
+      for (int r = 0; r < rows; ++r) {
+        float* row = sc.data() + r * ldk;
+        if (VisibleKeys(s, length, start + r) == 0) {  // sees nothing: zeros
+          std::fill(row, row + cols, 0.0f);
+          lrow[r] = 0.0f;
+          continue;
+        }
+        V16 mv = Splat(kHidden);
+        for (int j = 0; j < cols; j += kLanes) mv = mv > Load(row + j) ? mv : Load(row + j);
+        float m = Max(mv);
+        float sum = ExpRow(row, cols, m);
+        V16 inv = Splat(1.0f / sum);
+        for (int j = 0; j < cols; j += kLanes) Store(row + j, Load(row + j) * inv);
+        lrow[r] = m + std::log(sum);
+      }
+      int keys = static_cast<int>(VisibleKeys(s, length, start + rows - 1));
+      if (keys == 0) {
+        for (int r = 0; r < rows; ++r) std::fill(orow + r * qstride, orow + r * qstride + s.d, 0.0f);
+        continue;
+      }
+      RowsTimesMat(sc.data(), ldk, rows, keys, vbase, kstride, s.d, orow, qstride, false);
+    }
+  }
+}
+
+// Backward of one (batch row b, KV head kh): dQ of its query heads, dK and dV of its keys, and
+// its share of dBias (added into d_bias, laid out as the bias).
+void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float* dq, float* dk,
+                  float* dv, float* d_bias, std::vector<float>& scratch) {
+  const int64_t ldk = (s.lk + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+  const int64_t group = s.h / s.kv, kstride = s.kv * s.d, qstride = s.h * s.d;
+  const int64_t length = x.lengths[b], koff = (b * s.lk * s.kv + kh) * s.d;
+  scratch.resize(2 * s.d * ldk + 2 * kRows * ldk + kRows);
+  float *kt = scratch.data(), *vt = kt + s.d * ldk, *pr = vt + s.d * ldk, *ds = pr + kRows * ldk;
+  float* di = ds + kRows * ldk;
+  PackTransposed(x.k + koff, kstride, s.lk, s.d, kt, ldk);
+  PackTransposed(x.v + koff, kstride, s.lk, s.d, vt, ldk);
+  for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+    for (int64_t start = 0; start < s.lq; start += kRows) {
+      int rows = static_cast<int>(std::min<int64_t>(kRows, s.lq - start));
+      const int64_t qoff = ((b * s.lq + start) * s.h + h) * s.d;
+      int cols = BlockScores(s, x.q, kt, ldk, x.bias, b, h, start, rows, length, pr, ldk);
+      if (cols == 0) {
+        for (int r = 0; r < rows; ++r)
+          std::fill(dq + qoff + r * qstride, dq + qoff + r * qstride + s.d, 0.0f);
+        continue;
+      }
+      // P from the saved log-sum-exp; D_i = dO_i . O_i.
+      for (int r = 0; r < rows; ++r) {
+        float* row = pr + r * ldk;
+        if (VisibleKeys(s, length, start + r) == 0) std::fill(row, row + cols, kHidden);
+        ExpRow(row, cols, x.lse[(b * s.h + h) * s.lq + start + r]);
+        float dot = 0.0f;
+        const float *o = x.out + qoff + r * qstride, *g = x.d_out + qoff + r * qstride;
+        for (int e = 0; e < s.d; ++e) dot += o[e] * g[e];
+        di[r] = dot;
+      }
+      // dP = dO V^T; dS = P * (dP - D) (zero where hidden).
+      RowsTimesKeysT(x.d_out + qoff, qstride, rows, vt, ldk, cols, s.d, ds, ldk);
+      float* dbrow = nullptr;
+      if (s.has_bias) dbrow = d_bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk;
+      for (int r = 0; r < rows; ++r) {
+        float *drow = ds + r * ldk, *prow = pr + r * ldk;
+        int64_t seen = VisibleKeys(s, length, start + r);
+        for (int64_t j = 0; j < seen; ++j) drow[j] = prow[j] * (drow[j] - di[r]);
+        for (int64_t j = seen; j < cols; ++j) drow[j] = 0.0f;
+        if (dbrow)
+          for (int64_t j = 0; j < seen; ++j) dbrow[r * s.lk + j] += drow[j];
+        for (int64_t j = 0; j < seen; ++j) drow[j] *= s.scale;
+      }
+      // dQ = dS K; dK += dS^T Q; dV += P^T dO.
+      int keys = static_cast<int>(VisibleKeys(s, length, start + rows - 1));
+      RowsTimesMat(ds, ldk, rows, keys, x.k + koff, kstride, s.d, dq + qoff, qstride, false);
+      KeysTimesRows(ds, ldk, rows, keys, x.q + qoff, qstride, s.d, dk + koff, kstride);
+      KeysTimesRows(pr, ldk, rows, keys, x.d_out + qoff, qstride, s.d, dv + koff, kstride);
+    }
+  }
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                       ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                       ffi::ThreadPool pool, float scale, bool causal, bool has_bias) {
+  Shape s = MakeShape(q, k, bias, scale, causal, has_bias);
+  if (auto e = CheckShapes(s); e.failure()) return e;
+  Operands x{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), nullptr, nullptr,
+             nullptr, lengths.typed_data()};
+  const int64_t ldk = (s.lk + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+  float *op = out->typed_data(), *lsep = lse->typed_data();
+  const int threads = Threads(pool, s.b * s.kv);
+  std::vector<std::vector<float>> kt(threads), sc(threads);
+  auto item = [&](int t, int64_t i) {
+    if (kt[t].empty()) {
+      kt[t].resize(s.d * ldk);
+      sc[t].resize(kRows * ldk);
+    }
+    ForwardItem(s, x, i / s.kv, i % s.kv, op, lsep, kt[t], sc[t]);
+  };
+  ParallelFor(pool, s.b * s.kv, threads, item);
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                        ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
+                        ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                        ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_q,
+                        ffi::ResultBuffer<ffi::F32> d_k, ffi::ResultBuffer<ffi::F32> d_v,
+                        ffi::ResultBuffer<ffi::F32> d_bias, ffi::ThreadPool pool,
+                        float scale, bool causal, bool has_bias) {
+  Shape s = MakeShape(q, k, bias, scale, causal, has_bias);
+  if (auto e = CheckShapes(s); e.failure()) return e;
+  Operands x{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), out.typed_data(),
+             lse.typed_data(), d_out.typed_data(), lengths.typed_data()};
+  float *dqp = d_q->typed_data(), *dkp = d_k->typed_data(), *dvp = d_v->typed_data();
+  float* dbp = d_bias->typed_data();
+  const int64_t bias_size = d_bias->element_count();
+  std::fill(dkp, dkp + d_k->element_count(), 0.0f);
+  std::fill(dvp, dvp + d_v->element_count(), 0.0f);
+  std::fill(dbp, dbp + bias_size, 0.0f);
+  // A bias shared by the batch rows gets one dBias per thread, summed at the end (rows of one
+  // KV head on different threads would otherwise add into the same values).
+  const int threads = Threads(pool, s.b * s.kv);
+  const bool shared = has_bias && s.bias_b == 1 && threads > 1;
+  std::vector<std::vector<float>> scratch(threads), partial(shared ? threads - 1 : 0);
+  auto item = [&](int t, int64_t i) {
+    float* target = dbp;
+    if (shared && t > 0) {
+      if (partial[t - 1].empty()) partial[t - 1].assign(bias_size, 0.0f);
+      target = partial[t - 1].data();
+    }
+    BackwardItem(s, x, i / s.kv, i % s.kv, dqp, dkp, dvp, target, scratch[t]);
+  };
+  ParallelFor(pool, s.b * s.kv, threads, item);
+  for (const auto& p : partial)  // empty where that task got no item
+    for (size_t i = 0; i < p.size(); ++i) dbp[i] += p[i];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<bool>("has_bias"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<bool>("has_bias"));

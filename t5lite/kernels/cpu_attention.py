@@ -1,0 +1,144 @@
+"""Softmax attention for CPUs as an XLA FFI kernel (cpu_attention.cc), with its gradient.
+
+XLA:CPU runs attention op by op: each op is a pass over the [queries, keys] scores in memory,
+and its batched matmuls with head_dim 32-64 run far below the CPU's peak. The kernel keeps a
+block of 32 queries' scores in cache from QK^T through the softmax to PV (and, in the
+backward, recomputes them from the saved log-sum-exp), as flash attention does on GPUs, and
+spreads (batch row, KV head) pairs over XLA's intra-op threads.
+
+The C++ source is compiled on first use with the host's C++ compiler (`g++`, or $CXX) for this
+CPU (-march=native) into a cache folder ($T5LITE_KERNEL_CACHE, default
+~/.cache/t5lite/kernels), keyed by the source, the flags and the JAX version. Where that fails
+(no compiler), `available()` is False and callers fall back to XLA's attention; the reason is
+logged once. float32 only; head_dim a multiple of 16.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
+_FORWARD = "t5lite_cpu_attention_forward"
+_BACKWARD = "t5lite_cpu_attention_backward"
+
+
+def _cache_dir() -> str:
+  return os.environ.get("T5LITE_KERNEL_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "t5lite", "kernels"))
+
+
+def build(cache_dir: Optional[str] = None) -> str:
+  """Compiles cpu_attention.cc (once per source, flags and JAX version) and returns the path of
+  the shared library. Raises RuntimeError (with the compiler's message) when it cannot."""
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if not compiler:
+    raise RuntimeError("no C++ compiler found (set $CXX)")
+  with open(SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(source + " ".join(FLAGS + (compiler, jax.__version__)).encode())
+  folder = cache_dir or _cache_dir()
+  path = os.path.join(folder, f"cpu_attention-{key.hexdigest()[:16]}.so")
+  if os.path.exists(path):
+    return path
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+  os.close(fd)
+  cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if done.returncode:
+    os.unlink(tmp)
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+  os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+  """Whether the kernel is built and registered with XLA:CPU (builds it on the first call).
+  False, with the reason logged once, where it cannot be built or loaded."""
+  if os.environ.get("T5LITE_CPU_ATTENTION_KERNEL", "1") == "0":
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(build())
+    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.T5liteCpuAttentionForward),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.T5liteCpuAttentionBackward),
+                                platform="cpu")
+  except (RuntimeError, OSError, AttributeError) as e:
+    logging.warning("t5lite: CPU attention kernel unavailable, using XLA's attention: %s", e)
+    print(f"t5lite: CPU attention kernel unavailable: {e}", file=sys.stderr)
+    return False
+  return True
+
+
+def supports(q, k, bias) -> bool:
+  """Whether `attention` takes these operands: float32, head_dim a multiple of 16, query heads
+  a multiple of KV heads, bias (if any) [1 or batch, heads, q_len, k_len]."""
+  b, q_len, heads, d = q.shape
+  ok = (q.dtype == jnp.float32 and k.dtype == jnp.float32 and d % 16 == 0
+        and heads % k.shape[2] == 0)
+  if bias is not None:
+    ok = ok and bias.dtype == jnp.float32 and bias.ndim == 4 and bias.shape[0] in (1, b) and (
+        bias.shape[1:] == (heads, q_len, k.shape[1]))
+  return ok
+
+
+def attention(q, k, v, kv_lengths=None, bias=None, *, scale: float, causal: bool):
+  """Softmax attention of q [b, q_len, heads, d] over k, v [b, k_len, kv_heads, d].
+
+  Keys at or past a row's `kv_lengths` (int [b]; default: none) are hidden, and under `causal`
+  query i sees keys 0..i; `bias` [1 or b, heads, q_len, k_len] is added to the scaled scores.
+  A query that sees no key gets zeros. Differentiable in q, k, v and bias. Requires
+  `available()` and `supports(q, k, bias)`; returns [b, q_len, heads, d].
+  """
+  b = q.shape[0]
+  lengths = (jnp.full((b,), k.shape[1], jnp.int32) if kv_lengths is None
+             else kv_lengths.astype(jnp.int32))
+  has_bias = bias is not None
+  bias_in = bias if has_bias else jnp.zeros((1, 1, 1, 1), jnp.float32)
+  return _attention(q, k, v, lengths, bias_in, float(scale), bool(causal), has_bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, lengths, bias, scale, causal, has_bias):
+  return _forward(q, k, v, lengths, bias, scale, causal, has_bias)[0]
+
+
+def _attrs(scale, causal, has_bias):
+  return dict(scale=np.float32(scale), causal=causal, has_bias=has_bias)
+
+
+def _forward(q, k, v, lengths, bias, scale, causal, has_bias):
+  b, q_len, heads, _ = q.shape
+  out, lse = jax.ffi.ffi_call(
+      _FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                 jax.ShapeDtypeStruct((b, heads, q_len), jnp.float32)),
+      vmap_method="sequential")(q, k, v, lengths, bias, **_attrs(scale, causal, has_bias))
+  return out, (q, k, v, lengths, bias, out, lse)
+
+
+def _backward(scale, causal, has_bias, saved, d_out):
+  q, k, v, lengths, bias, out, lse = saved
+  d_q, d_k, d_v, d_bias = jax.ffi.ffi_call(
+      _BACKWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                  jax.ShapeDtypeStruct(k.shape, jnp.float32),
+                  jax.ShapeDtypeStruct(v.shape, jnp.float32),
+                  jax.ShapeDtypeStruct(bias.shape, jnp.float32)),
+      vmap_method="sequential")(q, k, v, lengths, bias, out, lse, d_out.astype(jnp.float32),
+                                **_attrs(scale, causal, has_bias))
+  return d_q, d_k, d_v, None, d_bias if has_bias else jnp.zeros_like(bias)
+
+
+_attention.defvjp(_forward, _backward)
