@@ -77,10 +77,11 @@ def main(arch):
   if arch == "moe":  # decoder-only with a top-2 MoE feed-forward of 8 experts
     arch, extra = "decoder_only", dict(num_experts=8, experts_per_token=2)
     presets["expert_parallel"] = partitioning.MeshConfig(2, 1, 4, "expert_parallel")
-  if arch == "cpu_levers":  # decoder-only with runs/cpu.gin's levers: chunked attention over
-    # three query blocks, flat weight gradients
+  if arch == "cpu_levers":  # decoder-only with runs/cpu.gin's levers: the attention kernel
+    # (on a mesh it falls back to chunked attention, here over three query blocks), flat
+    # weight gradients
     arch, lengths = "decoder_only", (100, 40)
-    extra = dict(attention_impl="chunked", flat_weight_grads=True, tie_embeddings=True)
+    extra = dict(attention_impl="cpu_kernel", flat_weight_grads=True, tie_embeddings=True)
   if arch == "head_chunks":  # decoder-only, the head and loss in 5 blocks over 24 positions
     arch, loss_cfg = "decoder_only", LossConfig(head_chunks=5)
   cfg = tiny_config(arch=arch, d_model=64, num_heads=8, num_kv_heads=4 if arch != "encoder_decoder" else 0,

@@ -60,8 +60,8 @@ def test_presets_match_single_device_on_8_devices(arch):
 
 @pytest.mark.slow
 def test_cpu_levers_match_single_device_on_8_devices():
-  """runs/cpu.gin's levers (attention_impl='chunked', flat_weight_grads) under every sharding
-  preset (160-token rows, tied head)."""
+  """runs/cpu.gin's levers (attention_impl='cpu_kernel', which falls back to 'chunked' on a
+  mesh; flat_weight_grads) under every sharding preset (160-token rows, tied head)."""
   assert len(_check_presets("cpu_levers")["presets"]) == 4
 
 

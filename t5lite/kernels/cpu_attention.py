@@ -6,11 +6,13 @@ block of 32 queries' scores in cache from QK^T through the softmax to PV (and, i
 backward, recomputes them from the saved log-sum-exp), as flash attention does on GPUs, and
 spreads (batch row, KV head) pairs over XLA's intra-op threads.
 
-The C++ source is compiled on first use with the host's C++ compiler (`g++`, or $CXX) for this
-CPU (-march=native) into a cache folder ($T5LITE_KERNEL_CACHE, default
-~/.cache/t5lite/kernels), keyed by the source, the flags and the JAX version. Where that fails
-(no compiler), `available()` is False and callers fall back to XLA's attention; the reason is
-logged once. float32 only; head_dim a multiple of 16.
+The C++ source is compiled on first use (~3 s) with the host's C++ compiler (`g++`, or $CXX)
+for this CPU (-march=native) into `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR,
+else ~/.cache/t5lite), keyed by the source, the compiler, the flags and the JAX version. Where
+that fails (no compiler) or T5LITE_CPU_ATTENTION_KERNEL=0, `available()` is False and callers
+fall back to XLA's attention (the reason is logged once). float32 only; head_dim a multiple
+of 16. The library in the cache is loaded and run: like JAX's compilation cache, a cache
+directory others can write to lets them run code as you.
 """
 
 import ctypes
@@ -20,7 +22,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from typing import Optional
 
@@ -35,8 +36,8 @@ _BACKWARD = "t5lite_cpu_attention_backward"
 
 
 def _cache_dir() -> str:
-  return os.environ.get("T5LITE_KERNEL_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "t5lite", "kernels"))
+  return os.path.join(os.path.expanduser(os.environ.get("T5LITE_CACHE_DIR") or "~/.cache/t5lite"),
+                      "kernels")
 
 
 def build(cache_dir: Optional[str] = None) -> str:
@@ -78,7 +79,6 @@ def available() -> bool:
                                 platform="cpu")
   except (RuntimeError, OSError, AttributeError) as e:
     logging.warning("t5lite: CPU attention kernel unavailable, using XLA's attention: %s", e)
-    print(f"t5lite: CPU attention kernel unavailable: {e}", file=sys.stderr)
     return False
   return True
 

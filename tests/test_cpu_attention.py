@@ -1,0 +1,137 @@
+"""The CPU attention kernel (t5lite/kernels/cpu_attention.cc through XLA's FFI): values and
+gradients against jax.nn.dot_product_attention, its fallbacks, its build, and whole models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from t5lite.kernels import cpu_attention
+from t5lite.models import attention
+from t5lite.models.model import Model
+
+needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
+                                  reason="the CPU attention kernel could not be built here")
+
+CASES = {
+    # name: (b, q_len, k_len, heads, kv_heads, d, causal, lengths, bias batch or None)
+    "causal_grouped": (3, 150, 150, 4, 2, 32, True, None, None),
+    "causal_lengths_bias": (2, 70, 70, 4, 4, 16, True, [70, 33], 1),
+    "lengths_and_shared_bias": (3, 150, 150, 4, 2, 16, False, [150, 100, 7], 1),
+    "cross_lengths_row_bias": (3, 40, 90, 2, 1, 64, False, [90, 51, 2], 3),
+}
+
+
+def _operands(case, seed=0):
+  b, q_len, k_len, heads, kv_heads, d, causal, lengths, bias_b = CASES[case]
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(keys[0], (b, q_len, heads, d))
+  k, v = (jax.random.normal(r, (b, k_len, kv_heads, d)) for r in keys[1:3])
+  bias = None if bias_b is None else jax.random.normal(keys[3], (bias_b, heads, q_len, k_len))
+  lengths = None if lengths is None else jnp.array(lengths, jnp.int32)
+  return q, k, v, bias, attention.Mask(causal=causal, kv_lengths=lengths)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_matches_jax_attention(case):
+  """Outputs and the gradients of q, k, v and the bias (summed over the batch where it is
+  shared) equal jax.nn.dot_product_attention's, for grouped queries, causal or not, hidden
+  keys, query and key lengths that are not multiples of the kernel's blocks, head_dim 16-64."""
+  q, k, v, bias, mask = _operands(case)
+  ref = lambda q, k, v, bias: jax.nn.dot_product_attention(  # noqa: E731
+      q, k, v, bias=bias, scale=0.3, is_causal=mask.causal,
+      key_value_seq_lengths=mask.kv_lengths)
+  ours = lambda q, k, v, bias: cpu_attention.attention(  # noqa: E731
+      q, k, v, mask.kv_lengths, bias, scale=0.3, causal=mask.causal)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v, bias), ref(q, k, v, bias), atol=2e-6,
+                             rtol=2e-5)
+  weights = jax.random.normal(jax.random.key(9), q.shape)
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  grads = [jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a)) * weights), argnums))(
+      q, k, v, bias) for fn in (ours, ref)]
+  for got, want in zip(*grads):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=5e-5)
+
+
+@needs_kernel
+def test_kernel_row_that_sees_no_key_gives_zeros():
+  """A row whose keys are all hidden (length 0) gets zero outputs and passes no gradient (no
+  NaN from an empty softmax); the other rows are unaffected."""
+  q, k, v, bias, _ = _operands("causal_grouped")
+  lengths = jnp.array([0, 150, 40], jnp.int32)
+  fn = lambda q, k, v: cpu_attention.attention(q, k, v, lengths, scale=0.3, causal=True)  # noqa: E731
+  out = jax.jit(fn)(q, k, v)
+  assert np.all(np.asarray(out[0]) == 0)
+  ref = jax.nn.dot_product_attention(q[1:], k[1:], v[1:], scale=0.3, is_causal=True,
+                                     key_value_seq_lengths=lengths[1:])
+  np.testing.assert_allclose(out[1:], ref, atol=2e-6)
+  d_q, d_k, d_v = jax.grad(lambda *a: jnp.sum(fn(*a)), (0, 1, 2))(q, k, v)
+  for g in (d_q, d_k, d_v):
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g[0]) == 0)
+
+
+def _calls_kernel(fn, *args) -> bool:
+  return "t5lite_cpu_attention_forward" in jax.jit(fn).lower(*args).as_text()
+
+
+@needs_kernel
+def test_kernel_attention_falls_back_where_the_kernel_does_not_apply():
+  """attend(implementation='cpu_kernel') runs the kernel for float32 with head_dim a multiple
+  of 16 and causal / length masks, and chunked_attention (same values) for a dense mask
+  (packed rows), bfloat16 or head_dim 8."""
+  q, k, v, bias, mask = _operands("lengths_and_shared_bias")
+
+  def attend(mask, q, k, v, bias):
+    return attention.attend(q, k, v, mask, bias, scale=0.3, implementation="cpu_kernel")
+
+  assert _calls_kernel(lambda *a: attend(mask, *a), q, k, v, bias)
+  seg = jnp.asarray(np.repeat([[1] * 100 + [2] * 50], 3, 0), jnp.int32)
+  dense = attention.Mask(dense=attention.padding_mask(seg, seg))
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, bias)]
+  narrow = [x[..., :8] for x in (q, k, v)] + [bias]
+  for m, args in ((dense, (q, k, v, bias)), (mask, bf16), (mask, narrow)):
+    assert not _calls_kernel(lambda *a, m=m: attend(m, *a), *args)
+    chunked = attention.attend(*args[:3], m, args[3], scale=0.3, implementation="chunked")
+    np.testing.assert_allclose(np.asarray(attend(m, *args), np.float32),
+                               np.asarray(chunked, np.float32), atol=1e-6)
+
+
+def test_build_reports_the_compiler_error(tmp_path, monkeypatch):
+  """A compiler that fails gives a RuntimeError with its command (no library left behind);
+  `available()` turns that into False and a fallback."""
+  monkeypatch.setenv("CXX", "false")
+  with pytest.raises(RuntimeError, match="failed"):
+    cpu_attention.build(str(tmp_path))
+  assert not list(tmp_path.iterdir())
+
+
+@needs_kernel
+def test_build_is_cached_by_source(tmp_path):
+  """The library is compiled once per source, compiler, flags and JAX version."""
+  path = cpu_attention.build(str(tmp_path))
+  mtime = (tmp_path / path.split("/")[-1]).stat().st_mtime_ns
+  assert cpu_attention.build(str(tmp_path)) == path
+  assert (tmp_path / path.split("/")[-1]).stat().st_mtime_ns == mtime
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
+                                     dict(arch="decoder_only", num_kv_heads=2)],
+                         ids=["encoder_decoder", "decoder_only-gqa"])
+def test_cpu_kernel_model_matches_chunked(variant):
+  """attention_impl='cpu_kernel' gives the loss and gradients of 'chunked' for T5 (relative
+  position bias shared by the batch, padded encoder rows, causal decoder, cross-attention) and
+  a grouped-query decoder, on sequences several kernel blocks long."""
+  from test_models import _assert_same_loss_and_grads, random_batch
+  variant = dict(variant, head_dim=16)
+  batch = random_batch(tiny_config(**variant), batch=2, in_len=90, out_len=70, seed=3)
+  model = Model(tiny_config(attention_impl="cpu_kernel", **variant))
+  params = model.init(jax.random.key(0))
+  assert "t5lite_cpu_attention_backward" in jax.jit(
+      jax.grad(lambda p: model.loss(p, batch)[0])).lower(params).as_text()
+  _assert_same_loss_and_grads(variant, batch, dict(attention_impl="chunked"),
+                              dict(attention_impl="cpu_kernel"), loss_rtol=1e-5, atol=2e-6,
+                              rtol=1e-4)
