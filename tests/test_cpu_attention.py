@@ -60,9 +60,12 @@ def test_kernel_matches_jax_attention(case):
 def test_kernel_row_that_sees_no_key_gives_zeros():
   """A row whose keys are all hidden (length 0) gets zero outputs and passes no gradient (no
   NaN from an empty softmax); the other rows are unaffected."""
-  q, k, v, bias, _ = _operands("causal_grouped")
+  q, k, v, _, _ = _operands("causal_grouped")
   lengths = jnp.array([0, 150, 40], jnp.int32)
-  fn = lambda q, k, v: cpu_attention.attention(q, k, v, lengths, scale=0.3, causal=True)  # noqa: E731
+
+  def fn(q, k, v):
+    return cpu_attention.attention(q, k, v, lengths, scale=0.3, causal=True)
+
   out = jax.jit(fn)(q, k, v)
   assert np.all(np.asarray(out[0]) == 0)
   ref = jax.nn.dot_product_attention(q[1:], k[1:], v[1:], scale=0.3, is_causal=True,

@@ -206,9 +206,10 @@ void PackTransposed(const float* x, int64_t stride, int64_t rows, int d, float* 
     for (int e = 0; e < d; ++e) xt[e * ld + j] = x[j * stride + e];
 }
 
-// Keys query i of `rows` from `start` may see: [0, Visible(i)).
+// Query i of a row of `length` keys sees keys [0, VisibleKeys(s, length, i)) (a negative length
+// hides every key).
 inline int64_t VisibleKeys(const Shape& s, int64_t length, int64_t i) {
-  int64_t n = std::min(s.lk, length);
+  int64_t n = std::max<int64_t>(0, std::min(s.lk, length));
   return s.causal ? std::min(n, i + 1) : n;
 }
 
@@ -316,7 +317,8 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float
       }
       int keys = static_cast<int>(VisibleKeys(s, length, start + rows - 1));
       if (keys == 0) {
-        for (int r = 0; r < rows; ++r) std::fill(orow + r * qstride, orow + r * qstride + s.d, 0.0f);
+        for (int r = 0; r < rows; ++r)
+          std::fill(orow + r * qstride, orow + r * qstride + s.d, 0.0f);
         continue;
       }
       RowsTimesMat(sc.data(), ldk, rows, keys, vbase, kstride, s.d, orow, qstride, false);
