@@ -8,11 +8,11 @@ spreads (batch row, KV head) pairs over XLA's intra-op threads.
 
 The C++ source is compiled on first use (~3 s) with the host's C++ compiler (`g++`, or $CXX)
 for this CPU (-march=native) into `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR,
-else ~/.cache/t5lite), keyed by the source, the compiler, the flags and the JAX version. Where
-that fails (no compiler) or T5LITE_CPU_ATTENTION_KERNEL=0, `available()` is False and callers
-fall back to XLA's attention (the reason is logged once). float32 only; head_dim a multiple
-of 16. The library in the cache is loaded and run: like JAX's compilation cache, a cache
-directory others can write to lets them run code as you.
+else ~/.cache/t5lite), keyed by the source, the compiler, the flags, the JAX version and the
+CPU's features. Where that fails (no compiler) or T5LITE_CPU_ATTENTION_KERNEL=0, `available()`
+is False and callers fall back to XLA's attention (the reason is logged once). float32 only;
+head_dim a multiple of 16. The library in the cache is loaded and run: like JAX's compilation
+cache, a cache directory others can write to lets them run code as you.
 """
 
 import ctypes
@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -40,15 +41,30 @@ def _cache_dir() -> str:
                       "kernels")
 
 
+def _cpu_features() -> str:
+  """What -march=native compiles for: the CPU's feature flags (Linux), else its architecture. A
+  cache directory shared by different CPUs (a home folder on NFS) then holds one library each."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return line
+  except OSError:
+    pass
+  return platform.machine()
+
+
 def build(cache_dir: Optional[str] = None) -> str:
-  """Compiles cpu_attention.cc (once per source, flags and JAX version) and returns the path of
-  the shared library. Raises RuntimeError (with the compiler's message) when it cannot."""
+  """Compiles cpu_attention.cc (once per source, compiler, flags, JAX version and CPU) and
+  returns the path of the shared library. Raises RuntimeError (with the compiler's message)
+  when it cannot."""
   compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
   if not compiler:
     raise RuntimeError("no C++ compiler found (set $CXX)")
   with open(SOURCE, "rb") as f:
     source = f.read()
-  key = hashlib.sha256(source + " ".join(FLAGS + (compiler, jax.__version__)).encode())
+  key = hashlib.sha256(source + " ".join(
+      FLAGS + (compiler, jax.__version__, _cpu_features())).encode())
   folder = cache_dir or _cache_dir()
   path = os.path.join(folder, f"cpu_attention-{key.hexdigest()[:16]}.so")
   if os.path.exists(path):
