@@ -127,10 +127,10 @@ void RowsTimesKeysT(const float* a, int64_t lda, int rows, const float* bt, int6
   }
 }
 
-// out[r][:] (=|+=) sum_{j < cols} p[r][j] * m[j][:], D = d (a multiple of kLanes).
+// out[r][:] = sum_{j < cols} p[r][j] * m[j][:], D = d (a multiple of kLanes).
 template <int kVecs>
 void RowsTimesMatChunk(const float* p, int64_t ldp, int rows, int cols, const float* m,
-                       int64_t ldm, float* out, int64_t ldo, bool accumulate) {
+                       int64_t ldm, float* out, int64_t ldo) {
   int r = 0;
   constexpr int kTile = kVecs <= 2 ? 6 : 3;
   for (; r < rows; r += kTile) {
@@ -146,22 +146,19 @@ void RowsTimesMatChunk(const float* p, int64_t ldp, int rows, int cols, const fl
       }
     }
     for (int i = 0; i < n; ++i)
-      for (int u = 0; u < kVecs; ++u) {
-        float* o = out + (r + i) * ldo + u * kLanes;
-        Store(o, accumulate ? Load(o) + acc[i][u] : acc[i][u]);
-      }
+      for (int u = 0; u < kVecs; ++u) Store(out + (r + i) * ldo + u * kLanes, acc[i][u]);
   }
 }
 
 void RowsTimesMat(const float* p, int64_t ldp, int rows, int cols, const float* m, int64_t ldm,
-                  int d, float* out, int64_t ldo, bool accumulate) {
+                  int d, float* out, int64_t ldo) {
   int e = 0;
   for (; e + 4 * kLanes <= d; e += 4 * kLanes)
-    RowsTimesMatChunk<4>(p, ldp, rows, cols, m + e, ldm, out + e, ldo, accumulate);
+    RowsTimesMatChunk<4>(p, ldp, rows, cols, m + e, ldm, out + e, ldo);
   for (; e + 2 * kLanes <= d; e += 2 * kLanes)
-    RowsTimesMatChunk<2>(p, ldp, rows, cols, m + e, ldm, out + e, ldo, accumulate);
+    RowsTimesMatChunk<2>(p, ldp, rows, cols, m + e, ldm, out + e, ldo);
   for (; e < d; e += kLanes)
-    RowsTimesMatChunk<1>(p, ldp, rows, cols, m + e, ldm, out + e, ldo, accumulate);
+    RowsTimesMatChunk<1>(p, ldp, rows, cols, m + e, ldm, out + e, ldo);
 }
 
 // out[j][:] += sum_{r < rows} p[r][j] * a[r][:] for j < cols.
@@ -206,6 +203,11 @@ void PackTransposed(const float* x, int64_t stride, int64_t rows, int d, float* 
     for (int e = 0; e < d; ++e) xt[e * ld + j] = x[j * stride + e];
 }
 
+// Keys rounded up to whole score tiles (2 * kLanes columns): the scratch rows' length.
+inline int64_t PaddedKeys(int64_t keys) {
+  return (keys + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+}
+
 // Query i of a row of `length` keys sees keys [0, VisibleKeys(s, length, i)) (a negative length
 // hides every key).
 inline int64_t VisibleKeys(const Shape& s, int64_t length, int64_t i) {
@@ -219,7 +221,7 @@ int BlockScores(const Shape& s, const float* q, const float* kt, int64_t ldk, co
                 int64_t b, int64_t h, int64_t start, int rows, int64_t length, float* sc,
                 int64_t ldc) {
   int64_t last = VisibleKeys(s, length, start + rows - 1);
-  int cols = static_cast<int>((last + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes));
+  int cols = static_cast<int>(PaddedKeys(last));
   if (cols == 0) return 0;
   const float* qrow = q + ((b * s.lq + start) * s.h + h) * s.d;
   RowsTimesKeysT(qrow, s.h * s.d, rows, kt, ldk, cols, s.d, sc, ldc);
@@ -288,7 +290,7 @@ struct Operands {
 // Forward of one (batch row b, KV head kh): its group of query heads over its keys.
 void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float* out,
                  float* lse, std::vector<float>& kt, std::vector<float>& sc) {
-  const int64_t ldk = (s.lk + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+  const int64_t ldk = PaddedKeys(s.lk);
   const int64_t group = s.h / s.kv, kstride = s.kv * s.d, qstride = s.h * s.d;
   const int64_t length = x.lengths[b];
   const float* vbase = x.v + (b * s.lk * s.kv + kh) * s.d;
@@ -321,7 +323,7 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float
           std::fill(orow + r * qstride, orow + r * qstride + s.d, 0.0f);
         continue;
       }
-      RowsTimesMat(sc.data(), ldk, rows, keys, vbase, kstride, s.d, orow, qstride, false);
+      RowsTimesMat(sc.data(), ldk, rows, keys, vbase, kstride, s.d, orow, qstride);
     }
   }
 }
@@ -330,7 +332,7 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float
 // its share of dBias (added into d_bias, laid out as the bias).
 void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float* dq, float* dk,
                   float* dv, float* d_bias, std::vector<float>& scratch) {
-  const int64_t ldk = (s.lk + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+  const int64_t ldk = PaddedKeys(s.lk);
   const int64_t group = s.h / s.kv, kstride = s.kv * s.d, qstride = s.h * s.d;
   const int64_t length = x.lengths[b], koff = (b * s.lk * s.kv + kh) * s.d;
   scratch.resize(2 * s.d * ldk + 2 * kRows * ldk + kRows);
@@ -373,7 +375,7 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
       }
       // dQ = dS K; dK += dS^T Q; dV += P^T dO.
       int keys = static_cast<int>(VisibleKeys(s, length, start + rows - 1));
-      RowsTimesMat(ds, ldk, rows, keys, x.k + koff, kstride, s.d, dq + qoff, qstride, false);
+      RowsTimesMat(ds, ldk, rows, keys, x.k + koff, kstride, s.d, dq + qoff, qstride);
       KeysTimesRows(ds, ldk, rows, keys, x.q + qoff, qstride, s.d, dk + koff, kstride);
       KeysTimesRows(pr, ldk, rows, keys, x.d_out + qoff, qstride, s.d, dv + koff, kstride);
     }
@@ -388,7 +390,7 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Bu
   if (auto e = CheckShapes(s); e.failure()) return e;
   Operands x{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), nullptr, nullptr,
              nullptr, lengths.typed_data()};
-  const int64_t ldk = (s.lk + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+  const int64_t ldk = PaddedKeys(s.lk);
   float *op = out->typed_data(), *lsep = lse->typed_data();
   const int threads = Threads(pool, s.b * s.kv);
   std::vector<std::vector<float>> kt(threads), sc(threads);

@@ -99,11 +99,11 @@ def available() -> bool:
   return True
 
 
-def supports(q, k, bias) -> bool:
+def supports(q, k, v, bias) -> bool:
   """Whether `attention` takes these operands: float32, head_dim a multiple of 16, query heads
   a multiple of KV heads, bias (if any) [1 or batch, heads, q_len, k_len]."""
   b, q_len, heads, d = q.shape
-  ok = (q.dtype == jnp.float32 and k.dtype == jnp.float32 and d % 16 == 0
+  ok = (all(x.dtype == jnp.float32 for x in (q, k, v)) and d % 16 == 0
         and heads % k.shape[2] == 0)
   if bias is not None:
     ok = ok and bias.dtype == jnp.float32 and bias.ndim == 4 and bias.shape[0] in (1, b) and (
@@ -117,7 +117,7 @@ def attention(q, k, v, kv_lengths=None, bias=None, *, scale: float, causal: bool
   Keys at or past a row's `kv_lengths` (int [b]; default: none) are hidden, and under `causal`
   query i sees keys 0..i; `bias` [1 or b, heads, q_len, k_len] is added to the scaled scores.
   A query that sees no key gets zeros. Differentiable in q, k, v and bias. Requires
-  `available()` and `supports(q, k, bias)`; returns [b, q_len, heads, d].
+  `available()` and `supports(q, k, v, bias)`; returns [b, q_len, heads, d].
   """
   b = q.shape[0]
   lengths = (jnp.full((b,), k.shape[1], jnp.int32) if kv_lengths is None

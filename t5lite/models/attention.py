@@ -249,8 +249,23 @@ def chunked_attention(q, k, v, mask: Mask, bias=None, *, scale: float, chunk: in
   common divisor of the batch and the host's core count; with more devices, 1 (the batch is
   sharded, and a cut across shards would move rows between devices).
   """
-  return _in_row_groups(functools.partial(_chunked_rows, scale=scale, chunk=chunk),
-                        q, k, v, mask, bias, streams)
+  b = q.shape[0]
+  if streams is None:
+    streams = math.gcd(b, _host_cores()) if jax.device_count() == 1 else 1
+  if streams <= 1:
+    return _chunked_rows(q, k, v, mask, bias, scale=scale, chunk=chunk)
+  if b % streams:
+    raise ValueError(f"streams={streams} does not divide the batch ({b})")
+  n = b // streams
+
+  def rows(x, i):
+    return x if x is None or x.shape[0] == 1 else x[i * n:(i + 1) * n]
+
+  return jnp.concatenate([
+      _chunked_rows(rows(q, i), rows(k, i), rows(v, i),
+                    Mask(rows(mask.dense, i), mask.causal, rows(mask.kv_lengths, i)),
+                    rows(bias, i), scale=scale, chunk=chunk)
+      for i in range(streams)])
 
 
 def kernel_attention(q, k, v, mask: Mask, bias=None, *, scale: float):
@@ -271,34 +286,11 @@ def kernel_attention(q, k, v, mask: Mask, bias=None, *, scale: float):
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
   if not (gpu_aot.tracing_platform() == "cpu" and jax.device_count() == 1 and mask.dense is None
-          and cpu_attention.supports(q, k, bias) and v.dtype == jnp.float32
-          and cpu_attention.available()):
+          and cpu_attention.supports(q, k, v, bias) and cpu_attention.available()):
     if bias is not None and bias.shape[0] == 1 < q.shape[0]:
       bias = _broadcast_batch(bias, q.shape[0])
     return chunked_attention(q, k, v, mask, bias, scale=scale)
   return cpu_attention.attention(q, k, v, mask.kv_lengths, bias, scale=scale, causal=mask.causal)
-
-
-def _in_row_groups(attend_rows, q, k, v, mask: Mask, bias, streams: Optional[int]):
-  """`attend_rows(q, k, v, mask, bias)` over `streams` groups of the batch's rows, each on its
-  own (default: on a single device, the greatest common divisor of the batch and the host's
-  cores; with more devices 1)."""
-  b = q.shape[0]
-  if streams is None:
-    streams = math.gcd(b, _host_cores()) if jax.device_count() == 1 else 1
-  if streams <= 1:
-    return attend_rows(q, k, v, mask, bias)
-  if b % streams:
-    raise ValueError(f"streams={streams} does not divide the batch ({b})")
-  n = b // streams
-
-  def rows(x, i):
-    return x if x is None or x.shape[0] == 1 else x[i * n:(i + 1) * n]
-
-  return jnp.concatenate([
-      attend_rows(rows(q, i), rows(k, i), rows(v, i),
-                  Mask(rows(mask.dense, i), mask.causal, rows(mask.kv_lengths, i)), rows(bias, i))
-      for i in range(streams)])
 
 
 def _host_cores() -> int:
