@@ -37,7 +37,9 @@ typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));
 
 inline V16 Load(const float* p) { V16 v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
-inline V16 Splat(float x) { return V16{} + x; }
+// All lanes x. (Not V16{} + x: 0 + x is not x for x = -0, so GCC emits a scalar add before the
+// broadcast, where this form folds into the FMA's memory operand as {1to16}.)
+inline V16 Splat(float x) { return V16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 // e^x, vectorized (Cody-Waite reduction to [-ln2/2, ln2/2], Cephes' degree-6 polynomial,
 // ~1 ulp); x below -87.3 (and -inf) gives 0. Arguments here are <= 0 (scores minus their max).
@@ -96,104 +98,63 @@ struct Shape {
   float scale;
 };
 
-// C[r][j] = sum_d A[r][d] * BT[d][j] for r < rows, j < cols (cols a multiple of 2 * kLanes;
-// BT's padding columns are zero).
-void RowsTimesKeysT(const float* a, int64_t lda, int rows, const float* bt, int64_t ldb,
-                    int cols, int d, float* c, int64_t ldc) {
-  int r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    for (int j = 0; j < cols; j += 2 * kLanes) {
-      V16 acc[4][2] = {};
-      for (int e = 0; e < d; ++e) {
-        V16 b0 = Load(bt + e * ldb + j), b1 = Load(bt + e * ldb + j + kLanes);
-        for (int i = 0; i < 4; ++i) {
-          V16 x = Splat(a[(r + i) * lda + e]);
-          acc[i][0] += x * b0;
-          acc[i][1] += x * b1;
-        }
-      }
-      for (int i = 0; i < 4; ++i) {
-        Store(c + (r + i) * ldc + j, acc[i][0]);
-        Store(c + (r + i) * ldc + j + kLanes, acc[i][1]);
-      }
+// The matrix products, all of one form: C[i][:width] (=, or += with kAdd) alpha * sum_{e < n}
+// a[i * ai + e * ae] * b[e * ldb + :width] for i < rows. QK^T and dO V^T read the rows of q / dO
+// against keys packed transposed (ae = 1); PV, dS K read score rows against rows of v / k; dK
+// and dV read the scores down their columns (ai = 1, ae = the scores' row stride).
+
+// One tile: kR rows by kC vectors, the kR x kC sums in registers, each a[..] broadcast into the
+// FMA's memory operand.
+template <int kR, int kC, bool kAdd>
+inline void Tile(const float* a, int64_t ai, int64_t ae, const float* b, int64_t ldb, int n,
+                 float alpha, float* c, int64_t ldc) {
+  V16 acc[kR][kC] = {};
+  for (int e = 0; e < n; ++e) {
+    V16 bv[kC];
+    for (int u = 0; u < kC; ++u) bv[u] = Load(b + e * ldb + u * kLanes);
+    for (int i = 0; i < kR; ++i) {
+      V16 x = Splat(a[i * ai + e * ae]);
+      for (int u = 0; u < kC; ++u) acc[i][u] += x * bv[u];
     }
   }
-  for (; r < rows; ++r) {
-    for (int j = 0; j < cols; j += kLanes) {
-      V16 acc = {};
-      for (int e = 0; e < d; ++e) acc += Splat(a[r * lda + e]) * Load(bt + e * ldb + j);
-      Store(c + r * ldc + j, acc);
+  for (int i = 0; i < kR; ++i)
+    for (int u = 0; u < kC; ++u) {
+      float* o = c + i * ldc + u * kLanes;
+      Store(o, kAdd ? Load(o) + acc[i][u] * alpha : acc[i][u] * alpha);
     }
-  }
 }
 
-// out[r][:] = sum_{j < cols} p[r][j] * m[j][:], D = d (a multiple of kLanes).
-template <int kVecs>
-void RowsTimesMatChunk(const float* p, int64_t ldp, int rows, int cols, const float* m,
-                       int64_t ldm, float* out, int64_t ldo) {
-  int r = 0;
-  constexpr int kTile = kVecs <= 2 ? 6 : 3;
-  for (; r < rows; r += kTile) {
-    int n = std::min(kTile, rows - r);
-    V16 acc[kTile][kVecs] = {};
-    for (int j = 0; j < cols; ++j) {
-      V16 mv[kVecs];
-      for (int u = 0; u < kVecs; ++u) mv[u] = Load(m + j * ldm + u * kLanes);
-      for (int i = 0; i < kTile; ++i) {
-        if (i >= n) break;
-        V16 x = Splat(p[(r + i) * ldp + j]);
-        for (int u = 0; u < kVecs; ++u) acc[i][u] += x * mv[u];
-      }
-    }
-    for (int i = 0; i < n; ++i)
-      for (int u = 0; u < kVecs; ++u) Store(out + (r + i) * ldo + u * kLanes, acc[i][u]);
+// The last `rows` (< kR + 1) rows as one tile of exactly that height (a tile height known at
+// compile time keeps its sums in registers).
+template <int kR, int kC, bool kAdd>
+inline void LastTile(int rows, const float* a, int64_t ai, int64_t ae, const float* b,
+                     int64_t ldb, int n, float alpha, float* c, int64_t ldc) {
+  if constexpr (kR > 0) {
+    if (rows == kR) return Tile<kR, kC, kAdd>(a, ai, ae, b, ldb, n, alpha, c, ldc);
+    LastTile<kR - 1, kC, kAdd>(rows, a, ai, ae, b, ldb, n, alpha, c, ldc);
   }
 }
 
-void RowsTimesMat(const float* p, int64_t ldp, int rows, int cols, const float* m, int64_t ldm,
-                  int d, float* out, int64_t ldo) {
-  int e = 0;
-  for (; e + 4 * kLanes <= d; e += 4 * kLanes)
-    RowsTimesMatChunk<4>(p, ldp, rows, cols, m + e, ldm, out + e, ldo);
-  for (; e + 2 * kLanes <= d; e += 2 * kLanes)
-    RowsTimesMatChunk<2>(p, ldp, rows, cols, m + e, ldm, out + e, ldo);
-  for (; e < d; e += kLanes)
-    RowsTimesMatChunk<1>(p, ldp, rows, cols, m + e, ldm, out + e, ldo);
+template <int kR, int kC, bool kAdd>
+void TileRows(int rows, const float* a, int64_t ai, int64_t ae, const float* b, int64_t ldb,
+              int n, float alpha, float* c, int64_t ldc) {
+  int i = 0;
+  for (; i + kR <= rows; i += kR)
+    Tile<kR, kC, kAdd>(a + i * ai, ai, ae, b, ldb, n, alpha, c + i * ldc, ldc);
+  LastTile<kR - 1, kC, kAdd>(rows - i, a + i * ai, ai, ae, b, ldb, n, alpha, c + i * ldc, ldc);
 }
 
-// out[j][:] += sum_{r < rows} p[r][j] * a[r][:] for j < cols.
-template <int kVecs>
-void KeysTimesRowsChunk(const float* p, int64_t ldp, int rows, int cols, const float* a,
-                        int64_t lda, float* out, int64_t ldo) {
-  constexpr int kTile = kVecs <= 2 ? 6 : 3;
-  for (int j = 0; j < cols; j += kTile) {
-    int n = std::min(kTile, cols - j);
-    V16 acc[kTile][kVecs] = {};
-    for (int r = 0; r < rows; ++r) {
-      V16 av[kVecs];
-      for (int u = 0; u < kVecs; ++u) av[u] = Load(a + r * lda + u * kLanes);
-      for (int i = 0; i < kTile; ++i) {
-        if (i >= n) break;
-        V16 x = Splat(p[r * ldp + j + i]);
-        for (int u = 0; u < kVecs; ++u) acc[i][u] += x * av[u];
-      }
-    }
-    for (int i = 0; i < n; ++i)
-      for (int u = 0; u < kVecs; ++u) {
-        float* o = out + (j + i) * ldo + u * kLanes;
-        Store(o, Load(o) + acc[i][u]);
-      }
-  }
-}
-
-void KeysTimesRows(const float* p, int64_t ldp, int rows, int cols, const float* a, int64_t lda,
-                   int d, float* out, int64_t ldo) {
-  int e = 0;
-  for (; e + 4 * kLanes <= d; e += 4 * kLanes)
-    KeysTimesRowsChunk<4>(p, ldp, rows, cols, a + e, lda, out + e, ldo);
-  for (; e + 2 * kLanes <= d; e += 2 * kLanes)
-    KeysTimesRowsChunk<2>(p, ldp, rows, cols, a + e, lda, out + e, ldo);
-  for (; e < d; e += kLanes) KeysTimesRowsChunk<1>(p, ldp, rows, cols, a + e, lda, out + e, ldo);
+// The product for `width` (a multiple of kLanes) columns: strips of 4, 2 and 1 vectors, with
+// tiles of up to 24 sums (AVX-512 has 32 vector registers).
+template <bool kAdd>
+void Product(int rows, int width, const float* a, int64_t ai, int64_t ae, const float* b,
+             int64_t ldb, int n, float alpha, float* c, int64_t ldc) {
+  int w = 0;
+  for (; w + 4 * kLanes <= width; w += 4 * kLanes)
+    TileRows<6, 4, kAdd>(rows, a, ai, ae, b + w, ldb, n, alpha, c + w, ldc);
+  for (; w + 2 * kLanes <= width; w += 2 * kLanes)
+    TileRows<8, 2, kAdd>(rows, a, ai, ae, b + w, ldb, n, alpha, c + w, ldc);
+  for (; w < width; w += kLanes) TileRows<8, 1, kAdd>(rows, a, ai, ae, b + w, ldb, n, alpha, c + w, ldc);
 }
 
 // Packs x[b, :, head, :] (rows of stride `stride`) transposed into xt[D][ld] (zero padded).
@@ -224,15 +185,16 @@ int BlockScores(const Shape& s, const float* q, const float* kt, int64_t ldk, co
   int cols = static_cast<int>(PaddedKeys(last));
   if (cols == 0) return 0;
   const float* qrow = q + ((b * s.lq + start) * s.h + h) * s.d;
-  RowsTimesKeysT(qrow, s.h * s.d, rows, kt, ldk, cols, s.d, sc, ldc);
+  Product<false>(rows, cols, qrow, s.h * s.d, 1, kt, ldk, static_cast<int>(s.d), s.scale, sc,
+                 ldc);
   const float* brow = nullptr;
   if (s.has_bias)
     brow = bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk;
   for (int r = 0; r < rows; ++r) {
     int64_t seen = VisibleKeys(s, length, start + r);
     float* row = sc + r * ldc;
-    for (int64_t j = 0; j < seen; ++j)
-      row[j] = row[j] * s.scale + (brow ? brow[r * s.lk + j] : 0.0f);
+    if (brow)
+      for (int64_t j = 0; j < seen; ++j) row[j] += brow[r * s.lk + j];
     for (int64_t j = seen; j < cols; ++j) row[j] = kHidden;
   }
   return cols;
@@ -292,6 +254,7 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float
                  float* lse, std::vector<float>& kt, std::vector<float>& sc) {
   const int64_t ldk = PaddedKeys(s.lk);
   const int64_t group = s.h / s.kv, kstride = s.kv * s.d, qstride = s.h * s.d;
+  const int d = static_cast<int>(s.d);
   const int64_t length = x.lengths[b];
   const float* vbase = x.v + (b * s.lk * s.kv + kh) * s.d;
   PackTransposed(x.k + (b * s.lk * s.kv + kh) * s.d, kstride, s.lk, s.d, kt.data(), ldk);
@@ -302,19 +265,19 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float
                              sc.data(), ldk);
       float* orow = out + ((b * s.lq + start) * s.h + h) * s.d;
       float* lrow = lse + (b * s.h + h) * s.lq + start;
+      float inv[kRows];  // 1 / each row's sum: the output rows are normalized, not the scores
       for (int r = 0; r < rows; ++r) {
         float* row = sc.data() + r * ldk;
         if (VisibleKeys(s, length, start + r) == 0) {  // sees nothing: zeros
           std::fill(row, row + cols, 0.0f);
-          lrow[r] = 0.0f;
+          lrow[r] = inv[r] = 0.0f;
           continue;
         }
         V16 mv = Splat(kHidden);
         for (int j = 0; j < cols; j += kLanes) mv = mv > Load(row + j) ? mv : Load(row + j);
         float m = Max(mv);
         float sum = ExpRow(row, cols, m);
-        V16 inv = Splat(1.0f / sum);
-        for (int j = 0; j < cols; j += kLanes) Store(row + j, Load(row + j) * inv);
+        inv[r] = 1.0f / sum;
         lrow[r] = m + std::log(sum);
       }
       int keys = static_cast<int>(VisibleKeys(s, length, start + rows - 1));
@@ -323,7 +286,10 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float
           std::fill(orow + r * qstride, orow + r * qstride + s.d, 0.0f);
         continue;
       }
-      RowsTimesMat(sc.data(), ldk, rows, keys, vbase, kstride, s.d, orow, qstride);
+      Product<false>(rows, d, sc.data(), ldk, 1, vbase, kstride, keys, 1.0f, orow, qstride);
+      for (int r = 0; r < rows; ++r)
+        for (int e = 0; e < d; e += kLanes)
+          Store(orow + r * qstride + e, Load(orow + r * qstride + e) * inv[r]);
     }
   }
 }
@@ -334,6 +300,7 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
                   float* dv, float* d_bias, std::vector<float>& scratch) {
   const int64_t ldk = PaddedKeys(s.lk);
   const int64_t group = s.h / s.kv, kstride = s.kv * s.d, qstride = s.h * s.d;
+  const int d = static_cast<int>(s.d);
   const int64_t length = x.lengths[b], koff = (b * s.lk * s.kv + kh) * s.d;
   scratch.resize(2 * s.d * ldk + 2 * kRows * ldk + kRows);
   float *kt = scratch.data(), *vt = kt + s.d * ldk, *pr = vt + s.d * ldk, *ds = pr + kRows * ldk;
@@ -355,13 +322,13 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
         float* row = pr + r * ldk;
         if (VisibleKeys(s, length, start + r) == 0) std::fill(row, row + cols, kHidden);
         ExpRow(row, cols, x.lse[(b * s.h + h) * s.lq + start + r]);
-        float dot = 0.0f;
         const float *o = x.out + qoff + r * qstride, *g = x.d_out + qoff + r * qstride;
-        for (int e = 0; e < s.d; ++e) dot += o[e] * g[e];
-        di[r] = dot;
+        V16 dot = {};
+        for (int e = 0; e < d; e += kLanes) dot += Load(o + e) * Load(g + e);
+        di[r] = Sum(dot);
       }
-      // dP = dO V^T; dS = P * (dP - D) (zero where hidden).
-      RowsTimesKeysT(x.d_out + qoff, qstride, rows, vt, ldk, cols, s.d, ds, ldk);
+      // dP = dO V^T; dS = P * (dP - D) (zero where hidden), the gradient of the scaled scores.
+      Product<false>(rows, cols, x.d_out + qoff, qstride, 1, vt, ldk, d, 1.0f, ds, ldk);
       float* dbrow = nullptr;
       if (s.has_bias) dbrow = d_bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk;
       for (int r = 0; r < rows; ++r) {
@@ -371,13 +338,12 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
         for (int64_t j = seen; j < cols; ++j) drow[j] = 0.0f;
         if (dbrow)
           for (int64_t j = 0; j < seen; ++j) dbrow[r * s.lk + j] += drow[j];
-        for (int64_t j = 0; j < seen; ++j) drow[j] *= s.scale;
       }
-      // dQ = dS K; dK += dS^T Q; dV += P^T dO.
+      // dQ = scale dS K; dK += scale dS^T Q; dV += P^T dO.
       int keys = static_cast<int>(VisibleKeys(s, length, start + rows - 1));
-      RowsTimesMat(ds, ldk, rows, keys, x.k + koff, kstride, s.d, dq + qoff, qstride);
-      KeysTimesRows(ds, ldk, rows, keys, x.q + qoff, qstride, s.d, dk + koff, kstride);
-      KeysTimesRows(pr, ldk, rows, keys, x.d_out + qoff, qstride, s.d, dv + koff, kstride);
+      Product<false>(rows, d, ds, ldk, 1, x.k + koff, kstride, keys, s.scale, dq + qoff, qstride);
+      Product<true>(keys, d, ds, 1, ldk, x.q + qoff, qstride, rows, s.scale, dk + koff, kstride);
+      Product<true>(keys, d, pr, 1, ldk, x.d_out + qoff, qstride, rows, 1.0f, dv + koff, kstride);
     }
   }
 }
