@@ -41,19 +41,20 @@ inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
 // broadcast, where this form folds into the FMA's memory operand as {1to16}.)
 inline V16 Splat(float x) { return V16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
-// e^x, vectorized (Cody-Waite reduction to [-ln2/2, ln2/2], Cephes' degree-6 polynomial,
-// ~1 ulp); x below -87.3 (and -inf) gives 0. Arguments here are <= 0 (scores minus their max).
+// e^x, vectorized: x = n ln2 + f with n = round(x / ln2) (Cody-Waite, ln2 in two parts),
+// e^f by Cephes' degree-6 polynomial on [-ln2/2, ln2/2] (~1 ulp), times 2^n built in the
+// exponent bits. x below -87.3 (and -inf) gives 0. Arguments here are <= 0 (scores minus
+// their max).
 inline V16 Exp(V16 x) {
   const V16 lo = Splat(-87.3365f);
   I16 under = x < lo;
   x = under ? lo : x;
-  V16 t = x * 1.44269504088896341f + 0.5f;
-  I16 n = __builtin_convertvector(t, I16);
-  V16 nf = __builtin_convertvector(n, V16);
-  I16 above = nf > t;  // truncation went up (t < 0): floor instead
-  n += above;          // true is -1
-  nf = __builtin_convertvector(n, V16);
-  V16 f = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  // Adding 1.5 * 2^23 rounds x / ln2 to an integer held in the low mantissa bits (+127: the
+  // exponent bias, so those bits shifted up are 2^n's exponent field; n >= -126 here).
+  constexpr float kRound = 12582912.0f + 127.0f;
+  V16 t = x * 1.44269504088896341f + kRound;
+  V16 n = t - kRound;
+  V16 f = x - n * 0.693359375f + n * 2.12194440e-4f;
   V16 p = Splat(1.9875691500e-4f);
   p = p * f + 1.3981999507e-3f;
   p = p * f + 8.3334519073e-3f;
@@ -61,11 +62,12 @@ inline V16 Exp(V16 x) {
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
   V16 y = p * f * f + f + 1.0f;
-  I16 bits = (n + 127) << 23;
-  V16 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  y *= scale;
-  return under ? V16{} : y;
+  I16 bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;
+  V16 two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return under ? V16{} : y * two_n;
 }
 
 inline float Max(V16 v) {
