@@ -159,11 +159,18 @@ void Product(int rows, int width, const float* a, int64_t ai, int64_t ae, const 
   for (; w < width; w += kLanes) TileRows<8, 1, kAdd>(rows, a, ai, ae, b + w, ldb, n, alpha, c + w, ldc);
 }
 
-// Packs x[b, :, head, :] (rows of stride `stride`) transposed into xt[D][ld] (zero padded).
+// Packs x[b, :, head, :] (rows of stride `stride`) transposed into xt[D][ld] (zero padded; ld
+// a multiple of kLanes), 16 rows at a time so each store is a whole vector (storing one float
+// at a time to D rows far apart took 8x as long).
 void PackTransposed(const float* x, int64_t stride, int64_t rows, int d, float* xt, int64_t ld) {
-  std::fill(xt, xt + d * ld, 0.0f);
-  for (int64_t j = 0; j < rows; ++j)
-    for (int e = 0; e < d; ++e) xt[e * ld + j] = x[j * stride + e];
+  for (int64_t j0 = 0; j0 < ld; j0 += kLanes) {
+    int64_t n = std::min<int64_t>(kLanes, rows - j0);
+    for (int e = 0; e < d; ++e) {
+      V16 column = {};
+      for (int64_t j = 0; j < n; ++j) column[j] = x[(j0 + j) * stride + e];
+      Store(xt + e * ld + j0, column);
+    }
+  }
 }
 
 // Keys rounded up to whole score tiles (2 * kLanes columns): the scratch rows' length.
