@@ -23,6 +23,8 @@ CASES = {
     # head_dim 80 and 48: the products' strips of 4 + 1 and 2 + 1 vectors
     "causal_head_dim_80": (2, 45, 45, 2, 1, 80, True, [45, 20], None),
     "head_dim_48_row_bias": (2, 37, 61, 3, 3, 48, False, None, 2),
+    # one (row, KV head) pair: the forward shares its query blocks out among the threads
+    "one_row_one_kv_head": (1, 130, 130, 4, 1, 32, True, [111], None),
 }
 
 

@@ -273,8 +273,11 @@ struct Operands {
 };
 
 // Forward of one (batch row b, KV head kh): its group of query heads over its keys.
-void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float* out,
-                 float* lse, std::vector<float>& kt, std::vector<float>& sc) {
+// Forward of one (batch row b, KV head kh), or of its share `part` of `parts` (query blocks
+// part, part + parts, ...: under a causal mask each share gets early and late blocks).
+void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64_t part,
+                 int64_t parts, float* out, float* lse, std::vector<float>& kt,
+                 std::vector<float>& sc) {
   const int64_t ldk = PaddedKeys(s.lk);
   const int64_t group = s.h / s.kv, kstride = s.kv * s.d, qstride = s.h * s.d;
   const int d = static_cast<int>(s.d);
@@ -282,7 +285,7 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float
   const float* vbase = x.v + (b * s.lk * s.kv + kh) * s.d;
   PackTransposed(x.k + (b * s.lk * s.kv + kh) * s.d, kstride, s.lk, s.d, kt.data(), ldk);
   for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
-    for (int64_t start = 0; start < s.lq; start += kRows) {
+    for (int64_t start = part * kRows; start < s.lq; start += parts * kRows) {
       int rows = static_cast<int>(std::min<int64_t>(kRows, s.lq - start));
       int cols = BlockScores(s, x.q, kt.data(), ldk, x.bias, b, h, start, rows, length,
                              sc.data(), ldk);
@@ -381,16 +384,22 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Bu
              nullptr, lengths.typed_data()};
   const int64_t ldk = PaddedKeys(s.lk);
   float *op = out->typed_data(), *lsep = lse->typed_data();
-  const int threads = Threads(pool, s.b * s.kv);
+  // Fewer (row, KV head) pairs than twice the threads (a prompt of one row over few KV heads):
+  // the pairs' query blocks are shared out too, each share packing its keys again.
+  const int64_t pairs = s.b * s.kv, blocks = (s.lq + kRows - 1) / kRows;
+  const int64_t parts = std::clamp<int64_t>((2 * pool.num_threads() + pairs - 1) / pairs, 1,
+                                            std::max<int64_t>(blocks, 1));
+  const int threads = Threads(pool, pairs * parts);
   std::vector<std::vector<float>> kt(threads), sc(threads);
   auto item = [&](int t, int64_t i) {
     if (kt[t].empty()) {
       kt[t].resize(s.d * ldk);
       sc[t].resize(kRows * ldk);
     }
-    ForwardItem(s, x, i / s.kv, i % s.kv, op, lsep, kt[t], sc[t]);
+    int64_t pair = i / parts;
+    ForwardItem(s, x, pair / s.kv, pair % s.kv, i % parts, parts, op, lsep, kt[t], sc[t]);
   };
-  ParallelFor(pool, s.b * s.kv, threads, item);
+  ParallelFor(pool, pairs * parts, threads, item);
   return ffi::Error::Success();
 }
 
