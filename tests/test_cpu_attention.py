@@ -1,6 +1,9 @@
 """The CPU attention kernel (t5lite/kernels/cpu_attention.cc through XLA's FFI): values and
 gradients against jax.nn.dot_product_attention, its fallbacks, its build, and whole models."""
 
+import ctypes
+import platform
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +118,30 @@ def test_build_reports_the_compiler_error(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="failed"):
     cpu_attention.build(str(tmp_path))
   assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_library_without_avx512_is_refused(tmp_path, monkeypatch):
+  """A build for a CPU without AVX-512 (here -march=haswell: AVX2) says so, and is refused: the
+  kernel's 16-float vectors would run far below XLA's attention there."""
+  flags = tuple("-march=haswell" if f == "-march=native" else f for f in cpu_attention.FLAGS)
+  monkeypatch.setattr(cpu_attention, "FLAGS", flags)
+  try:
+    path = cpu_attention.build(str(tmp_path))
+  except RuntimeError as e:
+    pytest.skip(f"no C++ compiler here: {e}")
+  assert "AVX-512" in cpu_attention.refusal(ctypes.cdll.LoadLibrary(path))
+
+
+@pytest.mark.skipif("avx512f" not in cpu_attention._cpu_features(), reason="no AVX-512 here")
+def test_native_build_on_an_avx512_cpu_is_used():
+  """On a CPU with AVX-512 the native build has the kernel's 16-float vectors, and is used."""
+  try:
+    path = cpu_attention.build()
+  except RuntimeError as e:
+    pytest.skip(f"no C++ compiler here: {e}")
+  assert cpu_attention.refusal(ctypes.cdll.LoadLibrary(path)) is None
+  assert cpu_attention.available()
 
 
 @needs_kernel

@@ -445,6 +445,18 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
 
 }  // namespace
 
+// Whether this build has 512-bit vectors (-march=native on a CPU with AVX-512). The kernel's
+// 16-float vectors and 24-vector register tiles are written for them: built for AVX2 (16
+// registers of 8 floats) GCC splits and spills them, and the kernel ran at 2-7 GFLOP/s on one
+// core, far below XLA's attention; cpu_attention.py then falls back to XLA.
+extern "C" int T5liteCpuAttentionWideVectors() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()

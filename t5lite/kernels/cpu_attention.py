@@ -10,7 +10,8 @@ The C++ source is compiled on first use (~3 s) with the host's C++ compiler (`g+
 for this CPU (-march=native) into `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR,
 else ~/.cache/t5lite), keyed by the source, the compiler, the flags, the JAX version and the
 CPU's features. Where that fails (no compiler) or T5LITE_CPU_ATTENTION_KERNEL=0, `available()`
-is False and callers fall back to XLA's attention (the reason is logged once). float32 only;
+is False and callers fall back to XLA's attention (the reason is logged once); so it is on a
+CPU without AVX-512, for which the kernel's vectors are too wide (`refusal`). float32 only;
 head_dim a multiple of 16. The library in the cache is loaded and run: like JAX's compilation
 cache, a cache directory others can write to lets them run code as you.
 """
@@ -89,6 +90,10 @@ def available() -> bool:
     return False
   try:
     library = ctypes.cdll.LoadLibrary(build())
+    reason = refusal(library)
+    if reason:
+      logging.warning("t5lite: CPU attention kernel not used, using XLA's attention: %s", reason)
+      return False
     jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.T5liteCpuAttentionForward),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.T5liteCpuAttentionBackward),
@@ -97,6 +102,15 @@ def available() -> bool:
     logging.warning("t5lite: CPU attention kernel unavailable, using XLA's attention: %s", e)
     return False
   return True
+
+
+def refusal(library) -> Optional[str]:
+  """Why a built library (a ctypes handle) is not to be used, or None. Its vectors are AVX-512's
+  16 floats: built for a CPU without AVX-512 (AVX2, ARM), GCC splits them and the kernel runs
+  far below XLA's attention (2-7 GFLOP/s on one core, measured with -march=haswell)."""
+  if not library.T5liteCpuAttentionWideVectors():
+    return "this CPU has no AVX-512 (the kernel is written for its 16-float vectors)"
+  return None
 
 
 def supports(q, k, v, bias) -> bool:
