@@ -2,7 +2,10 @@
 gradients against jax.nn.dot_product_attention, its fallbacks, its build, and whole models."""
 
 import ctypes
+import os
 import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +57,8 @@ def test_kernel_matches_jax_attention(case):
   ours = lambda q, k, v, bias: cpu_attention.attention(  # noqa: E731
       q, k, v, mask.kv_lengths, bias, scale=0.3, causal=mask.causal)
   # Both are within 3e-6 of a float64 reference (outputs of order 1).
-  np.testing.assert_allclose(jax.jit(ours)(q, k, v, bias), ref(q, k, v, bias), atol=4e-6,
-                             rtol=2e-5)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v, bias), jax.jit(ref)(q, k, v, bias),
+                             atol=4e-6, rtol=2e-5)
   weights = jax.random.normal(jax.random.key(9), q.shape)
   argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
   grads = [jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a)) * weights), argnums))(
@@ -120,17 +123,24 @@ def test_build_reports_the_compiler_error(tmp_path, monkeypatch):
   assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
-def test_library_without_avx512_is_refused(tmp_path, monkeypatch):
-  """A build for a CPU without AVX-512 (here -march=haswell: AVX2) says so, and is refused: the
-  kernel's 16-float vectors would run far below XLA's attention there."""
-  flags = tuple("-march=haswell" if f == "-march=native" else f for f in cpu_attention.FLAGS)
-  monkeypatch.setattr(cpu_attention, "FLAGS", flags)
+def _build_for(march, tmp_path, monkeypatch):
+  """The library built for -march=`march` into tmp_path, loaded (skips without a compiler)."""
+  monkeypatch.setenv("T5LITE_CPU_ATTENTION_MARCH", march)
   try:
-    path = cpu_attention.build(str(tmp_path))
+    return ctypes.cdll.LoadLibrary(cpu_attention.build(str(tmp_path)))
   except RuntimeError as e:
     pytest.skip(f"no C++ compiler here: {e}")
-  assert "AVX-512" in cpu_attention.refusal(ctypes.cdll.LoadLibrary(path))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
+@pytest.mark.parametrize("march,lanes", [("x86-64", 0), ("haswell", 8), ("skylake-avx512", 16)])
+def test_library_is_tuned_for_avx2_and_avx512_and_refused_without(march, lanes, tmp_path,
+                                                                   monkeypatch):
+  """A build says which vectors it is tuned for: AVX-512's 16 floats, AVX2's 8, or none (the
+  x86-64 baseline: SSE2), and the last is refused (XLA's attention is used instead)."""
+  library = _build_for(march, tmp_path, monkeypatch)
+  assert cpu_attention.lanes(library) == lanes
+  assert (cpu_attention.refusal(library) is None) == (lanes > 0)
 
 
 @pytest.mark.skipif("avx512f" not in cpu_attention._cpu_features(), reason="no AVX-512 here")
@@ -140,8 +150,27 @@ def test_native_build_on_an_avx512_cpu_is_used():
     path = cpu_attention.build()
   except RuntimeError as e:
     pytest.skip(f"no C++ compiler here: {e}")
-  assert cpu_attention.refusal(ctypes.cdll.LoadLibrary(path)) is None
+  assert cpu_attention.lanes(ctypes.cdll.LoadLibrary(path)) == 16
   assert cpu_attention.available()
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= set(cpu_attention._cpu_features().split()),
+                    reason="this CPU cannot run an AVX2 build")
+@pytest.mark.skipif(not cpu_attention.available(), reason="no native kernel: no compiler here")
+def test_avx2_build_passes_the_parity_tests(tmp_path):
+  """The kernel built for AVX2 (-march=haswell: 8-float vectors, 6x2 register tiles) passes
+  this file's value and gradient tests of the kernel, in a process that uses that build."""
+  env = dict(os.environ, T5LITE_CPU_ATTENTION_MARCH="haswell", T5LITE_CACHE_DIR=str(tmp_path))
+  tests = "kernel_matches_jax_attention or sees_no_key"
+  done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                         "-p", "no:xdist", "-k", tests, __file__],
+                        env=env, capture_output=True, text=True, check=False,
+                        cwd=os.path.dirname(__file__))
+  summary = done.stdout.strip().splitlines()[-1]
+  assert done.returncode == 0 and "skipped" not in summary, done.stdout[-3000:] + done.stderr
+  assert f"{len(CASES) + 1} passed" in summary, summary
+  (library,) = (tmp_path / "kernels").glob("*.so")
+  assert cpu_attention.lanes(ctypes.cdll.LoadLibrary(str(library))) == 8
 
 
 @needs_kernel

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -28,55 +29,76 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float V16 __attribute__((vector_size(64), aligned(4)));
+// Vectors and register tiles for the CPU compiled for (-march=native): AVX-512's 16 floats in
+// 32 registers, else AVX2's 8 floats in 16 registers (kWide false). Other CPUs (no AVX2 with
+// FMA, ARM) build with 8-float vectors that the compiler splits; the kernel is not tuned for
+// them and cpu_attention.py does not use it there (T5liteCpuAttentionLanes() is 0).
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+constexpr bool kTuned = true;
+#else
+constexpr int kLanes = 8;
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr bool kTuned = true;
+#else
+constexpr bool kTuned = false;
+#endif
+#endif
+constexpr bool kWide = kLanes == 16;
 constexpr int kRows = 32;  // queries per block
 constexpr float kHidden = -INFINITY;
 
-typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));
+typedef float V __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef int32_t I __attribute__((vector_size(4 * kLanes), aligned(4)));
 
-inline V16 Load(const float* p) { V16 v; std::memcpy(&v, p, sizeof(v)); return v; }
-inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
-// All lanes x. (Not V16{} + x: 0 + x is not x for x = -0, so GCC emits a scalar add before the
-// broadcast, where this form folds into the FMA's memory operand as {1to16}.)
-inline V16 Splat(float x) { return V16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+// Unaligned loads and stores through a may_alias vector type. (Through memcpy, GCC tuned for
+// Haswell copied each 32 bytes as two 16-byte halves to the stack and loaded them back whole,
+// a failed store forwarding per load: the kernel ran at 7 GFLOP/s.)
+typedef float VMem __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
+inline V Load(const float* p) { return *reinterpret_cast<const VMem*>(p); }
+inline void Store(float* p, V v) { *reinterpret_cast<VMem*>(p) = v; }
+// All lanes x, as an initializer list. (Not V{} + x: 0 + x is not x for x = -0, so GCC emits a
+// scalar add before the broadcast, where this form folds into AVX-512's FMA as {1to16}.)
+template <size_t... kI>
+inline V SplatLanes(float x, std::index_sequence<kI...>) { return V{((void)kI, x)...}; }
+inline V Splat(float x) { return SplatLanes(x, std::make_index_sequence<kLanes>()); }
 
 // e^x, vectorized: x = n ln2 + f with n = round(x / ln2) (Cody-Waite, ln2 in two parts),
 // e^f by Cephes' degree-6 polynomial on [-ln2/2, ln2/2] (~1 ulp), times 2^n built in the
 // exponent bits. x below -87.3 (and -inf) gives 0. Arguments here are <= 0 (scores minus
 // their max).
-inline V16 Exp(V16 x) {
-  const V16 lo = Splat(-87.3365f);
-  I16 under = x < lo;
+inline V Exp(V x) {
+  const V lo = Splat(-87.3365f);
+  I under = x < lo;
   x = under ? lo : x;
   // Adding 1.5 * 2^23 rounds x / ln2 to an integer held in the low mantissa bits (+127: the
   // exponent bias, so those bits shifted up are 2^n's exponent field; n >= -126 here).
   constexpr float kRound = 12582912.0f + 127.0f;
-  V16 t = x * 1.44269504088896341f + kRound;
-  V16 n = t - kRound;
-  V16 f = x - n * 0.693359375f + n * 2.12194440e-4f;
-  V16 p = Splat(1.9875691500e-4f);
+  V t = x * 1.44269504088896341f + kRound;
+  V n = t - kRound;
+  V f = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V p = Splat(1.9875691500e-4f);
   p = p * f + 1.3981999507e-3f;
   p = p * f + 8.3334519073e-3f;
   p = p * f + 4.1665795894e-2f;
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
-  V16 y = p * f * f + f + 1.0f;
-  I16 bits;
+  V y = p * f * f + f + 1.0f;
+  I bits;
   std::memcpy(&bits, &t, sizeof(bits));
   bits <<= 23;
-  V16 two_n;
+  V two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
-  return under ? V16{} : y * two_n;
+  return under ? V{} : y * two_n;
 }
 
-inline float Max(V16 v) {
+inline float Max(V v) {
   float m = v[0];
   for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
   return m;
 }
 
-inline float Sum(V16 v) {
+inline float Sum(V v) {
   float t = 0.0f;
   for (int i = 0; i < kLanes; ++i) t += v[i];
   return t;
@@ -85,9 +107,9 @@ inline float Sum(V16 v) {
 // row[j] = exp(row[j] - shift) for j < cols (a multiple of kLanes; -inf entries give 0);
 // returns the sum.
 inline float ExpRow(float* row, int cols, float shift) {
-  V16 sum = {};
+  V sum = {};
   for (int j = 0; j < cols; j += kLanes) {
-    V16 e = Exp(Load(row + j) - shift);
+    V e = Exp(Load(row + j) - shift);
     Store(row + j, e);
     sum += e;
   }
@@ -105,17 +127,17 @@ struct Shape {
 // against keys packed transposed (ae = 1); PV, dS K read score rows against rows of v / k; dK
 // and dV read the scores down their columns (ai = 1, ae = the scores' row stride).
 
-// One tile: kR rows by kC vectors, the kR x kC sums in registers, each a[..] broadcast into the
-// FMA's memory operand.
+// One tile: kR rows by kC vectors, the kR x kC sums in registers, each a[..] broadcast (into the
+// FMA's memory operand on AVX-512).
 template <int kR, int kC, bool kAdd>
 inline void Tile(const float* a, int64_t ai, int64_t ae, const float* b, int64_t ldb, int n,
                  float alpha, float* c, int64_t ldc) {
-  V16 acc[kR][kC] = {};
+  V acc[kR][kC] = {};
   for (int e = 0; e < n; ++e) {
-    V16 bv[kC];
+    V bv[kC];
     for (int u = 0; u < kC; ++u) bv[u] = Load(b + e * ldb + u * kLanes);
     for (int i = 0; i < kR; ++i) {
-      V16 x = Splat(a[i * ai + e * ae]);
+      V x = Splat(a[i * ai + e * ae]);
       for (int u = 0; u < kC; ++u) acc[i][u] += x * bv[u];
     }
   }
@@ -146,27 +168,35 @@ void TileRows(int rows, const float* a, int64_t ai, int64_t ae, const float* b, 
   LastTile<kR - 1, kC, kAdd>(rows - i, a + i * ai, ai, ae, b, ldb, n, alpha, c + i * ldc, ldc);
 }
 
+// Strips of 4, 2 and 1 vectors with tiles of 6x4, 8x2 and 8x1 sums (AVX-512: 24 of its 32
+// registers hold sums); with AVX2's 16 registers, strips of 2 and 1 vectors with 6x2 and 8x1
+// tiles (12 sums, 2 vectors of b, 1 broadcast: AVX2's FMA takes no broadcast operand).
 template <bool kAdd>
 void Strips(int rows, int width, const float* a, int64_t ai, int64_t ae, const float* b,
             int64_t ldb, int n, float alpha, float* c, int64_t ldc) {
   int w = 0;
-  for (; w + 4 * kLanes <= width; w += 4 * kLanes)
-    TileRows<6, 4, kAdd>(rows, a, ai, ae, b + w, ldb, n, alpha, c + w, ldc);
-  for (; w + 2 * kLanes <= width; w += 2 * kLanes)
-    TileRows<8, 2, kAdd>(rows, a, ai, ae, b + w, ldb, n, alpha, c + w, ldc);
+  if constexpr (kWide) {
+    for (; w + 4 * kLanes <= width; w += 4 * kLanes)
+      TileRows<6, 4, kAdd>(rows, a, ai, ae, b + w, ldb, n, alpha, c + w, ldc);
+    for (; w + 2 * kLanes <= width; w += 2 * kLanes)
+      TileRows<8, 2, kAdd>(rows, a, ai, ae, b + w, ldb, n, alpha, c + w, ldc);
+  } else {
+    for (; w + 2 * kLanes <= width; w += 2 * kLanes)
+      TileRows<6, 2, kAdd>(rows, a, ai, ae, b + w, ldb, n, alpha, c + w, ldc);
+  }
   for (; w < width; w += kLanes)
     TileRows<8, 1, kAdd>(rows, a, ai, ae, b + w, ldb, n, alpha, c + w, ldc);
 }
 
-// The product for `width` (a multiple of kLanes) columns: strips of 4, 2 and 1 vectors, with
-// tiles of up to 24 sums (AVX-512 has 32 vector registers), the sum over e in chunks: every row
-// tile of a strip reads the strip's rows of b again, and a chunk of them (24 KB) stays in L1
-// where all of PV's 256 keys x 64 values (64 KB) would not (PV at T5-small's shapes: 90 -> 120
-// GFLOP/s on one core).
+// The product for `width` (a multiple of kLanes) columns, in Strips, the sum over e in chunks:
+// every row tile of a strip reads the strip's rows of b again, and a chunk of them (24 KB)
+// stays in L1 where all of PV's 256 keys x 64 values (64 KB) would not (PV at T5-small's
+// shapes: 90 -> 120 GFLOP/s on one core).
 template <bool kAdd>
 void Product(int rows, int width, const float* a, int64_t ai, int64_t ae, const float* b,
              int64_t ldb, int n, float alpha, float* c, int64_t ldc) {
-  const int chunk = 6144 / std::min(width, 4 * kLanes);  // floats of 24 KB / a strip's width
+  constexpr int kStrip = (kWide ? 4 : 2) * kLanes;  // the widest strip's floats
+  const int chunk = 6144 / std::min(width, kStrip);  // rows of b in 24 KB
   Strips<kAdd>(rows, width, a, ai, ae, b, ldb, std::min(n, chunk), alpha, c, ldc);
   for (int e = chunk; e < n; e += chunk)
     Strips<true>(rows, width, a + e * ae, ai, ae, b + e * ldb, ldb, std::min(n - e, chunk),
@@ -174,13 +204,13 @@ void Product(int rows, int width, const float* a, int64_t ai, int64_t ae, const 
 }
 
 // Packs x[b, :, head, :] (rows of stride `stride`) transposed into xt[D][ld] (zero padded; ld
-// a multiple of kLanes), 16 rows at a time so each store is a whole vector (storing one float
+// a multiple of kLanes), kLanes rows at a time so each store is a whole vector (storing one float
 // at a time to D rows far apart took 8x as long).
 void PackTransposed(const float* x, int64_t stride, int64_t rows, int d, float* xt, int64_t ld) {
   for (int64_t j0 = 0; j0 < ld; j0 += kLanes) {
     int64_t n = std::min<int64_t>(kLanes, rows - j0);
     for (int e = 0; e < d; ++e) {
-      V16 column = {};
+      V column = {};
       for (int64_t j = 0; j < n; ++j) column[j] = x[(j0 + j) * stride + e];
       Store(xt + e * ld + j0, column);
     }
@@ -224,7 +254,7 @@ int BlockScores(const Shape& s, const float* q, const float* kt, int64_t ldk, co
 }
 
 ffi::Error CheckShapes(const Shape& s) {
-  if (s.d % kLanes != 0)
+  if (s.d % 16 != 0)  // a whole number of vectors, AVX-512's or AVX2's
     return ffi::Error::InvalidArgument("cpu attention: head_dim must be a multiple of 16");
   if (s.kv <= 0 || s.h % s.kv != 0)
     return ffi::Error::InvalidArgument("cpu attention: query heads must be a multiple of KV heads");
@@ -298,7 +328,7 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64
           lrow[r] = inv[r] = 0.0f;
           continue;
         }
-        V16 mv = Splat(kHidden);
+        V mv = Splat(kHidden);
         for (int j = 0; j < cols; j += kLanes) mv = mv > Load(row + j) ? mv : Load(row + j);
         float m = Max(mv);
         float sum = ExpRow(row, cols, m);
@@ -348,7 +378,7 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
         if (VisibleKeys(s, length, start + r) == 0) std::fill(row, row + cols, kHidden);
         ExpRow(row, cols, x.lse[(b * s.h + h) * s.lq + start + r]);
         const float *o = x.out + qoff + r * qstride, *g = x.d_out + qoff + r * qstride;
-        V16 dot = {};
+        V dot = {};
         for (int e = 0; e < d; e += kLanes) dot += Load(o + e) * Load(g + e);
         di[r] = Sum(dot);
       }
@@ -445,17 +475,10 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
 
 }  // namespace
 
-// Whether this build has 512-bit vectors (-march=native on a CPU with AVX-512). The kernel's
-// 16-float vectors and 24-vector register tiles are written for them: built for AVX2 (16
-// registers of 8 floats) GCC splits and spills them, and the kernel ran at 2-7 GFLOP/s on one
-// core, far below XLA's attention; cpu_attention.py then falls back to XLA.
-extern "C" int T5liteCpuAttentionWideVectors() {
-#if defined(__AVX512F__)
-  return 1;
-#else
-  return 0;
-#endif
-}
+// The floats per vector this build is tuned for: 16 (AVX-512) or 8 (AVX2 with FMA); 0 where
+// it is tuned for neither (cpu_attention.py then uses XLA's attention: built without them, the
+// wide vectors are split and the kernel runs far below XLA).
+extern "C" int T5liteCpuAttentionLanes() { return kTuned ? kLanes : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionForward, ForwardImpl,
                               ffi::Ffi::Bind()

@@ -7,12 +7,13 @@ backward, recomputes them from the saved log-sum-exp), as flash attention does o
 spreads (batch row, KV head) pairs over XLA's intra-op threads.
 
 The C++ source is compiled on first use (~3 s) with the host's C++ compiler (`g++`, or $CXX)
-for this CPU (-march=native) into `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR,
-else ~/.cache/t5lite), keyed by the source, the compiler, the flags, the JAX version and the
-CPU's features. Where that fails (no compiler) or T5LITE_CPU_ATTENTION_KERNEL=0, `available()`
-is False and callers fall back to XLA's attention (the reason is logged once); so it is on a
-CPU without AVX-512, for which the kernel's vectors are too wide (`refusal`). float32 only;
-head_dim a multiple of 16. The library in the cache is loaded and run: like JAX's compilation
+for this CPU (-march=native; $T5LITE_CPU_ATTENTION_MARCH names another target, say a cluster's
+oldest CPU) into `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR, else
+~/.cache/t5lite), keyed by the source, the compiler, the flags, the JAX version and the CPU's
+features. Its vectors and register tiles are tuned for AVX-512 and for AVX2 with FMA. Where
+the build fails (no compiler), the target has neither (`refusal`: an older x86 CPU, ARM) or
+T5LITE_CPU_ATTENTION_KERNEL=0, `available()` is False and callers fall back to XLA's attention
+(the reason is logged once). float32 only; head_dim a multiple of 16. The library in the cache is loaded and run: like JAX's compilation
 cache, a cache directory others can write to lets them run code as you.
 """
 
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
+FLAGS = ("-O3", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
 _FORWARD = "t5lite_cpu_attention_forward"
 _BACKWARD = "t5lite_cpu_attention_backward"
 
@@ -55,6 +56,11 @@ def _cpu_features() -> str:
   return platform.machine()
 
 
+def flags() -> tuple:
+  """The compiler's flags: FLAGS and -march=native, or the -march in $T5LITE_CPU_ATTENTION_MARCH."""
+  return FLAGS + ("-march=" + (os.environ.get("T5LITE_CPU_ATTENTION_MARCH") or "native"),)
+
+
 def build(cache_dir: Optional[str] = None) -> str:
   """Compiles cpu_attention.cc (once per source, compiler, flags, JAX version and CPU) and
   returns the path of the shared library. Raises RuntimeError (with the compiler's message)
@@ -65,7 +71,7 @@ def build(cache_dir: Optional[str] = None) -> str:
   with open(SOURCE, "rb") as f:
     source = f.read()
   key = hashlib.sha256(source + " ".join(
-      FLAGS + (compiler, jax.__version__, _cpu_features())).encode())
+      flags() + (compiler, jax.__version__, _cpu_features())).encode())
   folder = cache_dir or _cache_dir()
   path = os.path.join(folder, f"cpu_attention-{key.hexdigest()[:16]}.so")
   if os.path.exists(path):
@@ -73,7 +79,7 @@ def build(cache_dir: Optional[str] = None) -> str:
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
   os.close(fd)
-  cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+  cmd = [compiler, *flags(), "-isystem", jax.ffi.include_dir(), SOURCE, "-o", tmp]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if done.returncode:
     os.unlink(tmp)
@@ -105,12 +111,17 @@ def available() -> bool:
 
 
 def refusal(library) -> Optional[str]:
-  """Why a built library (a ctypes handle) is not to be used, or None. Its vectors are AVX-512's
-  16 floats: built for a CPU without AVX-512 (AVX2, ARM), GCC splits them and the kernel runs
-  far below XLA's attention (2-7 GFLOP/s on one core, measured with -march=haswell)."""
-  if not library.T5liteCpuAttentionWideVectors():
-    return "this CPU has no AVX-512 (the kernel is written for its 16-float vectors)"
+  """Why a built library (a ctypes handle) is not to be used, or None: built for a CPU with
+  neither AVX-512 nor AVX2 with FMA, the vector widths and register tiles it is tuned for."""
+  if not lanes(library):
+    return "this CPU has neither AVX-512 nor AVX2 with FMA, which the kernel is written for"
   return None
+
+
+def lanes(library) -> int:
+  """The floats per vector a built library (a ctypes handle) is tuned for: 16 (AVX-512), 8
+  (AVX2 with FMA), or 0 (neither)."""
+  return library.T5liteCpuAttentionLanes()
 
 
 def supports(q, k, v, bias) -> bool:
