@@ -281,7 +281,8 @@ def kernel_attention(q, k, v, mask: Mask, bias=None, *, scale: float):
   single CPU device (the kernel has no sharding rule, so on a mesh XLA would gather the batch
   onto every device; a program traced for a GPU by t5lite.gpu_aot cannot call it), a dense
   mask (packed rows, prefix LM), not float32, head_dim not a multiple of 16, or no kernel
-  (`cpu_attention.available()`: no C++ compiler, a CPU without AVX-512, or switched off).
+  (`cpu_attention.available()`: no C++ compiler, a CPU with neither AVX-512 nor AVX2, or
+  switched off).
   """
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
