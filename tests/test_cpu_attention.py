@@ -132,15 +132,22 @@ def _build_for(march, tmp_path, monkeypatch):
     pytest.skip(f"no C++ compiler here: {e}")
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
-@pytest.mark.parametrize("march,lanes", [("x86-64", 0), ("haswell", 8), ("skylake-avx512", 16)])
-def test_library_is_tuned_for_avx2_and_avx512_and_refused_without(march, lanes, tmp_path,
+@pytest.mark.skipif(platform.machine() != "x86_64" or not cpu_attention._cpu_features().startswith(
+    "flags"), reason="x86 targets, and the CPU's features from Linux")
+@pytest.mark.parametrize("march,lanes,needs", [("x86-64", 0, ""), ("haswell", 8, "avx2 fma"),
+                                               ("skylake-avx512", 16, "avx512f")])
+def test_library_is_tuned_for_avx2_and_avx512_and_refused_without(march, lanes, needs, tmp_path,
                                                                    monkeypatch):
   """A build says which vectors it is tuned for: AVX-512's 16 floats, AVX2's 8, or none (the
-  x86-64 baseline: SSE2), and the last is refused (XLA's attention is used instead)."""
+  x86-64 baseline: SSE2), and the last is refused (XLA's attention is used instead); so is a
+  build for features the CPU lacks (it would die of an illegal instruction)."""
+  if not set(needs.split()) <= set(cpu_attention._cpu_features().split()):
+    pytest.skip(f"this CPU cannot load a build for {march}")
   library = _build_for(march, tmp_path, monkeypatch)
   assert cpu_attention.lanes(library) == lanes
   assert (cpu_attention.refusal(library) is None) == (lanes > 0)
+  monkeypatch.setattr(cpu_attention, "_cpu_features", lambda: "flags\t\t: fpu sse sse2")
+  assert cpu_attention.refusal(library) is not None
 
 
 @pytest.mark.skipif("avx512f" not in cpu_attention._cpu_features(), reason="no AVX-512 here")

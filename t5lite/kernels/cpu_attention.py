@@ -34,6 +34,8 @@ import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
 FLAGS = ("-O3", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
+# The CPU features (Linux's names) a build of each vector width runs on.
+_NEEDS = {16: ("avx512f",), 8: ("avx2", "fma")}
 _FORWARD = "t5lite_cpu_attention_forward"
 _BACKWARD = "t5lite_cpu_attention_backward"
 
@@ -112,9 +114,17 @@ def available() -> bool:
 
 def refusal(library) -> Optional[str]:
   """Why a built library (a ctypes handle) is not to be used, or None: built for a CPU with
-  neither AVX-512 nor AVX2 with FMA, the vector widths and register tiles it is tuned for."""
-  if not lanes(library):
+  neither AVX-512 nor AVX2 with FMA, the vector widths and register tiles it is tuned for, or
+  (on Linux, where the CPU's features are known) for one this CPU cannot run, say with
+  $T5LITE_CPU_ATTENTION_MARCH naming a newer CPU (it would die of an illegal instruction)."""
+  width = lanes(library)
+  if not width:
     return "this CPU has neither AVX-512 nor AVX2 with FMA, which the kernel is written for"
+  features = _cpu_features()
+  if features.startswith("flags"):
+    missing = [f for f in _NEEDS[width] if f not in features.split()]
+    if missing:
+      return f"built for a CPU with {', '.join(missing)}, which this one lacks"
   return None
 
 
