@@ -11,10 +11,11 @@ for this CPU (-march=native; $T5LITE_CPU_ATTENTION_MARCH names another target, s
 oldest CPU) into `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR, else
 ~/.cache/t5lite), keyed by the source, the compiler, the flags, the JAX version and the CPU's
 features. Its vectors and register tiles are tuned for AVX-512 and for AVX2 with FMA. Where
-the build fails (no compiler), the target has neither (`refusal`: an older x86 CPU, ARM) or
-T5LITE_CPU_ATTENTION_KERNEL=0, `available()` is False and callers fall back to XLA's attention
-(the reason is logged once). float32 only; head_dim a multiple of 16. The library in the cache is loaded and run: like JAX's compilation
-cache, a cache directory others can write to lets them run code as you.
+the build fails (no compiler), the target has neither or this CPU cannot run it (`refusal`:
+an older x86 CPU, ARM) or T5LITE_CPU_ATTENTION_KERNEL=0, `available()` is False and callers
+fall back to XLA's attention (the reason is logged once). float32 only; head_dim a multiple of
+16. The library in the cache is loaded and run: like JAX's compilation cache, a cache
+directory others can write to lets them run code as you.
 """
 
 import ctypes
