@@ -123,17 +123,19 @@ def test_build_reports_the_compiler_error(tmp_path, monkeypatch):
   assert not list(tmp_path.iterdir())
 
 
-def _build_for(march, tmp_path, monkeypatch):
-  """The library built for -march=`march` into tmp_path, loaded (skips without a compiler)."""
-  monkeypatch.setenv("T5LITE_CPU_ATTENTION_MARCH", march)
+CPU_FLAGS = cpu_attention._cpu_flags() or frozenset()
+
+
+def _load_build(cache_dir=None):
+  """The library built into cache_dir (default: t5lite's), loaded; skips without a compiler."""
   try:
-    return ctypes.cdll.LoadLibrary(cpu_attention.build(str(tmp_path)))
+    return ctypes.cdll.LoadLibrary(cpu_attention.build(cache_dir))
   except RuntimeError as e:
     pytest.skip(f"no C++ compiler here: {e}")
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or not cpu_attention._cpu_features().startswith(
-    "flags"), reason="x86 targets, and the CPU's features from Linux")
+@pytest.mark.skipif(platform.machine() != "x86_64" or cpu_attention._cpu_flags() is None,
+                    reason="x86 targets, and the CPU's features from Linux")
 @pytest.mark.parametrize("march,lanes,needs", [("x86-64", 0, ""), ("haswell", 8, "avx2 fma"),
                                                ("skylake-avx512", 16, "avx512f")])
 def test_library_is_tuned_for_avx2_and_avx512_and_refused_without(march, lanes, needs, tmp_path,
@@ -141,28 +143,24 @@ def test_library_is_tuned_for_avx2_and_avx512_and_refused_without(march, lanes, 
   """A build says which vectors it is tuned for: AVX-512's 16 floats, AVX2's 8, or none (the
   x86-64 baseline: SSE2), and the last is refused (XLA's attention is used instead); so is a
   build for features the CPU lacks (it would die of an illegal instruction)."""
-  if not set(needs.split()) <= set(cpu_attention._cpu_features().split()):
+  if not set(needs.split()) <= CPU_FLAGS:
     pytest.skip(f"this CPU cannot load a build for {march}")
-  library = _build_for(march, tmp_path, monkeypatch)
+  monkeypatch.setenv("T5LITE_CPU_ATTENTION_MARCH", march)
+  library = _load_build(str(tmp_path))
   assert cpu_attention.lanes(library) == lanes
   assert (cpu_attention.refusal(library) is None) == (lanes > 0)
   monkeypatch.setattr(cpu_attention, "_cpu_features", lambda: "flags\t\t: fpu sse sse2")
   assert cpu_attention.refusal(library) is not None
 
 
-@pytest.mark.skipif("avx512f" not in cpu_attention._cpu_features(), reason="no AVX-512 here")
+@pytest.mark.skipif("avx512f" not in CPU_FLAGS, reason="no AVX-512 here")
 def test_native_build_on_an_avx512_cpu_is_used():
   """On a CPU with AVX-512 the native build has the kernel's 16-float vectors, and is used."""
-  try:
-    path = cpu_attention.build()
-  except RuntimeError as e:
-    pytest.skip(f"no C++ compiler here: {e}")
-  assert cpu_attention.lanes(ctypes.cdll.LoadLibrary(path)) == 16
+  assert cpu_attention.lanes(_load_build()) == 16
   assert cpu_attention.available()
 
 
-@pytest.mark.skipif(not {"avx2", "fma"} <= set(cpu_attention._cpu_features().split()),
-                    reason="this CPU cannot run an AVX2 build")
+@pytest.mark.skipif(not {"avx2", "fma"} <= CPU_FLAGS, reason="this CPU cannot run an AVX2 build")
 @pytest.mark.skipif(not cpu_attention.available(), reason="no native kernel: no compiler here")
 def test_avx2_build_passes_the_parity_tests(tmp_path):
   """The kernel built for AVX2 (-march=haswell: 8-float vectors, 6x2 register tiles) passes

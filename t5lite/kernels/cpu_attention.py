@@ -59,6 +59,13 @@ def _cpu_features() -> str:
   return platform.machine()
 
 
+def _cpu_flags() -> Optional[frozenset]:
+  """The CPU's feature flags (Linux's names: "avx2", "avx512f", ...), or None where
+  /proc/cpuinfo does not list them."""
+  features = _cpu_features()
+  return frozenset(features.split(":", 1)[1].split()) if features.startswith("flags") else None
+
+
 def flags() -> tuple:
   """The compiler's flags: FLAGS and -march=native, or the -march in $T5LITE_CPU_ATTENTION_MARCH."""
   return FLAGS + ("-march=" + (os.environ.get("T5LITE_CPU_ATTENTION_MARCH") or "native"),)
@@ -121,11 +128,10 @@ def refusal(library) -> Optional[str]:
   width = lanes(library)
   if not width:
     return "this CPU has neither AVX-512 nor AVX2 with FMA, which the kernel is written for"
-  features = _cpu_features()
-  if features.startswith("flags"):
-    missing = [f for f in _NEEDS[width] if f not in features.split()]
-    if missing:
-      return f"built for a CPU with {', '.join(missing)}, which this one lacks"
+  cpu = _cpu_flags()
+  missing = [f for f in _NEEDS[width] if cpu is not None and f not in cpu]
+  if missing:
+    return f"built for a CPU with {', '.join(missing)}, which this one lacks"
   return None
 
 
