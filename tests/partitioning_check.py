@@ -74,8 +74,14 @@ def check_meshes(cfg, meshes, lengths=(16, 8), loss_cfg=LossConfig()):
 def main(arch):
   presets = dict(PRESETS)
   extra, lengths, loss_cfg = {}, (16, 8), LossConfig()
+  # The variants below check one feature under sharding, each against the one preset that
+  # shards both the batch and the weights two ways (fsdp_tensor), plus what the feature needs;
+  # the plain architectures go through every preset.
+  if arch in ("moe", "cpu_levers", "head_chunks"):
+    presets = {"fsdp_tensor": PRESETS["fsdp_tensor"]}
   if arch == "moe":  # decoder-only with a top-2 MoE feed-forward of 8 experts
     arch, extra = "decoder_only", dict(num_experts=8, experts_per_token=2)
+    presets["data_parallel"] = PRESETS["data_parallel"]
     presets["expert_parallel"] = partitioning.MeshConfig(2, 1, 4, "expert_parallel")
   if arch == "cpu_levers":  # decoder-only with runs/cpu.gin's levers: the attention kernel
     # (on a mesh it falls back to chunked attention, here over three query blocks), flat

@@ -34,28 +34,31 @@ def _inputs(cfg):
 
 
 def _greedy_by_recompute(model, params, batch):
+  """Greedy tokens by a full forward pass per step, no cache: each sequence sits zero-padded in
+  a fixed-length row (one compiled program), and the next token is the argmax at its last
+  position; causal attention keeps the padding after it out of every earlier position."""
   cfg = model.cfg
-  out = []
+  apply = jax.jit(lambda feats: model.apply(params, feats)[0])
   if cfg.arch == "encoder_decoder":
     enc = batch["encoder_input_tokens"]
-    dec = np.zeros((enc.shape[0], 1), np.int32)
-    for _ in range(STEPS):
-      logits, _ = model.apply(params, {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
-                                       "decoder_target_tokens": np.ones_like(dec)})
-      nxt = np.asarray(jnp.argmax(logits[:, -1], -1), np.int32)
-      dec = np.concatenate([dec, nxt[:, None]], 1)
+    dec = np.zeros((enc.shape[0], STEPS + 1), np.int32)
+    for i in range(STEPS):
+      targets = (np.arange(STEPS + 1) <= i).astype(np.int32)[None].repeat(enc.shape[0], 0)
+      logits = apply({"encoder_input_tokens": enc, "decoder_input_tokens": dec,
+                      "decoder_target_tokens": targets})
+      dec[:, i + 1] = np.asarray(jnp.argmax(logits[:, i], -1))
     return dec[:, 1:]
+  out, width = [], batch["prompt_tokens"].shape[1] + 1 + STEPS
   for row in batch["prompt_tokens"]:
     prompt = [0] + [int(t) for t in row if t != 0]
     seq = list(prompt)
     for _ in range(STEPS):
-      feats = {"decoder_input_tokens": np.asarray([seq], np.int32),
-               "decoder_target_tokens": np.ones((1, len(seq)), np.int32)}
+      n = len(seq)
+      feats = {"decoder_input_tokens": np.asarray([seq + [0] * (width - n)], np.int32),
+               "decoder_target_tokens": (np.arange(width) < n).astype(np.int32)[None]}
       if cfg.arch == "prefix_lm":
-        feats["decoder_causal_attention"] = np.asarray(
-            [[1] * len(prompt) + [0] * (len(seq) - len(prompt))], np.int32)
-      logits, _ = model.apply(params, feats)
-      seq.append(int(jnp.argmax(logits[0, -1])))
+        feats["decoder_causal_attention"] = (np.arange(width) < len(prompt)).astype(np.int32)[None]
+      seq.append(int(jnp.argmax(apply(feats)[0, n - 1])))
     out.append(seq[len(prompt):])
   return np.asarray(out, np.int32)
 

@@ -26,8 +26,8 @@ def _free_port():
 
 def _two_processes(model_dir, steps):
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   procs = [subprocess.Popen(
       [sys.executable] + ARGS + [f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={steps}",
                                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",

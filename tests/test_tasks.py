@@ -184,7 +184,7 @@ def test_train_and_inspect_cli_on_mixture(data_dir, tmp_path):
       "--gin.CHECKPOINT_PERIOD=30", "--gin.ScheduleConfig.learning_rate=3e-3",
       "--gin.OptimizerConfig.name='adamw'", "--gin.ScheduleConfig.warmup_steps=5",
       "--gin.TrainConfig.log_every=5", "--gin.TrainConfig.eval_every=30",
-      "--gin.TrainConfig.eval_batches=2"])
+      "--gin.TrainConfig.eval_batches=2"], optimized=True)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = [json.loads(l) for l in open(model_dir / "metrics.jsonl", encoding="utf-8")]
   losses = [l["loss"] for l in lines if "loss" in l]
