@@ -37,21 +37,29 @@ def tiny_config(**overrides):
   return ModelConfig(**base)
 
 
-def run_cli(args, cwd=None, env=None, timeout=600, optimized=False):
-  """Runs `python -m ...` in a subprocess; returns CompletedProcess with text output.
+def cli_env(env=None, optimized=False):
+  """The environment for a t5lite subprocess: this one's, t5lite on PYTHONPATH, then `env`,
+  whose XLA_FLAGS are added to the suite's rather than put in their place.
 
   optimized: compile with XLA's default LLVM optimization, for a run whose time goes into
   running many steps rather than compiling (the mixture CLI test, 30 steps of T5-tiny: 59 s
   with it, 74 s at -O0, alone on 2 cores).
   """
-  import subprocess
   full_env = dict(os.environ)
   full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
   if optimized:
     full_env["XLA_FLAGS"] = full_env.get("XLA_FLAGS", "").replace(LLVM_O0, "").strip()
   env = dict(env or {})
-  if "XLA_FLAGS" in env:  # added to the suite's flags, not in place of them
+  if "XLA_FLAGS" in env:
     env["XLA_FLAGS"] = (full_env.get("XLA_FLAGS", "") + " " + env["XLA_FLAGS"]).strip()
   full_env.update(env)
-  return subprocess.run([sys.executable] + list(args), cwd=cwd or REPO, env=full_env,
-                        capture_output=True, text=True, timeout=timeout)
+  return full_env
+
+
+def run_cli(args, cwd=None, env=None, timeout=600, optimized=False):
+  """Runs `python ARGS` in a subprocess with `cli_env(env, optimized)`; returns the
+  CompletedProcess with text output."""
+  import subprocess
+  return subprocess.run([sys.executable] + list(args), cwd=cwd or REPO,
+                        env=cli_env(env, optimized), capture_output=True, text=True,
+                        timeout=timeout)

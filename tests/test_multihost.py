@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_env, run_cli
 from test_train import QUICK
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,7 @@ def _free_port():
 
 def _two_processes(model_dir, steps):
   port = _free_port()
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  env = cli_env({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   procs = [subprocess.Popen(
       [sys.executable] + ARGS + [f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={steps}",
                                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
