@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from test_models import _assert_same_loss_and_grads, random_batch
 from t5lite.kernels import cpu_attention
 from t5lite.models import attention
 from t5lite.models.model import Model
@@ -68,6 +69,76 @@ def test_kernel_matches_jax_attention(case):
     np.testing.assert_allclose(got, want, atol=5e-5)
 
 
+def _segments(b, length, runs):
+  """int32 [b, length] segment ids: row r is `runs[r]` (segment, count) pairs, then padding (0)."""
+  rows = [np.concatenate([np.full(n, seg) for seg, n in row] + [np.zeros(length, int)])[:length]
+          for row in runs]
+  return jnp.asarray(np.stack(rows[:b]), jnp.int32)
+
+
+SEGMENT_CASES = {
+    # name: (operands case, causal, q runs per row, k runs per row or None: the q runs)
+    # packed decoder rows: causal, grouped queries, segments across the query blocks' edges
+    "packed_causal_grouped": ("causal_grouped", True,
+                              [[(1, 40), (2, 70), (3, 30)], [(1, 150)], [(1, 3), (2, 100)]], None),
+    # packed encoder rows: a bias shared by the rows, the last segment before the padding
+    "packed_with_bias": ("lengths_and_shared_bias", False,
+                         [[(1, 64), (2, 64), (3, 10)], [(1, 20), (2, 130)], [(1, 150)]], None),
+    # cross-attention: the decoder's segments over the encoder's; row 1's segment 3 has no keys
+    # (its queries see nothing), and the ids need not be contiguous (row 2 alternates)
+    "packed_cross": ("cross_lengths_row_bias", False,
+                     [[(1, 15), (2, 25)], [(1, 10), (3, 20)], [(1, 5), (2, 5)] * 4],
+                     [[(1, 50), (2, 40)], [(1, 30), (2, 60)], [(2, 30), (1, 30), (2, 30)]]),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", sorted(SEGMENT_CASES))
+def test_kernel_with_segment_ids_matches_jax_attention_with_their_mask(case):
+  """Packed rows (`segments`): outputs and gradients equal jax.nn.dot_product_attention's with
+  the dense same-segment mask, causal or not, with a bias, for cross-attention between
+  different segmentations, and for ids that are not contiguous; queries of the padding or of
+  a segment without keys get zeros (jax.nn would average over all keys there) and no gradient."""
+  operands, causal, q_runs, k_runs = SEGMENT_CASES[case]
+  q, k, v, bias, _ = _operands(operands, seed=4)
+  q_seg = _segments(q.shape[0], q.shape[1], q_runs)
+  k_seg = _segments(k.shape[0], k.shape[1], k_runs or q_runs)
+  mask = attention.segment_mask(q_seg, k_seg, causal=causal)
+  sees = np.asarray(mask.dense).any(-1)[:, 0]                          # [b, q_len]
+  assert not sees.all() and sees.any()
+  live = jnp.asarray(sees[:, :, None, None], jnp.float32)
+
+  def ref(q, k, v, bias):
+    return live * jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask.dense, scale=0.3)
+
+  def ours(q, k, v, bias):
+    return cpu_attention.attention(q, k, v, None, bias, mask.segments, scale=0.3,
+                                   causal=causal)
+
+  out = jax.jit(ours)(q, k, v, bias)
+  assert np.all(np.asarray(out)[~sees] == 0)
+  np.testing.assert_allclose(out, jax.jit(ref)(q, k, v, bias), atol=4e-6, rtol=2e-5)
+  weights = jax.random.normal(jax.random.key(9), q.shape)
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  grads = [jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a)) * weights), argnums))(
+      q, k, v, bias) for fn in (ours, ref)]
+  for got, want in zip(*grads):
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, atol=5e-5)
+  assert np.all(np.asarray(grads[0][0])[~sees] == 0)
+
+
+@needs_kernel
+def test_kernel_rejects_segment_ids_of_the_wrong_shape():
+  """Segment ids that do not match the queries' and keys' [batch, length] are an error from
+  the kernel, not a read past their end."""
+  q, k, v, _, _ = _operands("causal_grouped")
+  seg = jnp.ones((q.shape[0], q.shape[1] - 1), jnp.int32)
+  with pytest.raises(Exception, match="segment ids must be"):
+    jax.block_until_ready(cpu_attention.attention(q, k, v, segments=(seg, seg), scale=0.3,
+                                                  causal=True))
+
+
 @needs_kernel
 def test_kernel_row_that_sees_no_key_gives_zeros():
   """A row whose keys are all hidden (length 0) gets zero outputs and passes no gradient (no
@@ -95,16 +166,17 @@ def _calls_kernel(fn, *args) -> bool:
 @needs_kernel
 def test_kernel_attention_falls_back_where_the_kernel_does_not_apply():
   """attend(implementation='cpu_kernel') runs the kernel for float32 with head_dim a multiple
-  of 16 and causal / length masks, and chunked_attention (same values) for a dense mask
-  (packed rows), bfloat16 or head_dim 8."""
+  of 16 and causal / length / segment masks, and chunked_attention (same values) for a dense
+  mask without segment ids (a prefix LM's), bfloat16 or head_dim 8."""
   q, k, v, bias, mask = _operands("lengths_and_shared_bias")
 
   def attend(mask, q, k, v, bias):
     return attention.attend(q, k, v, mask, bias, scale=0.3, implementation="cpu_kernel")
 
-  assert _calls_kernel(lambda *a: attend(mask, *a), q, k, v, bias)
   seg = jnp.asarray(np.repeat([[1] * 100 + [2] * 50], 3, 0), jnp.int32)
-  dense = attention.Mask(dense=attention.padding_mask(seg, seg))
+  for m in (mask, attention.segment_mask(seg, seg, causal=True)):
+    assert _calls_kernel(lambda *a, m=m: attend(m, *a), q, k, v, bias)
+  dense = attention.Mask(dense=attention.prefix_lm_mask(seg, seg == 1))
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, bias)]
   narrow = [x[..., :8] for x in (q, k, v)] + [bias]
   for m, args in ((dense, (q, k, v, bias)), (mask, bf16), (mask, narrow)):
@@ -195,13 +267,61 @@ def test_cpu_kernel_model_matches_chunked(variant):
   """attention_impl='cpu_kernel' gives the loss and gradients of 'chunked' for T5 (relative
   position bias shared by the batch, padded encoder rows, causal decoder, cross-attention) and
   a grouped-query decoder, on sequences several kernel blocks long."""
-  from test_models import _assert_same_loss_and_grads, random_batch
   variant = dict(variant, head_dim=16)
   batch = random_batch(tiny_config(**variant), batch=2, in_len=90, out_len=70, seed=3)
   model = Model(tiny_config(attention_impl="cpu_kernel", **variant))
   params = model.init(jax.random.key(0))
   assert "t5lite_cpu_attention_backward" in jax.jit(
       jax.grad(lambda p: model.loss(p, batch)[0])).lower(params).as_text()
+  _assert_same_loss_and_grads(variant, batch, dict(attention_impl="chunked"),
+                              dict(attention_impl="cpu_kernel"), loss_rtol=1e-5, atol=2e-6,
+                              rtol=1e-4)
+
+
+def _packed_batch(arch, vocab, input_runs, target_runs, seed=0):
+  """Packed rows as t5lite's data pipeline makes them: per row, examples of the given lengths
+  one after another, then padding; segment ids, positions restarting in each example,
+  decoder inputs shifted right inside each example."""
+  rng = np.random.default_rng(seed)
+
+  def fields(runs, length):
+    seg = np.zeros((len(runs), length), np.int32)
+    pos = np.zeros_like(seg)
+    for r, lens in enumerate(runs):
+      starts = np.cumsum([0] + lens)
+      for i, n in enumerate(lens):
+        seg[r, starts[i]:starts[i + 1]] = i + 1
+        pos[r, starts[i]:starts[i + 1]] = np.arange(n)
+    return np.where(seg > 0, rng.integers(3, vocab, seg.shape), 0).astype(np.int32), seg, pos
+
+  targets, seg, pos = fields(target_runs, 70)
+  inputs = np.where(pos == 0, 0, np.roll(targets, 1, axis=1)).astype(np.int32)
+  batch = {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+           "decoder_segment_ids": seg, "decoder_positions": pos}
+  if arch == "encoder_decoder":
+    tokens, enc_seg, enc_pos = fields(input_runs, 90)
+    batch.update(encoder_input_tokens=tokens, encoder_segment_ids=enc_seg,
+                 encoder_positions=enc_pos)
+  else:
+    batch["decoder_loss_weights"] = (targets > 0).astype(np.float32)
+  return batch
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
+                                     dict(arch="decoder_only", num_kv_heads=2)],
+                         ids=["encoder_decoder", "decoder_only-gqa"])
+def test_cpu_kernel_on_packed_rows_matches_chunked(variant):
+  """Packed rows (T5X's default for pretraining) go to the kernel as their segment ids, and
+  give the loss and gradients of 'chunked' over the dense mask: the encoder's, the causal
+  decoder's and the cross-attention's segments, examples across the kernel's query blocks."""
+  variant = dict(variant, head_dim=16)
+  batch = _packed_batch(variant["arch"], tiny_config().vocab_size,
+                        [[30, 41, 12], [40, 50]], [[20, 35, 5], [9, 50]], seed=5)
+  model = Model(tiny_config(attention_impl="cpu_kernel", **variant))
+  params = model.init(jax.random.key(0))
+  hlo = jax.jit(jax.grad(lambda p: model.loss(p, batch)[0])).lower(params).as_text()
+  assert "has_segments = true" in hlo
   _assert_same_loss_and_grads(variant, batch, dict(attention_impl="chunked"),
                               dict(attention_impl="cpu_kernel"), loss_rtol=1e-5, atol=2e-6,
                               rtol=1e-4)

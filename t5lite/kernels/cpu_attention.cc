@@ -9,11 +9,14 @@
 //
 // Layouts (row-major): q [B, Lq, H, D]; k, v [B, Lk, K, D] with H a multiple of K (grouped
 // queries); lengths int32 [B] (keys at or past a row's length are hidden); bias
-// [Bb, H, Lq, Lk] with Bb 1 or B (read only when has_bias); out [B, Lq, H, D];
-// lse float32 [B, H, Lq]. Causal: key j is hidden from query i when j > i. A query that sees
-// no key gets zeros (and passes no gradient). D must be a multiple of 16.
+// [Bb, H, Lq, Lk] with Bb 1 or B (read only when has_bias); q_segments int32 [B, Lq] and
+// k_segments int32 [B, Lk] (read only when has_segments: packed rows, where query i sees key j
+// only if both are in the same segment, and segment 0, the padding, sees nothing); out
+// [B, Lq, H, D]; lse float32 [B, H, Lq]. Causal: key j is hidden from query i when j > i. A
+// query that sees no key gets zeros (and passes no gradient). D must be a multiple of 16.
 
 #include <algorithm>
+#include <climits>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -119,8 +122,13 @@ inline float ExpRow(float* row, int cols, float shift) {
 
 struct Shape {
   int64_t b, lq, lk, h, kv, d, bias_b;
-  bool causal, has_bias;
+  bool causal, has_bias, has_segments;
   float scale;
+};
+
+struct Operands {
+  const float *q, *k, *v, *bias, *out, *lse, *d_out;
+  const int32_t *lengths, *q_segments, *k_segments;
 };
 
 // The matrix products, all of one form: C[i][:width] (=, or += with kAdd) alpha * sum_{e < n}
@@ -235,31 +243,62 @@ inline int64_t VisibleKeys(const Shape& s, int64_t length, int64_t i) {
   return s.causal ? std::min(n, i + 1) : n;
 }
 
-// Scores of queries [start, start + rows) of (b, h): scale * q k^T + bias, hidden -> -inf.
-// Returns the number of key columns computed (a multiple of 2 * kLanes).
-int BlockScores(const Shape& s, const float* q, const float* kt, int64_t ldk, const float* bias,
-                int64_t b, int64_t h, int64_t start, int rows, int64_t length, float* sc,
+// The queries [start, start + rows) of row b see none of the keys from BlockKeys(..) on: the
+// last query's VisibleKeys, and with segments, the end of the last key whose segment is within
+// the range of the queries' segments (packed rows: the end of the block's last segment).
+int64_t BlockKeys(const Shape& s, const Operands& x, int64_t b, int64_t start, int rows,
+                  int64_t length) {
+  int64_t keys = VisibleKeys(s, length, start + rows - 1);
+  if (!s.has_segments) return keys;
+  const int32_t* qs = x.q_segments + b * s.lq + start;
+  const int32_t* ks = x.k_segments + b * s.lk;
+  int32_t lo = INT32_MAX, hi = 0;
+  for (int r = 0; r < rows; ++r)
+    if (qs[r] > 0) lo = std::min(lo, qs[r]), hi = std::max(hi, qs[r]);
+  while (keys > 0 && !(ks[keys - 1] >= lo && ks[keys - 1] <= hi)) --keys;
+  return keys;
+}
+
+// Scores of queries [start, start + rows) of (b, h) against keys [0, keys) (BlockKeys): scale *
+// q k^T + bias, hidden -> -inf. Returns the number of key columns computed (keys rounded up to
+// a multiple of 2 * kLanes).
+int BlockScores(const Shape& s, const Operands& x, const float* kt, int64_t ldk, int64_t b,
+                int64_t h, int64_t start, int rows, int64_t length, int64_t keys, float* sc,
                 int64_t ldc) {
-  int64_t last = VisibleKeys(s, length, start + rows - 1);
-  int cols = static_cast<int>(PaddedKeys(last));
+  int cols = static_cast<int>(PaddedKeys(keys));
   if (cols == 0) return 0;
-  const float* qrow = q + ((b * s.lq + start) * s.h + h) * s.d;
+  const float* qrow = x.q + ((b * s.lq + start) * s.h + h) * s.d;
   Product<false>(rows, cols, qrow, s.h * s.d, 1, kt, ldk, static_cast<int>(s.d), s.scale, sc,
                  ldc);
   const float* brow = nullptr;
   if (s.has_bias)
-    brow = bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk;
+    brow = x.bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk;
+  const int32_t* ks = s.has_segments ? x.k_segments + b * s.lk : nullptr;
   for (int r = 0; r < rows; ++r) {
-    int64_t seen = VisibleKeys(s, length, start + r);
+    int64_t seen = std::min(VisibleKeys(s, length, start + r), keys);
     float* row = sc + r * ldc;
     if (brow)
       for (int64_t j = 0; j < seen; ++j) row[j] += brow[r * s.lk + j];
+    if (ks) {
+      const int32_t mine = x.q_segments[b * s.lq + start + r];
+      if (mine == 0) seen = 0;
+      for (int64_t j = 0; j < seen; ++j)
+        if (ks[j] != mine) row[j] = kHidden;
+    }
     for (int64_t j = seen; j < cols; ++j) row[j] = kHidden;
   }
   return cols;
 }
 
-ffi::Error CheckShapes(const Shape& s) {
+ffi::Error CheckShapes(const Shape& s, ffi::Buffer<ffi::S32>& q_segments,
+                       ffi::Buffer<ffi::S32>& k_segments) {
+  if (s.has_segments) {
+    auto qd = q_segments.dimensions(), kd = k_segments.dimensions();
+    if (qd.size() != 2 || kd.size() != 2 || qd[0] != s.b || qd[1] != s.lq || kd[0] != s.b ||
+        kd[1] != s.lk)
+      return ffi::Error::InvalidArgument(
+          "cpu attention: segment ids must be [batch, q_len] and [batch, k_len]");
+  }
   if (s.d % 16 != 0)  // a whole number of vectors, AVX-512's or AVX2's
     return ffi::Error::InvalidArgument("cpu attention: head_dim must be a multiple of 16");
   if (s.kv <= 0 || s.h % s.kv != 0)
@@ -268,9 +307,10 @@ ffi::Error CheckShapes(const Shape& s) {
 }
 
 Shape MakeShape(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& bias,
-                float scale, bool causal, bool has_bias) {
+                float scale, bool causal, bool has_bias, bool has_segments) {
   auto qd = q.dimensions(), kd = k.dimensions(), bd = bias.dimensions();
-  return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], bd[0], causal, has_bias, scale};
+  return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], bd[0], causal, has_bias, has_segments,
+               scale};
 }
 
 // Runs fn(slot, item) for every item < items on the calling thread and up to threads - 1 tasks
@@ -303,11 +343,6 @@ int Threads(ffi::ThreadPool& pool, int64_t items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), items)));
 }
 
-struct Operands {
-  const float *q, *k, *v, *bias, *out, *lse, *d_out;
-  const int32_t* lengths;
-};
-
 // Forward of one (batch row b, KV head kh), or of its share `part` of `parts` (query blocks
 // part, part + parts, ...: under a causal mask each share gets early and late blocks).
 void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64_t part,
@@ -322,32 +357,33 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64
   for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
     for (int64_t start = part * kRows; start < s.lq; start += parts * kRows) {
       int rows = static_cast<int>(std::min<int64_t>(kRows, s.lq - start));
-      int cols = BlockScores(s, x.q, kt.data(), ldk, x.bias, b, h, start, rows, length,
-                             sc.data(), ldk);
+      const int64_t keys = BlockKeys(s, x, b, start, rows, length);
+      int cols = BlockScores(s, x, kt.data(), ldk, b, h, start, rows, length, keys, sc.data(),
+                             ldk);
       float* orow = out + ((b * s.lq + start) * s.h + h) * s.d;
       float* lrow = lse + (b * s.h + h) * s.lq + start;
       float inv[kRows];  // 1 / each row's sum: the output rows are normalized, not the scores
       for (int r = 0; r < rows; ++r) {
         float* row = sc.data() + r * ldk;
-        if (VisibleKeys(s, length, start + r) == 0) {  // sees nothing: zeros
+        V mv = Splat(kHidden);
+        for (int j = 0; j < cols; j += kLanes) mv = mv > Load(row + j) ? mv : Load(row + j);
+        float m = Max(mv);
+        if (m == kHidden) {  // sees nothing: zeros
           std::fill(row, row + cols, 0.0f);
           lrow[r] = inv[r] = 0.0f;
           continue;
         }
-        V mv = Splat(kHidden);
-        for (int j = 0; j < cols; j += kLanes) mv = mv > Load(row + j) ? mv : Load(row + j);
-        float m = Max(mv);
         float sum = ExpRow(row, cols, m);
         inv[r] = 1.0f / sum;
         lrow[r] = m + std::log(sum);
       }
-      int keys = static_cast<int>(VisibleKeys(s, length, start + rows - 1));
       if (keys == 0) {
         for (int r = 0; r < rows; ++r)
           std::fill(orow + r * qstride, orow + r * qstride + s.d, 0.0f);
         continue;
       }
-      Product<false>(rows, d, sc.data(), ldk, 1, vbase, kstride, keys, 1.0f, orow, qstride);
+      Product<false>(rows, d, sc.data(), ldk, 1, vbase, kstride, static_cast<int>(keys), 1.0f,
+                     orow, qstride);
       for (int r = 0; r < rows; ++r)
         for (int e = 0; e < d; e += kLanes)
           Store(orow + r * qstride + e, Load(orow + r * qstride + e) * inv[r]);
@@ -372,16 +408,17 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
     for (int64_t start = 0; start < s.lq; start += kRows) {
       int rows = static_cast<int>(std::min<int64_t>(kRows, s.lq - start));
       const int64_t qoff = ((b * s.lq + start) * s.h + h) * s.d;
-      int cols = BlockScores(s, x.q, kt, ldk, x.bias, b, h, start, rows, length, pr, ldk);
+      const int64_t keys = BlockKeys(s, x, b, start, rows, length);
+      int cols = BlockScores(s, x, kt, ldk, b, h, start, rows, length, keys, pr, ldk);
       if (cols == 0) {
         for (int r = 0; r < rows; ++r)
           std::fill(dq + qoff + r * qstride, dq + qoff + r * qstride + s.d, 0.0f);
         continue;
       }
       // P from the saved log-sum-exp; D_i = dO_i . O_i.
+      // (A row that sees no key has only hidden scores, and its saved log-sum-exp is 0: P = 0.)
       for (int r = 0; r < rows; ++r) {
         float* row = pr + r * ldk;
-        if (VisibleKeys(s, length, start + r) == 0) std::fill(row, row + cols, kHidden);
         ExpRow(row, cols, x.lse[(b * s.h + h) * s.lq + start + r]);
         const float *o = x.out + qoff + r * qstride, *g = x.d_out + qoff + r * qstride;
         V dot = {};
@@ -394,29 +431,31 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
       if (s.has_bias) dbrow = d_bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk;
       for (int r = 0; r < rows; ++r) {
         float *drow = ds + r * ldk, *prow = pr + r * ldk;
-        int64_t seen = VisibleKeys(s, length, start + r);
+        int64_t seen = std::min(VisibleKeys(s, length, start + r), keys);  // hidden: P = 0
         for (int64_t j = 0; j < seen; ++j) drow[j] = prow[j] * (drow[j] - di[r]);
         for (int64_t j = seen; j < cols; ++j) drow[j] = 0.0f;
         if (dbrow)
           for (int64_t j = 0; j < seen; ++j) dbrow[r * s.lk + j] += drow[j];
       }
       // dQ = scale dS K; dK += scale dS^T Q; dV += P^T dO.
-      int keys = static_cast<int>(VisibleKeys(s, length, start + rows - 1));
-      Product<false>(rows, d, ds, ldk, 1, x.k + koff, kstride, keys, s.scale, dq + qoff, qstride);
-      Product<true>(keys, d, ds, 1, ldk, x.q + qoff, qstride, rows, s.scale, dk + koff, kstride);
-      Product<true>(keys, d, pr, 1, ldk, x.d_out + qoff, qstride, rows, 1.0f, dv + koff, kstride);
+      const int n = static_cast<int>(keys);
+      Product<false>(rows, d, ds, ldk, 1, x.k + koff, kstride, n, s.scale, dq + qoff, qstride);
+      Product<true>(n, d, ds, 1, ldk, x.q + qoff, qstride, rows, s.scale, dk + koff, kstride);
+      Product<true>(n, d, pr, 1, ldk, x.d_out + qoff, qstride, rows, 1.0f, dv + koff, kstride);
     }
   }
 }
 
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                        ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
+                       ffi::Buffer<ffi::S32> q_segments, ffi::Buffer<ffi::S32> k_segments,
                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
-                       ffi::ThreadPool pool, float scale, bool causal, bool has_bias) {
-  Shape s = MakeShape(q, k, bias, scale, causal, has_bias);
-  if (auto e = CheckShapes(s); e.failure()) return e;
+                       ffi::ThreadPool pool, float scale, bool causal, bool has_bias,
+                       bool has_segments) {
+  Shape s = MakeShape(q, k, bias, scale, causal, has_bias, has_segments);
+  if (auto e = CheckShapes(s, q_segments, k_segments); e.failure()) return e;
   Operands x{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), nullptr, nullptr,
-             nullptr, lengths.typed_data()};
+             nullptr, lengths.typed_data(), q_segments.typed_data(), k_segments.typed_data()};
   const int64_t ldk = PaddedKeys(s.lk);
   float *op = out->typed_data(), *lsep = lse->typed_data();
   // Fewer (row, KV head) pairs than twice the threads (a prompt of one row over few KV heads):
@@ -441,15 +480,17 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Bu
 
 ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                         ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
+                        ffi::Buffer<ffi::S32> q_segments, ffi::Buffer<ffi::S32> k_segments,
                         ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                         ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_q,
                         ffi::ResultBuffer<ffi::F32> d_k, ffi::ResultBuffer<ffi::F32> d_v,
                         ffi::ResultBuffer<ffi::F32> d_bias, ffi::ThreadPool pool,
-                        float scale, bool causal, bool has_bias) {
-  Shape s = MakeShape(q, k, bias, scale, causal, has_bias);
-  if (auto e = CheckShapes(s); e.failure()) return e;
+                        float scale, bool causal, bool has_bias, bool has_segments) {
+  Shape s = MakeShape(q, k, bias, scale, causal, has_bias, has_segments);
+  if (auto e = CheckShapes(s, q_segments, k_segments); e.failure()) return e;
   Operands x{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), out.typed_data(),
-             lse.typed_data(), d_out.typed_data(), lengths.typed_data()};
+             lse.typed_data(), d_out.typed_data(), lengths.typed_data(), q_segments.typed_data(),
+             k_segments.typed_data()};
   float *dqp = d_q->typed_data(), *dkp = d_k->typed_data(), *dvp = d_v->typed_data();
   float* dbp = d_bias->typed_data();
   const int64_t bias_size = d_bias->element_count();
@@ -493,12 +534,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionForward, ForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
-                                  .Attr<bool>("has_bias"));
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("has_segments"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackward, BackwardImpl,
                               ffi::Ffi::Bind()
@@ -507,6 +551,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackward, BackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -517,4 +563,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackward, BackwardImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
-                                  .Attr<bool>("has_bias"));
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("has_segments"));

@@ -12,7 +12,7 @@ import contextvars
 import functools
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +21,19 @@ from flax import nnx
 
 
 class Mask(NamedTuple):
-  """Which keys each query may see.
+  """Which keys each query may see: all the conditions given.
 
-  Packed rows need `dense` (bool [batch, 1, q_len, k_len] from segment ids). Unpacked rows,
-  padded at the end, use `causal` and/or `kv_lengths` (int [batch]), the forms cuDNN flash
-  attention handles natively without materializing a mask.
+  Unpacked rows, padded at the end, use `causal` and/or `kv_lengths` (int [batch]), the forms
+  cuDNN flash attention handles natively without materializing a mask. Packed rows need `dense`
+  (bool [batch, 1, q_len, k_len] from segment ids: `padding_mask`) and carry the ids it was made
+  from in `segments` (int [batch, q_len], [batch, k_len]), which the CPU kernel reads instead;
+  a causal packed row sets `causal` too. Masks of other shapes (prefix LM, decoding) are
+  `dense` alone.
   """
   dense: Optional[jax.Array] = None
   causal: bool = False
   kv_lengths: Optional[jax.Array] = None
+  segments: Optional[Tuple[jax.Array, jax.Array]] = None
 
 
 def padding_mask(q_segments, k_segments):
@@ -56,6 +60,15 @@ def prefix_lm_mask(segments, prefix):
   prefix = prefix.astype(bool)
   both_prefix = (prefix[:, :, None] & prefix[:, None, :])[:, None]
   return (causal_mask(length) | both_prefix) & padding_mask(segments, segments)
+
+
+def segment_mask(q_segments, k_segments, causal: bool = False) -> Mask:
+  """The Mask of packed rows: keys of the query's own segment (0: padding, sees nothing), and
+  under `causal` only the keys up to the query's position."""
+  dense = padding_mask(q_segments, k_segments)
+  if causal:
+    dense = dense & causal_mask(q_segments.shape[1])
+  return Mask(dense=dense, causal=causal, segments=(q_segments, k_segments))
 
 
 def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
@@ -277,21 +290,24 @@ def kernel_attention(q, k, v, mask: Mask, bias=None, *, scale: float):
   heads of 32), forward and backward, on an Intel Xeon: XLA's 23 ms -> 8.4 ms on one core, 13
   -> 5.7 ms on two.
 
-  Falls back to `chunked_attention` where the kernel does not apply: a program not for a
-  single CPU device (the kernel has no sharding rule, so on a mesh XLA would gather the batch
-  onto every device; a program traced for a GPU by t5lite.gpu_aot cannot call it), a dense
-  mask (packed rows, prefix LM), not float32, head_dim not a multiple of 16, or no kernel
+  Packed rows go to the kernel as their segment ids (`mask.segments`). Falls back to
+  `chunked_attention` where the kernel does not apply: a program not for a single CPU device
+  (the kernel has no sharding rule, so on a mesh XLA would gather the batch onto every device;
+  a program traced for a GPU by t5lite.gpu_aot cannot call it), a dense mask without segment
+  ids (prefix LM), not float32, head_dim not a multiple of 16, or no kernel
   (`cpu_attention.available()`: no C++ compiler, a CPU with neither AVX-512 nor AVX2, or
   switched off).
   """
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
-  if not (gpu_aot.tracing_platform() == "cpu" and jax.device_count() == 1 and mask.dense is None
+  if not (gpu_aot.tracing_platform() == "cpu" and jax.device_count() == 1
+          and (mask.dense is None or mask.segments is not None)
           and cpu_attention.supports(q, k, v, bias) and cpu_attention.available()):
     if bias is not None and bias.shape[0] == 1 < q.shape[0]:
       bias = _broadcast_batch(bias, q.shape[0])
     return chunked_attention(q, k, v, mask, bias, scale=scale)
-  return cpu_attention.attention(q, k, v, mask.kv_lengths, bias, scale=scale, causal=mask.causal)
+  return cpu_attention.attention(q, k, v, mask.kv_lengths, bias, mask.segments, scale=scale,
+                                 causal=mask.causal)
 
 
 def _host_cores() -> int:

@@ -292,7 +292,7 @@ class EncoderDecoder(nnx.Module):
     if segment_ids is None:
       mask = attn_lib.Mask(kv_lengths=_lengths(tokens))
     else:
-      mask = attn_lib.Mask(dense=attn_lib.padding_mask(segment_ids, segment_ids))
+      mask = attn_lib.segment_mask(segment_ids, segment_ids)
     x, aux = self.encoder(x, r[1], mask=mask, bias=self._sequence_bias("encoder", pos),
                           positions=pos)
     return self.encoder_norm(x), aux
@@ -312,9 +312,8 @@ class EncoderDecoder(nnx.Module):
       mask = attn_lib.Mask(causal=True)
       cross_mask = attn_lib.Mask(kv_lengths=_lengths(encoder_tokens))
     else:
-      mask = attn_lib.Mask(dense=attn_lib.causal_mask(tokens.shape[1])
-                           & attn_lib.padding_mask(segment_ids, segment_ids))
-      cross_mask = attn_lib.Mask(dense=attn_lib.padding_mask(segment_ids, encoder_segment_ids))
+      mask = attn_lib.segment_mask(segment_ids, segment_ids, causal=True)
+      cross_mask = attn_lib.segment_mask(segment_ids, encoder_segment_ids)
     x, aux = self.decoder(x, r[1], mask=mask, bias=self._sequence_bias("decoder", pos),
                           positions=pos, encoded=encoded, cross_mask=cross_mask)
     return layers.dropout(self.decoder_norm(x), self.cfg.dropout_rate, r[2]), aux
@@ -411,9 +410,9 @@ class DecoderOnly(nnx.Module):
     """Self-attention mask for the architecture and batch layout.
 
     Unpacked causal rows (padded at the end) need only the causal flag: real tokens never see the
-    padding after them. Packed rows and prefix-LM rows need a dense mask.
+    padding after them. Packed rows and prefix-LM rows need a dense mask (packed rows carry their
+    segment ids too, for the CPU kernel).
     """
-    tokens = batch["decoder_input_tokens"]
     seg = batch.get("decoder_segment_ids")
     prefix = batch.get("decoder_causal_attention") if self.cfg.arch == "prefix_lm" else None
     if seg is None and prefix is None:
@@ -423,8 +422,7 @@ class DecoderOnly(nnx.Module):
       seg = seg.at[:, 0].set(1)
     if prefix is not None:
       return attn_lib.Mask(dense=attn_lib.prefix_lm_mask(seg, prefix))
-    return attn_lib.Mask(dense=attn_lib.causal_mask(tokens.shape[1])
-                         & attn_lib.padding_mask(seg, seg))
+    return attn_lib.segment_mask(seg, seg, causal=True)
 
   def __call__(self, batch, rng=None):
     """batch of decoder-only features -> (logits [b, len, vocab], aux_loss)."""
