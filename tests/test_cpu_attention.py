@@ -80,7 +80,8 @@ SEGMENT_CASES = {
     # name: (operands case, causal, q runs per row, k runs per row or None: the q runs)
     # packed decoder rows: causal, grouped queries, segments across the query blocks' edges
     "packed_causal_grouped": ("causal_grouped", True,
-                              [[(1, 40), (2, 70), (3, 30)], [(1, 150)], [(1, 3), (2, 100)]], None),
+                              [[(1, 40), (2, 70), (3, 30)], [(1, 70), (2, 80)], [(1, 3), (2, 100)]],
+                              None),
     # packed encoder rows: a bias shared by the rows, the last segment before the padding
     "packed_with_bias": ("lengths_and_shared_bias", False,
                          [[(1, 64), (2, 64), (3, 10)], [(1, 20), (2, 130)], [(1, 150)]], None),
@@ -238,14 +239,14 @@ def test_avx2_build_passes_the_parity_tests(tmp_path):
   """The kernel built for AVX2 (-march=haswell: 8-float vectors, 6x2 register tiles) passes
   this file's value and gradient tests of the kernel, in a process that uses that build."""
   env = dict(os.environ, T5LITE_CPU_ATTENTION_MARCH="haswell", T5LITE_CACHE_DIR=str(tmp_path))
-  tests = "kernel_matches_jax_attention or sees_no_key"
+  tests = "kernel_matches_jax_attention or sees_no_key or segment_ids_matches"
   done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                          "-p", "no:xdist", "-k", tests, __file__],
                         env=env, capture_output=True, text=True, check=False,
                         cwd=os.path.dirname(__file__))
   summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
   assert done.returncode == 0 and "skipped" not in summary, done.stdout[-3000:] + done.stderr
-  assert f"{len(CASES) + 1} passed" in summary, summary
+  assert f"{len(CASES) + 1 + len(SEGMENT_CASES)} passed" in summary, summary
   (library,) = (tmp_path / "kernels").glob("*.so")
   assert cpu_attention.lanes(ctypes.cdll.LoadLibrary(str(library))) == 8
 

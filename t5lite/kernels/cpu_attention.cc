@@ -243,39 +243,55 @@ inline int64_t VisibleKeys(const Shape& s, int64_t length, int64_t i) {
   return s.causal ? std::min(n, i + 1) : n;
 }
 
-// The queries [start, start + rows) of row b see none of the keys from BlockKeys(..) on: the
-// last query's VisibleKeys, and with segments, the end of the last key whose segment is within
-// the range of the queries' segments (packed rows: the end of the block's last segment).
-int64_t BlockKeys(const Shape& s, const Operands& x, int64_t b, int64_t start, int rows,
-                  int64_t length) {
-  int64_t keys = VisibleKeys(s, length, start + rows - 1);
+// The keys [first, end) that a block of queries [start, start + rows) of row b may see: all up
+// to the last query's VisibleKeys, and with segments, from the first to the last key whose
+// segment is within the range of the queries' (packed rows: the block's segments' keys).
+// `first` is a multiple of 2 * kLanes, so that first + PaddedKeys(end - first) stays within
+// the packed keys' PaddedKeys(Lk) columns.
+struct KeyRange {
+  int64_t first, end;
+  int64_t size() const { return end - first; }
+};
+
+KeyRange BlockKeys(const Shape& s, const Operands& x, int64_t b, int64_t start, int rows,
+                   int64_t length) {
+  KeyRange keys{0, VisibleKeys(s, length, start + rows - 1)};
   if (!s.has_segments) return keys;
   const int32_t* qs = x.q_segments + b * s.lq + start;
   const int32_t* ks = x.k_segments + b * s.lk;
   int32_t lo = INT32_MAX, hi = 0;
   for (int r = 0; r < rows; ++r)
     if (qs[r] > 0) lo = std::min(lo, qs[r]), hi = std::max(hi, qs[r]);
-  while (keys > 0 && !(ks[keys - 1] >= lo && ks[keys - 1] <= hi)) --keys;
+  auto in_range = [&](int64_t j) { return ks[j] >= lo && ks[j] <= hi; };
+  while (keys.end > 0 && !in_range(keys.end - 1)) --keys.end;
+  while (keys.first < keys.end && !in_range(keys.first)) ++keys.first;
+  keys.first = keys.first / (2 * kLanes) * (2 * kLanes);
+  if (keys.end == 0) keys.first = 0;
   return keys;
 }
 
-// Scores of queries [start, start + rows) of (b, h) against keys [0, keys) (BlockKeys): scale *
-// q k^T + bias, hidden -> -inf. Returns the number of key columns computed (keys rounded up to
-// a multiple of 2 * kLanes).
+// The columns of a block's scores (keys from keys.first on) that VisibleKeys leaves to query i.
+inline int64_t VisibleInBlock(const Shape& s, int64_t length, int64_t i, KeyRange keys) {
+  return std::max<int64_t>(0, std::min(VisibleKeys(s, length, i), keys.end) - keys.first);
+}
+
+// Scores of queries [start, start + rows) of (b, h) against the keys `keys` (BlockKeys): scale *
+// q k^T + bias, hidden -> -inf; column c holds key keys.first + c. Returns the number of
+// columns computed (keys.size() rounded up to a multiple of 2 * kLanes).
 int BlockScores(const Shape& s, const Operands& x, const float* kt, int64_t ldk, int64_t b,
-                int64_t h, int64_t start, int rows, int64_t length, int64_t keys, float* sc,
+                int64_t h, int64_t start, int rows, int64_t length, KeyRange keys, float* sc,
                 int64_t ldc) {
-  int cols = static_cast<int>(PaddedKeys(keys));
+  int cols = static_cast<int>(PaddedKeys(keys.size()));
   if (cols == 0) return 0;
   const float* qrow = x.q + ((b * s.lq + start) * s.h + h) * s.d;
-  Product<false>(rows, cols, qrow, s.h * s.d, 1, kt, ldk, static_cast<int>(s.d), s.scale, sc,
-                 ldc);
+  Product<false>(rows, cols, qrow, s.h * s.d, 1, kt + keys.first, ldk, static_cast<int>(s.d),
+                 s.scale, sc, ldc);
   const float* brow = nullptr;
   if (s.has_bias)
-    brow = x.bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk;
-  const int32_t* ks = s.has_segments ? x.k_segments + b * s.lk : nullptr;
+    brow = x.bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk + keys.first;
+  const int32_t* ks = s.has_segments ? x.k_segments + b * s.lk + keys.first : nullptr;
   for (int r = 0; r < rows; ++r) {
-    int64_t seen = std::min(VisibleKeys(s, length, start + r), keys);
+    int64_t seen = VisibleInBlock(s, length, start + r, keys);
     float* row = sc + r * ldc;
     if (brow)
       for (int64_t j = 0; j < seen; ++j) row[j] += brow[r * s.lk + j];
@@ -357,7 +373,7 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64
   for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
     for (int64_t start = part * kRows; start < s.lq; start += parts * kRows) {
       int rows = static_cast<int>(std::min<int64_t>(kRows, s.lq - start));
-      const int64_t keys = BlockKeys(s, x, b, start, rows, length);
+      const KeyRange keys = BlockKeys(s, x, b, start, rows, length);
       int cols = BlockScores(s, x, kt.data(), ldk, b, h, start, rows, length, keys, sc.data(),
                              ldk);
       float* orow = out + ((b * s.lq + start) * s.h + h) * s.d;
@@ -377,13 +393,13 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64
         inv[r] = 1.0f / sum;
         lrow[r] = m + std::log(sum);
       }
-      if (keys == 0) {
+      if (keys.size() <= 0) {
         for (int r = 0; r < rows; ++r)
           std::fill(orow + r * qstride, orow + r * qstride + s.d, 0.0f);
         continue;
       }
-      Product<false>(rows, d, sc.data(), ldk, 1, vbase, kstride, static_cast<int>(keys), 1.0f,
-                     orow, qstride);
+      Product<false>(rows, d, sc.data(), ldk, 1, vbase + keys.first * kstride, kstride,
+                     static_cast<int>(keys.size()), 1.0f, orow, qstride);
       for (int r = 0; r < rows; ++r)
         for (int e = 0; e < d; e += kLanes)
           Store(orow + r * qstride + e, Load(orow + r * qstride + e) * inv[r]);
@@ -408,7 +424,7 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
     for (int64_t start = 0; start < s.lq; start += kRows) {
       int rows = static_cast<int>(std::min<int64_t>(kRows, s.lq - start));
       const int64_t qoff = ((b * s.lq + start) * s.h + h) * s.d;
-      const int64_t keys = BlockKeys(s, x, b, start, rows, length);
+      const KeyRange keys = BlockKeys(s, x, b, start, rows, length);
       int cols = BlockScores(s, x, kt, ldk, b, h, start, rows, length, keys, pr, ldk);
       if (cols == 0) {
         for (int r = 0; r < rows; ++r)
@@ -426,22 +442,26 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
         di[r] = Sum(dot);
       }
       // dP = dO V^T; dS = P * (dP - D) (zero where hidden), the gradient of the scaled scores.
-      Product<false>(rows, cols, x.d_out + qoff, qstride, 1, vt, ldk, d, 1.0f, ds, ldk);
+      Product<false>(rows, cols, x.d_out + qoff, qstride, 1, vt + keys.first, ldk, d, 1.0f, ds,
+                     ldk);
       float* dbrow = nullptr;
-      if (s.has_bias) dbrow = d_bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk;
+      if (s.has_bias)
+        dbrow = d_bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk + keys.first;
       for (int r = 0; r < rows; ++r) {
         float *drow = ds + r * ldk, *prow = pr + r * ldk;
-        int64_t seen = std::min(VisibleKeys(s, length, start + r), keys);  // hidden: P = 0
+        // (hidden keys have P = 0, and so dS = 0)
+        int64_t seen = VisibleInBlock(s, length, start + r, keys);
         for (int64_t j = 0; j < seen; ++j) drow[j] = prow[j] * (drow[j] - di[r]);
         for (int64_t j = seen; j < cols; ++j) drow[j] = 0.0f;
         if (dbrow)
           for (int64_t j = 0; j < seen; ++j) dbrow[r * s.lk + j] += drow[j];
       }
       // dQ = scale dS K; dK += scale dS^T Q; dV += P^T dO.
-      const int n = static_cast<int>(keys);
-      Product<false>(rows, d, ds, ldk, 1, x.k + koff, kstride, n, s.scale, dq + qoff, qstride);
-      Product<true>(n, d, ds, 1, ldk, x.q + qoff, qstride, rows, s.scale, dk + koff, kstride);
-      Product<true>(n, d, pr, 1, ldk, x.d_out + qoff, qstride, rows, 1.0f, dv + koff, kstride);
+      const int n = static_cast<int>(keys.size());
+      const int64_t kfirst = koff + keys.first * kstride;
+      Product<false>(rows, d, ds, ldk, 1, x.k + kfirst, kstride, n, s.scale, dq + qoff, qstride);
+      Product<true>(n, d, ds, 1, ldk, x.q + qoff, qstride, rows, s.scale, dk + kfirst, kstride);
+      Product<true>(n, d, pr, 1, ldk, x.d_out + qoff, qstride, rows, 1.0f, dv + kfirst, kstride);
     }
   }
 }
