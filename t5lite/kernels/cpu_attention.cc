@@ -16,8 +16,8 @@
 // query that sees no key gets zeros (and passes no gradient). D must be a multiple of 16.
 
 #include <algorithm>
-#include <climits>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -393,7 +393,7 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64
         inv[r] = 1.0f / sum;
         lrow[r] = m + std::log(sum);
       }
-      if (keys.size() <= 0) {
+      if (keys.size() == 0) {
         for (int r = 0; r < rows; ++r)
           std::fill(orow + r * qstride, orow + r * qstride + s.d, 0.0f);
         continue;
