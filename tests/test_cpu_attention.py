@@ -130,6 +130,23 @@ def test_kernel_with_segment_ids_matches_jax_attention_with_their_mask(case):
 
 
 @needs_kernel
+def test_kernel_gradients_are_the_same_bits_from_run_to_run():
+  """The gradient of a bias shared by the batch rows (T5's) sums over the rows on several
+  threads: it is bit for bit the same in every run, as are the others (so a CPU run with the
+  kernel resumes bit-identically). With one partial sum per thread it varied in its last bits
+  with the threads' timing."""
+  keys = jax.random.split(jax.random.key(3), 4)
+  q, k, v = (jax.random.normal(r, (16, 128, 4, 32)) for r in keys[:3])
+  bias = jax.random.normal(keys[3], (1, 4, 128, 128))
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(cpu_attention.attention(
+      *a[:3], None, a[3], scale=0.2, causal=False))), (0, 1, 2, 3)))
+  first = [np.asarray(g) for g in grad(q, k, v, bias)]
+  for _ in range(50):
+    for got, want in zip(grad(q, k, v, bias), first):
+      np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@needs_kernel
 def test_kernel_rejects_segment_ids_of_the_wrong_shape():
   """Segment ids that do not match the queries' and keys' [batch, length] are an error from
   the kernel, not a read past their end."""

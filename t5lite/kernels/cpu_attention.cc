@@ -517,25 +517,37 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
   std::fill(dkp, dkp + d_k->element_count(), 0.0f);
   std::fill(dvp, dvp + d_v->element_count(), 0.0f);
   std::fill(dbp, dbp + bias_size, 0.0f);
-  // A bias shared by the batch rows gets one dBias per thread, summed at the end (rows of one
-  // KV head on different threads would otherwise add into the same values).
-  const int threads = Threads(pool, s.b * s.kv);
-  const bool shared = has_bias && s.bias_b == 1 && threads > 1;
-  std::vector<std::vector<float>> scratch(threads), partial(shared ? threads - 1 : 0);
+  // A bias shared by the batch rows: its gradient is a sum over the rows. They are cut into
+  // `runs` runs of consecutive rows, each run with its own dBias (the first run's is d_bias),
+  // an item adds one run's rows in order for one KV head, and the runs' sums are added in order
+  // at the end. Items of different runs or KV heads never add into the same values, and every
+  // value is the same sum in the same order whichever threads take the items: the gradient is
+  // bit for bit the same from run to run (with one dBias per thread, as before, it varied in
+  // its last bits with the threads' timing, and so did training). Otherwise an item is one
+  // (row, KV head) pair.
+  const bool shared = has_bias && s.bias_b == 1;
+  int64_t per_run = 1, runs = s.b;
+  if (shared) {
+    const int64_t pool_threads = std::max<int64_t>(pool.num_threads(), 1);
+    per_run = (s.b + pool_threads - 1) / pool_threads;
+    runs = (s.b + per_run - 1) / per_run;
+  }
+  const int threads = Threads(pool, runs * s.kv);
+  std::vector<std::vector<float>> scratch(threads);
+  std::vector<std::vector<float>> partial(shared ? runs - 1 : 0,
+                                          std::vector<float>(bias_size, 0.0f));
   auto item = [&](int t, int64_t i) {
-    float* target = dbp;
-    if (shared && t > 0) {
-      if (partial[t - 1].empty()) partial[t - 1].assign(bias_size, 0.0f);
-      target = partial[t - 1].data();
-    }
-    // Item i is (batch row i % B, KV head i / B): items running at once on different threads
+    // Item i is (run i % runs, KV head i / runs): items running at once on different threads
     // then write different rows' gradients. In row-major order the KV heads of one row ran on
     // two threads at once, writing interleaved 128-byte pieces of the same dK / dV rows: the
     // backward took 30% longer on two cores (decoder-tiny's shapes).
-    BackwardItem(s, x, i % s.b, i / s.b, dqp, dkp, dvp, target, scratch[t]);
+    const int64_t run = i % runs, kh = i / runs;
+    float* target = run == 0 || !shared ? dbp : partial[run - 1].data();
+    for (int64_t b = run * per_run; b < std::min(s.b, (run + 1) * per_run); ++b)
+      BackwardItem(s, x, b, kh, dqp, dkp, dvp, target, scratch[t]);
   };
-  ParallelFor(pool, s.b * s.kv, threads, item);
-  for (const auto& p : partial)  // empty where that task got no item
+  ParallelFor(pool, runs * s.kv, threads, item);
+  for (const auto& p : partial)
     for (size_t i = 0; i < p.size(); ++i) dbp[i] += p[i];
   return ffi::Error::Success();
 }
