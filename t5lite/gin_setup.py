@@ -108,10 +108,38 @@ def split_gin_bindings(argv: Sequence[str]):
   return bindings, rest
 
 
+def _folder_tolerant(exists):
+  """`exists` (a gin file reader's existence check) with a TypeError taken as "not there".
+
+  gin also looks for `include 'runs/pretrain.gin'` inside a Python package `runs`, and its check
+  raises TypeError where `runs` is a plain folder on sys.path (a namespace package has no file):
+  the `runs/` that the quickstart's MODEL_DIR leaves in the working directory, which `python -m`
+  puts on sys.path. Every later run from there failed on its own include instead of going on to
+  the search paths, where the file is.
+  """
+  if getattr(exists, "folder_tolerant", False):
+    return exists
+
+  def check(path):
+    try:
+      return exists(path)
+    except TypeError:
+      return False
+  check.folder_tolerant = True
+  return check
+
+
+def _make_file_readers_folder_tolerant():
+  readers = getattr(gin.config, "_FILE_READERS", None)  # gin keeps no public handle on them
+  if readers is not None:
+    readers[:] = [(reader, _folder_tolerant(exists)) for reader, exists in readers]
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> Experiment:
   """Parses gin files and bindings and builds the Experiment; raises ConfigError on any problem."""
   gin.clear_config()
+  _make_file_readers_folder_tolerant()
   for path in list(search_paths) + list(GIN_SEARCH_PATHS):
     gin.add_config_file_search_path(path)
   if not files:

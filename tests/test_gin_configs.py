@@ -30,6 +30,21 @@ def _files_for(name):
   return ["models/t5_1_1/tiny.gin", "runs/pretrain.gin", name]
 
 
+def test_includes_resolve_from_a_directory_with_runs_and_models_folders(tmp_path, monkeypatch):
+  """The quickstart leaves `runs/` in the working directory (MODEL_DIR = "runs/quickstart"), and
+  `python -m` puts that directory on sys.path, where gin took `include 'runs/pretrain.gin'` for a
+  package `runs` and failed with a TypeError: rerunning the quickstart (to resume) was a
+  configuration error. Includes now resolve from the search paths there too."""
+  for folder in ("runs/quickstart", "models", "experiments"):
+    (tmp_path / folder).mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  exp = gin_setup.parse_gin(["gin_configs/experiments/quickstart.gin"], [])
+  assert exp.model_dir == "runs/quickstart" and exp.train.num_steps == 300
+  exp = gin_setup.parse_gin(["models/t5_1_1/tiny.gin", "runs/pretrain.gin"], TINY)
+  assert exp.data.pack
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_gin_file_parses_and_builds(name):
   exp = gin_setup.parse_gin(_files_for(name), TINY + ["ModelConfig.num_decoder_layers = 2",
