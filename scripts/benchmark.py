@@ -85,9 +85,14 @@ def synthetic_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0):
             "decoder_loss_weights": np.ones((batch, targets), np.float32)}
   length = inputs + targets
   tgt = rng.integers(2, cfg.vocab_size, (batch, length)).astype(np.int32)
-  return {"decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1),
-          "decoder_target_tokens": tgt,
-          "decoder_loss_weights": np.ones((batch, length), np.float32)}
+  out = {"decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1),
+         "decoder_target_tokens": tgt,
+         "decoder_loss_weights": np.ones((batch, length), np.float32)}
+  if cfg.arch == "prefix_lm":  # the first `inputs` tokens are the prefix, the loss is on the rest
+    prefix = np.arange(length) < inputs
+    out["decoder_causal_attention"] = np.repeat(prefix[None].astype(np.int32), batch, 0)
+    out["decoder_loss_weights"] = np.repeat((~prefix)[None].astype(np.float32), batch, 0)
+  return out
 
 
 # The model settings that decide speed, echoed in the report: gin's last binding wins, so a

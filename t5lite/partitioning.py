@@ -197,6 +197,11 @@ def no_activation_rules():
     _PIPELINE.reset(pipe)
 
 
+def rules_active() -> bool:
+  """Whether `activation_rules` is active (and so `constrain` and `per_shard` act)."""
+  return _ACTIVE_RULES.get() is not None
+
+
 def stage_pipeline():
   """(mesh, microbatches) when layer stacks should run pipelined, else None."""
   return _PIPELINE.get()
@@ -214,6 +219,53 @@ def constrain(x, logical_axes: Sequence[Optional[str]]):
   mesh, rules = active
   spec = _fits(logical_to_spec(logical_axes, rules), x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def per_shard(fn, in_axes: Sequence[Sequence[Optional[str]]],
+              out_axes: Sequence[Sequence[Optional[str]]]):
+  """`fn` run by every device on its block of the operands, under `activation_rules`; `fn`
+  itself outside them (or on a one-device mesh).
+
+  For a kernel XLA cannot partition (a custom call: XLA would gather every operand whole onto
+  every device and run it there). in_axes / out_axes: the logical axes of each operand / output
+  of `fn`, which takes and returns flat tuples of arrays. A name is split over its mesh axes
+  only where they divide that dimension in every operand and output that carries it, so the
+  blocks agree (the KV head of a block's query heads is in the block); every other dimension is
+  whole on every device. Differentiable: the gradient of an operand whole on every device along
+  a split name (a bias shared by the batch rows) is summed over the devices.
+  """
+  active = _ACTIVE_RULES.get()
+  if active is None or active[0].size == 1:
+    return fn
+  mesh, rules = active
+  table = dict(rules)
+
+  def mesh_axes(name):
+    target = table.get(name)
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+  def splits(shapes, axes_list):
+    """Per logical name, whether its mesh axes divide its every dimension."""
+    ok = {}
+    for shape, axes in zip(shapes, axes_list):
+      for dim, name in zip(shape, axes):
+        if name is not None:
+          size = math.prod(mesh.shape[a] for a in mesh_axes(name))
+          ok[name] = ok.get(name, True) and dim % size == 0
+    return ok
+
+  def spec(axes, ok):
+    return logical_to_spec(tuple(n if n is not None and ok[n] else None for n in axes), rules)
+
+  def run(*operands):
+    out_shapes = jax.eval_shape(fn, *operands)
+    shapes = [x.shape for x in operands] + [x.shape for x in out_shapes]
+    ok = splits(shapes, tuple(in_axes) + tuple(out_axes))
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=tuple(spec(a, ok) for a in in_axes),
+        out_specs=tuple(spec(a, ok) for a in out_axes), check_vma=False)(*operands)
+
+  return run
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -65,6 +65,7 @@ def check_meshes(cfg, meshes, lengths=(16, 8), loss_cfg=LossConfig()):
     yield name, sharded, {
         "loss": float(loss), "ref_loss": float(ref_loss), "max_grad_err": grad_err,
         "collectives": collectives_per_step(hlo),
+        "kernel_calls": hlo.count('custom_call_target="t5lite_cpu_attention_'),
         "param_bytes_per_device": sum(x.addressable_shards[0].data.nbytes
                                       for x in jax.tree.leaves(sharded)),
         "param_bytes_total": full_bytes,
@@ -77,21 +78,30 @@ def main(arch):
   # The variants below check one feature under sharding, each against the one preset that
   # shards both the batch and the weights two ways (fsdp_tensor), plus what the feature needs;
   # the plain architectures go through every preset.
-  if arch in ("moe", "cpu_levers", "head_chunks"):
+  if arch in ("moe", "cpu_levers", "cpu_levers_t5", "head_chunks"):
     presets = {"fsdp_tensor": PRESETS["fsdp_tensor"]}
   if arch == "moe":  # decoder-only with a top-2 MoE feed-forward of 8 experts
     arch, extra = "decoder_only", dict(num_experts=8, experts_per_token=2)
     presets["data_parallel"] = PRESETS["data_parallel"]
     presets["expert_parallel"] = partitioning.MeshConfig(2, 1, 4, "expert_parallel")
-  if arch == "cpu_levers":  # decoder-only with runs/cpu.gin's levers: the attention kernel
-    # (on a mesh it falls back to chunked attention, here over three query blocks), flat
-    # weight gradients
-    arch, lengths = "decoder_only", (100, 40)
-    extra = dict(attention_impl="cpu_kernel", flat_weight_grads=True, tie_embeddings=True)
+  if arch in ("cpu_levers", "cpu_levers_t5"):
+    # runs/cpu.gin's levers: the attention kernel (each device runs it on its rows and heads,
+    # over three query blocks of the decoder), flat weight gradients; every way of splitting
+    # the heads: two and four ways (KV heads too), and eight ways, which four KV heads do not
+    # divide (so no head is split).
+    presets.update(tensor_parallel=PRESETS["tensor_parallel"],
+                   tensor_8=partitioning.MeshConfig(1, 1, 8, "tensor_parallel"))
+    if arch == "cpu_levers_t5":  # the relative position bias, shared by the batch rows
+      arch, lengths, extra = "encoder_decoder", (100, 40), dict(head_dim=16)
+    else:
+      arch, lengths = "decoder_only", (100, 40)
+      extra = dict(tie_embeddings=True, head_dim=16)
+    extra.update(attention_impl="cpu_kernel", flat_weight_grads=True)
   if arch == "head_chunks":  # decoder-only, the head and loss in 5 blocks over 24 positions
     arch, loss_cfg = "decoder_only", LossConfig(head_chunks=5)
+  extra = dict(dict(head_dim=8), **extra)
   cfg = tiny_config(arch=arch, d_model=64, num_heads=8, num_kv_heads=4 if arch != "encoder_decoder" else 0,
-                    head_dim=8, d_ff=128, vocab_size=256, **extra)
+                    d_ff=128, vocab_size=256, **extra)
   out = {"devices": len(jax.devices()), "presets": {}}
   for name, sharded, result in check_meshes(cfg, presets, lengths, loss_cfg):
     flat = jax.tree_util.tree_flatten_with_path(sharded)[0]

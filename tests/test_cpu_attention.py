@@ -129,6 +129,82 @@ def test_kernel_with_segment_ids_matches_jax_attention_with_their_mask(case):
   assert np.all(np.asarray(grads[0][0])[~sees] == 0)
 
 
+def _flags(b, length, spans):
+  """int32 [b, length]: 1 on row r's (start, stop) `spans[r]`."""
+  flags = np.zeros((b, length), np.int32)
+  for r, row in enumerate(spans[:b]):
+    for start, stop in row:
+      flags[r, start:stop] = 1
+  return jnp.asarray(flags)
+
+
+PREFIX_CASES = {
+    # name: (operands case, segment runs per row, prefix (start, stop) spans per row)
+    # a prefix LM's unpacked rows: inputs then targets, then padding; one row all prefix
+    "unpacked_grouped": ("causal_grouped", [[(1, 150)], [(1, 120)], [(1, 31)]],
+                         [[(0, 70)], [(0, 120)], [(0, 5)]]),
+    # packed rows, each example with its own prefix (across query blocks' edges), a bias
+    # shared by the rows
+    "packed_shared_bias": ("lengths_and_shared_bias",
+                           [[(1, 64), (2, 64), (3, 10)], [(1, 20), (2, 130)], [(1, 150)]],
+                           [[(0, 40), (64, 100), (128, 130)], [(0, 5), (20, 90)], [(0, 149)]]),
+    # flags no feature converter makes: a prefix after a gap, prefix tokens in the padding,
+    # an example without a prefix
+    "scattered": ("head_dim_48_row_bias", [[(1, 20), (2, 17)], [(1, 30)]],
+                  [[(0, 3), (10, 15), (25, 37)], [(5, 6), (7, 37)]]),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", sorted(PREFIX_CASES))
+def test_kernel_with_prefix_matches_jax_attention_with_the_prefix_lm_mask(case):
+  """A prefix LM's rows (`prefix`: a prefix token sees the later prefix tokens of its segment
+  too): outputs and gradients equal jax.nn.dot_product_attention's with the dense prefix-LM
+  mask, for unpacked and packed rows, with a bias, and for any flags (not only a prefix at the
+  start of each example)."""
+  operands, runs, spans = PREFIX_CASES[case]
+  q, k, v, bias, _ = _operands(operands, seed=6)
+  k, v = k[:, :q.shape[1]], v[:, :q.shape[1]]
+  if bias is not None:
+    bias = bias[..., :q.shape[1]]
+  seg = _segments(q.shape[0], q.shape[1], runs)
+  prefix = _flags(q.shape[0], q.shape[1], spans)
+  mask = attention.prefix_lm(seg, prefix)
+  sees = np.asarray(mask.dense).any(-1)[:, 0]
+  live = jnp.asarray(sees[:, :, None, None], jnp.float32)
+  # more than causal: some query sees a later key
+  assert (np.asarray(mask.dense) & ~np.asarray(attention.causal_mask(q.shape[1]))).any()
+
+  def ref(q, k, v, bias):
+    return live * jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask.dense, scale=0.3)
+
+  def ours(q, k, v, bias):
+    return cpu_attention.attention(q, k, v, None, bias, mask.segments, mask.prefix, scale=0.3,
+                                   causal=True)
+
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v, bias), jax.jit(ref)(q, k, v, bias),
+                             atol=4e-6, rtol=2e-5)
+  weights = jax.random.normal(jax.random.key(9), q.shape)
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  grads = [jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a)) * weights), argnums))(
+      q, k, v, bias) for fn in (ours, ref)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, atol=5e-5)
+
+
+@needs_kernel
+def test_kernel_rejects_a_prefix_it_cannot_apply():
+  """A prefix needs causal attention over queries and keys of one length, with flags of that
+  shape: otherwise a ValueError before anything runs."""
+  q, k, v, _, _ = _operands("cross_lengths_row_bias")                 # 40 queries, 90 keys
+  same = (q, k[:, :40], v[:, :40])
+  flags = jnp.ones(q.shape[:2], jnp.int32)
+  for args, prefix, causal in ((same, flags, False), ((q, k, v), flags, True),
+                               (same, flags[:, :39], True)):
+    with pytest.raises(ValueError, match="a prefix needs causal attention"):
+      cpu_attention.attention(*args, prefix=prefix, scale=0.3, causal=causal)
+
+
 @needs_kernel
 def test_kernel_gradients_are_the_same_bits_from_run_to_run():
   """The gradient of a bias shared by the batch rows (T5's) sums over the rows on several
@@ -184,15 +260,16 @@ def _calls_kernel(fn, *args) -> bool:
 @needs_kernel
 def test_kernel_attention_falls_back_where_the_kernel_does_not_apply():
   """attend(implementation='cpu_kernel') runs the kernel for float32 with head_dim a multiple
-  of 16 and causal / length / segment masks, and chunked_attention (same values) for a dense
-  mask without segment ids (a prefix LM's), bfloat16 or head_dim 8."""
+  of 16 and causal / length / segment / prefix-LM masks, and chunked_attention (same values)
+  for a dense mask without segment ids (decoding's), bfloat16 or head_dim 8."""
   q, k, v, bias, mask = _operands("lengths_and_shared_bias")
 
   def attend(mask, q, k, v, bias):
     return attention.attend(q, k, v, mask, bias, scale=0.3, implementation="cpu_kernel")
 
   seg = jnp.asarray(np.repeat([[1] * 100 + [2] * 50], 3, 0), jnp.int32)
-  for m in (mask, attention.segment_mask(seg, seg, causal=True)):
+  for m in (mask, attention.segment_mask(seg, seg, causal=True),
+            attention.prefix_lm(seg, seg == 1)):
     assert _calls_kernel(lambda *a, m=m: attend(m, *a), q, k, v, bias)
   dense = attention.Mask(dense=attention.prefix_lm_mask(seg, seg == 1))
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, bias)]
@@ -256,14 +333,16 @@ def test_avx2_build_passes_the_parity_tests(tmp_path):
   """The kernel built for AVX2 (-march=haswell: 8-float vectors, 6x2 register tiles) passes
   this file's value and gradient tests of the kernel, in a process that uses that build."""
   env = dict(os.environ, T5LITE_CPU_ATTENTION_MARCH="haswell", T5LITE_CACHE_DIR=str(tmp_path))
-  tests = "kernel_matches_jax_attention or sees_no_key or segment_ids_matches"
+  tests = ("kernel_matches_jax_attention or sees_no_key or segment_ids_matches or "
+           "prefix_matches")
   done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                          "-p", "no:xdist", "-k", tests, __file__],
                         env=env, capture_output=True, text=True, check=False,
                         cwd=os.path.dirname(__file__))
   summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
   assert done.returncode == 0 and "skipped" not in summary, done.stdout[-3000:] + done.stderr
-  assert f"{len(CASES) + 1 + len(SEGMENT_CASES)} passed" in summary, summary
+  passed = len(CASES) + 1 + len(SEGMENT_CASES) + len(PREFIX_CASES)
+  assert f"{passed} passed" in summary, summary
   (library,) = (tmp_path / "kernels").glob("*.so")
   assert cpu_attention.lanes(ctypes.cdll.LoadLibrary(str(library))) == 8
 
@@ -279,12 +358,15 @@ def test_build_is_cached_by_source(tmp_path):
 
 @needs_kernel
 @pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
-                                     dict(arch="decoder_only", num_kv_heads=2)],
-                         ids=["encoder_decoder", "decoder_only-gqa"])
+                                     dict(arch="decoder_only", num_kv_heads=2),
+                                     dict(arch="prefix_lm", position_encoding="relative",
+                                          num_kv_heads=2)],
+                         ids=["encoder_decoder", "decoder_only-gqa", "prefix_lm"])
 def test_cpu_kernel_model_matches_chunked(variant):
   """attention_impl='cpu_kernel' gives the loss and gradients of 'chunked' for T5 (relative
-  position bias shared by the batch, padded encoder rows, causal decoder, cross-attention) and
-  a grouped-query decoder, on sequences several kernel blocks long."""
+  position bias shared by the batch, padded encoder rows, causal decoder, cross-attention), a
+  grouped-query decoder and a prefix LM (90 prefix tokens, then 70 targets), on sequences
+  several kernel blocks long."""
   variant = dict(variant, head_dim=16)
   batch = random_batch(tiny_config(**variant), batch=2, in_len=90, out_len=70, seed=3)
   model = Model(tiny_config(attention_impl="cpu_kernel", **variant))
@@ -322,17 +404,24 @@ def _packed_batch(arch, vocab, input_runs, target_runs, seed=0):
                  encoder_positions=enc_pos)
   else:
     batch["decoder_loss_weights"] = (targets > 0).astype(np.float32)
+  if arch == "prefix_lm":  # each example's first 60% is its prefix (the inputs)
+    size = np.zeros_like(seg)
+    for r, lens in enumerate(target_runs):
+      size[r, :sum(lens)] = np.repeat(lens, lens)
+    batch["decoder_causal_attention"] = ((seg > 0) & (pos < 0.6 * size)).astype(np.int32)
   return batch
 
 
 @needs_kernel
 @pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
-                                     dict(arch="decoder_only", num_kv_heads=2)],
-                         ids=["encoder_decoder", "decoder_only-gqa"])
+                                     dict(arch="decoder_only", num_kv_heads=2),
+                                     dict(arch="prefix_lm", num_kv_heads=2)],
+                         ids=["encoder_decoder", "decoder_only-gqa", "prefix_lm"])
 def test_cpu_kernel_on_packed_rows_matches_chunked(variant):
   """Packed rows (T5X's default for pretraining) go to the kernel as their segment ids, and
   give the loss and gradients of 'chunked' over the dense mask: the encoder's, the causal
-  decoder's and the cross-attention's segments, examples across the kernel's query blocks."""
+  decoder's and the cross-attention's segments, a prefix LM's examples each with its own
+  prefix, examples across the kernel's query blocks."""
   variant = dict(variant, head_dim=16)
   batch = _packed_batch(variant["arch"], tiny_config().vocab_size,
                         [[30, 41, 12], [40, 50]], [[20, 35, 5], [9, 50]], seed=5)
@@ -340,6 +429,7 @@ def test_cpu_kernel_on_packed_rows_matches_chunked(variant):
   params = model.init(jax.random.key(0))
   hlo = jax.jit(jax.grad(lambda p: model.loss(p, batch)[0])).lower(params).as_text()
   assert "has_segments = true" in hlo
+  assert ("has_prefix = true" in hlo) == (variant["arch"] == "prefix_lm")
   _assert_same_loss_and_grads(variant, batch, dict(attention_impl="chunked"),
                               dict(attention_impl="cpu_kernel"), loss_rtol=1e-5, atol=2e-6,
                               rtol=1e-4)

@@ -59,12 +59,18 @@ def test_presets_match_single_device_on_8_devices(arch):
 
 
 @pytest.mark.slow
-def test_cpu_levers_match_single_device_on_8_devices():
-  """runs/cpu.gin's levers (attention_impl='cpu_kernel', which falls back to 'chunked' on a
-  mesh; flat_weight_grads) with the batch and the weights sharded (fsdp_tensor; 160-token rows,
-  tied head)."""
-  p = _check_presets("cpu_levers")["presets"]
-  assert list(p) == ["fsdp_tensor"] and p["fsdp_tensor"]["collectives"]["all-gather"] > 0
+@pytest.mark.parametrize("arch", ["cpu_levers", "cpu_levers_t5"])
+def test_cpu_levers_match_single_device_on_8_devices(arch):
+  """runs/cpu.gin's levers (attention_impl='cpu_kernel', flat_weight_grads) with the batch and
+  the weights sharded: decoder-only (160-token rows, grouped KV heads, tied head) and T5 (its
+  relative position bias is shared by the batch rows, so its gradient is summed over the
+  devices that split the batch). Each device runs the kernel on its block of rows and heads;
+  the heads are split 2, 4 or (where 4 KV heads do not divide 8 ways) not at all."""
+  p = _check_presets(arch)["presets"]
+  assert list(p) == ["fsdp_tensor", "tensor_parallel", "tensor_8"]
+  assert p["fsdp_tensor"]["collectives"]["all-gather"] > 0
+  for name, result in p.items():
+    assert result["kernel_calls"] > 0, name
 
 
 @pytest.mark.slow

@@ -12,8 +12,10 @@
 // [Bb, H, Lq, Lk] with Bb 1 or B (read only when has_bias); q_segments int32 [B, Lq] and
 // k_segments int32 [B, Lk] (read only when has_segments: packed rows, where query i sees key j
 // only if both are in the same segment, and segment 0, the padding, sees nothing); out
-// [B, Lq, H, D]; lse float32 [B, H, Lq]. Causal: key j is hidden from query i when j > i. A
-// query that sees no key gets zeros (and passes no gradient). D must be a multiple of 16.
+// [B, Lq, H, D]; lse float32 [B, H, Lq]. Causal: key j is hidden from query i when j > i,
+// unless has_prefix and both are prefix tokens (prefix int32 [B, Lq], nonzero on them; a prefix
+// LM, where Lq = Lk). A query that sees no key gets zeros (and passes no gradient). D must be a
+// multiple of 16.
 
 #include <algorithm>
 #include <atomic>
@@ -122,13 +124,13 @@ inline float ExpRow(float* row, int cols, float shift) {
 
 struct Shape {
   int64_t b, lq, lk, h, kv, d, bias_b;
-  bool causal, has_bias, has_segments;
+  bool causal, has_bias, has_segments, has_prefix;
   float scale;
 };
 
 struct Operands {
   const float *q, *k, *v, *bias, *out, *lse, *d_out;
-  const int32_t *lengths, *q_segments, *k_segments;
+  const int32_t *lengths, *q_segments, *k_segments, *prefix;
 };
 
 // The matrix products, all of one form: C[i][:width] (=, or += with kAdd) alpha * sum_{e < n}
@@ -236,26 +238,41 @@ inline int64_t PaddedKeys(int64_t keys) {
   return (keys + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
 }
 
-// Query i of a row of `length` keys sees keys [0, VisibleKeys(s, length, i)) (a negative length
-// hides every key).
-inline int64_t VisibleKeys(const Shape& s, int64_t length, int64_t i) {
-  int64_t n = std::max<int64_t>(0, std::min(s.lk, length));
-  return s.causal ? std::min(n, i + 1) : n;
-}
-
 // The keys [first, end) that a block of queries [start, start + rows) of row b may see: all up
-// to the last query's VisibleKeys, and with segments, from the first to the last key whose
-// segment is within the range of the queries' (packed rows: the block's segments' keys).
-// `first` is a multiple of 2 * kLanes, so that first + PaddedKeys(end - first) stays within
-// the packed keys' PaddedKeys(Lk) columns.
+// to the last query's, or with a prefix query in the block up to the row's last prefix token,
+// and with segments, from the first to the last key whose segment is within the range of the
+// queries' (packed rows: the block's segments' keys). `first` is a multiple of 2 * kLanes, so
+// that first + PaddedKeys(end - first) stays within the packed keys' PaddedKeys(Lk) columns.
+// `prefix_end`: 1 + the row's last prefix key (has_prefix; else 0).
 struct KeyRange {
-  int64_t first, end;
+  int64_t first, end, prefix_end;
   int64_t size() const { return end - first; }
 };
 
+inline bool InPrefix(const Shape& s, const Operands& x, int64_t b, int64_t i) {
+  return s.has_prefix && x.prefix[b * s.lq + i] != 0;
+}
+
+// Query i of row b, whose keys end at `length`, sees keys [0, VisibleKeys(...)) but the hidden
+// ones among them (other segments; under a prefix, keys past i that are not prefix tokens); a
+// negative length hides every key.
+inline int64_t VisibleKeys(const Shape& s, const Operands& x, int64_t b, int64_t length,
+                           int64_t i, int64_t prefix_end) {
+  int64_t n = std::max<int64_t>(0, std::min(s.lk, length));
+  if (!s.causal) return n;
+  return std::min(n, InPrefix(s, x, b, i) ? std::max(i + 1, prefix_end) : i + 1);
+}
+
 KeyRange BlockKeys(const Shape& s, const Operands& x, int64_t b, int64_t start, int rows,
                    int64_t length) {
-  KeyRange keys{0, VisibleKeys(s, length, start + rows - 1)};
+  KeyRange keys{0, 0, 0};
+  bool any_prefix = false;
+  for (int r = 0; r < rows && !any_prefix; ++r) any_prefix = InPrefix(s, x, b, start + r);
+  if (any_prefix)
+    for (keys.prefix_end = s.lk; keys.prefix_end > 0; --keys.prefix_end)
+      if (InPrefix(s, x, b, keys.prefix_end - 1)) break;
+  for (int r = 0; r < rows; ++r)
+    keys.end = std::max(keys.end, VisibleKeys(s, x, b, length, start + r, keys.prefix_end));
   if (!s.has_segments) return keys;
   const int32_t* qs = x.q_segments + b * s.lq + start;
   const int32_t* ks = x.k_segments + b * s.lk;
@@ -271,8 +288,10 @@ KeyRange BlockKeys(const Shape& s, const Operands& x, int64_t b, int64_t start, 
 }
 
 // The columns of a block's scores (keys from keys.first on) that VisibleKeys leaves to query i.
-inline int64_t VisibleInBlock(const Shape& s, int64_t length, int64_t i, KeyRange keys) {
-  return std::max<int64_t>(0, std::min(VisibleKeys(s, length, i), keys.end) - keys.first);
+inline int64_t VisibleInBlock(const Shape& s, const Operands& x, int64_t b, int64_t length,
+                              int64_t i, KeyRange keys) {
+  return std::max<int64_t>(
+      0, std::min(VisibleKeys(s, x, b, length, i, keys.prefix_end), keys.end) - keys.first);
 }
 
 // Scores of queries [start, start + rows) of (b, h) against the keys `keys` (BlockKeys): scale *
@@ -291,7 +310,7 @@ int BlockScores(const Shape& s, const Operands& x, const float* kt, int64_t ldk,
     brow = x.bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk + keys.first;
   const int32_t* ks = s.has_segments ? x.k_segments + b * s.lk + keys.first : nullptr;
   for (int r = 0; r < rows; ++r) {
-    int64_t seen = VisibleInBlock(s, length, start + r, keys);
+    int64_t seen = VisibleInBlock(s, x, b, length, start + r, keys);
     float* row = sc + r * ldc;
     if (brow)
       for (int64_t j = 0; j < seen; ++j) row[j] += brow[r * s.lk + j];
@@ -301,19 +320,28 @@ int BlockScores(const Shape& s, const Operands& x, const float* kt, int64_t ldk,
       for (int64_t j = 0; j < seen; ++j)
         if (ks[j] != mine) row[j] = kHidden;
     }
+    if (InPrefix(s, x, b, start + r))  // keys past the query: prefix tokens only
+      for (int64_t j = std::max<int64_t>(0, start + r + 1 - keys.first); j < seen; ++j)
+        if (!InPrefix(s, x, b, keys.first + j)) row[j] = kHidden;
     for (int64_t j = seen; j < cols; ++j) row[j] = kHidden;
   }
   return cols;
 }
 
 ffi::Error CheckShapes(const Shape& s, ffi::Buffer<ffi::S32>& q_segments,
-                       ffi::Buffer<ffi::S32>& k_segments) {
+                       ffi::Buffer<ffi::S32>& k_segments, ffi::Buffer<ffi::S32>& prefix) {
   if (s.has_segments) {
     auto qd = q_segments.dimensions(), kd = k_segments.dimensions();
     if (qd.size() != 2 || kd.size() != 2 || qd[0] != s.b || qd[1] != s.lq || kd[0] != s.b ||
         kd[1] != s.lk)
       return ffi::Error::InvalidArgument(
           "cpu attention: segment ids must be [batch, q_len] and [batch, k_len]");
+  }
+  if (s.has_prefix) {
+    auto pd = prefix.dimensions();
+    if (pd.size() != 2 || pd[0] != s.b || pd[1] != s.lq || s.lq != s.lk || !s.causal)
+      return ffi::Error::InvalidArgument(
+          "cpu attention: a prefix must be [batch, q_len], causal, with q_len = k_len");
   }
   if (s.d % 16 != 0)  // a whole number of vectors, AVX-512's or AVX2's
     return ffi::Error::InvalidArgument("cpu attention: head_dim must be a multiple of 16");
@@ -323,10 +351,10 @@ ffi::Error CheckShapes(const Shape& s, ffi::Buffer<ffi::S32>& q_segments,
 }
 
 Shape MakeShape(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& bias,
-                float scale, bool causal, bool has_bias, bool has_segments) {
+                float scale, bool causal, bool has_bias, bool has_segments, bool has_prefix) {
   auto qd = q.dimensions(), kd = k.dimensions(), bd = bias.dimensions();
   return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], bd[0], causal, has_bias, has_segments,
-               scale};
+               has_prefix, scale};
 }
 
 // Runs fn(slot, item) for every item < items on the calling thread and up to threads - 1 tasks
@@ -450,7 +478,7 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
       for (int r = 0; r < rows; ++r) {
         float *drow = ds + r * ldk, *prow = pr + r * ldk;
         // (hidden keys have P = 0, and so dS = 0)
-        int64_t seen = VisibleInBlock(s, length, start + r, keys);
+        int64_t seen = VisibleInBlock(s, x, b, length, start + r, keys);
         for (int64_t j = 0; j < seen; ++j) drow[j] = prow[j] * (drow[j] - di[r]);
         for (int64_t j = seen; j < cols; ++j) drow[j] = 0.0f;
         if (dbrow)
@@ -469,13 +497,14 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                        ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
                        ffi::Buffer<ffi::S32> q_segments, ffi::Buffer<ffi::S32> k_segments,
-                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
-                       ffi::ThreadPool pool, float scale, bool causal, bool has_bias,
-                       bool has_segments) {
-  Shape s = MakeShape(q, k, bias, scale, causal, has_bias, has_segments);
-  if (auto e = CheckShapes(s, q_segments, k_segments); e.failure()) return e;
+                       ffi::Buffer<ffi::S32> prefix, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ResultBuffer<ffi::F32> lse, ffi::ThreadPool pool, float scale,
+                       bool causal, bool has_bias, bool has_segments, bool has_prefix) {
+  Shape s = MakeShape(q, k, bias, scale, causal, has_bias, has_segments, has_prefix);
+  if (auto e = CheckShapes(s, q_segments, k_segments, prefix); e.failure()) return e;
   Operands x{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), nullptr, nullptr,
-             nullptr, lengths.typed_data(), q_segments.typed_data(), k_segments.typed_data()};
+             nullptr, lengths.typed_data(), q_segments.typed_data(), k_segments.typed_data(),
+             prefix.typed_data()};
   const int64_t ldk = PaddedKeys(s.lk);
   float *op = out->typed_data(), *lsep = lse->typed_data();
   // Fewer (row, KV head) pairs than twice the threads (a prompt of one row over few KV heads):
@@ -501,16 +530,18 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Bu
 ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                         ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
                         ffi::Buffer<ffi::S32> q_segments, ffi::Buffer<ffi::S32> k_segments,
-                        ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                        ffi::Buffer<ffi::S32> prefix, ffi::Buffer<ffi::F32> out,
+                        ffi::Buffer<ffi::F32> lse,
                         ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_q,
                         ffi::ResultBuffer<ffi::F32> d_k, ffi::ResultBuffer<ffi::F32> d_v,
                         ffi::ResultBuffer<ffi::F32> d_bias, ffi::ThreadPool pool,
-                        float scale, bool causal, bool has_bias, bool has_segments) {
-  Shape s = MakeShape(q, k, bias, scale, causal, has_bias, has_segments);
-  if (auto e = CheckShapes(s, q_segments, k_segments); e.failure()) return e;
+                        float scale, bool causal, bool has_bias, bool has_segments,
+                        bool has_prefix) {
+  Shape s = MakeShape(q, k, bias, scale, causal, has_bias, has_segments, has_prefix);
+  if (auto e = CheckShapes(s, q_segments, k_segments, prefix); e.failure()) return e;
   Operands x{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), out.typed_data(),
              lse.typed_data(), d_out.typed_data(), lengths.typed_data(), q_segments.typed_data(),
-             k_segments.typed_data()};
+             k_segments.typed_data(), prefix.typed_data()};
   float *dqp = d_q->typed_data(), *dkp = d_k->typed_data(), *dvp = d_v->typed_data();
   float* dbp = d_bias->typed_data();
   const int64_t bias_size = d_bias->element_count();
@@ -568,13 +599,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionForward, ForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
                                   .Attr<bool>("has_bias")
-                                  .Attr<bool>("has_segments"));
+                                  .Attr<bool>("has_segments")
+                                  .Attr<bool>("has_prefix"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackward, BackwardImpl,
                               ffi::Ffi::Bind()
@@ -585,6 +618,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackward, BackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -596,4 +630,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackward, BackwardImpl,
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
                                   .Attr<bool>("has_bias")
-                                  .Attr<bool>("has_segments"));
+                                  .Attr<bool>("has_segments")
+                                  .Attr<bool>("has_prefix"));

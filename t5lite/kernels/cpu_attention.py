@@ -153,18 +153,24 @@ def supports(q, k, v, bias) -> bool:
   return ok
 
 
-def attention(q, k, v, kv_lengths=None, bias=None, segments=None, *, scale: float,
-              causal: bool):
+def attention(q, k, v, kv_lengths=None, bias=None, segments=None, prefix=None, *,
+              scale: float, causal: bool):
   """Softmax attention of q [b, q_len, heads, d] over k, v [b, k_len, kv_heads, d].
 
   Keys at or past a row's `kv_lengths` (int [b]; default: none) are hidden, and under `causal`
-  query i sees keys 0..i; `segments` (packed rows: int (q_segments [b, q_len], k_segments
-  [b, k_len]), 0 for padding) hides each key from the queries of other segments, and the
-  padding from all; `bias` [1 or b, heads, q_len, k_len] is added to the scaled scores. A query
-  that sees no key gets zeros. Differentiable in q, k, v and bias. Requires `available()` and
-  `supports(q, k, v, bias)`; returns [b, q_len, heads, d].
+  query i sees keys 0..i; `prefix` (a prefix LM, causal, q_len = k_len: int [b, q_len], nonzero
+  on the prefix tokens) lets a prefix token see the later prefix tokens too; `segments` (packed
+  rows: int (q_segments [b, q_len], k_segments [b, k_len]), 0 for padding) hides each key from
+  the queries of other segments, and the padding from all; `bias` [1 or b, heads, q_len,
+  k_len] is added to the scaled scores. A query that sees no key gets zeros. Differentiable in
+  q, k, v and bias. Requires `available()` and `supports(q, k, v, bias)`; returns
+  [b, q_len, heads, d].
   """
   b = q.shape[0]
+  if prefix is not None and not (causal and prefix.shape == q.shape[:2] == k.shape[:2]):
+    raise ValueError("a prefix needs causal attention and [batch, length] prefix flags for "
+                     f"queries and keys of one length: q {q.shape}, k {k.shape}, prefix "
+                     f"{prefix.shape}, causal={causal}")
   lengths = (jnp.full((b,), k.shape[1], jnp.int32) if kv_lengths is None
              else kv_lengths.astype(jnp.int32))
   has_bias = bias is not None
@@ -172,42 +178,46 @@ def attention(q, k, v, kv_lengths=None, bias=None, segments=None, *, scale: floa
   has_segments = segments is not None
   seg_in = (tuple(s.astype(jnp.int32) for s in segments) if has_segments
             else (jnp.zeros((1, 1), jnp.int32),) * 2)
-  return _attention(q, k, v, lengths, bias_in, seg_in, float(scale), bool(causal), has_bias,
-                    has_segments)
+  masks = seg_in + ((prefix if prefix is not None else jnp.zeros((1, 1))).astype(jnp.int32),)
+  return _attention(q, k, v, lengths, bias_in, masks, float(scale), bool(causal), has_bias,
+                    has_segments, prefix is not None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _attention(q, k, v, lengths, bias, segments, scale, causal, has_bias, has_segments):
-  return _forward(q, k, v, lengths, bias, segments, scale, causal, has_bias, has_segments)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _attention(q, k, v, lengths, bias, masks, scale, causal, has_bias, has_segments,
+               has_prefix):
+  return _forward(q, k, v, lengths, bias, masks, scale, causal, has_bias, has_segments,
+                  has_prefix)[0]
 
 
-def _attrs(scale, causal, has_bias, has_segments):
+def _attrs(scale, causal, has_bias, has_segments, has_prefix):
   return dict(scale=np.float32(scale), causal=causal, has_bias=has_bias,
-              has_segments=has_segments)
+              has_segments=has_segments, has_prefix=has_prefix)
 
 
-def _forward(q, k, v, lengths, bias, segments, scale, causal, has_bias, has_segments):
+def _forward(q, k, v, lengths, bias, masks, scale, causal, has_bias, has_segments, has_prefix):
+  """masks: (q_segments, k_segments, prefix), int32 (placeholders where not has_*)."""
   b, q_len, heads, _ = q.shape
   out, lse = jax.ffi.ffi_call(
       _FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                  jax.ShapeDtypeStruct((b, heads, q_len), jnp.float32)),
-      vmap_method="sequential")(q, k, v, lengths, bias, *segments,
-                                **_attrs(scale, causal, has_bias, has_segments))
-  return out, (q, k, v, lengths, bias, segments, out, lse)
+      vmap_method="sequential")(q, k, v, lengths, bias, *masks,
+                                **_attrs(scale, causal, has_bias, has_segments, has_prefix))
+  return out, (q, k, v, lengths, bias, masks, out, lse)
 
 
-def _backward(scale, causal, has_bias, has_segments, saved, d_out):
-  q, k, v, lengths, bias, segments, out, lse = saved
+def _backward(scale, causal, has_bias, has_segments, has_prefix, saved, d_out):
+  q, k, v, lengths, bias, masks, out, lse = saved
   d_q, d_k, d_v, d_bias = jax.ffi.ffi_call(
       _BACKWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                   jax.ShapeDtypeStruct(k.shape, jnp.float32),
                   jax.ShapeDtypeStruct(v.shape, jnp.float32),
                   jax.ShapeDtypeStruct(bias.shape, jnp.float32)),
-      vmap_method="sequential")(q, k, v, lengths, bias, *segments, out, lse,
+      vmap_method="sequential")(q, k, v, lengths, bias, *masks, out, lse,
                                 d_out.astype(jnp.float32),
-                                **_attrs(scale, causal, has_bias, has_segments))
+                                **_attrs(scale, causal, has_bias, has_segments, has_prefix))
   return (d_q, d_k, d_v, None, d_bias if has_bias else jnp.zeros_like(bias),
-          (None, None))
+          (None, None, None))
 
 
 _attention.defvjp(_forward, _backward)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t5lite import partitioning
+
 
 class Mask(NamedTuple):
   """Which keys each query may see: all the conditions given.
@@ -27,13 +29,15 @@ class Mask(NamedTuple):
   cuDNN flash attention handles natively without materializing a mask. Packed rows need `dense`
   (bool [batch, 1, q_len, k_len] from segment ids: `padding_mask`) and carry the ids it was made
   from in `segments` (int [batch, q_len], [batch, k_len]), which the CPU kernel reads instead;
-  a causal packed row sets `causal` too. Masks of other shapes (prefix LM, decoding) are
-  `dense` alone.
+  a causal packed row sets `causal` too. A prefix LM's rows (`prefix_lm`) carry their `prefix`
+  flags (int [batch, length]) besides, and leave `causal` off (a prefix token sees the later
+  prefix tokens). Masks of other shapes (decoding) are `dense` alone.
   """
   dense: Optional[jax.Array] = None
   causal: bool = False
   kv_lengths: Optional[jax.Array] = None
   segments: Optional[Tuple[jax.Array, jax.Array]] = None
+  prefix: Optional[jax.Array] = None
 
 
 def padding_mask(q_segments, k_segments):
@@ -60,6 +64,13 @@ def prefix_lm_mask(segments, prefix):
   prefix = prefix.astype(bool)
   both_prefix = (prefix[:, :, None] & prefix[:, None, :])[:, None]
   return (causal_mask(length) | both_prefix) & padding_mask(segments, segments)
+
+
+def prefix_lm(segments, prefix) -> Mask:
+  """The Mask of a prefix LM's rows (`prefix_lm_mask`), with the segment ids and prefix flags
+  it is made from."""
+  return Mask(dense=prefix_lm_mask(segments, prefix), segments=(segments, segments),
+              prefix=prefix.astype(jnp.int32))
 
 
 def segment_mask(q_segments, k_segments, causal: bool = False) -> Mask:
@@ -290,24 +301,48 @@ def kernel_attention(q, k, v, mask: Mask, bias=None, *, scale: float):
   heads of 32), forward and backward, on an Intel Xeon: XLA's 23 ms -> 8.4 ms on one core, 13
   -> 5.7 ms on two.
 
-  Packed rows go to the kernel as their segment ids (`mask.segments`). Falls back to
-  `chunked_attention` where the kernel does not apply: a program not for a single CPU device
-  (the kernel has no sharding rule, so on a mesh XLA would gather the batch onto every device;
-  a program traced for a GPU by t5lite.gpu_aot cannot call it), a dense mask without segment
-  ids (prefix LM), not float32, head_dim not a multiple of 16, or no kernel
-  (`cpu_attention.available()`: no C++ compiler, a CPU with neither AVX-512 nor AVX2, or
-  switched off).
+  Packed rows go to the kernel as their segment ids (`mask.segments`), a prefix LM's rows as
+  their segment ids and prefix flags (`mask.prefix`). On a mesh (under
+  `partitioning.activation_rules`) each device runs the kernel on its block of batch rows and
+  heads (`partitioning.per_shard`). Falls back to `chunked_attention` where the kernel does not
+  apply: a program for more than one device outside activation rules (inside a pipeline stage,
+  where XLA would gather the batch onto every device), a program traced for a GPU by
+  t5lite.gpu_aot, a dense mask without segment ids (decoding), not float32, head_dim not a
+  multiple of 16, or no kernel (`cpu_attention.available()`: no C++ compiler, a CPU with neither
+  AVX-512 nor AVX2, or switched off).
   """
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
-  if not (gpu_aot.tracing_platform() == "cpu" and jax.device_count() == 1
+  if not (gpu_aot.tracing_platform() == "cpu"
+          and (jax.device_count() == 1 or partitioning.rules_active())
           and (mask.dense is None or mask.segments is not None)
           and cpu_attention.supports(q, k, v, bias) and cpu_attention.available()):
     if bias is not None and bias.shape[0] == 1 < q.shape[0]:
       bias = _broadcast_batch(bias, q.shape[0])
     return chunked_attention(q, k, v, mask, bias, scale=scale)
-  return cpu_attention.attention(q, k, v, mask.kv_lengths, bias, mask.segments, scale=scale,
-                                 causal=mask.causal)
+  rows = ("batch", None, "heads", None)
+  operands, axes = [q, k, v], [rows, rows, rows]
+  q_segments, k_segments = mask.segments if mask.segments is not None else (None, None)
+  optional = {"kv_lengths": (mask.kv_lengths, ("batch",)),
+              "bias": (bias, (None if bias is None or bias.shape[0] == 1 else "batch",
+                              "heads", None, None)),
+              "q_segments": (q_segments, ("batch", None)),
+              "k_segments": (k_segments, ("batch", None)),
+              "prefix": (mask.prefix, ("batch", None))}
+  present = [name for name, (x, _) in optional.items() if x is not None]
+  for name in present:
+    operands.append(optional[name][0])
+    axes.append(optional[name][1])
+
+  def block(q, k, v, *rest):
+    given = dict(zip(present, rest))
+    segments = ((given["q_segments"], given["k_segments"]) if "q_segments" in given
+                else None)
+    return (cpu_attention.attention(q, k, v, given.get("kv_lengths"), given.get("bias"),
+                                    segments, given.get("prefix"), scale=scale,
+                                    causal=mask.causal or mask.prefix is not None),)
+
+  return partitioning.per_shard(block, axes, (rows,))(*operands)[0]
 
 
 def _host_cores() -> int:

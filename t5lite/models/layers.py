@@ -202,10 +202,10 @@ class Attention(nnx.Module):
         for name, new in (("k", k_new), ("v", v_new))}
     q_len = x.shape[1]
     if isinstance(index, int) and index == 0 and q_len > 1:
-      first = attn_lib.Mask(None if mask.dense is None else mask.dense[..., :q_len], mask.causal,
-                            mask.kv_lengths,
-                            None if mask.segments is None else (mask.segments[0],
-                                                                mask.segments[1][:, :q_len]))
+      first = mask._replace(
+          dense=None if mask.dense is None else mask.dense[..., :q_len],
+          segments=None if mask.segments is None else (mask.segments[0],
+                                                       mask.segments[1][:, :q_len]))
       y = attn_lib.attend(q, k_new, v_new, first, None if bias is None else bias[..., :q_len],
                           scale=self.scale(), implementation=cfg.attention_impl)
     else:

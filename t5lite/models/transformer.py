@@ -411,7 +411,7 @@ class DecoderOnly(nnx.Module):
 
     Unpacked causal rows (padded at the end) need only the causal flag: real tokens never see the
     padding after them. Packed rows and prefix-LM rows need a dense mask (packed rows carry their
-    segment ids too, for the CPU kernel).
+    segment ids, and prefix-LM rows their prefix flags too, for the CPU kernel).
     """
     seg = batch.get("decoder_segment_ids")
     prefix = batch.get("decoder_causal_attention") if self.cfg.arch == "prefix_lm" else None
@@ -421,7 +421,7 @@ class DecoderOnly(nnx.Module):
       seg = jnp.where(batch["decoder_target_tokens"] != 0, 1, 0).astype(jnp.int32)
       seg = seg.at[:, 0].set(1)
     if prefix is not None:
-      return attn_lib.Mask(dense=attn_lib.prefix_lm_mask(seg, prefix))
+      return attn_lib.prefix_lm(seg, prefix)
     return attn_lib.segment_mask(seg, seg, causal=True)
 
   def __call__(self, batch, rng=None):
