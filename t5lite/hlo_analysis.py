@@ -11,8 +11,9 @@ text instead:
   * matrix-multiply FLOPs (2 per multiply-add): `dot`s, wherever fusion put them (Triton GEMM
     fusions on GPUs), cuBLAS GEMM custom calls, and cuDNN fused attention, whose forward call
     runs 2 batched matmuls over (batch, heads, queries, keys, head dim) and whose backward runs
-    5 (it recomputes the scores, then the value, probability, query and key gradients). Masks are
-    not discounted (a causal kernel skips about half the blocks), the convention of model FLOPs;
+    5 (it recomputes the scores, then the value, probability, query and key gradients), and so
+    does t5lite's CPU attention kernel (t5lite/kernels). Masks are not discounted (a causal
+    kernel skips about half the blocks), the convention of model FLOPs;
   * collectives per kind: count and ring-model bytes per device;
   * memory traffic: the bytes each kernel reads from and writes to device memory, and how many
     kernels run, per step or per iteration of one loop (a decode loop's token step). A fused
@@ -223,12 +224,18 @@ def _instruction_flops(inst: _Instruction, table) -> Tuple[str, float]:
     head_dim = _operand_dims(inst.operands()[0], table)[-1]  # queries: BTNH or BNTH
     matmuls = 5 if "Backward" in target else 2
     return "attention", 2.0 * matmuls * math.prod(scores) * head_dim
+  if target.startswith("t5lite_cpu_attention_"):
+    batch, q_len, heads, head_dim = _operand_dims(inst.operands()[0], table)  # q [b, q, h, d]
+    k_len = _operand_dims(inst.operands()[1], table)[1]                       # k [b, k, kv, d]
+    matmuls = 5 if target.endswith("backward") else 2
+    return "attention", 2.0 * matmuls * batch * heads * q_len * k_len * head_dim
   return "", 0.0
 
 
 def matmul_flops(hlo: Union[str, Program]) -> Dict[str, float]:
   """Matrix-multiply FLOPs per step of an optimized HLO module (its text or its `Program`), by
-  kind ("dot", "gemm" for cuBLAS calls, "attention" for cuDNN fused attention) and in "total"
+  kind ("dot", "gemm" for cuBLAS calls, "attention" for cuDNN fused attention and t5lite's CPU
+  kernel) and in "total"
   (see the module docstring)."""
   flops = {"dot": 0.0, "gemm": 0.0, "attention": 0.0}
   for inst, runs, table in _as_program(hlo).instructions():

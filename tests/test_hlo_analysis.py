@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from t5lite import autoparallel, gin_setup, gpu_aot, hlo_analysis, optimizers
+from t5lite.kernels import cpu_attention
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import benchmark  # pylint: disable=wrong-import-position
@@ -258,6 +259,20 @@ def test_cpu_train_step_matmul_flops_are_the_model_flops(arch):
   # Full rematerialization runs each layer's forward again in the backward pass.
   remat = _program_flops(dataclasses.replace(cfg, remat_policy="full"), batch, inputs, targets)
   assert 1.1 * model < remat["total"] < 4 / 3 * model * 1.001
+
+
+@pytest.mark.skipif(not cpu_attention.available(), reason="no CPU attention kernel here")
+def test_cpu_kernel_attention_flops_are_counted():
+  """With attention in t5lite's CPU kernel (custom calls, no dots), the program's FLOPs are the
+  model FLOPs plus what the kernel's backward recomputes (QK^T: one attention matmul)."""
+  cfg = _decoder(attention_impl="cpu_kernel", scan_layers=False)
+  batch, inputs, targets = 4, 32, 16
+  length = inputs + targets
+  flops = _program_flops(cfg, batch, inputs, targets)
+  one_matmul = cfg.num_decoder_layers * 2 * batch * cfg.num_heads * length ** 2 * cfg.head_dim
+  assert flops["attention"] == pytest.approx(7 * one_matmul, rel=1e-9), flops
+  model = benchmark.model_flops_per_step(cfg, batch, inputs, targets)
+  assert flops["total"] == pytest.approx(model + one_matmul, rel=1e-3), (flops, model)
 
 
 def _gpu_run_options():
