@@ -1,5 +1,6 @@
 """Two processes x 4 fake CPU devices over localhost (jax.distributed) train to the loss of one
-process x 8 devices, write one cooperative checkpoint, and both resume from it."""
+process x 8 devices, write one cooperative checkpoint, and both resume from it. Attention runs in
+the CPU kernel (runs/cpu.gin's), each device on its own rows, across the processes."""
 
 import json
 import os
@@ -15,7 +16,8 @@ from test_train import QUICK
 pytestmark = pytest.mark.slow
 
 ARGS = QUICK + ["--gin.DataConfig.host_sharding='rows'", "--gin.CHECKPOINT_PERIOD=3",
-                "--gin.MeshConfig.data=-1", "--gin.ModelConfig.dropout_rate=0.0"]
+                "--gin.MeshConfig.data=-1", "--gin.ModelConfig.dropout_rate=0.0",
+                "--gin.ModelConfig.attention_impl='cpu_kernel'"]
 
 
 def _free_port():
