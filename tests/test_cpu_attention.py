@@ -30,8 +30,11 @@ CASES = {
     # head_dim 80 and 48: the products' strips of 4 + 1 and 2 + 1 vectors
     "causal_head_dim_80": (2, 45, 45, 2, 1, 80, True, [45, 20], None),
     "head_dim_48_row_bias": (2, 37, 61, 3, 3, 48, False, None, 2),
-    # one (row, KV head) pair: the forward shares its query blocks out among the threads
+    # one (row, KV head) pair: the forward and the backward share its query blocks out among
+    # the threads (the backward's shares each with its own dK and dV), here with a bias of
+    # batch 1 (shared: each share its own query rows of dBias)
     "one_row_one_kv_head": (1, 130, 130, 4, 1, 32, True, [111], None),
+    "one_row_shared_bias": (1, 100, 100, 2, 1, 16, False, [90], 1),
 }
 
 
@@ -210,16 +213,18 @@ def test_kernel_gradients_are_the_same_bits_from_run_to_run():
   """The gradient of a bias shared by the batch rows (T5's) sums over the rows on several
   threads: it is bit for bit the same in every run, as are the others (so a CPU run with the
   kernel resumes bit-identically). With one partial sum per thread it varied in its last bits
-  with the threads' timing."""
-  keys = jax.random.split(jax.random.key(3), 4)
-  q, k, v = (jax.random.normal(r, (16, 128, 4, 32)) for r in keys[:3])
-  bias = jax.random.normal(keys[3], (1, 4, 128, 128))
-  grad = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(cpu_attention.attention(
-      *a[:3], None, a[3], scale=0.2, causal=False))), (0, 1, 2, 3)))
-  first = [np.asarray(g) for g in grad(q, k, v, bias)]
-  for _ in range(50):
-    for got, want in zip(grad(q, k, v, bias), first):
-      np.testing.assert_array_equal(np.asarray(got), want)
+  with the threads' timing. So are a single row's, whose query blocks the threads share."""
+  for b, kv in ((16, 4), (1, 1)):  # (1, 1): a row's query blocks shared out, dK / dV in shares
+    keys = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(keys[0], (b, 128, 4, 32))
+    k, v = (jax.random.normal(r, (b, 128, kv, 32)) for r in keys[1:3])
+    bias = jax.random.normal(keys[3], (1, 4, 128, 128))
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(cpu_attention.attention(
+        *a[:3], None, a[3], scale=0.2, causal=False))), (0, 1, 2, 3)))
+    first = [np.asarray(g) for g in grad(q, k, v, bias)]
+    for _ in range(50):
+      for got, want in zip(grad(q, k, v, bias), first):
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 @needs_kernel

@@ -435,10 +435,13 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64
   }
 }
 
-// Backward of one (batch row b, KV head kh): dQ of its query heads, dK and dV of its keys, and
-// its share of dBias (added into d_bias, laid out as the bias).
-void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, float* dq, float* dk,
-                  float* dv, float* d_bias, std::vector<float>& scratch) {
+// Backward of one (batch row b, KV head kh), or of its share `part` of `parts` (query blocks
+// part, part + parts, ..., as in ForwardItem): dQ of its query heads (the share's blocks), dK and
+// dV of its keys (added into dk, dv: each share has its own), and its share of dBias (added into
+// d_bias, laid out as the bias: the share's query rows).
+void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64_t part,
+                  int64_t parts, float* dq, float* dk, float* dv, float* d_bias,
+                  std::vector<float>& scratch) {
   const int64_t ldk = PaddedKeys(s.lk);
   const int64_t group = s.h / s.kv, kstride = s.kv * s.d, qstride = s.h * s.d;
   const int d = static_cast<int>(s.d);
@@ -449,7 +452,7 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, floa
   PackTransposed(x.k + koff, kstride, s.lk, s.d, kt, ldk);
   PackTransposed(x.v + koff, kstride, s.lk, s.d, vt, ldk);
   for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
-    for (int64_t start = 0; start < s.lq; start += kRows) {
+    for (int64_t start = part * kRows; start < s.lq; start += parts * kRows) {
       int rows = static_cast<int>(std::min<int64_t>(kRows, s.lq - start));
       const int64_t qoff = ((b * s.lq + start) * s.h + h) * s.d;
       const KeyRange keys = BlockKeys(s, x, b, start, rows, length);
@@ -554,32 +557,47 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
   // at the end. Items of different runs or KV heads never add into the same values, and every
   // value is the same sum in the same order whichever threads take the items: the gradient is
   // bit for bit the same from run to run (with one dBias per thread, as before, it varied in
-  // its last bits with the threads' timing, and so did training). Otherwise an item is one
-  // (row, KV head) pair.
+  // its last bits with the threads' timing, and so did training). Otherwise a run is one row.
   const bool shared = has_bias && s.bias_b == 1;
+  const int64_t pool_threads = std::max<int64_t>(pool.num_threads(), 1);
   int64_t per_run = 1, runs = s.b;
   if (shared) {
-    const int64_t pool_threads = std::max<int64_t>(pool.num_threads(), 1);
     per_run = (s.b + pool_threads - 1) / pool_threads;
     runs = (s.b + per_run - 1) / per_run;
   }
-  const int threads = Threads(pool, runs * s.kv);
+  // Fewer items than twice the threads (one long row over few KV heads, or a batch split over
+  // many devices): each item's query blocks are shared out among `parts` items too, as in the
+  // forward. The shares of an item write different rows of dQ and dBias, and each its own dK
+  // and dV (share 0 into d_k and d_v, the others into buffers added in order at the end: again
+  // the same sums in the same order from run to run).
+  const int64_t blocks = (s.lq + kRows - 1) / kRows;
+  const int64_t parts = std::clamp<int64_t>((2 * pool_threads + runs * s.kv - 1) / (runs * s.kv),
+                                            1, std::max<int64_t>(blocks, 1));
+  const int threads = Threads(pool, runs * s.kv * parts);
   std::vector<std::vector<float>> scratch(threads);
   std::vector<std::vector<float>> partial(shared ? runs - 1 : 0,
                                           std::vector<float>(bias_size, 0.0f));
+  const int64_t k_size = d_k->element_count();
+  std::vector<std::vector<float>> share_dk(parts - 1, std::vector<float>(k_size, 0.0f));
+  std::vector<std::vector<float>> share_dv(parts - 1, std::vector<float>(k_size, 0.0f));
   auto item = [&](int t, int64_t i) {
-    // Item i is (run i % runs, KV head i / runs): items running at once on different threads
-    // then write different rows' gradients. In row-major order the KV heads of one row ran on
-    // two threads at once, writing interleaved 128-byte pieces of the same dK / dV rows: the
-    // backward took 30% longer on two cores (decoder-tiny's shapes).
-    const int64_t run = i % runs, kh = i / runs;
+    // Item i is share i % parts of (run j % runs, KV head j / runs), j = i / parts: items
+    // running at once on different threads then write different rows' gradients. In row-major
+    // order the KV heads of one row ran on two threads at once, writing interleaved 128-byte
+    // pieces of the same dK / dV rows: the backward took 30% longer on two cores (decoder-tiny's
+    // shapes).
+    const int64_t part = i % parts, j = i / parts, run = j % runs, kh = j / runs;
     float* target = run == 0 || !shared ? dbp : partial[run - 1].data();
+    float* dk = part == 0 ? dkp : share_dk[part - 1].data();
+    float* dv = part == 0 ? dvp : share_dv[part - 1].data();
     for (int64_t b = run * per_run; b < std::min(s.b, (run + 1) * per_run); ++b)
-      BackwardItem(s, x, b, kh, dqp, dkp, dvp, target, scratch[t]);
+      BackwardItem(s, x, b, kh, part, parts, dqp, dk, dv, target, scratch[t]);
   };
-  ParallelFor(pool, runs * s.kv, threads, item);
+  ParallelFor(pool, runs * s.kv * parts, threads, item);
   for (const auto& p : partial)
     for (size_t i = 0; i < p.size(); ++i) dbp[i] += p[i];
+  for (int64_t p = 0; p + 1 < parts; ++p)
+    for (int64_t i = 0; i < k_size; ++i) dkp[i] += share_dk[p][i], dvp[i] += share_dv[p][i];
   return ffi::Error::Success();
 }
 
