@@ -12,6 +12,16 @@ from t5lite import compilation_cache, gin_setup
 from t5lite import host_malloc
 
 
+def eval_mesh_config(mesh_config):
+  """The mesh to evaluate on: the experiment's, except for rules "auto" (which t5lite.train
+  resolves by planning before it trains): FSDP over all devices, the parameters split evenly
+  and the batch too. Without gradients or optimizer state that fits wherever training did."""
+  from t5lite import partitioning  # pylint: disable=import-outside-toplevel
+  if mesh_config.rules != "auto":
+    return mesh_config
+  return partitioning.MeshConfig(data=1, fsdp=-1, tensor=1, rules="fsdp")
+
+
 def main(argv=None) -> int:
   """Parses flags and gin, evaluates, and returns the process exit code."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -38,15 +48,17 @@ def main(argv=None) -> int:
     print("t5lite.eval: the dataset has no eval split", file=sys.stderr)
     return 2
   ckpt_dir = args.checkpoint_dir or os.path.join(exp.model_dir, "checkpoints")
-  mesh = partitioning.make_mesh(exp.mesh)
-  shardings = partitioning.param_shardings(run.model.annotated_params, mesh, exp.mesh.rules)
+  mesh_config = eval_mesh_config(exp.mesh)
+  mesh = partitioning.make_mesh(mesh_config)
+  shardings = partitioning.param_shardings(run.model.annotated_params, mesh, mesh_config.rules)
   abstract = checkpoints.abstract_with_shardings(run.model.abstract_params, shardings)
   try:
     params = checkpoints.restore_params(ckpt_dir, abstract, args.step)
   except Exception as e:  # pylint: disable=broad-except
     print(f"t5lite.eval: cannot restore parameters from {ckpt_dir}: {e}", file=sys.stderr)
     return 3
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), partitioning.activation_rules(mesh, mesh_config.rules,
+                                                         mesh_config.pipeline_microbatches):
     result = trainer.evaluate(run.model, params, run.eval_stream,
                               args.batches or exp.train.eval_batches, exp.train.batch_size,
                               partitioning.batch_sharding(mesh), exp.train.compiler_options)

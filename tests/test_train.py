@@ -64,6 +64,15 @@ def test_quickstart_runs_and_eval_reports(tmp_path):
   result = json.loads(ev.stdout.strip().splitlines()[-1])
   assert result["step"] == 8 and result["perplexity"] == pytest.approx(np.exp(result["loss"]))
   assert 0 <= result["accuracy"] <= 1
+  # A config that leaves the partitioning to the planner (partitioning/auto.gin) evaluates too:
+  # FSDP over all devices, same numbers (it stopped with "unknown rule preset 'auto'").
+  auto = run_cli(["-m", "t5lite.eval", "--gin_file=gin_configs/experiments/quickstart.gin",
+                  "--gin_file=gin_configs/partitioning/auto.gin", f"--gin.MODEL_DIR={d}",
+                  "--batches=2", "--gin.DataConfig.input_length=48",
+                  "--gin.DataConfig.target_length=16"])
+  assert auto.returncode == 0, auto.stderr[-3000:]
+  planned = json.loads(auto.stdout.strip().splitlines()[-1])
+  assert planned["loss"] == pytest.approx(result["loss"], rel=1e-5)
 
 
 def test_batch_ramp_and_finetune_from_another_run(tmp_path):
