@@ -20,6 +20,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -144,3 +145,46 @@ def test_only_cudnn_gets_the_position_bias_at_batch_1(cuda_host):
   biased = _cudnn_calls(texts["cudnn"])["__cudnn$fmhaScaleBiasSoftmax"]
   assert biased and all(f"tensor<1x{heads}x" in ops for ops in biased), biased
   assert broadcast not in texts["cudnn"]
+
+
+def _packed(batch, lengths, examples=3):
+  """`batch` with its rows packed as t5lite's data pipeline packs them (runs/pretrain.gin's
+  default): `examples` examples a row, then padding; segment ids and positions per feature
+  ("encoder"/"decoder": length)."""
+  rows = next(iter(batch.values())).shape[0]
+  for prefix, length in lengths.items():
+    size = length // (examples + 1)
+    seg = np.zeros((rows, length), np.int32)
+    pos = np.zeros_like(seg)
+    for i in range(examples):
+      seg[:, i * size:(i + 1) * size] = i + 1
+      pos[:, i * size:(i + 1) * size] = np.arange(size)
+    batch[f"{prefix}_segment_ids"], batch[f"{prefix}_positions"] = seg, pos
+  return batch
+
+
+@pytest.mark.parametrize("preset,inputs,targets,masks", [
+    ("models/t5_1_1/base.gin", 512, 128, {"CAUSAL", "NO_MASK"}),
+    ("models/decoder/1b.gin", 0, 2048, {"CAUSAL"}),
+    ("models/prefix_lm_tiny.gin", 256, 64, {"NO_MASK"})])
+def test_packed_rows_lower_for_cuda_with_cudnn_attention(preset, inputs, targets, masks,
+                                                          cuda_host):
+  """Packed rows (what a GPU pretraining run, runs/pretrain.gin + runs/gpu.gin, trains on) reach
+  cuDNN's kernels, forward and backward, with the segments' mask as a bias; causal self-attention
+  keeps cuDNN's causal mask type (it skips the blocks above the diagonal), a prefix LM's does
+  not (its prefix sees ahead)."""
+  del cuda_host
+  exp = gin_setup.parse_gin([preset, "runs/gpu.gin"], ["experiment.model_dir = '/tmp/unused'"])
+  batch = benchmark.synthetic_batch(exp.model, 2, inputs, targets)
+  enc_dec = exp.model.arch == "encoder_decoder"
+  batch = _packed(batch, {"encoder": inputs, "decoder": targets} if enc_dec
+                  else {"decoder": inputs + targets})
+  model = Model(exp.model, exp.loss)
+  opt = optimizers.make_optimizer(exp.optimizer, 1e-4)
+  step = trainer.jit_train_step(model, opt, lambda s: 1e-4, exp.train)
+  state = jax.eval_shape(lambda: trainer.init_state(model, opt, jax.random.key(0)))
+  text = step.trace(state, _abstract(batch)).lower(lowering_platforms=("cuda",)).as_text()
+  calls = _cudnn_calls(text)
+  assert sorted(calls) == ["__cudnn$fmhaScaleBiasSoftmax",
+                           "__cudnn$fmhaScaleBiasSoftmaxBackward"], sorted(calls)
+  assert set(re.findall(r'mask_type\\22: \\22(\w+)\\22', text)) == masks
