@@ -35,6 +35,8 @@ attention counted in full, causal masks not halved). Forward multiply-adds count
   decoder cross-attention: q and o projections per decoder token, k and v projections per
     encoder token, 4*S_enc*H*dh per decoder token;
   output head 2*d*V per target token.
+With --pack N (rows of N examples, T5X's pretraining layout) S is the query's own example's
+length (its segment's keys), the attention each example needs, whatever a kernel skips.
 """
 
 import argparse
@@ -55,43 +57,117 @@ import numpy as np  # noqa: E402
 from t5lite import host_malloc  # noqa: E402
 
 
-def model_flops_per_step(cfg, batch: int, inputs: int, targets: int) -> float:
-  """Training FLOPs of one step (see the module docstring for the formula)."""
+def model_flops_per_step(cfg, batch: int, inputs: int, targets: int, pairs=None) -> float:
+  """Training FLOPs of one step (see the module docstring for the formula). `pairs`: the
+  (query, key) pairs each attention sees per step, from `attention_pairs` (packed rows); default:
+  every query with every key of its row."""
   d, h, k, dh, f, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
   mlp = 2 * d * f * (3 if cfg.gated_mlp else 2)
   if cfg.num_experts:
     mlp = mlp * cfg.experts_per_token + 2 * d * cfg.num_experts
   proj = 2 * d * h * dh + 4 * d * k * dh + 2 * h * dh * d
+  if pairs is None:
+    pairs = {"encoder": batch * inputs ** 2, "decoder": batch * targets ** 2,
+             "cross": batch * inputs * targets}
+    if cfg.arch != "encoder_decoder":
+      pairs = {"decoder": batch * (inputs + targets) ** 2}
   if cfg.arch == "encoder_decoder":
-    enc = inputs * cfg.num_encoder_layers * (proj + 4 * inputs * h * dh + mlp)
-    cross_kv = inputs * cfg.num_decoder_layers * 4 * d * k * dh
-    dec = targets * cfg.num_decoder_layers * (
-        proj + 4 * targets * h * dh + 4 * d * h * dh + 4 * inputs * h * dh + mlp)
-    fwd = enc + cross_kv + dec + targets * 2 * d * v
+    enc = batch * inputs * cfg.num_encoder_layers * (proj + mlp)
+    enc += cfg.num_encoder_layers * 4 * h * dh * pairs["encoder"]
+    cross_kv = batch * inputs * cfg.num_decoder_layers * 4 * d * k * dh
+    dec = batch * targets * cfg.num_decoder_layers * (proj + 4 * d * h * dh + mlp)
+    dec += cfg.num_decoder_layers * 4 * h * dh * (pairs["decoder"] + pairs["cross"])
+    fwd = enc + cross_kv + dec + batch * targets * 2 * d * v
   else:
     length = inputs + targets
-    fwd = length * cfg.num_decoder_layers * (proj + 4 * length * h * dh + mlp) + length * 2 * d * v
-  return 3.0 * fwd * batch
+    fwd = (batch * length * cfg.num_decoder_layers * (proj + mlp)
+           + cfg.num_decoder_layers * 4 * h * dh * pairs["decoder"] + batch * length * 2 * d * v)
+  return 3.0 * fwd
 
 
-def synthetic_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0):
-  """Random token batch of the model's features (every token real, one segment per row)."""
+def attention_pairs(batch) -> dict:
+  """The (query, key) pairs of a batch of packed rows (its *_segment_ids): per attention
+  ("encoder", "decoder", "cross"), the sum over rows and examples of the example's query count
+  times its key count; segment 0 (padding) sees nothing."""
+  def per_segment(segments):
+    rows = np.asarray(segments)
+    return [np.bincount(row, minlength=rows.max() + 1)[1:] for row in rows]
+
+  pairs = {}
+  if "decoder_segment_ids" in batch:
+    dec = per_segment(batch["decoder_segment_ids"])
+    pairs["decoder"] = float(sum(np.sum(c.astype(np.float64) ** 2) for c in dec))
+  if "encoder_segment_ids" in batch:
+    enc = per_segment(batch["encoder_segment_ids"])
+    pairs["encoder"] = float(sum(np.sum(c.astype(np.float64) ** 2) for c in enc))
+    pairs["cross"] = float(sum(np.sum(e[:min(len(e), len(t))].astype(np.float64)
+                                      * t[:min(len(e), len(t))]) for e, t in zip(enc, dec)))
+  return pairs
+
+
+def run_batch(cfg, args):
+  """The benchmark's synthetic batch for these flags (--batch, --inputs, --targets, --pack)."""
+  return synthetic_batch(cfg, args.batch, args.inputs, args.targets, pack=args.pack)
+
+
+def step_flops(cfg, args) -> float:
+  """Model FLOPs of one step on `run_batch` (packed rows: each example's own attention)."""
+  pairs = attention_pairs(run_batch(cfg, args)) if args.pack > 1 else None
+  return model_flops_per_step(cfg, args.batch, args.inputs, args.targets, pairs)
+
+
+def _packed_lengths(rng, length: int, examples: int):
+  """`examples` random lengths, each at least 1, that fill a row of `length`: 1 plus shares of
+  the rest by a Dirichlet(4) draw (most within 0.5-1.5x the mean)."""
+  if examples > length:
+    raise ValueError(f"cannot pack {examples} examples into a row of {length} tokens")
+  extra = np.floor(rng.dirichlet(np.full(examples, 4.0)) * (length - examples)).astype(int)
+  extra[-1] += length - examples - extra.sum()
+  return 1 + extra
+
+
+def _packed_fields(lengths_per_row, length: int):
+  """(segment ids, positions) [rows, length] of rows holding examples of these lengths."""
+  seg = np.zeros((len(lengths_per_row), length), np.int32)
+  pos = np.zeros_like(seg)
+  for r, lengths in enumerate(lengths_per_row):
+    seg[r] = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+    pos[r] = np.concatenate([np.arange(n) for n in lengths])
+  return seg, pos
+
+
+def synthetic_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0, pack: int = 0):
+  """Random token batch of the model's features: every token real, one example per row, or with
+  `pack` > 1 that many examples of random lengths per row, packed as t5lite's data pipeline
+  packs them (segment ids, positions restarting in each example, decoder inputs shifted right
+  inside each example; the i-th inputs and i-th targets of a row make one T5 example)."""
   rng = np.random.default_rng(seed)
-  if cfg.arch == "encoder_decoder":
-    tgt = rng.integers(2, cfg.vocab_size, (batch, targets)).astype(np.int32)
-    return {"encoder_input_tokens": rng.integers(2, cfg.vocab_size, (batch, inputs)).astype(np.int32),
-            "decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1),
-            "decoder_target_tokens": tgt,
-            "decoder_loss_weights": np.ones((batch, targets), np.float32)}
-  length = inputs + targets
+  length = targets if cfg.arch == "encoder_decoder" else inputs + targets
   tgt = rng.integers(2, cfg.vocab_size, (batch, length)).astype(np.int32)
-  out = {"decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1),
-         "decoder_target_tokens": tgt,
+  shifted = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1)
+  out = {"decoder_input_tokens": shifted, "decoder_target_tokens": tgt,
          "decoder_loss_weights": np.ones((batch, length), np.float32)}
-  if cfg.arch == "prefix_lm":  # the first `inputs` tokens are the prefix, the loss is on the rest
-    prefix = np.arange(length) < inputs
-    out["decoder_causal_attention"] = np.repeat(prefix[None].astype(np.int32), batch, 0)
-    out["decoder_loss_weights"] = np.repeat((~prefix)[None].astype(np.float32), batch, 0)
+  if pack > 1:
+    lengths = [_packed_lengths(rng, length, pack) for _ in range(batch)]
+    seg, pos = _packed_fields(lengths, length)
+    out.update(decoder_segment_ids=seg, decoder_positions=pos,
+               decoder_input_tokens=np.where(pos == 0, 0, shifted).astype(np.int32))
+  if cfg.arch == "encoder_decoder":
+    out["encoder_input_tokens"] = rng.integers(2, cfg.vocab_size, (batch, inputs)).astype(np.int32)
+    if pack > 1:
+      seg, pos = _packed_fields([_packed_lengths(rng, inputs, pack) for _ in range(batch)],
+                                inputs)
+      out.update(encoder_segment_ids=seg, encoder_positions=pos)
+    return out
+  if cfg.arch == "prefix_lm":
+    # The first inputs / (inputs + targets) of each example is its prefix; the loss is on the
+    # rest.
+    pos = out.get("decoder_positions", np.arange(length)[None].repeat(batch, 0))
+    size = (np.repeat(np.concatenate(lengths), np.concatenate(lengths)).reshape(batch, length)
+            if pack > 1 else np.full((batch, length), length))
+    prefix = pos < size * inputs // length
+    out["decoder_causal_attention"] = prefix.astype(np.int32)
+    out["decoder_loss_weights"] = (~prefix).astype(np.float32)
   return out
 
 
@@ -138,7 +214,7 @@ def t5lite_runner(cfg, args):
   """(one synchronized train step, facts) for the real t5lite step (AdamW)."""
   step, init = t5lite_step(cfg, args)
   state = init(jax.random.key(0))
-  batch = jax.device_put(synthetic_batch(cfg, args.batch, args.inputs, args.targets))
+  batch = jax.device_put(run_batch(cfg, args))
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
@@ -179,7 +255,7 @@ def compile_abstract(cfg, args, target: str = ""):
   host, GPU or not."""
   step, init = t5lite_step(cfg, args)
   state = jax.eval_shape(init, jax.random.key(0))
-  batch = jax.eval_shape(lambda: synthetic_batch(cfg, args.batch, args.inputs, args.targets))
+  batch = jax.eval_shape(lambda: run_batch(cfg, args))
   place, tracing = _on_gpu(target)
   t = time.perf_counter()
   with tracing:
@@ -256,7 +332,7 @@ def aot_train(cfg, args) -> dict:
   parsed = hlo_analysis.Program(text)
   memory = gpu_aot.memory_gb(compiled)
   program = hlo_analysis.matmul_flops(parsed)
-  model = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
+  model = step_flops(cfg, args)
   peak = gpu_aot.MATMUL_TFLOPS[args.aot] * 1e12
   bound = hlo_analysis.roofline(parsed, peak, gpu_aot.memory_bandwidth(args.aot))
   result = dict(lower_s=lower_s, compile_s=compile_s, memory_gb=memory,
@@ -426,7 +502,7 @@ def hf_runner(cfg, args, compiled: bool):
   model = hf_model(cfg)
   model.to(device).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-  batch = synthetic_batch(cfg, args.batch, args.inputs, args.targets)
+  batch = run_batch(cfg, args)  # (packed rows: HF has no segment masks, sees whole rows)
   if cfg.arch == "encoder_decoder":
     feed = {"input_ids": torch.tensor(batch["encoder_input_tokens"], dtype=torch.long),
             "labels": torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)}
@@ -535,6 +611,11 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--inputs", type=int, default=512, help="encoder length (decoder: prefix)")
   parser.add_argument("--targets", type=int, default=128)
+  parser.add_argument("--pack", type=int, default=0,
+                      help="rows of this many examples of random lengths, packed as T5X packs "
+                           "pretraining data (segment ids; model FLOPs count each example's "
+                           "own attention); HF, which has no segment masks, gets the same tokens "
+                           "as whole rows")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--microbatches", type=int, default=1)
@@ -575,6 +656,10 @@ def main(argv=None):
     trainer.check_compiler_options(args.train.compiler_options)
   except ValueError as e:
     parser.error(str(e))
+  rows = [args.inputs, args.targets] if cfg.arch == "encoder_decoder" else [args.inputs + args.targets]
+  if args.pack < 0 or args.pack > min(rows):
+    parser.error(f"--pack {args.pack}: rows of {' and '.join(map(str, rows))} tokens hold 1 to "
+                 f"{min(rows)} examples")
   if args.aot:
     from t5lite import gpu_aot
     try:
@@ -613,7 +698,7 @@ def main(argv=None):
   if args.vs_hf:
     makers += [lambda mode=mode: hf_runner(cfg, args, compiled=mode == "compiled")
                for mode in args.hf_modes.split(",")]
-  flops = model_flops_per_step(cfg, args.batch, args.inputs, args.targets)
+  flops = step_flops(cfg, args)
   if on_gpu:
     rows = time_one_at_a_time(makers, args, flops)
   else:       # in alternating rounds: CPU speed drifts with clocks and neighbours
@@ -628,7 +713,7 @@ def main(argv=None):
     for r in rows:
       r["vs_t5lite"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
   result = {**run_facts(cfg, args, bindings), "batch": args.batch,
-            "inputs": args.inputs, "targets": args.targets, "dtype": cfg.dtype,
+            "inputs": args.inputs, "targets": args.targets, "pack": args.pack, "dtype": cfg.dtype,
             "peak_tflops": peak, "peak_tflops_before_after": peaks,
             "host_malloc": host_malloc.active_allocator(os.environ),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
@@ -639,7 +724,8 @@ def main(argv=None):
                                                  **result["optimizer"], **result["train"]}.items())
   print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({'bf16' if on_gpu else 'fp32'} matmul); "
         f"{' '.join(args.gin_file + bindings)} ({settings}) batch {args.batch} x "
-        f"({args.inputs}+{args.targets}); model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "
+        f"({args.inputs}+{args.targets}){f', {args.pack} examples a row' if args.pack > 1 else ''}"
+        f"; model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "
         f"host malloc {result['host_malloc']}")
   print(head)
   for r in rows:

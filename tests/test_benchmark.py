@@ -68,3 +68,61 @@ def test_compile_vs_depth_scanned_and_unrolled(tmp_path):
       (1, True), (1, False), (3, True), (3, False)]
   assert all(row["lower_s"] > 0 and row["compile_s"] > 0 for row in rows)
   assert "unrolled" in r.stdout
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only", "prefix_lm"])
+def test_packed_synthetic_batches_and_their_model_flops(arch):
+  """--pack's rows hold that many examples as the data pipeline packs them (segment ids from 1,
+  positions restarting, decoder inputs shifted inside each example, a prefix LM's prefix at the
+  start of each), and the model FLOPs count each example's own attention: `attention_pairs`
+  equals a count of the same-segment (query, key) pairs."""
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import benchmark  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(arch=arch)
+  batch = benchmark.synthetic_batch(cfg, 4, 24, 16, pack=3)
+  unpacked = benchmark.synthetic_batch(cfg, 4, 24, 16)
+  assert set(unpacked) < set(batch)
+  names = ("decoder", "encoder") if arch == "encoder_decoder" else ("decoder",)
+  for name in names:
+    seg, pos = batch[f"{name}_segment_ids"], batch[f"{name}_positions"]
+    for row_seg, row_pos in zip(seg, pos):
+      assert list(np.unique(row_seg)) == [1, 2, 3]
+      starts = np.flatnonzero(np.diff(row_seg, prepend=0))
+      assert np.all(row_pos[starts] == 0) and np.all(np.diff(row_pos)[np.diff(row_seg) == 0] == 1)
+  starts = batch["decoder_positions"] == 0
+  assert np.all(batch["decoder_input_tokens"][starts] == 0)
+  assert np.all(batch["decoder_input_tokens"][:, 1:][~starts[:, 1:]]
+                == batch["decoder_target_tokens"][:, :-1][~starts[:, 1:]])
+  if arch == "prefix_lm":  # each example: its prefix first, the loss on the rest
+    prefix = batch["decoder_causal_attention"].astype(bool)
+    assert np.all(prefix[starts]) and np.all(batch["decoder_loss_weights"] == ~prefix)
+
+  def same_segment(q, k):
+    return sum(int(((a[:, None] == b[None, :]) & (a[:, None] > 0)).sum()) for a, b in zip(q, k))
+
+  pairs = benchmark.attention_pairs(batch)
+  dec = batch["decoder_segment_ids"]
+  assert pairs["decoder"] == same_segment(dec, dec)
+  if arch == "encoder_decoder":
+    enc = batch["encoder_segment_ids"]
+    assert pairs["encoder"] == same_segment(enc, enc) and pairs["cross"] == same_segment(dec, enc)
+  packed = benchmark.model_flops_per_step(cfg, 4, 24, 16, pairs)
+  assert packed < benchmark.model_flops_per_step(cfg, 4, 24, 16)
+
+
+def test_benchmark_times_packed_rows(tmp_path):
+  """--pack times the step on packed rows (here a prefix LM's, through the CPU kernel where it
+  builds) and says so in the report."""
+  out = tmp_path / "p.json"
+  r = run_cli(["scripts/benchmark.py", "--gin_file=models/prefix_lm_tiny.gin",
+               "--gin_file=runs/cpu.gin", "--batch=2", "--inputs=24", "--targets=16",
+               "--steps=1", "--warmup=1", "--pack=3", f"--json={out}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["pack"] == 3 and result["results"][0]["tokens_per_s"] > 0
+  assert "3 examples a row" in r.stdout
+  bad = run_cli(["scripts/benchmark.py", "--gin_file=models/prefix_lm_tiny.gin", "--batch=2",
+                 "--inputs=2", "--targets=1", "--pack=4"])
+  assert bad.returncode == 2 and "hold 1 to 3 examples" in bad.stderr
