@@ -174,9 +174,12 @@ def _batch_shapes(cfg, batch, inputs, targets):
             "decoder_target_tokens": ((batch, targets), np.int32),
             "decoder_loss_weights": ((batch, targets), np.float32)}
   length = inputs + targets
-  return {"decoder_input_tokens": ((batch, length), np.int32),
-          "decoder_target_tokens": ((batch, length), np.int32),
-          "decoder_loss_weights": ((batch, length), np.float32)}
+  shapes = {"decoder_input_tokens": ((batch, length), np.int32),
+            "decoder_target_tokens": ((batch, length), np.int32),
+            "decoder_loss_weights": ((batch, length), np.float32)}
+  if cfg.arch == "prefix_lm":  # its rows' prefix flags: the mask training builds from them
+    shapes["decoder_causal_attention"] = ((batch, length), np.int32)
+  return shapes
 
 
 def peak_bytes(compiled) -> int:

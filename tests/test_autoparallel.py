@@ -105,3 +105,19 @@ def test_planner_prices_pipelined_candidates(tmp_path):
   assert any("(2,2,1,1)" in l for l in rows) and any("(1,4,1,1)" in l for l in rows), r.stdout
   assert "error" not in r.stdout.split("est step s")[1]
   assert "MeshConfig.stage" in out.read_text()
+
+
+def test_planner_compiles_a_prefix_lms_step_with_its_prefix():
+  """A prefix LM is priced with its rows' prefix flags, so the program planned is the one that
+  trains: its attention sees the prefix (here through the CPU kernel, where it builds: the
+  prefix reaches it), not a plain causal mask."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from t5lite import optimizers  # pylint: disable=import-outside-toplevel
+  from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(arch="prefix_lm", head_dim=16, attention_impl="cpu_kernel")
+  cand = autoparallel.Candidate(1, 1, 1, "data_parallel", "none", 1)
+  compiled, (_, _, batch, _) = autoparallel._compile(  # pylint: disable=protected-access
+      cfg, cand, 2, 24, 16, jax.devices()[:1], optimizers.OptimizerConfig("adamw"))
+  assert batch["decoder_causal_attention"].shape == (2, 40)
+  if cpu_attention.available():
+    assert "has_prefix = true" in compiled.as_text()
