@@ -10,6 +10,7 @@ import pytest
 
 from conftest import run_cli, tiny_config
 from t5lite import decoding, gpu_aot
+from t5lite.kernels import cpu_attention
 from t5lite.models.model import Model
 
 ARCHS = [dict(arch="encoder_decoder"), dict(arch="encoder_decoder", position_encoding="rope"),
@@ -71,6 +72,30 @@ def test_cached_greedy_equals_recompute(variant):
   batch = _inputs(cfg)
   cached = model.predict_batch(params, batch, max_decode_len=STEPS, eos_id=-1)
   np.testing.assert_array_equal(np.asarray(cached["tokens"]),
+                                _greedy_by_recompute(model, params, batch))
+
+
+@pytest.mark.parametrize("variant", [dict(arch="decoder_only", num_kv_heads=2),
+                                     dict(arch="prefix_lm", position_encoding="relative")],
+                         ids=_ids)
+def test_prompt_fill_runs_in_the_cpu_kernel(variant):
+  """A decoder's prompt fill reaches the CPU kernel (left padding as segment 0, a prefix LM's
+  prompt as its prefix) and decodes the tokens of 'chunked' attention over the dense mask."""
+  if not cpu_attention.available():
+    pytest.skip("no CPU attention kernel here")
+  tokens = {}
+  for impl in ("chunked", "cpu_kernel"):
+    cfg = tiny_config(head_dim=16, attention_impl=impl, **variant)
+    model = Model(cfg)
+    params = model.init(jax.random.key(1))
+    batch = _inputs(cfg)
+    decode = jax.jit(lambda p, b, m=model: m.predict_batch(p, b, max_decode_len=STEPS,
+                                                           eos_id=-1)["tokens"])
+    text = decode.lower(params, batch).as_text()
+    assert ("t5lite_cpu_attention_forward" in text) == (impl == "cpu_kernel")
+    tokens[impl] = np.asarray(decode(params, batch))
+  np.testing.assert_array_equal(tokens["cpu_kernel"], tokens["chunked"])
+  np.testing.assert_array_equal(tokens["cpu_kernel"],
                                 _greedy_by_recompute(model, params, batch))
 
 

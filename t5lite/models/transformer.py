@@ -465,6 +465,15 @@ class DecoderOnly(nnx.Module):
     if cfg.arch == "prefix_lm":
       allowed = allowed | ((slot_k[None, :] < prefix_slots) & (slot_q[:, None] < prefix_slots))
     mask = attn_lib.Mask(dense=(allowed[None] & key_valid[:, None, :])[:, None])
+    if isinstance(index, int) and index == 0 and q > 1:
+      # A prompt's fill: the same mask as segment ids too (the left padding is segment 0), so
+      # the CPU kernel takes it (with the prefix flags of a prefix LM), and causal for a causal
+      # decoder (cuDNN's causal mask type).
+      valid = key_valid.astype(jnp.int32)
+      prefix = None
+      if cfg.arch == "prefix_lm":
+        prefix = jnp.broadcast_to((slot_q < prefix_slots).astype(jnp.int32), (tokens.shape[0], q))
+      mask = mask._replace(causal=prefix is None, segments=(valid[:, :q], valid), prefix=prefix)
     x = self._embed(tokens, q_positions)
     x, cache = self.decoder.decode_step(x, cache, index, blocks=blocks, mask=mask,
                                         bias=self._bias(q_positions, k_positions),
