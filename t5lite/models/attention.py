@@ -31,7 +31,8 @@ class Mask(NamedTuple):
   from in `segments` (int [batch, q_len], [batch, k_len]), which the CPU kernel reads instead;
   a causal packed row sets `causal` too. A prefix LM's rows (`prefix_lm`) carry their `prefix`
   flags (int [batch, length]) besides, and leave `causal` off (a prefix token sees the later
-  prefix tokens). Masks of other shapes (decoding) are `dense` alone.
+  prefix tokens). Masks of other shapes (a decoding step's over its KV cache) are `dense` alone;
+  a prompt's fill carries segment ids too.
   """
   dense: Optional[jax.Array] = None
   causal: bool = False
@@ -307,7 +308,7 @@ def kernel_attention(q, k, v, mask: Mask, bias=None, *, scale: float):
   heads (`partitioning.per_shard`). Falls back to `chunked_attention` where the kernel does not
   apply: a program for more than one device outside activation rules (inside a pipeline stage,
   where XLA would gather the batch onto every device), a program traced for a GPU by
-  t5lite.gpu_aot, a dense mask without segment ids (decoding), not float32, head_dim not a
+  t5lite.gpu_aot, a dense mask without segment ids, not float32, head_dim not a
   multiple of 16, or no kernel (`cpu_attention.available()`: no C++ compiler, a CPU with neither
   AVX-512 nor AVX2, or switched off).
   """
