@@ -2,6 +2,7 @@
 
     python scripts/benchmark_suite.py --suite=cpu [--json=cpu.json] [--markdown=cpu.md]
     python scripts/benchmark_suite.py --suite=cpu-compiled              # HF torch.compile too
+    python scripts/benchmark_suite.py --suite=cpu-packed                # packed rows (--pack=4)
     python scripts/benchmark_suite.py --suite=gpu --cases=t5_1_1/base   # one case per call
     python scripts/benchmark_suite.py --suite=cpu-decode                # or gpu-decode
     python scripts/benchmark_suite.py --suite=gpu-levers                # or cpu-levers
@@ -60,6 +61,8 @@ class Case:
   decode_tokens: int = 0
   # gin bindings after the run config (a lever suite's variant), e.g. ("LossConfig.head_chunks=8",).
   bindings: Tuple[str, ...] = ()
+  # Examples per row (benchmark.py --pack): 0 for one example a row.
+  pack: int = 0
 
   @property
   def label(self) -> str:
@@ -84,7 +87,8 @@ class Case:
       return gin + (f"--batch={self.batch}", f"--inputs={self.inputs}",
                     f"--targets={self.targets}", f"--aot={aot}")
     args = gin + (f"--batch={self.batch}", f"--inputs={self.inputs}", f"--targets={self.targets}",
-                  f"--steps={self.steps}", f"--warmup={self.warmup}")
+                  f"--steps={self.steps}", f"--warmup={self.warmup}") + (
+                      (f"--pack={self.pack}",) if self.pack else ())
     return args + (("--vs-hf", f"--hf-modes={self.hf_modes}") if with_hf else ())
 
 
@@ -131,6 +135,11 @@ SUITES = {
     # The same against HF under torch.compile too (inductor's C++ kernels; each HF model takes
     # 30 s or more to compile): the CPU side of the GPU targets' comparison.
     "cpu-compiled": _cpu_cases("eager,compiled", "hf-compiled"),
+    # Packed rows (T5X's pretraining layout: --pack=4, 4 examples a row) against HF, which has
+    # no segment masks and sees the same tokens as whole rows.
+    "cpu-packed": tuple(Case(preset, "cpu", 8, 256, 64, steps=20, warmup=3,
+                             hf_modes="eager,compiled", min_vs_hf=("hf-eager", 1.0), pack=4)
+                        for preset in ("decoder/tiny", "t5_1_1/tiny", "prefix_lm_tiny")),
     # The speed issue's GPU targets, on one H100 (bf16).
     "gpu": (
         Case("t5_1_1/base", "gpu", 64, 512, 128, steps=10, warmup=3, hf_modes="eager,compiled",
@@ -324,7 +333,8 @@ def markdown(cases, results) -> str:
           f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}x") if best else (
               "failed | - | -" if case.hf_modes else "- | - | -")
     targets = _targets(case, result)
-    shape = f"{case.batch} x ({case.inputs}+{case.targets})"
+    shape = f"{case.batch} x ({case.inputs}+{case.targets})" + (
+        f", {case.pack} a row" if case.pack else "")
     lines.append(f"| {case.label} | {shape} | {ours['step_s'] * 1e3:,.1f} | "
                  f"{ours['tokens_per_s']:,.0f} | {ours['mfu']:.1%} | {ours['peak_mem_gb']:.1f} | "
                  f"{hf} | {targets} |")

@@ -45,6 +45,19 @@ def test_cpu_compiled_case_times_hf_under_torch_compile(tmp_path):
   assert "vs hf-compiled" in r.stdout
 
 
+def test_packed_suite_passes_its_rows_to_the_benchmark():
+  """cpu-packed's cases run benchmark.py with --pack, and the table says how many examples a
+  row holds."""
+  cases = benchmark_suite.SUITES["cpu-packed"]
+  assert [c.preset for c in cases] == ["decoder/tiny", "t5_1_1/tiny", "prefix_lm_tiny"]
+  assert all("--pack=4" in c.argv(with_hf=True) for c in cases)
+  assert "--pack" not in " ".join(benchmark_suite.SUITES["cpu"][0].argv(with_hf=True))
+  row = {"results": [{"impl": "t5lite", "step_s": 0.1, "tokens_per_s": 1.0, "mfu": 0.5,
+                      "peak_mem_gb": 0.1}], "command": "c", "hf_error": "", "device": "cpu",
+         "platform": "cpu", "peak_tflops": 0.2, "host_malloc": "jemalloc"}
+  assert "| decoder/tiny | 8 x (256+64), 4 a row |" in benchmark_suite.markdown(cases[:1], [row])
+
+
 def test_hf_failure_keeps_t5lite_numbers_and_says_why():
   case = benchmark_suite.Case("decoder/tiny", "cpu", 2, 8, 8, steps=1, warmup=1,
                               hf_modes="eager,bogus")
