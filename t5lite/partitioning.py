@@ -75,14 +75,17 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[Sequence] = None
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def _mesh_axes(entry) -> Tuple[str, ...]:
+  """A rule's target or a PartitionSpec entry (None, one mesh axis, or several) as a tuple."""
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def logical_to_spec(axes: Sequence[Optional[str]], rules) -> P:
   """PartitionSpec for logical `axes` under `rules`; a mesh axis is used at most once."""
   table = dict(rules)
   used, spec = set(), []
   for name in axes:
-    target = table.get(name)
-    targets = (target,) if isinstance(target, str) else tuple(target or ())
-    targets = tuple(t for t in targets if t not in used)
+    targets = tuple(t for t in _mesh_axes(table.get(name)) if t not in used)
     used.update(targets)
     spec.append(targets[0] if len(targets) == 1 else (targets or None))
   return P(*spec)
@@ -125,7 +128,7 @@ def _fits(spec: P, shape, mesh: Mesh) -> P:
   """Drops sharding on dimensions the mesh axes do not divide (tiny test models)."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = _mesh_axes(axes)
     size = math.prod(mesh.shape[n] for n in names)
     out.append(axes if names and dim % size == 0 else None)
   return P(*out)
@@ -240,17 +243,13 @@ def per_shard(fn, in_axes: Sequence[Sequence[Optional[str]]],
   mesh, rules = active
   table = dict(rules)
 
-  def mesh_axes(name):
-    target = table.get(name)
-    return (target,) if isinstance(target, str) else tuple(target or ())
-
   def splits(shapes, axes_list):
     """Per logical name, whether its mesh axes divide its every dimension."""
     ok = {}
     for shape, axes in zip(shapes, axes_list):
       for dim, name in zip(shape, axes):
         if name is not None:
-          size = math.prod(mesh.shape[a] for a in mesh_axes(name))
+          size = math.prod(mesh.shape[a] for a in _mesh_axes(table.get(name)))
           ok[name] = ok.get(name, True) and dim % size == 0
     return ok
 

@@ -91,15 +91,15 @@ def main(arch):
     # divide (so no head is split).
     presets.update(tensor_parallel=PRESETS["tensor_parallel"],
                    tensor_8=partitioning.MeshConfig(1, 1, 8, "tensor_parallel"))
+    lengths = (100, 40)
     if arch == "cpu_levers_t5":  # the relative position bias, shared by the batch rows
-      arch, lengths, extra = "encoder_decoder", (100, 40), dict(head_dim=16)
+      arch, extra = "encoder_decoder", {}
     else:
-      arch, lengths = "decoder_only", (100, 40)
-      extra = dict(tie_embeddings=True, head_dim=16)
-    extra.update(attention_impl="cpu_kernel", flat_weight_grads=True)
+      arch, extra = "decoder_only", dict(tie_embeddings=True)
+    extra.update(head_dim=16, attention_impl="cpu_kernel", flat_weight_grads=True)
   if arch == "head_chunks":  # decoder-only, the head and loss in 5 blocks over 24 positions
     arch, loss_cfg = "decoder_only", LossConfig(head_chunks=5)
-  extra = dict(dict(head_dim=8), **extra)
+  extra = {"head_dim": 8, **extra}
   cfg = tiny_config(arch=arch, d_model=64, num_heads=8, num_kv_heads=4 if arch != "encoder_decoder" else 0,
                     d_ff=128, vocab_size=256, **extra)
   out = {"devices": len(jax.devices()), "presets": {}}

@@ -63,13 +63,18 @@ def test_kernel_matches_jax_attention(case):
   # Both are within 3e-6 of a float64 reference (outputs of order 1).
   np.testing.assert_allclose(jax.jit(ours)(q, k, v, bias), jax.jit(ref)(q, k, v, bias),
                              atol=4e-6, rtol=2e-5)
-  weights = jax.random.normal(jax.random.key(9), q.shape)
-  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  grads = [jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a)) * weights), argnums))(
-      q, k, v, bias) for fn in (ours, ref)]
-  for got, want in zip(*grads):
+  for got, want in zip(*_gradients((ours, ref), q, k, v, bias)):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=5e-5)
+
+
+def _gradients(fns, q, k, v, bias):
+  """Per attention function of (q, k, v, bias): its gradients in q, k, v (and the bias, if
+  any) of sum(sin(out) * w) for fixed random weights w."""
+  weights = jax.random.normal(jax.random.key(9), q.shape)
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  return [jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a)) * weights), argnums))(
+      q, k, v, bias) for fn in fns]
 
 
 def _segments(b, length, runs):
@@ -122,10 +127,7 @@ def test_kernel_with_segment_ids_matches_jax_attention_with_their_mask(case):
   out = jax.jit(ours)(q, k, v, bias)
   assert np.all(np.asarray(out)[~sees] == 0)
   np.testing.assert_allclose(out, jax.jit(ref)(q, k, v, bias), atol=4e-6, rtol=2e-5)
-  weights = jax.random.normal(jax.random.key(9), q.shape)
-  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  grads = [jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a)) * weights), argnums))(
-      q, k, v, bias) for fn in (ours, ref)]
+  grads = _gradients((ours, ref), q, k, v, bias)
   for got, want in zip(*grads):
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, atol=5e-5)
@@ -187,11 +189,7 @@ def test_kernel_with_prefix_matches_jax_attention_with_the_prefix_lm_mask(case):
 
   np.testing.assert_allclose(jax.jit(ours)(q, k, v, bias), jax.jit(ref)(q, k, v, bias),
                              atol=4e-6, rtol=2e-5)
-  weights = jax.random.normal(jax.random.key(9), q.shape)
-  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  grads = [jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a)) * weights), argnums))(
-      q, k, v, bias) for fn in (ours, ref)]
-  for got, want in zip(*grads):
+  for got, want in zip(*_gradients((ours, ref), q, k, v, bias)):
     np.testing.assert_allclose(got, want, atol=5e-5)
 
 
