@@ -33,6 +33,9 @@ setup(
         "orjson>=3.9,<4",
         # t5lite.compilation_cache: JAX locks its cache directory with it when evicting.
         "filelock>=3.12,<5",
+        # t5lite.host_malloc: an allocator that keeps XLA:CPU's freed step buffer (Linux x86-64
+        # wheels only; elsewhere glibc's huge pages or a system jemalloc).
+        "cmeel-mimalloc>=3.4,<4; sys_platform == 'linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

@@ -5,12 +5,16 @@ step (decoder-125m at batch 8 x 320: one 4.45 GB buffer). glibc serves an alloca
 with a fresh mmap and unmaps it on free, so every step the kernel faults the whole buffer back
 in and zeroes it (`clear_page_erms` was 17% of all CPU samples in a decoder-125m run).
 
-Two remedies, picked by `T5LITE_HOST_MALLOC`:
+Three remedies, picked by `T5LITE_HOST_MALLOC`:
 
 * `jemalloc` (taken by `auto`, the default, when a system libjemalloc is installed, e.g. Debian's
   `libjemalloc2`): preload jemalloc with `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`, so
   freed pages are kept and the next step reuses them without faulting or zeroing. Resident
   memory stays at the step's peak instead of falling back between steps.
+* `mimalloc` (what `auto` takes next): preload the libmimalloc of the `cmeel-mimalloc` wheel (a
+  t5lite dependency on x86-64 Linux, so `pip install` brings it) with `MIMALLOC_OPTIONS`:
+  allocations of any size from its arenas (by default it maps those over 2 GiB on their own and
+  unmaps them on free) and freed arena pages never purged. The same reuse as jemalloc's.
 * `hugepages` (what `auto` falls back to): glibc with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`,
   which advises those mappings as transparent huge pages (the kernel's default THP mode,
   "madvise", honours it): 2 MB faults, 512 times fewer, but still zeroed every step, and memory
@@ -24,11 +28,15 @@ Measured on 2 cores (fp32, b8 x (256+64), runs/cpu.gin):
   hugepages -> jemalloc (median of 30 steps, two processes each, alternated): decoder-tiny
     82-99 -> 72 ms, T5-tiny 197 -> 191 ms; decoder-125m 11.3-11.9 -> 9.9 s, with kernel time
     per step 2.3 s -> 0.02 s and resident memory 2.4 -> 7.4 GB between steps.
+  hugepages / mimalloc / jemalloc (twenty-eighth session, Intel Xeon, one process each,
+    alternated, two rounds): decoder-125m 10.45 / 7.38 / 7.84 s and 10.41 / 8.76 / 8.95 s a step
+    (median of 4), peak resident 5.5 / 6.1 / 9.4 GB; decoder-tiny (median of 30) 78 / 69 / 58 and
+    73 / 61 / 58 ms, then within this shared machine's noise (62-100 ms for each).
   Not kept: glibc with `mmap_max=0` + `arena_max=1` + a high `trim_threshold` (serve the buffer
   from a never-trimmed heap). Consecutive steps' buffers overlap briefly and small allocations
   split the freed one, so the heap grew by one temp buffer a step until the OOM killer stopped
-  a run (24 GB). mimalloc (from PyPI) returns allocations this large to the kernel whatever its
-  options. jemalloc itself is not on PyPI, so it cannot be a dependency.
+  a run (24 GB). mimalloc with its default options unmaps allocations over 2 GiB on free (a
+  decoder-125m step buffer). jemalloc itself is not on PyPI.
 
 The loader reads `LD_PRELOAD` and glibc reads its tunables only when a process starts, so the
 step-heavy entry points (`t5lite.train`, `t5lite.eval`, `scripts/benchmark.py`) call
@@ -39,13 +47,18 @@ In a notebook, export the variables before the kernel starts.
 """
 
 import ctypes.util
+import importlib.metadata
 import os
 import sys
 
 MODE_VAR = "T5LITE_HOST_MALLOC"
-MODES = ("auto", "jemalloc", "hugepages", "system")
+MODES = ("auto", "jemalloc", "mimalloc", "hugepages", "system")
 TUNABLE = "glibc.malloc.hugetlb=1"
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# mimalloc 3: serve allocations of any size from its arenas (by default those over 2 GiB get
+# their own mapping, unmapped on free) and never purge freed arena pages.
+MIMALLOC_OPTIONS = {"MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB", "MIMALLOC_PURGE_DELAY": "-1"}
+MIMALLOC_DISTRIBUTION = "cmeel-mimalloc"
 
 
 def is_glibc() -> bool:
@@ -61,6 +74,21 @@ def find_jemalloc():
   return ctypes.util.find_library("jemalloc")
 
 
+def find_mimalloc():
+  """The path of the libmimalloc the `cmeel-mimalloc` wheel installed (a t5lite dependency on
+  x86-64 Linux), or None."""
+  try:
+    files = importlib.metadata.distribution(MIMALLOC_DISTRIBUTION).files or ()
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for file in files:
+    if file.name == "libmimalloc.so":
+      path = str(file.locate())
+      if os.path.isfile(path):
+        return path
+  return None
+
+
 def _mode(environ) -> str:
   mode = environ.get(MODE_VAR, "") or "auto"
   if mode not in MODES:
@@ -73,11 +101,15 @@ def _tunables(environ) -> list:
 
 
 def active_allocator(environ) -> str:
-  """What `environ` sets up: 'jemalloc', 'hugepages', another preloaded '*malloc*', or 'system'."""
+  """What `environ` sets up: 'jemalloc', 'mimalloc', 'hugepages', another preloaded '*malloc*',
+  or 'system'."""
   for lib in filter(None, environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")):
     name = os.path.basename(lib)
+    for known in ("jemalloc", "mimalloc"):
+      if known in name:
+        return known
     if "malloc" in name:
-      return "jemalloc" if "jemalloc" in name else name
+      return name
   return "hugepages" if TUNABLE in _tunables(environ) else "system"
 
 
@@ -87,7 +119,8 @@ def _user_chose(environ) -> bool:
           or any(t.split("=")[0] == "glibc.malloc.hugetlb" for t in _tunables(environ)))
 
 
-def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None):
+def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None,
+                  find_mimalloc=lambda: None):
   """`environ` set up for the allocator `T5LITE_HOST_MALLOC` picks, or None to change nothing.
 
   Args:
@@ -96,30 +129,50 @@ def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None):
     find_jemalloc: returns a libjemalloc `LD_PRELOAD` can load, or None (entry points pass
       this module's `find_jemalloc`; the default finds none). Called only where the mode could
       take jemalloc, as the search may run ldconfig.
+    find_mimalloc: the same for libmimalloc (entry points pass `find_mimalloc`). Called only
+      where the mode could take mimalloc.
 
-  Returns None for `system`, where the environment already preloads an allocator or sets the
+  `auto` takes a system jemalloc, else the mimalloc wheel, else glibc's huge pages. Returns None
+  for `system`, where the environment already preloads an allocator or sets the
   `glibc.malloc.hugetlb` tunable (the user's choice wins, and a re-executed process does not
-  re-execute again), and for `hugepages` (or `auto` without jemalloc) off glibc. Other entries of
-  `LD_PRELOAD` and `GLIBC_TUNABLES` are kept; a `MALLOC_CONF` already set is kept.
+  re-execute again), and for `hugepages` (or `auto` without either allocator) off glibc. Other
+  entries of `LD_PRELOAD` and `GLIBC_TUNABLES` are kept, and so are allocator options already
+  set (`MALLOC_CONF`, each `MIMALLOC_*` option).
 
   Raises:
-    ValueError: for an unknown mode, or `jemalloc` asked for but not installed.
+    ValueError: for an unknown mode, or `jemalloc` / `mimalloc` asked for but not installed.
   """
   mode = _mode(environ)
   if mode == "system" or _user_chose(environ):
     return None
-  jemalloc = find_jemalloc() if mode in ("auto", "jemalloc") else None
-  if jemalloc:
-    preload = environ.get("LD_PRELOAD", "")
-    return dict(environ, LD_PRELOAD=f"{jemalloc}:{preload}" if preload else jemalloc,
-                MALLOC_CONF=environ.get("MALLOC_CONF") or JEMALLOC_CONF)
-  if mode == "jemalloc":
-    raise ValueError(f"{MODE_VAR}=jemalloc, but no libjemalloc is installed (Debian/Ubuntu: "
-                     f"apt install libjemalloc2); use {MODE_VAR}=auto to fall back to huge pages")
+  if mode in ("auto", "jemalloc"):
+    jemalloc = find_jemalloc()
+    if jemalloc:
+      return _preload(environ, jemalloc, {"MALLOC_CONF": JEMALLOC_CONF})
+    if mode == "jemalloc":
+      raise ValueError(f"{MODE_VAR}=jemalloc, but no libjemalloc is installed (Debian/Ubuntu: "
+                       f"apt install libjemalloc2); use {MODE_VAR}=auto to fall back")
+  if mode in ("auto", "mimalloc"):
+    mimalloc = find_mimalloc()
+    if mimalloc:
+      return _preload(environ, mimalloc, MIMALLOC_OPTIONS)
+    if mode == "mimalloc":
+      raise ValueError(f"{MODE_VAR}=mimalloc, but the {MIMALLOC_DISTRIBUTION} wheel is not "
+                       f"installed (pip install {MIMALLOC_DISTRIBUTION}); use {MODE_VAR}=auto "
+                       "to fall back")
   if not glibc:
     return None
   current = environ.get("GLIBC_TUNABLES", "")
   return dict(environ, GLIBC_TUNABLES=f"{current}:{TUNABLE}" if current else TUNABLE)
+
+
+def _preload(environ, library: str, options) -> dict:
+  """`environ` with `library` first in `LD_PRELOAD` and `options` where not set already."""
+  preload = environ.get("LD_PRELOAD", "")
+  tuned = dict(environ, LD_PRELOAD=f"{library}:{preload}" if preload else library)
+  for name, value in options.items():
+    tuned[name] = environ.get(name) or value
+  return tuned
 
 
 def reexec_with_tuned_malloc():
@@ -128,7 +181,8 @@ def reexec_with_tuned_malloc():
   Call it first thing in an entry point's `__main__` block. Returns (doing nothing) where
   `tuned_environ` says nothing should change, or when the program came from stdin.
   """
-  environ = tuned_environ(os.environ, glibc=is_glibc(), find_jemalloc=find_jemalloc)
+  environ = tuned_environ(os.environ, glibc=is_glibc(), find_jemalloc=find_jemalloc,
+                          find_mimalloc=find_mimalloc)
   argv = list(getattr(sys, "orig_argv", []))
   if environ is None or not argv or "-" in argv[1:2]:
     return

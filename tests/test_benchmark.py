@@ -37,7 +37,8 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   assert result["loss"]["head_chunks"] == 2 and "head_chunks=2" in r.stdout
   assert result["peak_tflops"] == max(result["peak_tflops_before_after"]) > 0
   if host_malloc.is_glibc():  # it re-executed itself under a tuned allocator (HF too)
-    assert result["host_malloc"] == ("jemalloc" if host_malloc.find_jemalloc() else "hugepages")
+    assert result["host_malloc"] == ("jemalloc" if host_malloc.find_jemalloc() else
+                                     "mimalloc" if host_malloc.find_mimalloc() else "hugepages")
 
 
 def test_gpu_order_times_hf_first_and_reports_t5lite_first():

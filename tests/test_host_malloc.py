@@ -45,9 +45,38 @@ def test_tuned_environ_prefers_jemalloc_where_installed_and_keeps_the_users_choi
   assert host_malloc.active_allocator(env) == "hugepages" and "LD_PRELOAD" not in env
   with pytest.raises(ValueError, match="apt install libjemalloc2"):
     host_malloc.tuned_environ({host_malloc.MODE_VAR: "jemalloc"}, find_jemalloc=lambda: None)
-  with pytest.raises(ValueError, match="expected one of auto, jemalloc, hugepages, system"):
+  with pytest.raises(ValueError, match="expected one of auto, jemalloc, mimalloc, hugepages, system"):
     host_malloc.tuned_environ({host_malloc.MODE_VAR: "tcmalloc"}, find_jemalloc=found)
   assert host_malloc.active_allocator({}) == "system"
+
+
+def test_tuned_environ_takes_the_mimalloc_wheel_where_no_jemalloc_is_installed():
+  lib = "/venv/site-packages/cmeel.prefix/lib/libmimalloc.so"
+  found = lambda: lib
+
+  def must_not_look():
+    raise AssertionError("an allocator searched for where the answer cannot matter")
+
+  env = host_malloc.tuned_environ({"PATH": "/bin"}, find_mimalloc=found)
+  assert env == {"PATH": "/bin", "LD_PRELOAD": lib, **host_malloc.MIMALLOC_OPTIONS}
+  assert host_malloc.active_allocator(env) == "mimalloc"
+  assert host_malloc.tuned_environ(env, find_jemalloc=must_not_look,
+                                   find_mimalloc=must_not_look) is None  # re-executed: stop
+  # A system jemalloc comes first; the mimalloc mode does not look for it.
+  jemalloc = host_malloc.tuned_environ({}, find_jemalloc=lambda: "libjemalloc.so.2",
+                                       find_mimalloc=must_not_look)
+  assert host_malloc.active_allocator(jemalloc) == "jemalloc"
+  env = host_malloc.tuned_environ({host_malloc.MODE_VAR: "mimalloc", "LD_PRELOAD": "libfoo.so",
+                                   "MIMALLOC_PURGE_DELAY": "100"},
+                                  find_jemalloc=must_not_look, find_mimalloc=found, glibc=False)
+  assert env["LD_PRELOAD"] == f"{lib}:libfoo.so" and env["MIMALLOC_PURGE_DELAY"] == "100"
+  assert env["MIMALLOC_ARENA_MAX_OBJECT_SIZE"] == "1TiB"
+  # The hugepages mode looks for neither; mimalloc without the wheel is an error.
+  env = host_malloc.tuned_environ({host_malloc.MODE_VAR: "hugepages"},
+                                  find_jemalloc=must_not_look, find_mimalloc=must_not_look)
+  assert host_malloc.active_allocator(env) == "hugepages"
+  with pytest.raises(ValueError, match="pip install cmeel-mimalloc"):
+    host_malloc.tuned_environ({host_malloc.MODE_VAR: "mimalloc"}, find_jemalloc=must_not_look)
 
 
 # Re-executes like an entry point, then runs a jitted function whose 64 MB intermediate
@@ -69,8 +98,9 @@ for _ in range(5):
   f(x).block_until_ready()
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
 with open("/proc/self/maps", encoding="utf-8") as m:
-  mapped = "libjemalloc" in m.read()
-print(json.dumps({"allocator": host_malloc.active_allocator(os.environ), "jemalloc_mapped": mapped,
+  maps = m.read()
+print(json.dumps({"allocator": host_malloc.active_allocator(os.environ),
+                  "mapped": [a for a in ("jemalloc", "mimalloc") if f"lib{a}" in maps],
                   "tunables": os.environ.get("GLIBC_TUNABLES", ""), "faults": faults}))
 """
 
@@ -83,7 +113,8 @@ def _thp_mode():
     return "never"
 
 
-_CLEAN = {"GLIBC_TUNABLES": "", "LD_PRELOAD": "", "MALLOC_CONF": "", host_malloc.MODE_VAR: ""}
+_CLEAN = {"GLIBC_TUNABLES": "", "LD_PRELOAD": "", "MALLOC_CONF": "", host_malloc.MODE_VAR: "",
+          **{name: "" for name in host_malloc.MIMALLOC_OPTIONS}}
 _PAGES = 65536 * 256 * 4 // 4096  # of the probe's temp buffer, in 4 KB pages
 
 
@@ -98,7 +129,7 @@ def _probe(**env):
 def test_reexec_with_hugepages_cuts_the_temp_buffers_faults_512_fold():
   tuned = _probe(**{host_malloc.MODE_VAR: "hugepages"})
   assert tuned["allocator"] == "hugepages" and tuned["tunables"] == host_malloc.TUNABLE
-  assert not tuned["jemalloc_mapped"]
+  assert not tuned["mapped"]
   assert tuned["faults"] < _PAGES / 8, tuned
   if _thp_mode() == "madvise":  # with THP "always" the stock allocator gets huge pages too
     stock = _probe(**{host_malloc.MODE_VAR: "system"})
@@ -107,12 +138,55 @@ def test_reexec_with_hugepages_cuts_the_temp_buffers_faults_512_fold():
 
 
 @pytest.mark.skipif(not host_malloc.is_glibc(), reason="needs glibc")
-def test_reexec_by_default_takes_jemalloc_where_installed_else_hugepages():
+def test_reexec_by_default_takes_jemalloc_else_the_mimalloc_wheel_else_hugepages():
+  expected = ("jemalloc" if host_malloc.find_jemalloc() else
+              "mimalloc" if host_malloc.find_mimalloc() else "hugepages")
   auto = _probe()
-  if host_malloc.find_jemalloc():
-    assert auto["allocator"] == "jemalloc" and auto["jemalloc_mapped"], auto
-    assert auto["faults"] < _PAGES / 64, auto  # freed pages are kept and reused: no faults
+  assert auto["allocator"] == expected, auto
+  if expected == "hugepages":
+    assert not auto["mapped"], auto
   else:
-    assert auto["allocator"] == "hugepages" and not auto["jemalloc_mapped"], auto
+    assert auto["mapped"] == [expected], auto
+    assert auto["faults"] < _PAGES / 64, auto  # freed pages are kept and reused: no faults
+  if not host_malloc.find_jemalloc():
     r = run_cli(["-c", _PROBE], env=dict(_CLEAN, **{host_malloc.MODE_VAR: "jemalloc"}))
     assert r.returncode != 0 and "apt install libjemalloc2" in r.stderr
+
+
+# Re-executes like an entry point, then allocates, touches and frees a buffer of 2.25 GiB (as
+# large as a bigger model's step buffer, above mimalloc's default 2 GiB limit for its arenas)
+# three times, and reports the minor page faults of the last two rounds.
+_BIG_PROBE = """
+import ctypes, json, os, resource
+from t5lite import host_malloc
+host_malloc.reexec_with_tuned_malloc()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+size = 9 * 2 ** 28
+for i in range(3):
+  if i == 1:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  buffer = libc.malloc(size)
+  assert buffer
+  libc.memset(buffer, 1, size)
+  libc.free(buffer)
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 2
+print(json.dumps({"allocator": host_malloc.active_allocator(os.environ), "faults": faults}))
+"""
+
+
+@pytest.mark.skipif(not host_malloc.find_mimalloc(), reason="needs the cmeel-mimalloc wheel")
+def test_mimalloc_keeps_a_freed_buffer_over_2_gib():
+  def probe(**env):
+    r = run_cli(["-c", _BIG_PROBE], env=dict(_CLEAN, **{host_malloc.MODE_VAR: "mimalloc"}, **env),
+                timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+  tuned = probe()
+  assert tuned["allocator"] == "mimalloc" and tuned["faults"] < 64, tuned
+  # mimalloc's own limit (kept: an option the user sets wins) maps and unmaps it every round.
+  stock = probe(MIMALLOC_ARENA_MAX_OBJECT_SIZE="2GiB")
+  assert stock["faults"] > 9 * 2 ** 28 / 2 ** 21 / 2, stock
