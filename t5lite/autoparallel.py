@@ -140,10 +140,10 @@ def _mesh_candidates(num_devices, batch, cfg, remats, microbatches, max_tensor, 
 
 
 def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, devices,
-             optimizer_cfg, loss_cfg=None, train_cfg=None):
+             optimizer_cfg, loss_cfg=None, train_cfg=None, packed: bool = False):
   """Lowers and compiles the sharded train step for abstract inputs, as `trainer.run` compiles
-  it (`train_cfg`'s donation and XLA options, the candidate's microbatches); returns the
-  executable."""
+  it (`train_cfg`'s donation and XLA options, the candidate's microbatches; `packed`: rows with
+  segment ids and positions); returns the executable."""
   import jax  # pylint: disable=import-outside-toplevel
   from t5lite import checkpoints, optimizers, partitioning, trainer  # pylint: disable=import-outside-toplevel
   from t5lite.models.model import LossConfig, Model  # pylint: disable=import-outside-toplevel
@@ -153,7 +153,7 @@ def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, 
   abstract, state_sh = trainer.state_shardings(model, opt, mesh, cand.rules)
   rep = state_sh["step"]
   batch_sh = partitioning.batch_sharding(mesh)
-  shapes = _batch_shapes(model_cfg, batch, inputs, targets)
+  shapes = _batch_shapes(model_cfg, batch, inputs, targets, packed)
   abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in
                     shapes.items()}
   abstract_state = checkpoints.abstract_with_shardings(abstract, state_sh)
@@ -166,19 +166,25 @@ def _compile(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, 
   return compiled, (step, abstract_state, abstract_batch, mesh)
 
 
-def _batch_shapes(cfg, batch, inputs, targets):
+def _batch_shapes(cfg, batch, inputs, targets, packed: bool = False):
+  """The features of a training batch, {name: (shape, dtype)}, as the data pipeline's feature
+  converters make them: packed rows carry each stack's segment ids and positions (the attention
+  then masks by segment: a different program, on GPUs cuDNN with a mask bias)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  if cfg.arch == "encoder_decoder":
-    return {"encoder_input_tokens": ((batch, inputs), np.int32),
-            "decoder_input_tokens": ((batch, targets), np.int32),
-            "decoder_target_tokens": ((batch, targets), np.int32),
-            "decoder_loss_weights": ((batch, targets), np.float32)}
-  length = inputs + targets
+  length = targets if cfg.arch == "encoder_decoder" else inputs + targets
   shapes = {"decoder_input_tokens": ((batch, length), np.int32),
             "decoder_target_tokens": ((batch, length), np.int32),
             "decoder_loss_weights": ((batch, length), np.float32)}
+  stacks = {"decoder": length}
+  if cfg.arch == "encoder_decoder":
+    shapes["encoder_input_tokens"] = ((batch, inputs), np.int32)
+    stacks["encoder"] = inputs
   if cfg.arch == "prefix_lm":  # its rows' prefix flags: the mask training builds from them
     shapes["decoder_causal_attention"] = ((batch, length), np.int32)
+  if packed:
+    for stack, n in stacks.items():
+      shapes[f"{stack}_segment_ids"] = ((batch, n), np.int32)
+      shapes[f"{stack}_positions"] = ((batch, n), np.int32)
   return shapes
 
 
@@ -191,21 +197,21 @@ def peak_bytes(compiled) -> int:
 
 
 def _compile_for_target(target: str, model_cfg, cand: Candidate, batch, inputs, targets,
-                        num_devices: int, optimizer_cfg, loss_cfg, train_cfg):
+                        num_devices: int, optimizer_cfg, loss_cfg, train_cfg, packed=False):
   """`_compile` for `num_devices` GPUs of `target` with XLA's GPU compiler (t5lite.gpu_aot)."""
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   with gpu_aot.tracing_for(target):
     return _compile(model_cfg, cand, batch, inputs, targets, gpu_aot.devices(target, num_devices),
-                    optimizer_cfg, loss_cfg, train_cfg)
+                    optimizer_cfg, loss_cfg, train_cfg, packed)
 
 
 def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, devices,
             hw: Hardware, optimizer_cfg, loss_cfg=None, train_cfg=None,
-            target: str = "") -> Estimate:
+            target: str = "", packed: bool = False) -> Estimate:
   """Compiles a candidate and prices it from the compiled program (see the module docstring).
   With a GPU `target` (e.g. "h100") the program is compiled for len(devices) such GPUs by XLA's
   GPU compiler (t5lite.gpu_aot), so memory, FLOPs and collectives are those of the GPU program;
-  `devices` then only count."""
+  `devices` then only count. `packed`: the batch's rows are packed (segment ids, positions)."""
   from t5lite import hlo_analysis  # pylint: disable=import-outside-toplevel
   est = Estimate(cand)
   cfg = dataclasses.replace(model_cfg, remat_policy=cand.remat)
@@ -213,17 +219,18 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
   try:
     if target:
       compiled, _ = _compile_for_target(target, cfg, cand, batch, inputs, targets, n,
-                                        optimizer_cfg, loss_cfg, train_cfg)
+                                        optimizer_cfg, loss_cfg, train_cfg, packed)
     else:
       compiled, _ = _compile(cfg, cand, batch, inputs, targets, devices, optimizer_cfg,
-                             loss_cfg, train_cfg)
+                             loss_cfg, train_cfg, packed)
     est.peak_gb = peak_bytes(compiled) / 2 ** 30
     if cand.stage > 1:
       # Memory above is the real pipelined program. Time: one stage's share of the unpipelined
       # plan on devices / stage devices, stretched by the GPipe bubble, plus activation
       # transfers between neighbouring stages (forward and backward, every tick).
       flat = analyze(model_cfg, dataclasses.replace(cand, stage=1), batch, inputs, targets,
-                     devices[: n // cand.stage], hw, optimizer_cfg, loss_cfg, train_cfg, target)
+                     devices[: n // cand.stage], hw, optimizer_cfg, loss_cfg, train_cfg, target,
+                     packed)
       if flat.error:
         raise RuntimeError(flat.error)
       s, mp = cand.stage, cand.pipeline_microbatches
@@ -256,23 +263,32 @@ def analyze(model_cfg, cand: Candidate, batch: int, inputs: int, targets: int, d
 
 
 def measure(model_cfg, est: Estimate, batch, inputs, targets, devices, optimizer_cfg,
-            loss_cfg=None, train_cfg=None, steps: int = 3) -> float:
-  """Runs a candidate for real and returns its median step time in seconds."""
+            loss_cfg=None, train_cfg=None, steps: int = 3, packed: bool = False) -> float:
+  """Runs a candidate for real and returns its median step time in seconds (random tokens; with
+  `packed`, the packed program on rows of one example each: the data's examples per row are
+  unknown here)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from t5lite import optimizers, trainer  # pylint: disable=import-outside-toplevel
   from t5lite.models.model import LossConfig, Model  # pylint: disable=import-outside-toplevel
   cfg = dataclasses.replace(model_cfg, remat_policy=est.candidate.remat)
   compiled, (_, abstract_state, abstract_batch, _) = _compile(
-      cfg, est.candidate, batch, inputs, targets, devices, optimizer_cfg, loss_cfg, train_cfg)
+      cfg, est.candidate, batch, inputs, targets, devices, optimizer_cfg, loss_cfg, train_cfg,
+      packed)
   model = Model(cfg, loss_cfg or LossConfig())
   opt = optimizers.make_optimizer(optimizer_cfg, 1e-4)
   state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
   state = jax.jit(functools.partial(trainer.init_state, model, opt),
                   out_shardings=state_sh)(jax.random.key(0))
   rng = np.random.default_rng(0)
-  feed = {k: jax.device_put(rng.integers(2, cfg.vocab_size, v.shape).astype(v.dtype)
-                            if v.dtype == np.int32 else np.ones(v.shape, v.dtype), v.sharding)
+  def value(name, shape, dtype):
+    if name.endswith("_segment_ids") or dtype != np.int32:
+      return np.ones(shape, dtype)
+    if name.endswith("_positions"):
+      return np.broadcast_to(np.arange(shape[1], dtype=dtype), shape)
+    return rng.integers(2, cfg.vocab_size, shape).astype(dtype)
+
+  feed = {k: jax.device_put(value(k, v.shape, v.dtype), v.sharding)
           for k, v in abstract_batch.items()}
   times = []
   for _ in range(steps + 1):
@@ -286,15 +302,16 @@ def measure(model_cfg, est: Estimate, batch, inputs, targets, devices, optimizer
 def _analyze_in_worker(args):
   """Process-pool entry: analyzes one candidate on this worker's own (fake) devices."""
   import jax  # pylint: disable=import-outside-toplevel
-  model_cfg, cand, batch, inputs, targets, num_devices, hw, *step_cfgs, target = args
+  model_cfg, cand, batch, inputs, targets, num_devices, hw, *step_cfgs, target, packed = args
   return analyze(model_cfg, cand, batch, inputs, targets, jax.devices()[:num_devices], hw,
-                 *step_cfgs, target=target)
+                 *step_cfgs, target=target, packed=packed)
 
 
 def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardware,
          optimizer_cfg=None, loss_cfg=None, train_cfg=None, remats=("none", "full"),
          microbatches=(1, 2), time_top: int = 0, rules: Sequence[str] = (), workers: int = 1,
-         stages: Sequence[int] = (1,), target: str = "", log=print) -> List[Estimate]:
+         stages: Sequence[int] = (1,), target: str = "", packed: bool = False,
+         log=print) -> List[Estimate]:
   """Ranks every candidate; feasible plans first, by estimated (or measured) step time.
 
   `target` (e.g. "h100"): plan for len(devices) GPUs of that kind from this host, GPU or not;
@@ -304,7 +321,8 @@ def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardw
   The step priced is the one training runs: `optimizer_cfg` (default Adafactor), `loss_cfg`
   (default `LossConfig()`; `head_chunks` changes its memory) and `train_cfg` (default
   `TrainConfig()`: the state donated, so the new state aliases the old; `compiler_options`) as
-  the experiment sets them; the candidate sets the microbatches.
+  the experiment sets them, on the batch layout its data has (`packed`: rows with segment ids
+  and positions, `DataConfig.pack`); the candidate sets the microbatches.
   """
   from t5lite import optimizers  # pylint: disable=import-outside-toplevel
   optimizer_cfg = optimizer_cfg or optimizers.OptimizerConfig("adafactor")
@@ -321,7 +339,7 @@ def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardw
     import concurrent.futures  # pylint: disable=import-outside-toplevel
     import multiprocessing  # pylint: disable=import-outside-toplevel
     jobs = [(model_cfg, c, batch, inputs, targets, len(devices), hw, optimizer_cfg, loss_cfg,
-             train_cfg, target) for c in cands]
+             train_cfg, target, packed) for c in cands]
     with concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn")) as pool:
       for i, est in enumerate(pool.map(_analyze_in_worker, jobs)):
@@ -330,13 +348,13 @@ def plan(model_cfg, *, batch: int, inputs: int, targets: int, devices, hw: Hardw
   for i, cand in enumerate(cands if workers <= 1 else []):
     t = time.perf_counter()
     results.append(analyze(model_cfg, cand, batch, inputs, targets, devices, hw, optimizer_cfg,
-                           loss_cfg, train_cfg, target))
+                           loss_cfg, train_cfg, target, packed))
     log(f"  [{i + 1}/{len(cands)}] {describe(cand)}: {time.perf_counter() - t:.1f}s")
   ranked = sorted(results, key=lambda e: (not e.fits, e.error != "", e.step_s))
   for est in ranked[:time_top]:
     if est.fits:
       est.measured_s = measure(model_cfg, est, batch, inputs, targets, devices, optimizer_cfg,
-                               loss_cfg, train_cfg)
+                               loss_cfg, train_cfg, packed=packed)
   if time_top:
     timed = sorted([e for e in ranked[:time_top] if e.measured_s is not None],
                    key=lambda e: e.measured_s)
@@ -397,6 +415,9 @@ def main(argv=None) -> int:
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--inputs", type=int, default=512)
   parser.add_argument("--targets", type=int, default=128)
+  parser.add_argument("--packed", action=argparse.BooleanOptionalAction, default=None,
+                      help="plan for packed rows (segment ids, positions); default: the gin "
+                           "config's DataConfig.pack, as training would load its data")
   parser.add_argument("--remats", default="none,full")
   parser.add_argument("--microbatches", default="1,2")
   parser.add_argument("--time_top", type=int, default=0)
@@ -428,9 +449,11 @@ def main(argv=None) -> int:
     if args.time_top:
       parser.error("--time_top runs plans; --target plans are compiled, not run")
   hw = Hardware(args.peak_tflops, memory_gb or 80.0, args.link_gbps)
+  packed = exp.data.pack if args.packed is None else args.packed
   where = f"{args.target} GPUs (XLA's GPU compiler on this host)" if args.target else "devices"
   print(f"planning {exp.model.arch} (d_model {exp.model.d_model}) batch {args.batch} x "
-        f"({args.inputs}+{args.targets}) on {len(devices)} {where} of {hw.memory_gb:.1f} GB, "
+        f"({args.inputs}+{args.targets}{', packed' if packed else ''}) on {len(devices)} {where} "
+        f"of {hw.memory_gb:.1f} GB, "
         f"{hw.peak_tflops} TFLOP/s, {hw.link_gbps} GB/s links", flush=True)
   ranked = plan(exp.model, batch=args.batch, inputs=args.inputs, targets=args.targets,
                 devices=devices, hw=hw, optimizer_cfg=exp.optimizer, loss_cfg=exp.loss,
@@ -439,7 +462,7 @@ def main(argv=None) -> int:
                 microbatches=tuple(int(m) for m in args.microbatches.split(",")),
                 time_top=args.time_top, rules=tuple(r for r in args.rules.split(",") if r),
                 workers=args.workers, stages=tuple(int(x) for x in args.stages.split(",")),
-                target=args.target, log=lambda s: print(s, flush=True))
+                target=args.target, packed=packed, log=lambda s: print(s, flush=True))
   print(table(ranked))
   best = ranked[0]
   if not best.fits:

@@ -48,7 +48,7 @@ def _autoplan(exp, run):
       hw=autoparallel.Hardware(memory_gb=memory_gb), optimizer_cfg=exp.optimizer,
       loss_cfg=exp.loss, train_cfg=exp.train,
       remats=(exp.model.remat_policy,), microbatches=(exp.train.microbatches,),
-      log=lambda s: None)
+      packed=exp.data.pack, log=lambda s: None)
   best = ranked[0]
   print(autoparallel.table(ranked[:5]), flush=True)
   if not best.fits:

@@ -78,6 +78,8 @@ def test_cli_with_parallel_workers_writes_a_plan(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "est step s" in r.stdout and "chose" in r.stdout
   assert "MeshConfig.rules" in out.read_text()
+  # The batch layout planned is the data's: DataConfig.pack (default True) unless told.
+  assert "batch 8 x (32+16, packed)" in r.stdout
 
 
 def test_candidates_include_pipeline_stages():
@@ -121,3 +123,38 @@ def test_planner_compiles_a_prefix_lms_step_with_its_prefix():
   assert batch["decoder_causal_attention"].shape == (2, 40)
   if cpu_attention.available():
     assert "has_prefix = true" in compiled.as_text()
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_planner_compiles_packed_rows_as_training_feeds_them(arch):
+  """DataConfig.pack (the default) feeds rows with segment ids and positions; the planner prices
+  that program (here through the CPU kernel, where it builds: the segment ids reach it), and
+  times it on rows of one example each."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from t5lite import optimizers  # pylint: disable=import-outside-toplevel
+  from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(arch=arch, head_dim=16, attention_impl="cpu_kernel")
+  cand = autoparallel.Candidate(1, 1, 1, "data_parallel", "none", 1)
+  stacks = ("encoder", "decoder") if arch == "encoder_decoder" else ("decoder",)
+  programs = {}
+  for packed in (False, True):
+    compiled, (_, _, batch, _) = autoparallel._compile(  # pylint: disable=protected-access
+        cfg, cand, 2, 24, 16, jax.devices()[:1], optimizers.OptimizerConfig("adamw"),
+        packed=packed)
+    fields = {f"{s}_{f}" for s in stacks for f in ("segment_ids", "positions")}
+    assert fields <= set(batch) if packed else not fields & set(batch), sorted(batch)
+    programs[packed] = compiled.as_text()
+  if arch == "encoder_decoder":
+    assert batch["encoder_segment_ids"].shape == (2, 24)
+    assert batch["decoder_positions"].shape == (2, 16)
+  else:
+    assert batch["decoder_segment_ids"].shape == (2, 40)
+  if cpu_attention.available():
+    assert "has_segments = true" in programs[True]
+    assert "has_segments = true" not in programs[False]
+  est = autoparallel.plan(cfg, batch=2, inputs=24, targets=16, devices=jax.devices()[:1],
+                          hw=autoparallel.Hardware(), optimizer_cfg=optimizers.OptimizerConfig(
+                              "adamw"), remats=("none",), microbatches=(1,), time_top=1,
+                          packed=True, log=lambda s: None)[0]
+  assert not est.error and np.isfinite(est.measured_s) and est.measured_s > 0
