@@ -179,10 +179,15 @@ def reexec_with_tuned_malloc():
   """Restarts this process's command line under `tuned_environ`, unless it is tuned already.
 
   Call it first thing in an entry point's `__main__` block. Returns (doing nothing) where
-  `tuned_environ` says nothing should change, or when the program came from stdin.
+  `tuned_environ` says nothing should change, or when the program came from stdin. Exits with
+  status 2 and the reason (no traceback) for a `T5LITE_HOST_MALLOC` it cannot honour.
   """
-  environ = tuned_environ(os.environ, glibc=is_glibc(), find_jemalloc=find_jemalloc,
-                          find_mimalloc=find_mimalloc)
+  try:
+    environ = tuned_environ(os.environ, glibc=is_glibc(), find_jemalloc=find_jemalloc,
+                            find_mimalloc=find_mimalloc)
+  except ValueError as e:
+    print(f"t5lite: {e}", file=sys.stderr)
+    sys.exit(2)
   argv = list(getattr(sys, "orig_argv", []))
   if environ is None or not argv or "-" in argv[1:2]:
     return
