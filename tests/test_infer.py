@@ -227,6 +227,7 @@ def test_task_mode_decodes_eval_split_and_reports_metrics(trained, tmp_path):
 
 def test_clean_data_perplexity_filter(trained, tmp_path):
   """scripts/clean_data.py drops text the checkpoint finds surprising, keeps corpus-like text."""
+  pytest.importorskip("datatrove")  # clean_data's pipelines (not on the GPU machines)
   import random
   from conftest import REPO
   from t5lite import serving
