@@ -14,7 +14,8 @@ Three remedies, picked by `T5LITE_HOST_MALLOC`:
 * `mimalloc` (what `auto` takes next): preload the libmimalloc of the `cmeel-mimalloc` wheel (a
   t5lite dependency on x86-64 Linux, so `pip install` brings it) with `MIMALLOC_OPTIONS`:
   allocations of any size from its arenas (by default it maps those over 2 GiB on their own and
-  unmaps them on free) and freed arena pages never purged. The same reuse as jemalloc's.
+  unmaps them on free), freed arena pages never purged, no transparent huge pages. The same
+  reuse as jemalloc's.
 * `hugepages` (what `auto` falls back to): glibc with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`,
   which advises those mappings as transparent huge pages (the kernel's default THP mode,
   "madvise", honours it): 2 MB faults, 512 times fewer, but still zeroed every step, and memory
@@ -32,6 +33,10 @@ Measured on 2 cores (fp32, b8 x (256+64), runs/cpu.gin):
     alternated, two rounds): decoder-125m 10.45 / 7.38 / 7.84 s and 10.41 / 8.76 / 8.95 s a step
     (median of 4), peak resident 5.5 / 6.1 / 9.4 GB; decoder-tiny (median of 30) 78 / 69 / 58 and
     73 / 61 / 58 ms, then within this shared machine's noise (62-100 ms for each).
+  mimalloc with / without transparent huge pages (decoder-125m, 6 steps in one process each):
+    first step 18.5 s with 15.2 s of kernel time (compaction for 3,604 huge-page faults) / 12.7 s
+    with 2.0 s (855,386 faults); then no faults and 0.02-0.04 s of kernel time a step either way,
+    steps 8.7-13.1 / 8.8-10.1 s.
   Not kept: glibc with `mmap_max=0` + `arena_max=1` + a high `trim_threshold` (serve the buffer
   from a never-trimmed heap). Consecutive steps' buffers overlap briefly and small allocations
   split the freed one, so the heap grew by one temp buffer a step until the OOM killer stopped
@@ -56,8 +61,10 @@ MODES = ("auto", "jemalloc", "mimalloc", "hugepages", "system")
 TUNABLE = "glibc.malloc.hugetlb=1"
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 # mimalloc 3: serve allocations of any size from its arenas (by default those over 2 GiB get
-# their own mapping, unmapped on free) and never purge freed arena pages.
-MIMALLOC_OPTIONS = {"MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB", "MIMALLOC_PURGE_DELAY": "-1"}
+# their own mapping, unmapped on free), never purge freed arena pages, and no transparent huge
+# pages (the kernel compacting memory for them cost decoder-125m's first step 15 s).
+MIMALLOC_OPTIONS = {"MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB", "MIMALLOC_PURGE_DELAY": "-1",
+                    "MIMALLOC_ALLOW_THP": "0"}
 MIMALLOC_DISTRIBUTION = "cmeel-mimalloc"
 
 
