@@ -15,8 +15,8 @@ On CPU, --vs-hf times the implementations in alternating rounds of consecutive s
 (HF first, its memory released before t5lite's step; JAX allocates on demand with --vs-hf).
 Like `t5lite.train`, it restarts itself under a host allocator that keeps XLA:CPU's temp buffer
 from being faulted in and zeroed every step (t5lite/host_malloc.py: jemalloc where installed,
-else the mimalloc wheel, else glibc huge pages; T5LITE_HOST_MALLOC=system opts out); HF runs in the same process, so it
-gets the same allocator.
+else the mimalloc wheel, else glibc huge pages; T5LITE_HOST_MALLOC=system opts out); HF runs in
+the same process, so it gets the same allocator.
 On CPU, torch flushes denormal floats to zero, as XLA:CPU does (see `torch_device`).
 --compile_depths=6,12,24 instead reports the train step's compile time at each depth, layers
 scanned and unrolled, from shapes alone (nothing allocated), so T5 v1.1 large is cheap to study.

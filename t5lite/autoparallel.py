@@ -281,6 +281,7 @@ def measure(model_cfg, est: Estimate, batch, inputs, targets, devices, optimizer
   state = jax.jit(functools.partial(trainer.init_state, model, opt),
                   out_shardings=state_sh)(jax.random.key(0))
   rng = np.random.default_rng(0)
+
   def value(name, shape, dtype):
     if name.endswith("_segment_ids") or dtype != np.int32:
       return np.ones(shape, dtype)
