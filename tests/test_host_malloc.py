@@ -20,12 +20,14 @@ def test_tuned_environ_adds_the_tunable_once_and_keeps_others():
   assert host_malloc.tuned_environ({}, glibc=False) is None
 
 
+def must_not_look():
+  """A find_jemalloc / find_mimalloc for calls where the answer cannot matter."""
+  raise AssertionError("an allocator searched for where the answer cannot matter")
+
+
 def test_tuned_environ_prefers_jemalloc_where_installed_and_keeps_the_users_choices():
   lib = "libjemalloc.so.2"
   found = lambda: lib
-
-  def must_not_look():
-    raise AssertionError("find_jemalloc called where the answer cannot matter")
 
   env = host_malloc.tuned_environ({"PATH": "/bin"}, find_jemalloc=found)
   assert env == {"PATH": "/bin", "LD_PRELOAD": lib, "MALLOC_CONF": host_malloc.JEMALLOC_CONF}
@@ -53,9 +55,6 @@ def test_tuned_environ_prefers_jemalloc_where_installed_and_keeps_the_users_choi
 def test_tuned_environ_takes_the_mimalloc_wheel_where_no_jemalloc_is_installed():
   lib = "/venv/site-packages/cmeel.prefix/lib/libmimalloc.so"
   found = lambda: lib
-
-  def must_not_look():
-    raise AssertionError("an allocator searched for where the answer cannot matter")
 
   env = host_malloc.tuned_environ({"PATH": "/bin"}, find_mimalloc=found)
   assert env == {"PATH": "/bin", "LD_PRELOAD": lib, **host_malloc.MIMALLOC_OPTIONS}
