@@ -15,7 +15,9 @@ Three remedies, picked by `T5LITE_HOST_MALLOC`:
   t5lite dependency on x86-64 Linux, so `pip install` brings it) with `MIMALLOC_OPTIONS`:
   allocations of any size from its arenas (by default it maps those over 2 GiB on their own and
   unmaps them on free), freed arena pages never purged, no transparent huge pages. The same
-  reuse as jemalloc's.
+  reuse as jemalloc's for large buffers (a decoder-125m step faults nothing); in about half of
+  the processes a 64 MB buffer still has ~13 MB of it faulted again each call
+  (tests/test_host_malloc.py).
 * `hugepages` (what `auto` falls back to): glibc with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`,
   which advises those mappings as transparent huge pages (the kernel's default THP mode,
   "madvise", honours it): 2 MB faults, 512 times fewer, but still zeroed every step, and memory
