@@ -15,8 +15,9 @@ On CPU, --vs-hf times the implementations in alternating rounds of consecutive s
 (HF first, its memory released before t5lite's step; JAX allocates on demand with --vs-hf).
 Like `t5lite.train`, it restarts itself under a host allocator that keeps XLA:CPU's temp buffer
 from being faulted in and zeroed every step (t5lite/host_malloc.py: jemalloc where installed,
-else the mimalloc wheel, else glibc huge pages; T5LITE_HOST_MALLOC=system opts out); HF runs in
-the same process, so it gets the same allocator.
+else the mimalloc wheel, else glibc huge pages; T5LITE_HOST_MALLOC=system opts out). On CPU,
+HF runs in a process of its own (`HFProcess`; --hf-in-process to share t5lite's), started from
+this one, so it gets the same allocator but its own heap.
 On CPU, torch flushes denormal floats to zero, as XLA:CPU does (see `torch_device`).
 --compile_depths=6,12,24 instead reports the train step's compile time at each depth, layers
 scanned and unrolled, from shapes alone (nothing allocated), so T5 v1.1 large is cheap to study.
@@ -43,10 +44,13 @@ import argparse
 import dataclasses
 import gc
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -391,12 +395,15 @@ def time_side_by_side(runners, args, flops: float):
   then steps/rounds timed ones, per runner and round; one round for a single runner). Rounds
   spread drift in the machine's speed (clocks, neighbours) over every implementation alike;
   runs of consecutive steps keep the caches and allocator state a real training loop has.
-  Median per runner."""
+  Median per runner. The first runner's row (t5lite's) also gets this process's minor page
+  faults and kernel time per step (medians; `getrusage`): XLA:CPU's step buffer faulted in
+  again every step shows there (what t5lite/host_malloc.py's allocator choice is about)."""
   for run, _ in runners:
     for _ in range(args.warmup):
       run()
   rounds = max(1, min(args.rounds, args.steps)) if len(runners) > 1 else 1
   times = [[] for _ in runners]
+  faults, kernel_s = [], []
   losses = [0.0] * len(runners)
   for r in range(rounds):
     per_round = args.steps // rounds + (r < args.steps % rounds)
@@ -404,9 +411,14 @@ def time_side_by_side(runners, args, flops: float):
       if r:
         run()
       for _ in range(per_round):
+        before = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         losses[i] = run()
         times[i].append(time.perf_counter() - t)
+        if i == 0:
+          after = resource.getrusage(resource.RUSAGE_SELF)
+          faults.append(after.ru_minflt - before.ru_minflt)
+          kernel_s.append(after.ru_stime - before.ru_stime)
   tokens = args.batch * (args.inputs + args.targets)
   rows = []
   for (_, facts), ts, loss in zip(runners, times, losses):
@@ -415,6 +427,8 @@ def time_side_by_side(runners, args, flops: float):
                  "model_flops_per_token": flops / tokens, "tflops": flops / step_s / 1e12,
                  "peak_mem_gb": facts["peak_mem_gb"](),
                  "compile_s": facts["compile_s"], "loss": loss})
+  rows[0].update(host_faults_per_step=statistics.median(faults),
+                 host_kernel_s_per_step=statistics.median(kernel_s))
   return rows
 
 
@@ -531,6 +545,87 @@ def hf_runner(cfg, args, compiled: bool):
                "peak_mem_gb": mem}
 
 
+class HFProcess:
+  """HF's side of a CPU comparison, in a Python process of its own (multiprocessing 'spawn').
+
+  Apart, each side keeps its own heap and threads, as in a user's run of either: in one
+  process, torch's allocations between t5lite's steps can take pages of the step buffer
+  XLA:CPU frees after each step, so that t5lite's next step faults a new one in (decoder-125m,
+  b8 x (256+64), mimalloc: 10.0-10.8 s a step beside HF against 8.05 s alone in the
+  twenty-eighth session; in the twenty-ninth, 0 faults a step either way).
+  `runner` and `generate` have `hf_runner`'s and `bench_hf_generate`'s signatures and results;
+  a runner's step is one round trip through a pipe (tens of microseconds) inside the time the
+  parent measures. A failure in the child raises RuntimeError here with its traceback."""
+
+  def __init__(self):
+    context = multiprocessing.get_context("spawn")  # no fork of a process running XLA's threads
+    self._conn, child_end = context.Pipe()
+    self._process = context.Process(target=_serve_hf, args=(child_end,), daemon=True)
+    self._process.start()
+    child_end.close()
+
+  def _call(self, request: str, *args):
+    try:
+      self._conn.send((request, args))
+      ok, value = self._conn.recv()
+    except (EOFError, OSError):  # the pipe closed or reset: the child is gone
+      self._process.join(5)
+      raise RuntimeError(f"the HF process exited (status {self._process.exitcode}) during "
+                         f"{request!r}") from None
+    if not ok:
+      raise RuntimeError(f"HF process, {request!r}:\n{value}")
+    return value
+
+  def runner(self, cfg, args, compiled: bool):
+    """`hf_runner` in the child: (one train step there, returning its loss; facts)."""
+    facts = self._call("runner", cfg, args, compiled)
+    impl = facts["impl"]
+    return (lambda: self._call("step", impl)), dict(
+        facts, peak_mem_gb=lambda: self._call("memory", impl))
+
+  def generate(self, cfg, args, batch: int, cache: str = "dynamic"):
+    """`bench_hf_generate` in the child."""
+    return self._call("generate", cfg, args, batch, cache)
+
+  def close(self):
+    """Stops the child (it also dies with this process: daemonic)."""
+    if self._process.is_alive():
+      try:
+        self._conn.send(("stop", ()))
+      except OSError:
+        pass
+      self._process.join(30)
+    if self._process.is_alive():
+      self._process.kill()
+    self._conn.close()
+
+
+def _serve_hf(conn):
+  """The child's loop: answers `HFProcess` requests with (True, result) or (False, traceback)."""
+  steps, memory = {}, {}
+  while True:
+    request, args = conn.recv()
+    if request == "stop":
+      return
+    try:
+      if request == "runner":
+        run, facts = hf_runner(*args)
+        steps[facts["impl"]], memory[facts["impl"]] = run, facts.pop("peak_mem_gb")
+        value = facts
+      elif request == "step":
+        value = steps[args[0]]()
+      elif request == "memory":
+        value = memory[args[0]]()
+      elif request == "generate":
+        value = bench_hf_generate(*args)
+      else:
+        raise ValueError(f"unknown request {request!r}")
+    except Exception:  # pylint: disable=broad-except
+      conn.send((False, traceback.format_exc()))
+    else:
+      conn.send((True, value))
+
+
 def bench_decode(cfg, args, batch: int):
   """Greedy KV-cache decode: `--inputs` prompt tokens, `--decode_tokens` new tokens (EOS off)."""
   from t5lite.models.model import Model
@@ -623,6 +718,8 @@ def main(argv=None):
                       help="CPU --vs-hf: alternate the implementations in this many rounds")
   parser.add_argument("--vs-hf", dest="vs_hf", action="store_true")
   parser.add_argument("--hf-modes", dest="hf_modes", default="eager,compiled")
+  parser.add_argument("--hf-in-process", dest="hf_in_process", action="store_true",
+                      help="CPU --vs-hf: run HF in this process, not in a child (HFProcess)")
   parser.add_argument("--json", default="")
   parser.add_argument("--decode_batches", default="", help="e.g. 1,32: also time decoding")
   parser.add_argument("--decode_tokens", type=int, default=128)
@@ -673,13 +770,27 @@ def main(argv=None):
   if args.aot:
     return report_aot(cfg, args, bindings)
   on_gpu = jax.devices()[0].platform == "gpu"
+  hf = HFProcess() if args.vs_hf and not on_gpu and not args.hf_in_process else None
+  try:
+    return run_benchmarks(cfg, args, bindings, on_gpu, hf)
+  finally:
+    if hf is not None:
+      hf.close()
+
+
+def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "HFProcess | None"):
+  """Decoding (--decode_batches) then the train step, printed and written (--json); HF's side
+  in `hf` where given, else in this process."""
+  generate = hf.generate if hf is not None else bench_hf_generate
+  runner = hf.runner if hf is not None else hf_runner
+  hf_facts = {"hf_process": "child" if hf is not None else "same"} if args.vs_hf else {}
   peaks = [measure_peak_tflops(on_gpu)]
   decode_rows = []
   for b in (int(b) for b in args.decode_batches.split(",") if b):
     ours = bench_decode(cfg, args, b)
     decode_rows.append(ours)
     for cache in args.hf_generate_caches.split(",") if args.vs_hf else ():
-      decode_rows.append(bench_hf_generate(cfg, args, b, cache))
+      decode_rows.append(generate(cfg, args, b, cache))
       release_torch_gpu_memory()
       decode_rows[-1]["vs_t5lite"] = ours["new_tokens_per_s"] / decode_rows[-1][
           "new_tokens_per_s"]
@@ -689,14 +800,14 @@ def main(argv=None):
           f"{args.decode_tokens} new tokens, {r['decode_s']:.2f}s per batch, compile "
           f"{r['compile_s']:.1f}s){ratio}")
   if args.no_train:
-    result = dict(run_facts(cfg, args, bindings), inputs=args.inputs,
+    result = dict(run_facts(cfg, args, bindings), **hf_facts, inputs=args.inputs,
                   decode_tokens=args.decode_tokens,
                   host_malloc=host_malloc.active_allocator(os.environ), decode=decode_rows)
     write_json(args.json, result)
     return result
   makers = [lambda: t5lite_runner(cfg, args)]
   if args.vs_hf:
-    makers += [lambda mode=mode: hf_runner(cfg, args, compiled=mode == "compiled")
+    makers += [lambda mode=mode: runner(cfg, args, compiled=mode == "compiled")
                for mode in args.hf_modes.split(",")]
   flops = step_flops(cfg, args)
   if on_gpu:
@@ -712,7 +823,7 @@ def main(argv=None):
   if args.vs_hf:
     for r in rows:
       r["vs_t5lite"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
-  result = {**run_facts(cfg, args, bindings), "batch": args.batch,
+  result = {**run_facts(cfg, args, bindings), **hf_facts, "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "pack": args.pack, "dtype": cfg.dtype,
             "peak_tflops": peak, "peak_tflops_before_after": peaks,
             "host_malloc": host_malloc.active_allocator(os.environ),
@@ -726,11 +837,15 @@ def main(argv=None):
         f"{' '.join(args.gin_file + bindings)} ({settings}) batch {args.batch} x "
         f"({args.inputs}+{args.targets}){f', {args.pack} examples a row' if args.pack > 1 else ''}"
         f"; model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "
-        f"host malloc {result['host_malloc']}")
+        f"host malloc {result['host_malloc']}"
+        f"{'; HF in its own process' if result.get('hf_process') == 'child' else ''}")
   print(head)
   for r in rows:
     print(f"{r['impl']:<12}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>12.0f}{r['tflops']:>9.2f}"
           f"{r['mfu'] * 100:>6.1f}%{r['peak_mem_gb']:>8.2f}{r['compile_s']:>10.1f}")
+  if not on_gpu:
+    print(f"t5lite's process a step: {rows[0]['host_faults_per_step']:,.0f} page faults, "
+          f"{rows[0]['host_kernel_s_per_step']:.2f} s in the kernel")
   if args.vs_hf:
     print("t5lite / HF tokens/s: " + ", ".join(
         f"{r['impl']} {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x" for r in rows[1:]))

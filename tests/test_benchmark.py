@@ -31,6 +31,9 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
       "t5lite-decode-b1", "hf-generate-b1", "hf-generate-static-b1"]
   assert all(row["vs_t5lite"] > 0 for row in result["decode"][1:])
   assert "t5lite / HF tokens/s" in r.stdout
+  assert result["hf_process"] == "child" and "HF in its own process" in r.stdout
+  assert t5["host_faults_per_step"] >= 0 and t5["host_kernel_s_per_step"] >= 0
+  assert "page faults" in r.stdout
   # The report says what was measured: the settings gin resolved, and the higher of two peaks.
   assert result["model"]["dtype"] == "float32" and result["model"]["scan_layers"] is True
   assert "dtype=float32" in r.stdout
@@ -127,3 +130,33 @@ def test_benchmark_times_packed_rows(tmp_path):
   bad = run_cli(["scripts/benchmark.py", "--gin_file=models/prefix_lm_tiny.gin", "--batch=2",
                  "--inputs=2", "--targets=1", "--pack=4"])
   assert bad.returncode == 2 and "hold 1 to 3 examples" in bad.stderr
+
+
+def test_hf_process_runs_hf_apart_and_reports_its_failures():
+  """On CPU, --vs-hf runs HF in a child process (so torch's allocations do not take the pages
+  XLA:CPU frees between t5lite's steps): its train steps and `generate` answer through the
+  pipe from another process, and a failure there arrives here as RuntimeError with the child's
+  traceback; a child that dies is reported too, not waited on."""
+  pytest.importorskip("transformers")
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import benchmark  # pylint: disable=import-outside-toplevel
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(arch="decoder_only")
+  args = argparse.Namespace(batch=2, inputs=8, targets=4, pack=0, decode_tokens=3)
+  hf = benchmark.HFProcess()
+  try:
+    run, facts = hf.runner(cfg, args, compiled=False)
+    assert facts["impl"] == "hf-eager" and facts["compile_s"] > 0
+    losses = [run(), run()]
+    assert all(isinstance(x, float) and 0 < x < 20 for x in losses) and losses[1] < losses[0]
+    assert facts["peak_mem_gb"]() != facts["peak_mem_gb"]()  # NaN: no device memory on CPU
+    row = hf.generate(cfg, args, 2)
+    assert row["impl"] == "hf-generate-b2" and row["new_tokens_per_s"] > 0
+    with pytest.raises(RuntimeError, match="KeyError: 'hf-compiled'"):
+      hf._call("step", "hf-compiled")  # pylint: disable=protected-access
+    assert run() > 0  # the child carries on after a failed request
+    hf._process.kill()  # pylint: disable=protected-access
+    with pytest.raises(RuntimeError, match="HF process exited"):
+      run()
+  finally:
+    hf.close()
