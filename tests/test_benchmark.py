@@ -140,12 +140,13 @@ def test_hf_process_runs_hf_apart_and_reports_its_failures():
   pytest.importorskip("transformers")
   sys.path.insert(0, os.path.join(REPO, "scripts"))
   import benchmark  # pylint: disable=import-outside-toplevel
+  import hf_reference  # pylint: disable=import-outside-toplevel
   from conftest import tiny_config  # pylint: disable=import-outside-toplevel
   cfg = tiny_config(arch="decoder_only")
-  args = argparse.Namespace(batch=2, inputs=8, targets=4, pack=0, decode_tokens=3)
-  hf = benchmark.HFProcess()
+  args = argparse.Namespace(inputs=8, decode_tokens=3)
+  hf = hf_reference.HFProcess()
   try:
-    run, facts = hf.runner(cfg, args, compiled=False)
+    run, facts = hf.runner(cfg, benchmark.synthetic_batch(cfg, 2, 8, 4), compiled=False)
     assert facts["impl"] == "hf-eager" and facts["compile_s"] > 0
     losses = [run(), run()]
     assert all(isinstance(x, float) and 0 < x < 20 for x in losses) and losses[1] < losses[0]
