@@ -5,8 +5,8 @@
 
 Synthetic batches, no TensorFlow. Reports the median step time after warm-up (device
 synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a matmul peak
-measured on the same device (bf16 on GPU, fp32 on CPU; before and after the steps, the higher
-counts), peak device memory and compile time. The header echoes the settings that decide
+measured on the same device (bf16 on GPU; on CPU in the model's dtype, fp32 or bf16 with an
+fp32 output; before and after the steps, the higher counts), peak device memory and compile time. The header echoes the settings that decide
 speed (dtypes, scanned layers, remat, attention, flat weight grads, the loss's head chunks,
 master weights): gin's last binding wins, so list runs/cpu.gin or runs/gpu.gin after the model
 preset.
@@ -177,16 +177,21 @@ def synthetic_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0, p
 # The model settings that decide speed, echoed in the report: gin's last binding wins, so a
 # preset listed after runs/cpu.gin would silently undo it.
 SETTINGS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-            "flat_weight_grads")
+            "flat_weight_grads", "float32_dot_outputs")
 
 
-def measure_peak_tflops(on_gpu: bool) -> float:
-  """Matmul peak on this device: bf16 8192^3 on GPU, fp32 2048^3 on CPU (random data; the
-  fastest of repeated timings after the clocks have ramped up, as a peak is a best case)."""
-  n, dtype = (8192, jnp.bfloat16) if on_gpu else (2048, jnp.float32)
+def measure_peak_tflops(on_gpu: bool, bf16: bool = False) -> float:
+  """Matmul peak on this device: bf16 8192^3 on GPU, 2048^3 on CPU, fp32 or (`bf16`: the
+  model computes in bf16) bf16 operands with an fp32 output, the form XLA:CPU runs on AMX where
+  the CPU has it (random data; the fastest of repeated timings after the clocks have ramped
+  up, as a peak is a best case)."""
+  n, dtype = (8192, jnp.bfloat16) if on_gpu else (2048, jnp.bfloat16 if bf16 else jnp.float32)
   a = jax.random.normal(jax.random.key(1), (n, n), dtype)
   b = jax.random.normal(jax.random.key(2), (n, n), dtype)
-  f = jax.jit(lambda x, y: x @ y)
+  if on_gpu or not bf16:
+    f = jax.jit(lambda x, y: x @ y)
+  else:
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   for _ in range(20 if on_gpu else 2):
     f(a, b).block_until_ready()
   times = []
@@ -600,7 +605,8 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
   generate = hf.generate if hf is not None else hf_reference.bench_hf_generate
   runner = hf.runner if hf is not None else hf_reference.hf_runner
   hf_facts = {"hf_process": "child" if hf is not None else "same"} if args.vs_hf else {}
-  peaks = [measure_peak_tflops(on_gpu)]
+  bf16 = cfg.dtype == "bfloat16"
+  peaks = [measure_peak_tflops(on_gpu, bf16)]
   decode_rows = []
   for b in (int(b) for b in args.decode_batches.split(",") if b):
     ours = bench_decode(cfg, args, b)
@@ -632,7 +638,7 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
     rows = time_side_by_side([make() for make in makers], args, flops)
   # The peak again after the steps, and the higher one counts: a peak measured while the
   # machine was slowed for a moment would inflate MFU (on a busy CPU, past 100%).
-  peaks.append(measure_peak_tflops(on_gpu))
+  peaks.append(measure_peak_tflops(on_gpu, bf16))
   peak = max(peaks)
   for r in rows:
     r["mfu"] = r["tflops"] / peak
@@ -642,6 +648,7 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
   result = {**run_facts(cfg, args, bindings), **hf_facts, "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "pack": args.pack, "dtype": cfg.dtype,
             "peak_tflops": peak, "peak_tflops_before_after": peaks,
+            "peak_dtype": "bf16" if on_gpu or bf16 else "fp32",
             "host_malloc": host_malloc.active_allocator(os.environ),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "malloc_conf": os.environ.get("MALLOC_CONF", ""),
@@ -649,7 +656,8 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
   head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
   settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
                                                  **result["optimizer"], **result["train"]}.items())
-  print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({'bf16' if on_gpu else 'fp32'} matmul); "
+  print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({'bf16' if on_gpu or bf16 else 'fp32'} "
+        f"matmul); "
         f"{' '.join(args.gin_file + bindings)} ({settings}) batch {args.batch} x "
         f"({args.inputs}+{args.targets}){f', {args.pack} examples a row' if args.pack > 1 else ''}"
         f"; model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "

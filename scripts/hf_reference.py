@@ -82,7 +82,7 @@ def bench_hf_generate(cfg, args, batch: int, cache: str = "dynamic"):
 
 def hf_runner(cfg, batch, compiled: bool):
   """(one synchronized train step, facts) for the same shapes in HF transformers (T5 v1.1 /
-  LLaMA), AdamW, bf16 autocast on GPU, on `batch` (the benchmark's synthetic batch: packed rows
+  LLaMA), AdamW, bf16 autocast on GPU and where t5lite computes in bf16, on `batch` (the benchmark's synthetic batch: packed rows
   too, which HF, having no segment masks, sees as whole rows); the first step
   (torch.compile's) counts as compile."""
   import torch
@@ -98,7 +98,7 @@ def hf_runner(cfg, batch, compiled: bool):
             "labels": torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)}
   feed = {k: v.to(device) for k, v in feed.items()}
   forward = torch.compile(model) if compiled else model
-  use_bf16 = device == "cuda"
+  use_bf16 = device == "cuda" or cfg.dtype == "bfloat16"  # t5lite's compute dtype on a CPU
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
   def run():

@@ -118,15 +118,18 @@ def test_packed_synthetic_batches_and_their_model_flops(arch):
 
 def test_benchmark_times_packed_rows(tmp_path):
   """--pack times the step on packed rows (here a prefix LM's, through the CPU kernel where it
-  builds) and says so in the report."""
+  builds, in bf16 with float32 matmul outputs: runs/cpu_bf16.gin) and says so in the report;
+  MFU is then against a bf16 matmul peak."""
   out = tmp_path / "p.json"
   r = run_cli(["scripts/benchmark.py", "--gin_file=models/prefix_lm_tiny.gin",
-               "--gin_file=runs/cpu.gin", "--batch=2", "--inputs=24", "--targets=16",
+               "--gin_file=runs/cpu_bf16.gin", "--batch=2", "--inputs=24", "--targets=16",
                "--steps=1", "--warmup=1", "--pack=3", f"--json={out}"])
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["pack"] == 3 and result["results"][0]["tokens_per_s"] > 0
   assert "3 examples a row" in r.stdout
+  assert result["model"]["dtype"] == "bfloat16" and result["model"]["float32_dot_outputs"]
+  assert result["peak_dtype"] == "bf16" and "(bf16 matmul)" in r.stdout
   bad = run_cli(["scripts/benchmark.py", "--gin_file=models/prefix_lm_tiny.gin", "--batch=2",
                  "--inputs=2", "--targets=1", "--pack=4"])
   assert bad.returncode == 2 and "hold 1 to 3 examples" in bad.stderr

@@ -263,8 +263,9 @@ def _calls_kernel(fn, *args) -> bool:
 @needs_kernel
 def test_kernel_attention_falls_back_where_the_kernel_does_not_apply():
   """attend(implementation='cpu_kernel') runs the kernel for float32 with head_dim a multiple
-  of 16 and causal / length / segment / prefix-LM masks, and chunked_attention (same values)
-  for a dense mask without segment ids (decoding's), bfloat16 or head_dim 8."""
+  of 16 and causal / length / segment / prefix-LM masks, and for bfloat16 (widened to float32,
+  the output narrowed back), and chunked_attention (same values) for a dense mask without
+  segment ids (decoding's) or head_dim 8."""
   q, k, v, bias, mask = _operands("lengths_and_shared_bias")
 
   def attend(mask, q, k, v, bias):
@@ -277,11 +278,22 @@ def test_kernel_attention_falls_back_where_the_kernel_does_not_apply():
   dense = attention.Mask(dense=attention.prefix_lm_mask(seg, seg == 1))
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, bias)]
   narrow = [x[..., :8] for x in (q, k, v)] + [bias]
-  for m, args in ((dense, (q, k, v, bias)), (mask, bf16), (mask, narrow)):
+  for m, args in ((dense, (q, k, v, bias)), (mask, narrow)):
     assert not _calls_kernel(lambda *a, m=m: attend(m, *a), *args)
     chunked = attention.attend(*args[:3], m, args[3], scale=0.3, implementation="chunked")
     np.testing.assert_allclose(np.asarray(attend(m, *args), np.float32),
                                np.asarray(chunked, np.float32), atol=1e-6)
+  assert _calls_kernel(lambda *a: attend(mask, *a), *bf16)
+  wide = [x.astype(jnp.float32) for x in bf16]
+  for got, want in zip(jax.vjp(lambda *a: attend(mask, *a), *bf16)[1](bf16[0]),
+                       jax.vjp(lambda *a: attend(mask, *a), *wide)[1](wide[0])):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32),
+                               np.asarray(want.astype(jnp.bfloat16), np.float32), atol=1e-6)
+  got = attend(mask, *bf16)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(attend(mask, *wide).astype(jnp.bfloat16), np.float32))
 
 
 def test_build_reports_the_compiler_error(tmp_path, monkeypatch):

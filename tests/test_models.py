@@ -257,6 +257,35 @@ def test_flat_weight_grads_match_autodiff(variant):
                               dict(flat_weight_grads=True), loss_rtol=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", [dict(arch="encoder_decoder", head_dim=16,
+                                          attention_impl="cpu_kernel"),
+                                     dict(arch="decoder_only", num_kv_heads=2, tie_embeddings=True),
+                                     dict(arch="decoder_only", gated_mlp=False, use_bias=True,
+                                          activation="gelu", norm="layer",
+                                          position_encoding="learned", scan_layers=False)],
+                         ids=_ids)
+def test_bf16_with_float32_dot_outputs_tracks_float32(variant):
+  """dtype='bfloat16' with float32_dot_outputs (runs/cpu_bf16.gin's lever), jitted as the
+  trainer jits it (so XLA's whole-program rewrites of the matmuls run too), gives the float32
+  model's loss and gradients to bf16 precision, and no less closely than bf16 without it."""
+  batch = random_batch(tiny_config(**variant), seed=5)
+  params = Model(tiny_config(**variant)).init(jax.random.key(0))
+
+  def loss_and_grads(**overrides):
+    model = Model(tiny_config(**{**variant, **overrides}))
+    return jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch)[0]))(params)
+
+  want_loss, want = loss_and_grads()
+  errors = {}
+  for name, overrides in (("lever", dict(dtype="bfloat16", float32_dot_outputs=True)),
+                          ("plain", dict(dtype="bfloat16"))):
+    loss, grads = loss_and_grads(**overrides)
+    np.testing.assert_allclose(loss, want_loss, rtol=2e-2)
+    flat = lambda tree: jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])  # noqa: E731
+    errors[name] = float(jnp.linalg.norm(flat(grads) - flat(want)) / jnp.linalg.norm(flat(want)))
+  assert errors["lever"] < 0.05 and errors["lever"] <= 1.2 * errors["plain"], errors
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
 def test_gated_activation_gradient_matches_autodiff(activation):
   """layers.gated_activation (its gradient written stacked, by hand) against autodiff of

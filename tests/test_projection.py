@@ -1,4 +1,5 @@
-"""The flat weight-gradient projection (a CPU lever): same values and gradients as einsum."""
+"""The flat weight-gradient projection and float32 matmul outputs (CPU levers): same values and
+gradients as einsum."""
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,45 @@ def test_flat_weight_grad_matches_einsum(spec, dtype):
   for got, want in zip(vjp(True), vjp(False)):
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+
+
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_float32_outputs_match_the_float32_einsum_of_bf16_operands(spec):
+  """With float32_outputs, forward and both gradients of bf16 operands are float32 einsums of
+  those operands rounded once to bf16 (eager and jitted; jitted, the left operand of the weight
+  gradient goes through a transposed copy)."""
+  x_shape, k_shape = SPECS[spec]
+  x_shape = (x_shape[0] * 5,) + x_shape[1:]  # more tokens, so that rounding differs
+  kx, kk, kg = jax.random.split(jax.random.key(1), 3)
+  x, kernel, cot = (jax.random.normal(kx, x_shape).astype(jnp.bfloat16),
+                    jax.random.normal(kk, k_shape).astype(jnp.bfloat16), None)
+  out_shape = jax.eval_shape(lambda a, b: jnp.einsum(spec, a, b), x, kernel).shape
+  cot = jax.random.normal(kg, out_shape).astype(jnp.bfloat16)
+
+  def vjp(f, *operands):
+    out, pullback = jax.vjp(f, *operands)
+    return (out,) + pullback(cot.astype(out.dtype))
+
+  wide = [a.astype(jnp.float32) for a in (x, kernel)]
+  want = [np.asarray(a.astype(jnp.bfloat16), np.float32)
+          for a in vjp(lambda a, b: jnp.einsum(spec, a, b), *wide)]
+  ours = lambda a, b: projection.project(spec, a, b, float32_outputs=True)  # noqa: E731
+  for got in (vjp(ours, x, kernel), jax.jit(lambda a, b: vjp(ours, a, b))(x, kernel)):
+    for g, w in zip(got, want):
+      assert g.dtype == jnp.bfloat16
+      np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=1e-2, atol=1e-2)
+
+
+def test_float32_outputs_leave_float32_operands_alone():
+  """For float32 operands the lever changes nothing: the flat gradients, bit for bit."""
+  x = jax.random.normal(jax.random.key(3), (4, 9, 6))
+  kernel = jax.random.normal(jax.random.key(4), (11, 6))
+  grads = jax.jit(jax.grad(lambda a, b, **kw: jnp.sum(jnp.sin(projection.project(
+      "bld,vd->blv", a, b, **kw))), argnums=(0, 1)),
+                  static_argnames=("flat_weight_grad", "float32_outputs"))
+  for a, b in zip(grads(x, kernel, flat_weight_grad=True, float32_outputs=False),
+                  grads(x, kernel, flat_weight_grad=False, float32_outputs=True)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_flat_weight_grad_under_jit_with_odd_token_counts():

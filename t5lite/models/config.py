@@ -59,6 +59,10 @@ class ModelConfig:
     flat_weight_grads: compute each projection's weight gradient as one matmul over flattened
       tokens (`t5lite.models.projection`; same values), which spares XLA:CPU a transposed copy
       of the gradient. A CPU lever.
+    float32_dot_outputs: every projection's matmuls (forward and both gradients) output
+      float32, cast to `dtype` after; implies flat_weight_grads. A lever for bfloat16 on CPUs
+      with AMX, where XLA:CPU runs a bf16 matmul on AMX only when it outputs float32
+      (`t5lite.models.projection`).
     max_length: longest sequence the model accepts (decoding and RoPE tables).
     pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
   """
@@ -93,6 +97,7 @@ class ModelConfig:
   remat_policy: str = "none"
   attention_impl: Any = None
   flat_weight_grads: bool = False
+  float32_dot_outputs: bool = False
   max_length: int = 2048
   pad_id: int = 0
   eos_id: int = 1

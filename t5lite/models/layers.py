@@ -31,7 +31,8 @@ def compute_dtype(cfg: ModelConfig):
 
 def project(cfg: ModelConfig, spec: str, x, kernel):
   """`einsum(spec, x, kernel)` for a projection, with the weight-gradient form `cfg` asks for."""
-  return projection.project(spec, x, kernel, flat_weight_grad=cfg.flat_weight_grads)
+  return projection.project(spec, x, kernel, flat_weight_grad=cfg.flat_weight_grads,
+                            float32_outputs=cfg.float32_dot_outputs)
 
 
 def dropout(x, rate: float, rng):
