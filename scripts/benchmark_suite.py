@@ -2,6 +2,7 @@
 
     python scripts/benchmark_suite.py --suite=cpu [--json=cpu.json] [--markdown=cpu.md]
     python scripts/benchmark_suite.py --suite=cpu-compiled              # HF torch.compile too
+    python scripts/benchmark_suite.py --suite=cpu-bf16                  # bf16, CPUs with AMX
     python scripts/benchmark_suite.py --suite=cpu-packed                # packed rows (--pack=4)
     python scripts/benchmark_suite.py --suite=gpu --cases=t5_1_1/base   # one case per call
     python scripts/benchmark_suite.py --suite=cpu-decode                # or gpu-decode
@@ -123,8 +124,8 @@ CPU_PRESETS = (("decoder/tiny", 30, 3), ("t5_1_1/tiny", 30, 3), ("t5_1_1/small",
                ("decoder/125m", 4, 2))
 
 
-def _cpu_cases(hf_modes: str, ahead_of: str):
-  return tuple(Case(preset, "cpu", 8, 256, 64, steps=steps, warmup=warmup, hf_modes=hf_modes,
+def _cpu_cases(hf_modes: str, ahead_of: str, run: str = "cpu"):
+  return tuple(Case(preset, run, 8, 256, 64, steps=steps, warmup=warmup, hf_modes=hf_modes,
                     min_vs_hf=(ahead_of, 1.0))
                for preset, steps, warmup in CPU_PRESETS)
 
@@ -135,6 +136,8 @@ SUITES = {
     # The same against HF under torch.compile too (inductor's C++ kernels; each HF model takes
     # 30 s or more to compile): the CPU side of the GPU targets' comparison.
     "cpu-compiled": _cpu_cases("eager,compiled", "hf-compiled"),
+    # bf16 on CPUs with AMX (runs/cpu_bf16.gin) against HF eager under bf16 autocast.
+    "cpu-bf16": _cpu_cases("eager", "hf-eager", run="cpu_bf16"),
     # Packed rows (T5X's pretraining layout: --pack=4, 4 examples a row) against HF, which has
     # no segment masks and sees the same tokens as whole rows.
     "cpu-packed": tuple(Case(preset, "cpu", 8, 256, 64, steps=20, warmup=3,

@@ -41,15 +41,17 @@ def test_flat_weight_grad_matches_einsum(spec, dtype):
 
 
 @pytest.mark.parametrize("spec", sorted(SPECS))
-def test_float32_outputs_match_the_float32_einsum_of_bf16_operands(spec):
-  """With float32_outputs, forward and both gradients of bf16 operands are float32 einsums of
-  those operands rounded once to bf16 (eager and jitted; jitted, the left operand of the weight
-  gradient goes through a transposed copy)."""
+@pytest.mark.parametrize("kernel_dtype", ["bfloat16", "float32"])
+def test_float32_outputs_match_the_float32_einsum_of_bf16_operands(spec, kernel_dtype):
+  """With float32_outputs, forward and both gradients of bf16 activations are float32 einsums
+  of the bf16 operands, rounded once to bf16 (eager and jitted; jitted, the left operand of the
+  weight gradient goes through a transposed copy). A float32 kernel (a bf16 model's stored
+  parameter) is used as bf16 and gets its gradient in float32, unrounded."""
   x_shape, k_shape = SPECS[spec]
   x_shape = (x_shape[0] * 5,) + x_shape[1:]  # more tokens, so that rounding differs
   kx, kk, kg = jax.random.split(jax.random.key(1), 3)
-  x, kernel, cot = (jax.random.normal(kx, x_shape).astype(jnp.bfloat16),
-                    jax.random.normal(kk, k_shape).astype(jnp.bfloat16), None)
+  x = jax.random.normal(kx, x_shape).astype(jnp.bfloat16)
+  kernel = jax.random.normal(kk, k_shape).astype(kernel_dtype)
   out_shape = jax.eval_shape(lambda a, b: jnp.einsum(spec, a, b), x, kernel).shape
   cot = jax.random.normal(kg, out_shape).astype(jnp.bfloat16)
 
@@ -57,14 +59,16 @@ def test_float32_outputs_match_the_float32_einsum_of_bf16_operands(spec):
     out, pullback = jax.vjp(f, *operands)
     return (out,) + pullback(cot.astype(out.dtype))
 
-  wide = [a.astype(jnp.float32) for a in (x, kernel)]
-  want = [np.asarray(a.astype(jnp.bfloat16), np.float32)
-          for a in vjp(lambda a, b: jnp.einsum(spec, a, b), *wide)]
+  wide = [a.astype(jnp.bfloat16).astype(jnp.float32) for a in (x, kernel)]
+  want = vjp(lambda a, b: jnp.einsum(spec, a, b), *wide)
+  want = [np.asarray(a.astype(dtype), np.float32)
+          for a, dtype in zip(want, ("bfloat16", "bfloat16", kernel_dtype))]
   ours = lambda a, b: projection.project(spec, a, b, float32_outputs=True)  # noqa: E731
   for got in (vjp(ours, x, kernel), jax.jit(lambda a, b: vjp(ours, a, b))(x, kernel)):
-    for g, w in zip(got, want):
-      assert g.dtype == jnp.bfloat16
-      np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=1e-2, atol=1e-2)
+    for g, w, dtype in zip(got, want, ("bfloat16", "bfloat16", kernel_dtype)):
+      assert g.dtype == jnp.dtype(dtype)
+      tol = dict(rtol=1e-2, atol=1e-2) if dtype == "bfloat16" else dict(rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(np.asarray(g, np.float32), w, **tol)
 
 
 def test_float32_outputs_leave_float32_operands_alone():

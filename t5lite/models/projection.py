@@ -47,8 +47,11 @@ def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
     flat_weight_grad: compute the kernel gradient as one matmul over flattened tokens (a
       custom VJP; same values). A CPU lever (`ModelConfig.flat_weight_grads`).
     float32_outputs: every matmul, forward and backward, outputs float32, cast to x's dtype
-      after (module docstring; implies the flat gradients). A lever for bf16 on CPUs with AMX
-      (`ModelConfig.float32_dot_outputs`); no change for float32 operands.
+      after (module docstring; implies the flat gradients). The kernel may be stored wider than
+      x (fp32 parameters of a bf16 model): it is cast to x's dtype inside, and its gradient
+      comes out of the float32 matmul in the kernel's own dtype, not rounded to x's on the
+      way. A lever for bf16 on CPUs with AMX (`ModelConfig.float32_dot_outputs`); no change
+      for float32 operands.
 
   Returns:
     The projection, in x's dtype.
@@ -81,7 +84,10 @@ def _dot(a, b, dims, float32_outputs: bool):
 
 
 def _einsum(spec, x, kernel, float32_outputs: bool):
-  if not float32_outputs or x.dtype == jnp.float32:
+  if not float32_outputs:
+    return jnp.einsum(spec, x, kernel)
+  kernel = kernel.astype(x.dtype)
+  if x.dtype == jnp.float32:
     return jnp.einsum(spec, x, kernel)
   return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -101,11 +107,19 @@ def _backward(spec, float32_outputs, residuals, g):
   n = math.prod(x.shape[:len(tokens)])
   in_shape, out_shape = x.shape[len(tokens):], g.shape[len(tokens):]
   flat_g = g.reshape(n, -1)                                                 # [tokens, out]
-  # The kernel as [in, out]: a transpose XLA folds into the dot (a bitcast when the kernel's
-  # axes are already in that order, as for every projection but the [vocab, embed] output head).
-  flat_kernel = jnp.transpose(kernel, [ks.index(c) for c in ins + outs]).reshape(
-      math.prod(in_shape), math.prod(out_shape))
-  dx = _dot(flat_g, flat_kernel, (((1,), (1,)), ((), ())), float32_outputs).reshape(x.shape)
+  n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+  if ks == outs + ins:
+    # An [out, in] kernel (the [vocab, embed] output head) as stored: transposed to [in, out],
+    # XLA would see a column-major right operand, for which XLA:CPU widens a bf16 matmul to fp32.
+    flat_kernel, dims = kernel.reshape(n_out, n_in), (((1,), (0,)), ((), ()))
+  else:
+    # The kernel as [in, out]: a transpose XLA folds into the dot (a bitcast when the kernel's
+    # axes are already in that order, as for every other projection).
+    flat_kernel = jnp.transpose(kernel, [ks.index(c) for c in ins + outs]).reshape(n_in, n_out)
+    dims = (((1,), (1,)), ((), ()))
+  if float32_outputs:
+    flat_kernel = flat_kernel.astype(x.dtype)
+  dx = _dot(flat_g, flat_kernel, dims, float32_outputs).reshape(x.shape)
   flat_x = x.reshape(n, -1)
   if float32_outputs and x.dtype != jnp.float32:
     # x^T as a copy in memory: a transpose under the barrier would stay a relayout XLA folds
