@@ -53,13 +53,14 @@ def torch_device(torch) -> str:
 
 
 def bench_hf_generate(cfg, args, batch: int, cache: str = "dynamic"):
-  """HF `generate` (greedy, KV cache) on the same prompts and lengths; `cache` 'static' asks
+  """HF `generate` (greedy, KV cache; bf16 weights on GPU and where t5lite computes in bf16) on
+  the same prompts and lengths; `cache` 'static' asks
   for HF's preallocated cache (which recent transformers also compile), 'dynamic' for the
   default one. The first call warms up, the second is timed."""
   import torch
   device = torch_device(torch)
   model = hf_model(cfg).to(device).eval()
-  if device == "cuda":
+  if device == "cuda" or cfg.dtype == "bfloat16":  # t5lite's compute dtype on a CPU
     model = model.to(torch.bfloat16)
   rng = np.random.default_rng(0)
   ids = torch.tensor(rng.integers(2, cfg.vocab_size, (batch, args.inputs)), device=device)

@@ -164,3 +164,24 @@ def test_hf_process_runs_hf_apart_and_reports_its_failures():
       run()
   finally:
     hf.close()
+
+
+def test_hf_reference_runs_bf16_where_t5lite_does():
+  """Where t5lite computes in bf16 on a CPU (runs/cpu_bf16.gin), HF's train step runs under
+  bf16 autocast and `generate` with bf16 weights: a comparison at one precision."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import benchmark  # pylint: disable=import-outside-toplevel
+  import hf_reference  # pylint: disable=import-outside-toplevel
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(arch="decoder_only", dtype="bfloat16")
+  seen = []
+  hook = lambda module, inputs, output: seen.append(getattr(output, "dtype", None))  # noqa: E731
+  run, _ = hf_reference.hf_runner(cfg, benchmark.synthetic_batch(cfg, 2, 8, 4), compiled=False)
+  with torch.nn.modules.module.register_module_forward_hook(hook):
+    losses = [run(), run()]
+  assert all(0 < x < 20 for x in losses) and losses[1] < losses[0]
+  assert torch.bfloat16 in seen  # the projections ran in bf16
+  row = hf_reference.bench_hf_generate(cfg, argparse.Namespace(inputs=8, decode_tokens=3), 2)
+  assert row["new_tokens_per_s"] > 0
