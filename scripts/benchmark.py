@@ -6,10 +6,11 @@
 Synthetic batches, no TensorFlow. Reports the median step time after warm-up (device
 synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a matmul peak
 measured on the same device (bf16 on GPU; on CPU in the model's dtype, fp32 or bf16 with an
-fp32 output; before and after the steps, the higher counts), peak device memory and compile time. The header echoes the settings that decide
-speed (dtypes, scanned layers, remat, attention, flat weight grads, the loss's head chunks,
-master weights): gin's last binding wins, so list runs/cpu.gin or runs/gpu.gin after the model
-preset.
+fp32 output; before and after the steps, the higher counts), peak device memory and compile
+time. The header echoes the settings that decide speed (dtypes, scanned layers, remat,
+attention, flat weight grads, fp32 matmul outputs, the loss's head chunks, master weights):
+gin's last binding wins, so list runs/cpu.gin, runs/cpu_bf16.gin or runs/gpu.gin after the
+model preset. Where t5lite computes in bf16, HF does too (autocast; bf16 weights for decoding).
 On CPU, --vs-hf times the implementations in alternating rounds of consecutive steps
 (--rounds), since CPU speed drifts with clocks and neighbours; on GPU they run one after another
 (HF first, its memory released before t5lite's step; JAX allocates on demand with --vs-hf).
@@ -656,8 +657,7 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
   head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
   settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
                                                  **result["optimizer"], **result["train"]}.items())
-  print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({'bf16' if on_gpu or bf16 else 'fp32'} "
-        f"matmul); "
+  print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({result['peak_dtype']} matmul); "
         f"{' '.join(args.gin_file + bindings)} ({settings}) batch {args.batch} x "
         f"({args.inputs}+{args.targets}){f', {args.pack} examples a row' if args.pack > 1 else ''}"
         f"; model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "

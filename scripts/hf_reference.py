@@ -54,9 +54,9 @@ def torch_device(torch) -> str:
 
 def bench_hf_generate(cfg, args, batch: int, cache: str = "dynamic"):
   """HF `generate` (greedy, KV cache; bf16 weights on GPU and where t5lite computes in bf16) on
-  the same prompts and lengths; `cache` 'static' asks
-  for HF's preallocated cache (which recent transformers also compile), 'dynamic' for the
-  default one. The first call warms up, the second is timed."""
+  the same prompts and lengths; `cache` 'static' asks for HF's preallocated cache (which recent
+  transformers also compile), 'dynamic' for the default one. The first call warms up, the
+  second is timed."""
   import torch
   device = torch_device(torch)
   model = hf_model(cfg).to(device).eval()
@@ -83,9 +83,9 @@ def bench_hf_generate(cfg, args, batch: int, cache: str = "dynamic"):
 
 def hf_runner(cfg, batch, compiled: bool):
   """(one synchronized train step, facts) for the same shapes in HF transformers (T5 v1.1 /
-  LLaMA), AdamW, bf16 autocast on GPU and where t5lite computes in bf16, on `batch` (the benchmark's synthetic batch: packed rows
-  too, which HF, having no segment masks, sees as whole rows); the first step
-  (torch.compile's) counts as compile."""
+  LLaMA), AdamW, bf16 autocast on GPU and where t5lite computes in bf16, on `batch` (the
+  benchmark's synthetic batch: packed rows too, which HF, having no segment masks, sees as
+  whole rows); the first step (torch.compile's) counts as compile."""
   import torch
   device = torch_device(torch)
   model = hf_model(cfg)

@@ -309,9 +309,9 @@ def kernel_attention(q, k, v, mask: Mask, bias=None, *, scale: float):
   apply: a program for more than one device outside activation rules (inside a pipeline stage,
   where XLA would gather the batch onto every device), a program traced for a GPU by
   t5lite.gpu_aot, a dense mask without segment ids, neither float32 nor bfloat16 (widened to
-  float32 for the kernel), head_dim not a
-  multiple of 16, or no kernel (`cpu_attention.available()`: no C++ compiler, a CPU with neither
-  AVX-512 nor AVX2, or switched off).
+  float32 for the kernel), head_dim not a multiple of 16, or no kernel
+  (`cpu_attention.available()`: no C++ compiler, a CPU with neither AVX-512 nor AVX2, or
+  switched off).
   """
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel

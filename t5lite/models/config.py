@@ -60,9 +60,10 @@ class ModelConfig:
       tokens (`t5lite.models.projection`; same values), which spares XLA:CPU a transposed copy
       of the gradient. A CPU lever.
     float32_dot_outputs: every projection's matmuls (forward and both gradients) output
-      float32, cast to `dtype` after; implies flat_weight_grads. A lever for bfloat16 on CPUs
-      with AMX, where XLA:CPU runs a bf16 matmul on AMX only when it outputs float32
-      (`t5lite.models.projection`).
+      float32, cast to `dtype` after, and the kernels' gradients leave those matmuls in
+      param_dtype unrounded; implies flat_weight_grads. A lever for bfloat16 on CPUs with AMX,
+      where XLA:CPU runs a bf16 matmul on AMX only when it outputs float32
+      (`t5lite.models.projection`, runs/cpu_bf16.gin).
     max_length: longest sequence the model accepts (decoding and RoPE tables).
     pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
   """
