@@ -78,7 +78,7 @@ def main(arch):
   # The variants below check one feature under sharding, each against the one preset that
   # shards both the batch and the weights two ways (fsdp_tensor), plus what the feature needs;
   # the plain architectures go through every preset.
-  if arch in ("moe", "cpu_levers", "cpu_levers_t5", "head_chunks"):
+  if arch in ("moe", "cpu_levers", "cpu_levers_t5", "head_chunks", "cpu_bf16_levers"):
     presets = {"fsdp_tensor": PRESETS["fsdp_tensor"]}
   if arch == "moe":  # decoder-only with a top-2 MoE feed-forward of 8 experts
     arch, extra = "decoder_only", dict(num_experts=8, experts_per_token=2)
@@ -97,6 +97,13 @@ def main(arch):
     else:
       arch, extra = "decoder_only", dict(tie_embeddings=True)
     extra.update(head_dim=16, attention_impl="cpu_kernel", flat_weight_grads=True)
+  if arch == "cpu_bf16_levers":
+    # runs/cpu_bf16.gin's: bf16 with fp32 matmul outputs, the attention kernel on widened
+    # operands, an untied [vocab, embed] head; the batch split 8 ways, then batch and weights.
+    presets["data_parallel"] = PRESETS["data_parallel"]
+    arch, lengths = "decoder_only", (100, 40)
+    extra = dict(head_dim=16, attention_impl="cpu_kernel", flat_weight_grads=True,
+                 dtype="bfloat16", float32_dot_outputs=True)
   if arch == "head_chunks":  # decoder-only, the head and loss in 5 blocks over 24 positions
     arch, loss_cfg = "decoder_only", LossConfig(head_chunks=5)
   extra = {"head_dim": 8, **extra}

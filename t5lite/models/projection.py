@@ -123,7 +123,11 @@ def _backward(spec, float32_outputs, residuals, g):
     flat_kernel = flat_kernel.astype(x.dtype)
   dx = _dot(flat_g, flat_kernel, dims, float32_outputs).reshape(x.shape)
   flat_x = x.reshape(n, -1)
-  if float32_outputs and x.dtype != jnp.float32:
+  if float32_outputs and x.dtype != jnp.float32 and not _on_one_device():
+    # Sharded tokens: the flattened copy below would gather them onto every device, so the
+    # weight gradient is an fp32 matmul (what XLA:CPU would widen it to anyway).
+    grad = jnp.dot(flat_x.T.astype(jnp.float32), flat_g.astype(jnp.float32))
+  elif float32_outputs and x.dtype != jnp.float32:
     # x^T as a copy in memory: a transpose under the barrier would stay a relayout XLA folds
     # into the dot, leaving its left operand transposed; the flattened form cannot.
     x_t = jax.lax.optimization_barrier(flat_x.T.reshape(-1)).reshape(flat_x.shape[::-1])
@@ -141,3 +145,9 @@ def _backward(spec, float32_outputs, residuals, g):
 
 
 _flat_grad_einsum.defvjp(_forward, _backward)
+
+
+def _on_one_device() -> bool:
+  """Whether the program being traced runs on one device (no mesh set, or a mesh of one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1
