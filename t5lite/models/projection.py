@@ -22,9 +22,10 @@ when it outputs float32 and reads its left operand with the contracted axis mino
 or a transposed left operand has it convert both operands to float32 first and run the float32
 kernel. On 2 cores with AMX, [2560, 512] x [512, 1024]: 1,232-1,573 GFLOP/s for bf16 with float32
 output, 284 with bf16 output, 309 in float32. So the weight gradient x^T g is computed from a
-transposed copy of the activations, which an optimization barrier on its flattened form keeps
-XLA from folding back into the matmul (5.7 ms with the copy against 12.0 ms without, same
-shapes), and the input gradient of an [out, in] kernel (the [vocab, embed] output head) reads
+transposed copy of the activations (5.7 ms with the copy against 12.0 ms without, same shapes;
+written by t5lite's CPU transpose kernel, t5lite/kernels/cpu_transpose.py, where it builds, else
+by XLA under an optimization barrier on its flattened form, so that XLA cannot fold it back into
+the matmul), and the input gradient of an [out, in] kernel (the [vocab, embed] output head) reads
 the kernel as stored. The kernel is cast to bf16 inside, so its gradient (in the stored dtype,
 fp32) is the fp32 matmul's output, never rounded to bf16.
 """
@@ -128,9 +129,7 @@ def _backward(spec, float32_outputs, residuals, g):
     # weight gradient is an fp32 matmul (what XLA:CPU would widen it to anyway).
     grad = jnp.dot(flat_x.T.astype(jnp.float32), flat_g.astype(jnp.float32))
   elif float32_outputs and x.dtype != jnp.float32:
-    # x^T as a copy in memory: a transpose under the barrier would stay a relayout XLA folds
-    # into the dot, leaving its left operand transposed; the flattened form cannot.
-    x_t = jax.lax.optimization_barrier(flat_x.T.reshape(-1)).reshape(flat_x.shape[::-1])
+    x_t = _transposed_copy(flat_x)
     grad = jax.lax.dot(x_t, flat_g, preferred_element_type=jnp.float32)  # [in, out]
     if ks != ins + outs:
       # Kept [in, out] for the transpose below: XLA would otherwise fold it into the matmul as
@@ -145,6 +144,19 @@ def _backward(spec, float32_outputs, residuals, g):
 
 
 _flat_grad_einsum.defvjp(_forward, _backward)
+
+
+def _transposed_copy(a):
+  """a.T written out in memory, for a matmul's left operand: by t5lite's CPU transpose kernel
+  where it applies, else by XLA (a transpose under an optimization barrier would stay a relayout
+  that XLA folds into the matmul, leaving its left operand transposed; the flattened form
+  cannot)."""
+  from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+  from t5lite.kernels import cpu_transpose  # pylint: disable=import-outside-toplevel
+  if (a.dtype == jnp.bfloat16 and gpu_aot.tracing_platform() == "cpu"
+      and cpu_transpose.available()):
+    return cpu_transpose.transpose(a)
+  return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[::-1])
 
 
 def _on_one_device() -> bool:

@@ -1,0 +1,70 @@
+// Transposes a row-major bf16 matrix [rows, cols] into [cols, rows], as one XLA FFI handler, in
+// 64 x 64 tiles (8 KB in, 8 KB out) spread over XLA's intra-op threads. XLA:CPU's own transpose
+// reads one element per strided load, ~1 GB/s on the machine it was written on, against 7-8
+// GB/s here ([2560, 2048]: 18.4 -> 2.9 ms on 2 cores). t5lite/models/projection.py uses it for
+// the transposed activations of the bf16 weight gradient.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTile = 64;  // 64 x 64 x 2 bytes: 8 KB in, 8 KB out
+constexpr int64_t kTilesPerItem = 8;
+
+void TransposeTiles(const uint16_t* in, uint16_t* out, int64_t rows, int64_t cols, int64_t first,
+                    int64_t last) {
+  const int64_t col_tiles = (cols + kTile - 1) / kTile;
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t r0 = (t / col_tiles) * kTile, c0 = (t % col_tiles) * kTile;
+    const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+    for (int64_t c = c0; c < c1; ++c) {
+      uint16_t* dst = out + c * rows;
+      for (int64_t r = r0; r < r1; ++r) dst[r] = in[r * cols + c];
+    }
+  }
+}
+
+ffi::Error TransposeImpl(ffi::Buffer<ffi::BF16> in, ffi::ResultBuffer<ffi::BF16> out,
+                         ffi::ThreadPool pool) {
+  auto dims = in.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("cpu transpose: a matrix only");
+  const int64_t rows = dims[0], cols = dims[1];
+  const auto* src = reinterpret_cast<const uint16_t*>(in.typed_data());
+  auto* dst = reinterpret_cast<uint16_t*>(out->typed_data());
+  const int64_t tiles = ((rows + kTile - 1) / kTile) * ((cols + kTile - 1) / kTile);
+  const int64_t items = (tiles + kTilesPerItem - 1) / kTilesPerItem;
+  // Items claimed one at a time by this thread and up to num_threads - 1 pool tasks; this
+  // thread waits only for items claimed and unfinished, never for a task yet to start.
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto drain = [state, items, tiles, src, dst, rows, cols]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < items;) {
+      TransposeTiles(src, dst, rows, cols, i * kTilesPerItem,
+                     std::min(tiles, (i + 1) * kTilesPerItem));
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([drain]() { drain(); });
+  drain();
+  while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuTranspose, TransposeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ctx<ffi::ThreadPool>());
