@@ -71,17 +71,20 @@ def flags() -> tuple:
   return FLAGS + ("-march=" + (os.environ.get("T5LITE_CPU_ATTENTION_MARCH") or "native"),)
 
 
-def build(cache_dir: Optional[str] = None, source: str = SOURCE) -> str:
+def build(cache_dir: Optional[str] = None, source: str = SOURCE, portable: bool = False) -> str:
   """Compiles cpu_attention.cc, or another kernel `source` of this folder (cpu_transpose.cc),
   once per source, compiler, flags, JAX version and CPU, and returns the path of the shared
-  library. Raises RuntimeError (with the compiler's message) when it cannot."""
+  library; `portable` leaves out -march (a kernel that runs on any CPU of the host's
+  architecture, with no feature check). Raises RuntimeError (with the compiler's message) when
+  it cannot."""
   compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
   if not compiler:
     raise RuntimeError("no C++ compiler found (set $CXX)")
   with open(source, "rb") as f:
     text = f.read()
+  compile_flags = FLAGS if portable else flags()
   key = hashlib.sha256(text + " ".join(
-      flags() + (compiler, jax.__version__, _cpu_features())).encode())
+      compile_flags + (compiler, jax.__version__, _cpu_features())).encode())
   folder = cache_dir or _cache_dir()
   name = os.path.splitext(os.path.basename(source))[0]
   path = os.path.join(folder, f"{name}-{key.hexdigest()[:16]}.so")
@@ -90,7 +93,7 @@ def build(cache_dir: Optional[str] = None, source: str = SOURCE) -> str:
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
   os.close(fd)
-  cmd = [compiler, *flags(), "-isystem", jax.ffi.include_dir(), source, "-o", tmp]
+  cmd = [compiler, *compile_flags, "-isystem", jax.ffi.include_dir(), source, "-o", tmp]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if done.returncode:
     os.unlink(tmp)

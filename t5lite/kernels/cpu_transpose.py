@@ -1,11 +1,12 @@
 """A bf16 matrix transpose for CPUs as an XLA FFI kernel (cpu_transpose.cc).
 
 XLA:CPU writes a transposed copy one strided element at a time (~1 GB/s on 2 cores of an Intel
-Xeon); the kernel moves 64 x 64 tiles (7-8 GB/s). The bf16 weight gradient of
+Xeon); the kernel moves 64 x 64 tiles (8-10 GB/s). The bf16 weight gradient of
 `t5lite.models.projection` (float32_outputs) needs its activations transposed in memory: for
 decoder-125m's train step that was ~10% of the step in XLA's transposes. Built and cached like
-the attention kernel (`cpu_attention.build`, the same compiler, flags and cache directory);
-where it cannot be built or loaded, or T5LITE_CPU_TRANSPOSE_KERNEL=0, `available()` is False and
+the attention kernel (`cpu_attention.build`: the same compiler and cache directory) but without
+-march, so that it runs on any CPU of the host's architecture (a memory-bound copy gains
+nothing from newer instructions); where it cannot be built or loaded, or T5LITE_CPU_TRANSPOSE_KERNEL=0, `available()` is False and
 callers transpose with XLA.
 """
 
@@ -30,7 +31,7 @@ def available() -> bool:
   if os.environ.get("T5LITE_CPU_TRANSPOSE_KERNEL", "1") == "0":
     return False
   try:
-    library = ctypes.cdll.LoadLibrary(cpu_attention.build(source=SOURCE))
+    library = ctypes.cdll.LoadLibrary(cpu_attention.build(source=SOURCE, portable=True))
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.T5liteCpuTranspose),
                                 platform="cpu")
   except (RuntimeError, OSError, AttributeError) as e:
