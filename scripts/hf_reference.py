@@ -52,6 +52,11 @@ def torch_device(torch) -> str:
   return "cpu"
 
 
+def uses_bf16(cfg, device: str) -> bool:
+  """Whether HF's side computes in bf16: always on a GPU, on a CPU where t5lite does."""
+  return device == "cuda" or cfg.dtype == "bfloat16"
+
+
 def bench_hf_generate(cfg, args, batch: int, cache: str = "dynamic"):
   """HF `generate` (greedy, KV cache; bf16 weights on GPU and where t5lite computes in bf16) on
   the same prompts and lengths; `cache` 'static' asks for HF's preallocated cache (which recent
@@ -60,7 +65,7 @@ def bench_hf_generate(cfg, args, batch: int, cache: str = "dynamic"):
   import torch
   device = torch_device(torch)
   model = hf_model(cfg).to(device).eval()
-  if device == "cuda" or cfg.dtype == "bfloat16":  # t5lite's compute dtype on a CPU
+  if uses_bf16(cfg, device):
     model = model.to(torch.bfloat16)
   rng = np.random.default_rng(0)
   ids = torch.tensor(rng.integers(2, cfg.vocab_size, (batch, args.inputs)), device=device)
@@ -99,7 +104,7 @@ def hf_runner(cfg, batch, compiled: bool):
             "labels": torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)}
   feed = {k: v.to(device) for k, v in feed.items()}
   forward = torch.compile(model) if compiled else model
-  use_bf16 = device == "cuda" or cfg.dtype == "bfloat16"  # t5lite's compute dtype on a CPU
+  use_bf16 = uses_bf16(cfg, device)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
   def run():

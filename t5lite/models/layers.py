@@ -261,8 +261,6 @@ class MLP(nnx.Module):
       # One-token decode steps skip it: they are bound by reading the weights, and the stacked
       # copy would add a write and a read of both kernels.
       kernels = jnp.stack([self.wi_0[...], self.wi_1[...]], axis=1)
-      if not self.cfg.float32_dot_outputs:
-        kernels = kernels.astype(dt)
       both = project(self.cfg, "bld,dnf->blnf", x, kernels)
       if self.cfg.use_bias:
         both = both + jnp.stack([self.wi_0_bias[...], self.wi_1_bias[...]]).astype(dt)

@@ -124,11 +124,12 @@ def _backward(spec, float32_outputs, residuals, g):
     flat_kernel = flat_kernel.astype(x.dtype)
   dx = _dot(flat_g, flat_kernel, dims, float32_outputs).reshape(x.shape)
   flat_x = x.reshape(n, -1)
-  if float32_outputs and x.dtype != jnp.float32 and not _on_one_device():
+  narrow = float32_outputs and x.dtype != jnp.float32  # bf16 matmuls with fp32 outputs
+  if narrow and not _on_one_device():
     # Sharded tokens: the flattened copy below would gather them onto every device, so the
     # weight gradient is an fp32 matmul (what XLA:CPU would widen it to anyway).
     grad = jnp.dot(flat_x.T.astype(jnp.float32), flat_g.astype(jnp.float32))
-  elif float32_outputs and x.dtype != jnp.float32:
+  elif narrow:
     x_t = _transposed_copy(flat_x)
     grad = jax.lax.dot(x_t, flat_g, preferred_element_type=jnp.float32)  # [in, out]
     if ks != ins + outs:
