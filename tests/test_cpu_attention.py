@@ -14,7 +14,7 @@ import pytest
 
 from conftest import tiny_config
 from test_models import _assert_same_loss_and_grads, random_batch
-from t5lite.kernels import cpu_attention
+from t5lite.kernels import cpu_attention, cpu_build
 from t5lite.models import attention
 from t5lite.models.model import Model
 
@@ -305,7 +305,7 @@ def test_build_reports_the_compiler_error(tmp_path, monkeypatch):
   assert not list(tmp_path.iterdir())
 
 
-CPU_FLAGS = cpu_attention._cpu_flags() or frozenset()
+CPU_FLAGS = cpu_build.cpu_flags() or frozenset()
 
 
 def _load_build(cache_dir=None):
@@ -316,7 +316,7 @@ def _load_build(cache_dir=None):
     pytest.skip(f"no C++ compiler here: {e}")
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or cpu_attention._cpu_flags() is None,
+@pytest.mark.skipif(platform.machine() != "x86_64" or cpu_build.cpu_flags() is None,
                     reason="x86 targets, and the CPU's features from Linux")
 @pytest.mark.parametrize("march,lanes,needs", [("x86-64", 0, ""), ("haswell", 8, "avx2 fma"),
                                                ("skylake-avx512", 16, "avx512f")])
@@ -331,7 +331,7 @@ def test_library_is_tuned_for_avx2_and_avx512_and_refused_without(march, lanes, 
   library = _load_build(str(tmp_path))
   assert cpu_attention.lanes(library) == lanes
   assert (cpu_attention.refusal(library) is None) == (lanes > 0)
-  monkeypatch.setattr(cpu_attention, "_cpu_features", lambda: "flags\t\t: fpu sse sse2")
+  monkeypatch.setattr(cpu_build, "cpu_features", lambda: "flags\t\t: fpu sse sse2")
   assert cpu_attention.refusal(library) is not None
 
 

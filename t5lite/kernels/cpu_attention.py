@@ -6,100 +6,43 @@ block of 32 queries' scores in cache from QK^T through the softmax to PV (and, i
 backward, recomputes them from the saved log-sum-exp), as flash attention does on GPUs, and
 spreads (batch row, KV head) pairs over XLA's intra-op threads.
 
-The C++ source is compiled on first use (~3 s) with the host's C++ compiler (`g++`, or $CXX)
-for this CPU (-march=native; $T5LITE_CPU_ATTENTION_MARCH names another target, say a cluster's
-oldest CPU) into `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR, else
-~/.cache/t5lite), keyed by the source, the compiler, the flags, the JAX version and the CPU's
-features. Its vectors and register tiles are tuned for AVX-512 and for AVX2 with FMA. Where
-the build fails (no compiler), the target has neither or this CPU cannot run it (`refusal`:
-an older x86 CPU, ARM) or T5LITE_CPU_ATTENTION_KERNEL=0, `available()` is False and callers
-fall back to XLA's attention (the reason is logged once). float32 only; head_dim a multiple of
-16. The library in the cache is loaded and run: like JAX's compilation cache, a cache
-directory others can write to lets them run code as you.
+The C++ source is compiled on first use by `cpu_build` for this CPU (-march=native;
+$T5LITE_CPU_ATTENTION_MARCH names another target, say a cluster's oldest CPU). Its vectors and
+register tiles are tuned for AVX-512 and for AVX2 with FMA. Where the build fails (no compiler),
+the target has neither or this CPU cannot run it (`refusal`: an older x86 CPU, ARM) or
+T5LITE_CPU_ATTENTION_KERNEL=0, `available()` is False and callers fall back to XLA's attention
+(the reason is logged once). float32 only (the model widens bf16 for it); head_dim a multiple
+of 16.
 """
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5lite.kernels import cpu_build
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
-FLAGS = ("-O3", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
 # The CPU features (Linux's names) a build of each vector width runs on.
 _NEEDS = {16: ("avx512f",), 8: ("avx2", "fma")}
 _FORWARD = "t5lite_cpu_attention_forward"
 _BACKWARD = "t5lite_cpu_attention_backward"
 
 
-def _cache_dir() -> str:
-  return os.path.join(os.path.expanduser(os.environ.get("T5LITE_CACHE_DIR") or "~/.cache/t5lite"),
-                      "kernels")
+def march() -> str:
+  """The target the kernel is built for: $T5LITE_CPU_ATTENTION_MARCH, else "native"."""
+  return os.environ.get("T5LITE_CPU_ATTENTION_MARCH") or "native"
 
 
-def _cpu_features() -> str:
-  """What -march=native compiles for: the CPU's feature flags (Linux), else its architecture. A
-  cache directory shared by different CPUs (a home folder on NFS) then holds one library each."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return line
-  except OSError:
-    pass
-  return platform.machine()
-
-
-def _cpu_flags() -> Optional[frozenset]:
-  """The CPU's feature flags (Linux's names: "avx2", "avx512f", ...), or None where
-  /proc/cpuinfo does not list them."""
-  features = _cpu_features()
-  return frozenset(features.split(":", 1)[1].split()) if features.startswith("flags") else None
-
-
-def flags() -> tuple:
-  """The compiler's flags: FLAGS and -march=native, or the -march in $T5LITE_CPU_ATTENTION_MARCH."""
-  return FLAGS + ("-march=" + (os.environ.get("T5LITE_CPU_ATTENTION_MARCH") or "native"),)
-
-
-def build(cache_dir: Optional[str] = None, source: str = SOURCE, portable: bool = False) -> str:
-  """Compiles cpu_attention.cc, or another kernel `source` of this folder (cpu_transpose.cc),
-  once per source, compiler, flags, JAX version and CPU, and returns the path of the shared
-  library; `portable` leaves out -march (a kernel that runs on any CPU of the host's
-  architecture, with no feature check). Raises RuntimeError (with the compiler's message) when
-  it cannot."""
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if not compiler:
-    raise RuntimeError("no C++ compiler found (set $CXX)")
-  with open(source, "rb") as f:
-    text = f.read()
-  compile_flags = FLAGS if portable else flags()
-  key = hashlib.sha256(text + " ".join(
-      compile_flags + (compiler, jax.__version__, _cpu_features())).encode())
-  folder = cache_dir or _cache_dir()
-  name = os.path.splitext(os.path.basename(source))[0]
-  path = os.path.join(folder, f"{name}-{key.hexdigest()[:16]}.so")
-  if os.path.exists(path):
-    return path
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-  os.close(fd)
-  cmd = [compiler, *compile_flags, "-isystem", jax.ffi.include_dir(), source, "-o", tmp]
-  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if done.returncode:
-    os.unlink(tmp)
-    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-  os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
-  return path
+def build(folder: Optional[str] = None) -> str:
+  """The path of the kernel's shared library for `march()`, built on the first call
+  (`cpu_build.build`); RuntimeError, with the compiler's message, when it cannot be."""
+  return cpu_build.build(SOURCE, march(), folder)
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,7 +75,7 @@ def refusal(library) -> Optional[str]:
   width = lanes(library)
   if not width:
     return "this CPU has neither AVX-512 nor AVX2 with FMA, which the kernel is written for"
-  cpu = _cpu_flags()
+  cpu = cpu_build.cpu_flags()
   missing = [f for f in _NEEDS[width] if cpu is not None and f not in cpu]
   if missing:
     return f"built for a CPU with {', '.join(missing)}, which this one lacks"

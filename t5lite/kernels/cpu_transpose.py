@@ -3,11 +3,10 @@
 XLA:CPU writes a transposed copy one strided element at a time (~1 GB/s on 2 cores of an Intel
 Xeon); the kernel moves 64 x 64 tiles (8-10 GB/s). The bf16 weight gradient of
 `t5lite.models.projection` (float32_outputs) needs its activations transposed in memory: for
-decoder-125m's train step that was ~10% of the step in XLA's transposes. Built and cached like
-the attention kernel (`cpu_attention.build`: the same compiler and cache directory) but without
--march, so that it runs on any CPU of the host's architecture (a memory-bound copy gains
-nothing from newer instructions); where it cannot be built or loaded, or T5LITE_CPU_TRANSPOSE_KERNEL=0, `available()` is False and
-callers transpose with XLA.
+decoder-125m's train step that was ~10% of the step in XLA's transposes. Built by `cpu_build`
+without -march, so that it runs on any CPU of the host's architecture (a memory-bound copy gains
+nothing from newer instructions); where it cannot be built or loaded, or
+T5LITE_CPU_TRANSPOSE_KERNEL=0, `available()` is False and callers transpose with XLA.
 """
 
 import ctypes
@@ -18,7 +17,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from t5lite.kernels import cpu_attention
+from t5lite.kernels import cpu_build
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_transpose.cc")
 _TARGET = "t5lite_cpu_transpose"
@@ -31,7 +30,7 @@ def available() -> bool:
   if os.environ.get("T5LITE_CPU_TRANSPOSE_KERNEL", "1") == "0":
     return False
   try:
-    library = ctypes.cdll.LoadLibrary(cpu_attention.build(source=SOURCE, portable=True))
+    library = ctypes.cdll.LoadLibrary(cpu_build.build(SOURCE, march=None))
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.T5liteCpuTranspose),
                                 platform="cpu")
   except (RuntimeError, OSError, AttributeError) as e:

@@ -1,0 +1,80 @@
+"""Compiles t5lite's C++ kernels for XLA:CPU (cpu_attention.cc, cpu_transpose.cc) and caches them.
+
+A kernel's source is compiled on first use (~3 s) with the host's C++ compiler (`g++`, or $CXX)
+against JAX's XLA FFI headers into `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR,
+else ~/.cache/t5lite), keyed by the source, the compiler, its flags, the JAX version and the
+CPU's features, so that a cache directory shared by different CPUs (a home folder on NFS) holds
+one library each. The library in the cache is loaded and run: like JAX's compilation cache, a
+cache directory others can write to lets them run code as you.
+"""
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import jax
+
+FLAGS = ("-O3", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
+
+
+def cache_dir() -> str:
+  """Where built kernels are kept: `kernels/` of $T5LITE_CACHE_DIR, else of ~/.cache/t5lite."""
+  return os.path.join(os.path.expanduser(os.environ.get("T5LITE_CACHE_DIR") or "~/.cache/t5lite"),
+                      "kernels")
+
+
+def cpu_features() -> str:
+  """What -march=native compiles for: the CPU's feature flags (Linux), else its architecture."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return line
+  except OSError:
+    pass
+  return platform.machine()
+
+
+def cpu_flags() -> Optional[frozenset]:
+  """The CPU's feature flags (Linux's names: "avx2", "avx512f", ...), or None where
+  /proc/cpuinfo does not list them."""
+  features = cpu_features()
+  return frozenset(features.split(":", 1)[1].split()) if features.startswith("flags") else None
+
+
+def compiler_flags(march: Optional[str]) -> tuple:
+  """FLAGS, with -march=`march` unless it is None (a build for any CPU of the architecture)."""
+  return FLAGS + (("-march=" + march,) if march else ())
+
+
+def build(source: str, march: Optional[str], folder: Optional[str] = None) -> str:
+  """Compiles the kernel `source` for `march` (None: no -march) once per source, compiler,
+  flags, JAX version and CPU into `folder` (default `cache_dir()`), and returns the path of the
+  shared library. Raises RuntimeError (with the compiler's message) when it cannot."""
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if not compiler:
+    raise RuntimeError("no C++ compiler found (set $CXX)")
+  with open(source, "rb") as f:
+    text = f.read()
+  flags = compiler_flags(march)
+  key = hashlib.sha256(text + " ".join(
+      flags + (compiler, jax.__version__, cpu_features())).encode())
+  folder = folder or cache_dir()
+  name = os.path.splitext(os.path.basename(source))[0]
+  path = os.path.join(folder, f"{name}-{key.hexdigest()[:16]}.so")
+  if os.path.exists(path):
+    return path
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+  os.close(fd)
+  cmd = [compiler, *flags, "-isystem", jax.ffi.include_dir(), source, "-o", tmp]
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if done.returncode:
+    os.unlink(tmp)
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+  os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
+  return path
