@@ -85,9 +85,18 @@ def check_target(target: str) -> str:
 
 def plugin_available() -> bool:
   """Whether JAX's CUDA PJRT plugin (which holds XLA's GPU compiler) is installed."""
-  return any(importlib.util.find_spec(name) is not None
+  return any(_module_exists(name)
              for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12",
                           "jax_plugins.xla_cuda13"))
+
+
+def _module_exists(name: str) -> bool:
+  """Whether module `name` can be imported; False also where its parent package is missing
+  (find_spec raises then: no `jax_plugins` namespace without a plugin)."""
+  try:
+    return importlib.util.find_spec(name) is not None
+  except ModuleNotFoundError:
+    return False
 
 
 def _field(target: str, name: str) -> Tuple[int, int]:

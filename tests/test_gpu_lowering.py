@@ -188,3 +188,11 @@ def test_packed_rows_lower_for_cuda_with_cudnn_attention(preset, inputs, targets
   assert sorted(calls) == ["__cudnn$fmhaScaleBiasSoftmax",
                            "__cudnn$fmhaScaleBiasSoftmaxBackward"], sorted(calls)
   assert set(re.findall(r'mask_type\\22: \\22(\w+)\\22', text)) == masks
+
+
+def test_plugin_check_answers_without_the_plugin_namespace():
+  """Where no CUDA plugin is installed there is no `jax_plugins` package to look in:
+  `plugin_available()` is False then (test_gpu_aot.py skips) rather than an ImportError."""
+  assert not gpu_aot._module_exists("t5lite_no_such_package.xla_cuda12")
+  assert gpu_aot._module_exists("jax.numpy")
+  assert isinstance(gpu_aot.plugin_available(), bool)
