@@ -193,6 +193,55 @@ def test_kernel_with_prefix_matches_jax_attention_with_the_prefix_lm_mask(case):
     np.testing.assert_allclose(got, want, atol=5e-5)
 
 
+BF16_CASES = sorted(CASES) + ["segments", "prefix"]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_bf16_kernel_matches_the_float32_kernel(case):
+  """bf16 operands go to the kernel's bf16 handlers, which widen them as they read them and
+  compute in float32: the output is the float32 kernel's on the same values, rounded to bf16,
+  bit for bit; dV (which does not read the output) too; dQ, dK and dBias (which read the bf16
+  output where the float32 kernel reads its float32 one) are within twice the error of
+  rounding the float32 kernel's to bf16. Every CASES shape (one row over one KV head: the
+  backward's shares, each with float32 sums of its own narrowed at the end), packed rows and a
+  prefix LM."""
+  segments = prefix = None
+  if case == "segments":
+    q, k, v, bias, mask = _operands("causal_grouped", seed=4)
+    segments = (_segments(3, 150, [[(1, 70), (2, 80)], [(1, 150)], [(3, 20), (1, 100)]]),) * 2
+  elif case == "prefix":
+    q, k, v, bias, mask = _operands("causal_grouped", seed=6)
+    segments = (_segments(3, 150, [[(1, 150)], [(1, 120)], [(1, 31)]]),) * 2
+    prefix = _flags(3, 150, [[(0, 70)], [(0, 120)], [(0, 5)]])
+  else:
+    q, k, v, bias, mask = _operands(case)
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  wide = [x.astype(jnp.float32) for x in bf16]
+
+  def ours(q, k, v, bias):
+    return cpu_attention.attention(q, k, v, mask.kv_lengths, bias, segments, prefix, scale=0.3,
+                                   causal=mask.causal or prefix is not None)
+
+  out_bf16, vjp_bf16 = jax.vjp(ours, *bf16, bias)
+  out_wide, vjp_wide = jax.vjp(ours, *wide, bias)
+  assert out_bf16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out_bf16, np.float32),
+                                np.asarray(out_wide.astype(jnp.bfloat16), np.float32))
+  cotangent = jax.random.normal(jax.random.key(9), q.shape).astype(jnp.bfloat16)
+  grads = zip(("q", "k", "v", "bias"), vjp_bf16(cotangent), vjp_wide(cotangent.astype(jnp.float32)))
+  for name, got, want in grads:
+    if got is None:
+      continue
+    assert got.dtype == (jnp.float32 if name == "bias" else jnp.bfloat16), name
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    rounded = np.asarray(jnp.asarray(want).astype(jnp.bfloat16), np.float32)
+    if name == "v":
+      np.testing.assert_array_equal(got, rounded)
+    err, rounding = (np.linalg.norm(x - want) / np.linalg.norm(want) for x in (got, rounded))
+    assert err <= 2 * rounding, (name, err, rounding)
+
+
 @needs_kernel
 def test_kernel_rejects_a_prefix_it_cannot_apply():
   """A prefix needs causal attention over queries and keys of one length, with flags of that
@@ -263,8 +312,8 @@ def _calls_kernel(fn, *args) -> bool:
 @needs_kernel
 def test_kernel_attention_falls_back_where_the_kernel_does_not_apply():
   """attend(implementation='cpu_kernel') runs the kernel for float32 with head_dim a multiple
-  of 16 and causal / length / segment / prefix-LM masks, and for bfloat16 (widened to float32,
-  the output narrowed back), and chunked_attention (same values) for a dense mask without
+  of 16 and causal / length / segment / prefix-LM masks, and for bfloat16 (bf16 handlers that
+  compute in float32: the output is the float32 call's, rounded), and chunked_attention (same values) for a dense mask without
   segment ids (decoding's) or head_dim 8."""
   q, k, v, bias, mask = _operands("lengths_and_shared_bias")
 
@@ -284,12 +333,24 @@ def test_kernel_attention_falls_back_where_the_kernel_does_not_apply():
     np.testing.assert_allclose(np.asarray(attend(m, *args), np.float32),
                                np.asarray(chunked, np.float32), atol=1e-6)
   assert _calls_kernel(lambda *a: attend(mask, *a), *bf16)
+  text = jax.jit(jax.grad(lambda *a: jnp.sum(attend(mask, *a).astype(jnp.float32)),
+                          (0, 1, 2))).lower(*bf16).as_text()
+  assert "t5lite_cpu_attention_forward_bf16" in text
+  assert "t5lite_cpu_attention_backward_bf16" in text
   wide = [x.astype(jnp.float32) for x in bf16]
-  for got, want in zip(jax.vjp(lambda *a: attend(mask, *a), *bf16)[1](bf16[0]),
-                       jax.vjp(lambda *a: attend(mask, *a), *wide)[1](wide[0])):
+  for name, got, want in zip(("q", "k", "v", "bias"),
+                             jax.vjp(lambda *a: attend(mask, *a), *bf16)[1](bf16[0]),
+                             jax.vjp(lambda *a: attend(mask, *a), *wide)[1](wide[0])):
+    # The bf16 kernel's backward reads the bf16 output (the float32 call, its float32 output)
+    # and rounds its gradients to bf16: within twice the error of rounding the float32 call's
+    # gradients to bf16. dV does not read the output: the same bits.
     assert got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float32),
-                               np.asarray(want.astype(jnp.bfloat16), np.float32), atol=1e-6)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    rounded = np.asarray(jnp.asarray(want).astype(jnp.bfloat16), np.float32)
+    if name == "v":
+      np.testing.assert_array_equal(got, rounded)
+    err, rounding = (np.linalg.norm(x - want) / np.linalg.norm(want) for x in (got, rounded))
+    assert err <= 2 * rounding, (name, err, rounding)
   got = attend(mask, *bf16)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(got, np.float32),

@@ -1,4 +1,6 @@
-// Softmax attention for XLA:CPU as two XLA FFI handlers (forward and backward), fp32.
+// Softmax attention for XLA:CPU as XLA FFI handlers (forward and backward), for fp32 operands
+// and for bf16 ones (widened to fp32 a block at a time, as they are read: the products and the
+// softmax are fp32 either way; the outputs narrowed, round to nearest even, as they are written).
 //
 // XLA:CPU runs attention as separate ops, each one pass over the [queries, keys] scores in
 // memory, and its batched [rows x head_dim] x [head_dim x keys] matmuls run far below the
@@ -15,7 +17,8 @@
 // [B, Lq, H, D]; lse float32 [B, H, Lq]. Causal: key j is hidden from query i when j > i,
 // unless has_prefix and both are prefix tokens (prefix int32 [B, Lq], nonzero on them; a prefix
 // LM, where Lq = Lk). A query that sees no key gets zeros (and passes no gradient). D must be a
-// multiple of 16.
+// multiple of 16. q, k, v, out, d_out and dq, dk, dv are all fp32 or all bf16; bias, lse and
+// dbias are fp32.
 
 #include <algorithm>
 #include <atomic>
@@ -25,6 +28,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -110,6 +114,59 @@ inline float Sum(V v) {
   return t;
 }
 
+// A bf16 value as its bits (XLA FFI's native type for BF16 is uint16_t; a type of its own picks
+// the overloads below).
+struct Bf16 {
+  uint16_t bits;
+};
+
+inline float Widen(float x) { return x; }
+inline float Widen(Bf16 x) {
+  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Round to nearest even, as XLA's convert does; NaN stays a (quiet) NaN.
+inline void Narrow(float f, float* out) { *out = f; }
+inline void Narrow(float f, Bf16* out) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    out->bits = static_cast<uint16_t>((u >> 16) | 0x40u);
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  out->bits = static_cast<uint16_t>(u >> 16);
+}
+
+// `rows` rows of d values from x (row stride `stride`) as fp32 rows: fp32 ones where they are
+// (*ld = stride), bf16 ones widened into buf (*ld = d).
+inline const float* AsFloat(const float* x, int64_t stride, int64_t rows, int d, float* buf,
+                            int64_t* ld) {
+  (void)rows, (void)d, (void)buf;
+  *ld = stride;
+  return x;
+}
+inline const float* AsFloat(const Bf16* x, int64_t stride, int64_t rows, int d, float* buf,
+                            int64_t* ld) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int e = 0; e < d; ++e) buf[r * d + e] = Widen(x[r * stride + e]);
+  *ld = d;
+  return buf;
+}
+
+// Writes `rows` fp32 rows of d values (src, row stride ls) into dst (row stride ld), narrowed.
+template <typename T>
+inline void PutRows(const float* src, int64_t ls, int64_t rows, int d, T* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int e = 0; e < d; ++e) Narrow(src[r * ls + e], dst + r * ld + e);
+}
+
+template <typename T>
+constexpr bool kFloat = std::is_same_v<T, float>;
+
 // row[j] = exp(row[j] - shift) for j < cols (a multiple of kLanes; -inf entries give 0);
 // returns the sum.
 inline float ExpRow(float* row, int cols, float shift) {
@@ -128,8 +185,13 @@ struct Shape {
   float scale;
 };
 
+// q, k, v, out and d_out are float or Bf16 (the handler's type); the rest fp32 or int32.
 struct Operands {
-  const float *q, *k, *v, *bias, *out, *lse, *d_out;
+  const void *q, *k, *v;
+  const float* bias;
+  const void* out;
+  const float* lse;
+  const void* d_out;
   const int32_t *lengths, *q_segments, *k_segments, *prefix;
 };
 
@@ -219,15 +281,16 @@ void Product(int rows, int width, const float* a, int64_t ai, int64_t ae, const 
                  alpha, c, ldc);
 }
 
-// Packs x[b, :, head, :] (rows of stride `stride`) transposed into xt[D][ld] (zero padded; ld
-// a multiple of kLanes), kLanes rows at a time so each store is a whole vector (storing one float
-// at a time to D rows far apart took 8x as long).
-void PackTransposed(const float* x, int64_t stride, int64_t rows, int d, float* xt, int64_t ld) {
+// Packs x[b, :, head, :] (rows of stride `stride`) transposed into xt[D][ld] as fp32 (zero
+// padded; ld a multiple of kLanes), kLanes rows at a time so each store is a whole vector
+// (storing one float at a time to D rows far apart took 8x as long).
+template <typename T>
+void PackTransposed(const T* x, int64_t stride, int64_t rows, int d, float* xt, int64_t ld) {
   for (int64_t j0 = 0; j0 < ld; j0 += kLanes) {
     int64_t n = std::min<int64_t>(kLanes, rows - j0);
     for (int e = 0; e < d; ++e) {
       V column = {};
-      for (int64_t j = 0; j < n; ++j) column[j] = x[(j0 + j) * stride + e];
+      for (int64_t j = 0; j < n; ++j) column[j] = Widen(x[(j0 + j) * stride + e]);
       Store(xt + e * ld + j0, column);
     }
   }
@@ -294,17 +357,17 @@ inline int64_t VisibleInBlock(const Shape& s, const Operands& x, int64_t b, int6
       0, std::min(VisibleKeys(s, x, b, length, i, keys.prefix_end), keys.end) - keys.first);
 }
 
-// Scores of queries [start, start + rows) of (b, h) against the keys `keys` (BlockKeys): scale *
-// q k^T + bias, hidden -> -inf; column c holds key keys.first + c. Returns the number of
-// columns computed (keys.size() rounded up to a multiple of 2 * kLanes).
-int BlockScores(const Shape& s, const Operands& x, const float* kt, int64_t ldk, int64_t b,
-                int64_t h, int64_t start, int rows, int64_t length, KeyRange keys, float* sc,
-                int64_t ldc) {
+// Scores of queries [start, start + rows) of (b, h) (their fp32 rows qrow, row stride ldq)
+// against the keys `keys` (BlockKeys): scale * q k^T + bias, hidden -> -inf; column c holds key
+// keys.first + c. Returns the number of columns computed (keys.size() rounded up to a multiple
+// of 2 * kLanes).
+int BlockScores(const Shape& s, const Operands& x, const float* qrow, int64_t ldq,
+                const float* kt, int64_t ldk, int64_t b, int64_t h, int64_t start, int rows,
+                int64_t length, KeyRange keys, float* sc, int64_t ldc) {
   int cols = static_cast<int>(PaddedKeys(keys.size()));
   if (cols == 0) return 0;
-  const float* qrow = x.q + ((b * s.lq + start) * s.h + h) * s.d;
-  Product<false>(rows, cols, qrow, s.h * s.d, 1, kt + keys.first, ldk, static_cast<int>(s.d),
-                 s.scale, sc, ldc);
+  Product<false>(rows, cols, qrow, ldq, 1, kt + keys.first, ldk, static_cast<int>(s.d), s.scale,
+                 sc, ldc);
   const float* brow = nullptr;
   if (s.has_bias)
     brow = x.bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk + keys.first;
@@ -350,8 +413,9 @@ ffi::Error CheckShapes(const Shape& s, ffi::Buffer<ffi::S32>& q_segments,
   return ffi::Error::Success();
 }
 
-Shape MakeShape(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& bias,
-                float scale, bool causal, bool has_bias, bool has_segments, bool has_prefix) {
+template <typename Q>
+Shape MakeShape(Q& q, Q& k, ffi::Buffer<ffi::F32>& bias, float scale, bool causal, bool has_bias,
+                bool has_segments, bool has_prefix) {
   auto qd = q.dimensions(), kd = k.dimensions(), bd = bias.dimensions();
   return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], bd[0], causal, has_bias, has_segments,
                has_prefix, scale};
@@ -387,28 +451,59 @@ int Threads(ffi::ThreadPool& pool, int64_t items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), items)));
 }
 
+// Per-thread scratch of an item: the packed transposed keys (and values, in the backward), a
+// block's scores (and dS), and for bf16 operands their widened rows and the fp32 outputs before
+// they are narrowed.
+struct Scratch {
+  std::vector<float> kt, vt, sc, ds, k, v, q, g, o, dq, acc;
+  void Size(const Shape& s, bool backward) {
+    if (!kt.empty()) return;
+    const int64_t ldk = PaddedKeys(s.lk);
+    kt.resize(s.d * ldk);
+    sc.resize(kRows * ldk);
+    k.resize(s.lk * s.d);
+    v.resize(s.lk * s.d);
+    q.resize(kRows * s.d);
+    o.resize(kRows * s.d);
+    if (!backward) return;
+    vt.resize(s.d * ldk);
+    ds.resize(kRows * ldk);
+    g.resize(kRows * s.d);
+    dq.resize(kRows * s.d);
+    acc.resize(2 * s.lk * s.d);
+  }
+};
+
 // Forward of one (batch row b, KV head kh), or of its share `part` of `parts` (query blocks
 // part, part + parts, ...: under a causal mask each share gets early and late blocks).
+template <typename T>
 void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64_t part,
-                 int64_t parts, float* out, float* lse, std::vector<float>& kt,
-                 std::vector<float>& sc) {
+                 int64_t parts, T* out, float* lse, Scratch& w) {
   const int64_t ldk = PaddedKeys(s.lk);
   const int64_t group = s.h / s.kv, kstride = s.kv * s.d, qstride = s.h * s.d;
   const int d = static_cast<int>(s.d);
-  const int64_t length = x.lengths[b];
-  const float* vbase = x.v + (b * s.lk * s.kv + kh) * s.d;
-  PackTransposed(x.k + (b * s.lk * s.kv + kh) * s.d, kstride, s.lk, s.d, kt.data(), ldk);
+  const int64_t length = x.lengths[b], koff = (b * s.lk * s.kv + kh) * s.d;
+  const T* q = static_cast<const T*>(x.q);
+  PackTransposed(static_cast<const T*>(x.k) + koff, kstride, s.lk, d, w.kt.data(), ldk);
+  int64_t ldv;
+  const float* vbase = AsFloat(static_cast<const T*>(x.v) + koff, kstride, s.lk, d, w.v.data(),
+                               &ldv);
   for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
     for (int64_t start = part * kRows; start < s.lq; start += parts * kRows) {
       int rows = static_cast<int>(std::min<int64_t>(kRows, s.lq - start));
+      const int64_t qoff = ((b * s.lq + start) * s.h + h) * s.d;
+      int64_t ldq;
+      const float* qrow = AsFloat(q + qoff, qstride, rows, d, w.q.data(), &ldq);
       const KeyRange keys = BlockKeys(s, x, b, start, rows, length);
-      int cols = BlockScores(s, x, kt.data(), ldk, b, h, start, rows, length, keys, sc.data(),
-                             ldk);
-      float* orow = out + ((b * s.lq + start) * s.h + h) * s.d;
+      int cols = BlockScores(s, x, qrow, ldq, w.kt.data(), ldk, b, h, start, rows, length, keys,
+                             w.sc.data(), ldk);
+      // fp32 outputs in place; bf16 ones in fp32 rows first, narrowed below.
+      float* orow = kFloat<T> ? reinterpret_cast<float*>(out + qoff) : w.o.data();
+      const int64_t ldo = kFloat<T> ? qstride : d;
       float* lrow = lse + (b * s.h + h) * s.lq + start;
       float inv[kRows];  // 1 / each row's sum: the output rows are normalized, not the scores
       for (int r = 0; r < rows; ++r) {
-        float* row = sc.data() + r * ldk;
+        float* row = w.sc.data() + r * ldk;
         V mv = Splat(kHidden);
         for (int j = 0; j < cols; j += kLanes) mv = mv > Load(row + j) ? mv : Load(row + j);
         float m = Max(mv);
@@ -422,59 +517,68 @@ void ForwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64
         lrow[r] = m + std::log(sum);
       }
       if (keys.size() == 0) {
+        for (int r = 0; r < rows; ++r) std::fill(orow + r * ldo, orow + r * ldo + s.d, 0.0f);
+      } else {
+        Product<false>(rows, d, w.sc.data(), ldk, 1, vbase + keys.first * ldv, ldv,
+                       static_cast<int>(keys.size()), 1.0f, orow, ldo);
         for (int r = 0; r < rows; ++r)
-          std::fill(orow + r * qstride, orow + r * qstride + s.d, 0.0f);
-        continue;
+          for (int e = 0; e < d; e += kLanes)
+            Store(orow + r * ldo + e, Load(orow + r * ldo + e) * inv[r]);
       }
-      Product<false>(rows, d, sc.data(), ldk, 1, vbase + keys.first * kstride, kstride,
-                     static_cast<int>(keys.size()), 1.0f, orow, qstride);
-      for (int r = 0; r < rows; ++r)
-        for (int e = 0; e < d; e += kLanes)
-          Store(orow + r * qstride + e, Load(orow + r * qstride + e) * inv[r]);
+      if constexpr (!kFloat<T>) PutRows(orow, ldo, rows, d, out + qoff, qstride);
     }
   }
 }
 
 // Backward of one (batch row b, KV head kh), or of its share `part` of `parts` (query blocks
 // part, part + parts, ..., as in ForwardItem): dQ of its query heads (the share's blocks), dK and
-// dV of its keys (added into dk, dv: each share has its own), and its share of dBias (added into
-// d_bias, laid out as the bias: the share's query rows).
+// dV of its keys (added, in fp32, into dk and dv: key j's row at j * ldkv; each share has its
+// own), and its share of dBias (added into d_bias, laid out as the bias: the share's query rows).
+template <typename T>
 void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int64_t part,
-                  int64_t parts, float* dq, float* dk, float* dv, float* d_bias,
-                  std::vector<float>& scratch) {
+                  int64_t parts, T* dq, float* dk, float* dv, int64_t ldkv, float* d_bias,
+                  Scratch& w) {
   const int64_t ldk = PaddedKeys(s.lk);
   const int64_t group = s.h / s.kv, kstride = s.kv * s.d, qstride = s.h * s.d;
   const int d = static_cast<int>(s.d);
   const int64_t length = x.lengths[b], koff = (b * s.lk * s.kv + kh) * s.d;
-  scratch.resize(2 * s.d * ldk + 2 * kRows * ldk + kRows);
-  float *kt = scratch.data(), *vt = kt + s.d * ldk, *pr = vt + s.d * ldk, *ds = pr + kRows * ldk;
-  float* di = ds + kRows * ldk;
-  PackTransposed(x.k + koff, kstride, s.lk, s.d, kt, ldk);
-  PackTransposed(x.v + koff, kstride, s.lk, s.d, vt, ldk);
+  const T *q = static_cast<const T*>(x.q), *o = static_cast<const T*>(x.out);
+  const T* d_out = static_cast<const T*>(x.d_out);
+  float *kt = w.kt.data(), *vt = w.vt.data(), *pr = w.sc.data(), *ds = w.ds.data();
+  float di[kRows];
+  PackTransposed(static_cast<const T*>(x.k) + koff, kstride, s.lk, d, kt, ldk);
+  PackTransposed(static_cast<const T*>(x.v) + koff, kstride, s.lk, d, vt, ldk);
+  int64_t ldkr;
+  const float* krows = AsFloat(static_cast<const T*>(x.k) + koff, kstride, s.lk, d, w.k.data(),
+                               &ldkr);
   for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
     for (int64_t start = part * kRows; start < s.lq; start += parts * kRows) {
       int rows = static_cast<int>(std::min<int64_t>(kRows, s.lq - start));
       const int64_t qoff = ((b * s.lq + start) * s.h + h) * s.d;
       const KeyRange keys = BlockKeys(s, x, b, start, rows, length);
-      int cols = BlockScores(s, x, kt, ldk, b, h, start, rows, length, keys, pr, ldk);
+      int64_t ldq, ldg, ldo;
+      const float* qrow = AsFloat(q + qoff, qstride, rows, d, w.q.data(), &ldq);
+      float* dqrow = kFloat<T> ? reinterpret_cast<float*>(dq + qoff) : w.dq.data();
+      const int64_t lddq = kFloat<T> ? qstride : d;
+      int cols = BlockScores(s, x, qrow, ldq, kt, ldk, b, h, start, rows, length, keys, pr, ldk);
       if (cols == 0) {
-        for (int r = 0; r < rows; ++r)
-          std::fill(dq + qoff + r * qstride, dq + qoff + r * qstride + s.d, 0.0f);
+        for (int r = 0; r < rows; ++r) std::fill(dqrow + r * lddq, dqrow + r * lddq + s.d, 0.0f);
+        if constexpr (!kFloat<T>) PutRows(dqrow, lddq, rows, d, dq + qoff, qstride);
         continue;
       }
+      const float* grow = AsFloat(d_out + qoff, qstride, rows, d, w.g.data(), &ldg);
+      const float* orow = AsFloat(o + qoff, qstride, rows, d, w.o.data(), &ldo);
       // P from the saved log-sum-exp; D_i = dO_i . O_i.
       // (A row that sees no key has only hidden scores, and its saved log-sum-exp is 0: P = 0.)
       for (int r = 0; r < rows; ++r) {
         float* row = pr + r * ldk;
         ExpRow(row, cols, x.lse[(b * s.h + h) * s.lq + start + r]);
-        const float *o = x.out + qoff + r * qstride, *g = x.d_out + qoff + r * qstride;
         V dot = {};
-        for (int e = 0; e < d; e += kLanes) dot += Load(o + e) * Load(g + e);
+        for (int e = 0; e < d; e += kLanes) dot += Load(orow + r * ldo + e) * Load(grow + r * ldg + e);
         di[r] = Sum(dot);
       }
       // dP = dO V^T; dS = P * (dP - D) (zero where hidden), the gradient of the scaled scores.
-      Product<false>(rows, cols, x.d_out + qoff, qstride, 1, vt + keys.first, ldk, d, 1.0f, ds,
-                     ldk);
+      Product<false>(rows, cols, grow, ldg, 1, vt + keys.first, ldk, d, 1.0f, ds, ldk);
       float* dbrow = nullptr;
       if (s.has_bias)
         dbrow = d_bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + start) * s.lk + keys.first;
@@ -489,67 +593,43 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int6
       }
       // dQ = scale dS K; dK += scale dS^T Q; dV += P^T dO.
       const int n = static_cast<int>(keys.size());
-      const int64_t kfirst = koff + keys.first * kstride;
-      Product<false>(rows, d, ds, ldk, 1, x.k + kfirst, kstride, n, s.scale, dq + qoff, qstride);
-      Product<true>(n, d, ds, 1, ldk, x.q + qoff, qstride, rows, s.scale, dk + kfirst, kstride);
-      Product<true>(n, d, pr, 1, ldk, x.d_out + qoff, qstride, rows, 1.0f, dv + kfirst, kstride);
+      Product<false>(rows, d, ds, ldk, 1, krows + keys.first * ldkr, ldkr, n, s.scale, dqrow,
+                     lddq);
+      if constexpr (!kFloat<T>) PutRows(dqrow, lddq, rows, d, dq + qoff, qstride);
+      Product<true>(n, d, ds, 1, ldk, qrow, ldq, rows, s.scale, dk + keys.first * ldkv, ldkv);
+      Product<true>(n, d, pr, 1, ldk, grow, ldg, rows, 1.0f, dv + keys.first * ldkv, ldkv);
     }
   }
 }
 
-ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                       ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
-                       ffi::Buffer<ffi::S32> q_segments, ffi::Buffer<ffi::S32> k_segments,
-                       ffi::Buffer<ffi::S32> prefix, ffi::ResultBuffer<ffi::F32> out,
-                       ffi::ResultBuffer<ffi::F32> lse, ffi::ThreadPool pool, float scale,
-                       bool causal, bool has_bias, bool has_segments, bool has_prefix) {
-  Shape s = MakeShape(q, k, bias, scale, causal, has_bias, has_segments, has_prefix);
-  if (auto e = CheckShapes(s, q_segments, k_segments, prefix); e.failure()) return e;
-  Operands x{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), nullptr, nullptr,
-             nullptr, lengths.typed_data(), q_segments.typed_data(), k_segments.typed_data(),
-             prefix.typed_data()};
-  const int64_t ldk = PaddedKeys(s.lk);
-  float *op = out->typed_data(), *lsep = lse->typed_data();
+template <typename T>
+ffi::Error ForwardImpl(const Shape& s, const Operands& x, T* op, float* lsep,
+                       ffi::ThreadPool& pool) {
   // Fewer (row, KV head) pairs than twice the threads (a prompt of one row over few KV heads):
   // the pairs' query blocks are shared out too, each share packing its keys again.
   const int64_t pairs = s.b * s.kv, blocks = (s.lq + kRows - 1) / kRows;
   const int64_t parts = std::clamp<int64_t>((2 * pool.num_threads() + pairs - 1) / pairs, 1,
                                             std::max<int64_t>(blocks, 1));
   const int threads = Threads(pool, pairs * parts);
-  std::vector<std::vector<float>> kt(threads), sc(threads);
+  std::vector<Scratch> scratch(threads);
   auto item = [&](int t, int64_t i) {
-    if (kt[t].empty()) {
-      kt[t].resize(s.d * ldk);
-      sc[t].resize(kRows * ldk);
-    }
+    scratch[t].Size(s, false);
     int64_t pair = i / parts;
     // (batch row, KV head) in BackwardImpl's order (see there).
-    ForwardItem(s, x, pair % s.b, pair / s.b, i % parts, parts, op, lsep, kt[t], sc[t]);
+    ForwardItem(s, x, pair % s.b, pair / s.b, i % parts, parts, op, lsep, scratch[t]);
   };
   ParallelFor(pool, pairs * parts, threads, item);
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                        ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
-                        ffi::Buffer<ffi::S32> q_segments, ffi::Buffer<ffi::S32> k_segments,
-                        ffi::Buffer<ffi::S32> prefix, ffi::Buffer<ffi::F32> out,
-                        ffi::Buffer<ffi::F32> lse,
-                        ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_q,
-                        ffi::ResultBuffer<ffi::F32> d_k, ffi::ResultBuffer<ffi::F32> d_v,
-                        ffi::ResultBuffer<ffi::F32> d_bias, ffi::ThreadPool pool,
-                        float scale, bool causal, bool has_bias, bool has_segments,
-                        bool has_prefix) {
-  Shape s = MakeShape(q, k, bias, scale, causal, has_bias, has_segments, has_prefix);
-  if (auto e = CheckShapes(s, q_segments, k_segments, prefix); e.failure()) return e;
-  Operands x{q.typed_data(), k.typed_data(), v.typed_data(), bias.typed_data(), out.typed_data(),
-             lse.typed_data(), d_out.typed_data(), lengths.typed_data(), q_segments.typed_data(),
-             k_segments.typed_data(), prefix.typed_data()};
-  float *dqp = d_q->typed_data(), *dkp = d_k->typed_data(), *dvp = d_v->typed_data();
-  float* dbp = d_bias->typed_data();
-  const int64_t bias_size = d_bias->element_count();
-  std::fill(dkp, dkp + d_k->element_count(), 0.0f);
-  std::fill(dvp, dvp + d_v->element_count(), 0.0f);
+template <typename T>
+ffi::Error BackwardImpl(const Shape& s, const Operands& x, T* dqp, T* dkp, T* dvp, float* dbp,
+                        int64_t bias_size, ffi::ThreadPool& pool) {
+  const int64_t k_size = s.b * s.lk * s.kv * s.d, kstride = s.kv * s.d;
+  if constexpr (kFloat<T>) {
+    std::fill(dkp, dkp + k_size, 0.0f);
+    std::fill(dvp, dvp + k_size, 0.0f);
+  }
   std::fill(dbp, dbp + bias_size, 0.0f);
   // A bias shared by the batch rows: its gradient is a sum over the rows. They are cut into
   // `runs` runs of consecutive rows, each run with its own dBias (the first run's is d_bias),
@@ -558,7 +638,7 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
   // value is the same sum in the same order whichever threads take the items: the gradient is
   // bit for bit the same from run to run (with one dBias per thread, as before, it varied in
   // its last bits with the threads' timing, and so did training). Otherwise a run is one row.
-  const bool shared = has_bias && s.bias_b == 1;
+  const bool shared = s.has_bias && s.bias_b == 1;
   const int64_t pool_threads = std::max<int64_t>(pool.num_threads(), 1);
   int64_t per_run = 1, runs = s.b;
   if (shared) {
@@ -568,18 +648,20 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
   // Fewer items than twice the threads (one long row over few KV heads, or a batch split over
   // many devices): each item's query blocks are shared out among `parts` items too, as in the
   // forward. The shares of an item write different rows of dQ and dBias, and each its own dK
-  // and dV (share 0 into d_k and d_v, the others into buffers added in order at the end: again
-  // the same sums in the same order from run to run).
+  // and dV (fp32: share 0 into d_k and d_v, the others into buffers added in order at the end;
+  // bf16: every share into a buffer of its own, added in order and narrowed at the end: again
+  // the same sums in the same order from run to run). bf16 with one share: each item adds into
+  // fp32 sums of its own keys and narrows them into d_k and d_v when done.
   const int64_t blocks = (s.lq + kRows - 1) / kRows;
   const int64_t parts = std::clamp<int64_t>((2 * pool_threads + runs * s.kv - 1) / (runs * s.kv),
                                             1, std::max<int64_t>(blocks, 1));
   const int threads = Threads(pool, runs * s.kv * parts);
-  std::vector<std::vector<float>> scratch(threads);
+  std::vector<Scratch> scratch(threads);
   std::vector<std::vector<float>> partial(shared ? runs - 1 : 0,
                                           std::vector<float>(bias_size, 0.0f));
-  const int64_t k_size = d_k->element_count();
-  std::vector<std::vector<float>> share_dk(parts - 1, std::vector<float>(k_size, 0.0f));
-  std::vector<std::vector<float>> share_dv(parts - 1, std::vector<float>(k_size, 0.0f));
+  const int64_t own = kFloat<T> ? parts - 1 : (parts > 1 ? parts : 0);
+  std::vector<std::vector<float>> share_dk(own, std::vector<float>(k_size, 0.0f));
+  std::vector<std::vector<float>> share_dv(own, std::vector<float>(k_size, 0.0f));
   auto item = [&](int t, int64_t i) {
     // Item i is share i % parts of (run j % runs, KV head j / runs), j = i / parts: items
     // running at once on different threads then write different rows' gradients. In row-major
@@ -587,18 +669,92 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
     // pieces of the same dK / dV rows: the backward took 30% longer on two cores (decoder-tiny's
     // shapes).
     const int64_t part = i % parts, j = i / parts, run = j % runs, kh = j / runs;
+    Scratch& w = scratch[t];
+    w.Size(s, true);
     float* target = run == 0 || !shared ? dbp : partial[run - 1].data();
-    float* dk = part == 0 ? dkp : share_dk[part - 1].data();
-    float* dv = part == 0 ? dvp : share_dv[part - 1].data();
-    for (int64_t b = run * per_run; b < std::min(s.b, (run + 1) * per_run); ++b)
-      BackwardItem(s, x, b, kh, part, parts, dqp, dk, dv, target, scratch[t]);
+    for (int64_t b = run * per_run; b < std::min(s.b, (run + 1) * per_run); ++b) {
+      const int64_t koff = (b * s.lk * s.kv + kh) * s.d;
+      float *dk, *dv;
+      int64_t ldkv = kstride;
+      if constexpr (kFloat<T>) {
+        dk = (part == 0 ? dkp : share_dk[part - 1].data()) + koff;
+        dv = (part == 0 ? dvp : share_dv[part - 1].data()) + koff;
+      } else if (parts > 1) {
+        dk = share_dk[part].data() + koff;
+        dv = share_dv[part].data() + koff;
+      } else {
+        dk = w.acc.data();
+        dv = dk + s.lk * s.d;
+        ldkv = s.d;
+        std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+      }
+      BackwardItem(s, x, b, kh, part, parts, dqp, dk, dv, ldkv, target, w);
+      if constexpr (!kFloat<T>) {
+        if (parts == 1) {
+          PutRows(dk, s.d, s.lk, static_cast<int>(s.d), dkp + koff, kstride);
+          PutRows(dv, s.d, s.lk, static_cast<int>(s.d), dvp + koff, kstride);
+        }
+      }
+    }
   };
   ParallelFor(pool, runs * s.kv * parts, threads, item);
   for (const auto& p : partial)
     for (size_t i = 0; i < p.size(); ++i) dbp[i] += p[i];
-  for (int64_t p = 0; p + 1 < parts; ++p)
-    for (int64_t i = 0; i < k_size; ++i) dkp[i] += share_dk[p][i], dvp[i] += share_dv[p][i];
+  if constexpr (kFloat<T>) {
+    for (int64_t p = 0; p < own; ++p)
+      for (int64_t i = 0; i < k_size; ++i) dkp[i] += share_dk[p][i], dvp[i] += share_dv[p][i];
+  } else if (own) {
+    for (int64_t p = 1; p < own; ++p)
+      for (int64_t i = 0; i < k_size; ++i)
+        share_dk[0][i] += share_dk[p][i], share_dv[0][i] += share_dv[p][i];
+    const int d = static_cast<int>(s.d);
+    PutRows(share_dk[0].data(), d, k_size / d, d, dkp, d);
+    PutRows(share_dv[0].data(), d, k_size / d, d, dvp, d);
+  }
   return ffi::Error::Success();
+}
+
+// XLA FFI's element type of a handler's q, k, v, out, d_out (fp32 or bf16) and the kernel's.
+template <ffi::DataType kType>
+using Kernel = std::conditional_t<kType == ffi::DataType::F32, float, Bf16>;
+
+template <ffi::DataType kType>
+Kernel<kType>* Data(ffi::Buffer<kType>& x) {
+  return reinterpret_cast<Kernel<kType>*>(x.typed_data());
+}
+
+template <ffi::DataType kType>
+ffi::Error Forward(ffi::Buffer<kType> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
+                   ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
+                   ffi::Buffer<ffi::S32> q_segments, ffi::Buffer<ffi::S32> k_segments,
+                   ffi::Buffer<ffi::S32> prefix, ffi::ResultBuffer<kType> out,
+                   ffi::ResultBuffer<ffi::F32> lse, ffi::ThreadPool pool, float scale,
+                   bool causal, bool has_bias, bool has_segments, bool has_prefix) {
+  Shape s = MakeShape(q, k, bias, scale, causal, has_bias, has_segments, has_prefix);
+  if (auto e = CheckShapes(s, q_segments, k_segments, prefix); e.failure()) return e;
+  Operands x{Data(q), Data(k), Data(v), bias.typed_data(), nullptr, nullptr, nullptr,
+             lengths.typed_data(), q_segments.typed_data(), k_segments.typed_data(),
+             prefix.typed_data()};
+  return ForwardImpl(s, x, Data(*out), lse->typed_data(), pool);
+}
+
+template <ffi::DataType kType>
+ffi::Error Backward(ffi::Buffer<kType> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
+                    ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
+                    ffi::Buffer<ffi::S32> q_segments, ffi::Buffer<ffi::S32> k_segments,
+                    ffi::Buffer<ffi::S32> prefix, ffi::Buffer<kType> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<kType> d_out,
+                    ffi::ResultBuffer<kType> d_q, ffi::ResultBuffer<kType> d_k,
+                    ffi::ResultBuffer<kType> d_v, ffi::ResultBuffer<ffi::F32> d_bias,
+                    ffi::ThreadPool pool, float scale, bool causal, bool has_bias,
+                    bool has_segments, bool has_prefix) {
+  Shape s = MakeShape(q, k, bias, scale, causal, has_bias, has_segments, has_prefix);
+  if (auto e = CheckShapes(s, q_segments, k_segments, prefix); e.failure()) return e;
+  Operands x{Data(q), Data(k), Data(v), bias.typed_data(), Data(out), lse.typed_data(),
+             Data(d_out), lengths.typed_data(), q_segments.typed_data(),
+             k_segments.typed_data(), prefix.typed_data()};
+  return BackwardImpl(s, x, Data(*d_q), Data(*d_k), Data(*d_v), d_bias->typed_data(),
+                      d_bias->element_count(), pool);
 }
 
 }  // namespace
@@ -608,45 +764,55 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
 // wide vectors are split and the kernel runs far below XLA).
 extern "C" int T5liteCpuAttentionLanes() { return kTuned ? kLanes : 0; }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<bool>("has_bias")
-                                  .Attr<bool>("has_segments")
-                                  .Attr<bool>("has_prefix"));
+// The handlers: T5liteCpuAttention{Forward,Backward} for fp32 operands, ...Bf16 for bf16 ones.
+#define T5LITE_FORWARD(kType)                    \
+  ffi::Ffi::Bind()                               \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<ffi::F32>>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Ret<ffi::Buffer<kType>>()                 \
+      .Ret<ffi::Buffer<ffi::F32>>()              \
+      .Ctx<ffi::ThreadPool>()                    \
+      .Attr<float>("scale")                      \
+      .Attr<bool>("causal")                      \
+      .Attr<bool>("has_bias")                    \
+      .Attr<bool>("has_segments")                \
+      .Attr<bool>("has_prefix")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<bool>("has_bias")
-                                  .Attr<bool>("has_segments")
-                                  .Attr<bool>("has_prefix"));
+#define T5LITE_BACKWARD(kType)                   \
+  ffi::Ffi::Bind()                               \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<ffi::F32>>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Arg<ffi::Buffer<ffi::F32>>()              \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Ret<ffi::Buffer<kType>>()                 \
+      .Ret<ffi::Buffer<kType>>()                 \
+      .Ret<ffi::Buffer<kType>>()                 \
+      .Ret<ffi::Buffer<ffi::F32>>()              \
+      .Ctx<ffi::ThreadPool>()                    \
+      .Attr<float>("scale")                      \
+      .Attr<bool>("causal")                      \
+      .Attr<bool>("has_bias")                    \
+      .Attr<bool>("has_segments")                \
+      .Attr<bool>("has_prefix")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionForward, Forward<ffi::DataType::F32>,
+                              T5LITE_FORWARD(ffi::DataType::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackward, Backward<ffi::DataType::F32>,
+                              T5LITE_BACKWARD(ffi::DataType::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionForwardBf16, Forward<ffi::DataType::BF16>,
+                              T5LITE_FORWARD(ffi::DataType::BF16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackwardBf16, Backward<ffi::DataType::BF16>,
+                              T5LITE_BACKWARD(ffi::DataType::BF16));

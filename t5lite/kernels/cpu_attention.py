@@ -11,8 +11,9 @@ $T5LITE_CPU_ATTENTION_MARCH names another target, say a cluster's oldest CPU). I
 register tiles are tuned for AVX-512 and for AVX2 with FMA. Where the build fails (no compiler),
 the target has neither or this CPU cannot run it (`refusal`: an older x86 CPU, ARM) or
 T5LITE_CPU_ATTENTION_KERNEL=0, `available()` is False and callers fall back to XLA's attention
-(the reason is logged once). float32 only (the model widens bf16 for it); head_dim a multiple
-of 16.
+(the reason is logged once). q, k, v float32 or all bfloat16 (widened to float32 a block at a
+time inside the kernel, which computes in float32 and narrows its outputs as it writes them);
+head_dim a multiple of 16.
 """
 
 import ctypes
@@ -30,8 +31,15 @@ from t5lite.kernels import cpu_build
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
 # The CPU features (Linux's names) a build of each vector width runs on.
 _NEEDS = {16: ("avx512f",), 8: ("avx2", "fma")}
-_FORWARD = "t5lite_cpu_attention_forward"
-_BACKWARD = "t5lite_cpu_attention_backward"
+# The FFI targets (forward, backward) for each operand dtype, and the library's handlers.
+_TARGETS = {jnp.dtype(jnp.float32): ("t5lite_cpu_attention_forward",
+                                     "t5lite_cpu_attention_backward"),
+            jnp.dtype(jnp.bfloat16): ("t5lite_cpu_attention_forward_bf16",
+                                      "t5lite_cpu_attention_backward_bf16")}
+_HANDLERS = {"t5lite_cpu_attention_forward": "T5liteCpuAttentionForward",
+             "t5lite_cpu_attention_backward": "T5liteCpuAttentionBackward",
+             "t5lite_cpu_attention_forward_bf16": "T5liteCpuAttentionForwardBf16",
+             "t5lite_cpu_attention_backward_bf16": "T5liteCpuAttentionBackwardBf16"}
 
 
 def march() -> str:
@@ -57,10 +65,9 @@ def available() -> bool:
     if reason:
       logging.warning("t5lite: CPU attention kernel not used, using XLA's attention: %s", reason)
       return False
-    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.T5liteCpuAttentionForward),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.T5liteCpuAttentionBackward),
-                                platform="cpu")
+    for target, handler in _HANDLERS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, handler)),
+                                  platform="cpu")
   except (RuntimeError, OSError, AttributeError) as e:
     logging.warning("t5lite: CPU attention kernel unavailable, using XLA's attention: %s", e)
     return False
@@ -89,10 +96,11 @@ def lanes(library) -> int:
 
 
 def supports(q, k, v, bias) -> bool:
-  """Whether `attention` takes these operands: float32, head_dim a multiple of 16, query heads
-  a multiple of KV heads, bias (if any) [1 or batch, heads, q_len, k_len]."""
+  """Whether `attention` takes these operands: q, k, v all float32 or all bfloat16, head_dim a
+  multiple of 16, query heads a multiple of KV heads, bias (if any) float32 [1 or batch, heads,
+  q_len, k_len]."""
   b, q_len, heads, d = q.shape
-  ok = (all(x.dtype == jnp.float32 for x in (q, k, v)) and d % 16 == 0
+  ok = (jnp.dtype(q.dtype) in _TARGETS and k.dtype == v.dtype == q.dtype and d % 16 == 0
         and heads % k.shape[2] == 0)
   if bias is not None:
     ok = ok and bias.dtype == jnp.float32 and bias.ndim == 4 and bias.shape[0] in (1, b) and (
@@ -111,7 +119,8 @@ def attention(q, k, v, kv_lengths=None, bias=None, segments=None, prefix=None, *
   the queries of other segments, and the padding from all; `bias` [1 or b, heads, q_len,
   k_len] is added to the scaled scores. A query that sees no key gets zeros. Differentiable in
   q, k, v and bias. Requires `available()` and `supports(q, k, v, bias)`; returns
-  [b, q_len, heads, d].
+  [b, q_len, heads, d] in q's dtype (bfloat16 operands: computed in float32, the output and
+  the gradients of q, k, v rounded to bfloat16; the backward reads the bfloat16 output).
   """
   b = q.shape[0]
   if prefix is not None and not (causal and prefix.shape == q.shape[:2] == k.shape[:2]):
@@ -146,7 +155,7 @@ def _forward(q, k, v, lengths, bias, masks, scale, causal, has_bias, has_segment
   """masks: (q_segments, k_segments, prefix), int32 (placeholders where not has_*)."""
   b, q_len, heads, _ = q.shape
   out, lse = jax.ffi.ffi_call(
-      _FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+      _TARGETS[jnp.dtype(q.dtype)][0], (jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, heads, q_len), jnp.float32)),
       vmap_method="sequential")(q, k, v, lengths, bias, *masks,
                                 **_attrs(scale, causal, has_bias, has_segments, has_prefix))
@@ -156,12 +165,12 @@ def _forward(q, k, v, lengths, bias, masks, scale, causal, has_bias, has_segment
 def _backward(scale, causal, has_bias, has_segments, has_prefix, saved, d_out):
   q, k, v, lengths, bias, masks, out, lse = saved
   d_q, d_k, d_v, d_bias = jax.ffi.ffi_call(
-      _BACKWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                  jax.ShapeDtypeStruct(k.shape, jnp.float32),
-                  jax.ShapeDtypeStruct(v.shape, jnp.float32),
-                  jax.ShapeDtypeStruct(bias.shape, jnp.float32)),
+      _TARGETS[jnp.dtype(q.dtype)][1], (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                        jax.ShapeDtypeStruct(k.shape, q.dtype),
+                                        jax.ShapeDtypeStruct(v.shape, q.dtype),
+                                        jax.ShapeDtypeStruct(bias.shape, jnp.float32)),
       vmap_method="sequential")(q, k, v, lengths, bias, *masks, out, lse,
-                                d_out.astype(jnp.float32),
+                                d_out.astype(q.dtype),
                                 **_attrs(scale, causal, has_bias, has_segments, has_prefix))
   return (d_q, d_k, d_v, None, d_bias if has_bias else jnp.zeros_like(bias),
           (None, None, None))

@@ -308,29 +308,24 @@ def kernel_attention(q, k, v, mask: Mask, bias=None, *, scale: float):
   heads (`partitioning.per_shard`). Falls back to `chunked_attention` where the kernel does not
   apply: a program for more than one device outside activation rules (inside a pipeline stage,
   where XLA would gather the batch onto every device), a program traced for a GPU by
-  t5lite.gpu_aot, a dense mask without segment ids, neither float32 nor bfloat16 (widened to
-  float32 for the kernel), head_dim not a multiple of 16, or no kernel
+  t5lite.gpu_aot, a dense mask without segment ids, neither float32 nor bfloat16 (the kernel
+  widens bfloat16 as it reads it; a bfloat16 bias is widened here), head_dim not a multiple of
+  16, or no kernel
   (`cpu_attention.available()`: no C++ compiler, a CPU with neither AVX-512 nor AVX2, or
   switched off).
   """
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
-  widen = q.dtype == jnp.bfloat16  # the kernel computes in float32
-  as_kernel_sees = (lambda x: None if x is None else jax.ShapeDtypeStruct(
-      x.shape, jnp.float32 if widen else x.dtype))
+  wide_bias = None if bias is None else bias.astype(jnp.float32)  # the kernel's bias is fp32
   if not (gpu_aot.tracing_platform() == "cpu"
           and (jax.device_count() == 1 or partitioning.rules_active())
           and (mask.dense is None or mask.segments is not None)
-          and cpu_attention.supports(*map(as_kernel_sees, (q, k, v, bias)))
+          and cpu_attention.supports(q, k, v, wide_bias)
           and cpu_attention.available()):
     if bias is not None and bias.shape[0] == 1 < q.shape[0]:
       bias = _broadcast_batch(bias, q.shape[0])
     return chunked_attention(q, k, v, mask, bias, scale=scale)
-  if widen:
-    # bf16 operands widened on the way in, the output narrowed on the way out (XLA's own
-    # attention ops on a CPU convert bf16 to float32 too).
-    wide = [None if x is None else x.astype(jnp.float32) for x in (q, k, v, bias)]
-    return kernel_attention(*wide[:3], mask, wide[3], scale=scale).astype(q.dtype)
+  bias = wide_bias
   rows = ("batch", None, "heads", None)
   operands, axes = [q, k, v], [rows, rows, rows]
   q_segments, k_segments = mask.segments if mask.segments is not None else (None, None)
