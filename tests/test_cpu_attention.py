@@ -2,6 +2,7 @@
 gradients against jax.nn.dot_product_attention, its fallbacks, its build, and whole models."""
 
 import ctypes
+import functools
 import os
 import platform
 import subprocess
@@ -242,6 +243,80 @@ def test_bf16_kernel_matches_the_float32_kernel(case):
     assert err <= 2 * rounding, (name, err, rounding)
 
 
+CACHE_CASES = {
+    # name: (b, q_len, k_len, heads, kv_heads, d, masking)
+    "step_grouped_dense_bias": (3, 1, 97, 6, 2, 32, "dense_and_bias"),
+    "three_queries_lengths": (2, 3, 40, 4, 4, 64, "lengths"),
+    "one_kv_head_dense": (1, 1, 130, 4, 1, 16, "dense"),
+}
+
+
+def _cache_operands(case, dtype=jnp.float32):
+  b, q_len, k_len, heads, kv_heads, d, masking = CACHE_CASES[case]
+  keys = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(keys[0], (b, q_len, heads, d)).astype(dtype)
+  k, v = (jax.random.normal(r, (b, kv_heads, k_len, d)).astype(dtype) for r in keys[1:3])
+  bias = None
+  if masking == "lengths":
+    mask = attention.Mask(kv_lengths=jnp.array([k_len, 17, 1][:b]))
+  else:  # causal over the cache's slots, left padding
+    last = (k_len // 2 + np.arange(q_len))[None, :, None]
+    first = np.array([0, 5, 19][:b])[:, None, None]
+    slots = np.arange(k_len)[None, None]
+    mask = attention.Mask(dense=jnp.asarray((slots <= last) & (slots >= first))[:, None])
+    if masking == "dense_and_bias":
+      bias = jax.random.normal(keys[3], (1, heads, q_len, k_len))
+  return q, k, v, mask, bias
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", sorted(CACHE_CASES))
+def test_cache_kernel_matches_jax_attention(case):
+  """A decoding step's attention over a heads-major cache (`attend_cache` with 'cpu_kernel'):
+  the cache kernel runs, its output equals jax.nn.dot_product_attention's (grouped KV heads, one
+  to three new queries, length or dense masks, T5's bias), its gradient is XLA's path's, and for
+  bf16 operands it is the float32 kernel's on the same values, rounded, bit for bit."""
+  q, k, v, mask, bias = _cache_operands(case)
+
+  def ours(q, k, v, bias, impl="cpu_kernel"):
+    return attention.attend_cache(q, k, v, mask, bias, scale=0.4, implementation=impl)
+
+  assert "t5lite_cpu_cache_attention" in jax.jit(ours).lower(q, k, v, bias).as_text()
+  want = jax.nn.dot_product_attention(
+      q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias=bias, mask=mask.dense,
+      scale=0.4, key_value_seq_lengths=mask.kv_lengths)
+  got = jax.jit(ours)(q, k, v, bias)
+  np.testing.assert_allclose(got, want, atol=3e-6)
+  xla = functools.partial(ours, impl=None)
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  objective = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))  # noqa: E731
+  for g_kernel, g_xla in zip(jax.grad(objective(ours), argnums)(q, k, v, bias),
+                             jax.grad(objective(xla), argnums)(q, k, v, bias)):
+    # (the same function: they differ only through cos(out), out within 3e-6)
+    np.testing.assert_allclose(g_kernel, g_xla, atol=1e-5)
+  q16, k16, v16, _, _ = _cache_operands(case, jnp.bfloat16)
+  got16 = jax.jit(ours)(q16, k16, v16, bias)
+  assert got16.dtype == jnp.bfloat16
+  wide = jax.jit(ours)(*(x.astype(jnp.float32) for x in (q16, k16, v16)), bias)
+  np.testing.assert_array_equal(np.asarray(got16, np.float32),
+                                np.asarray(wide.astype(jnp.bfloat16), np.float32))
+
+
+@needs_kernel
+def test_cache_kernel_is_not_used_where_it_does_not_apply():
+  """attend_cache keeps XLA's attention without implementation='cpu_kernel' and for head_dim 8."""
+  q, k, v, mask, bias = _cache_operands("step_grouped_dense_bias")
+
+  def calls(q, k, v, mask, bias, impl="cpu_kernel"):
+    fn = lambda q, k, v: attention.attend_cache(q, k, v, mask, bias, scale=0.4,  # noqa: E731
+                                                implementation=impl)
+    return "t5lite_cpu_cache_attention" in jax.jit(fn).lower(q, k, v).as_text()
+
+  assert calls(q, k, v, mask, bias)
+  assert not calls(q, k, v, mask, bias, impl="chunked")
+  assert not calls(q[..., :8], k[..., :8], v[..., :8], mask, bias)
+
+
 @needs_kernel
 def test_kernel_rejects_a_prefix_it_cannot_apply():
   """A prefix needs causal attention over queries and keys of one length, with flags of that
@@ -407,17 +482,19 @@ def test_native_build_on_an_avx512_cpu_is_used():
 @pytest.mark.skipif(not cpu_attention.available(), reason="no native kernel: no compiler here")
 def test_avx2_build_passes_the_parity_tests(tmp_path):
   """The kernel built for AVX2 (-march=haswell: 8-float vectors, 6x2 register tiles) passes
-  this file's value and gradient tests of the kernel, in a process that uses that build."""
+  this file's value and gradient tests of the kernel (float32 and bf16, training and decoding
+  steps), in a process that uses that build."""
   env = dict(os.environ, T5LITE_CPU_ATTENTION_MARCH="haswell", T5LITE_CACHE_DIR=str(tmp_path))
   tests = ("kernel_matches_jax_attention or sees_no_key or segment_ids_matches or "
-           "prefix_matches")
+           "prefix_matches or bf16_kernel_matches")
   done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                          "-p", "no:xdist", "-k", tests, __file__],
                         env=env, capture_output=True, text=True, check=False,
                         cwd=os.path.dirname(__file__))
   summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
   assert done.returncode == 0 and "skipped" not in summary, done.stdout[-3000:] + done.stderr
-  passed = len(CASES) + 1 + len(SEGMENT_CASES) + len(PREFIX_CASES)
+  passed = (len(CASES) + 1 + len(SEGMENT_CASES) + len(PREFIX_CASES) + len(CACHE_CASES)
+            + len(BF16_CASES))
   assert f"{passed} passed" in summary, summary
   (library,) = (tmp_path / "kernels").glob("*.so")
   assert cpu_attention.lanes(ctypes.cdll.LoadLibrary(str(library))) == 8

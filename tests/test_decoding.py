@@ -76,11 +76,14 @@ def test_cached_greedy_equals_recompute(variant):
 
 
 @pytest.mark.parametrize("variant", [dict(arch="decoder_only", num_kv_heads=2),
-                                     dict(arch="prefix_lm", position_encoding="relative")],
+                                     dict(arch="prefix_lm", position_encoding="relative"),
+                                     dict(arch="encoder_decoder")],
                          ids=_ids)
 def test_prompt_fill_runs_in_the_cpu_kernel(variant):
   """A decoder's prompt fill reaches the CPU kernel (left padding as segment 0, a prefix LM's
-  prompt as its prefix) and decodes the tokens of 'chunked' attention over the dense mask."""
+  prompt as its prefix), every token step the cache kernel (self-attention over the cache, with
+  T5's relative bias; cross-attention over the encoder's keys), and they decode the tokens of
+  'chunked' attention over the dense mask."""
   if not cpu_attention.available():
     pytest.skip("no CPU attention kernel here")
   tokens = {}
@@ -93,6 +96,7 @@ def test_prompt_fill_runs_in_the_cpu_kernel(variant):
                                                            eos_id=-1)["tokens"])
     text = decode.lower(params, batch).as_text()
     assert ("t5lite_cpu_attention_forward" in text) == (impl == "cpu_kernel")
+    assert ("t5lite_cpu_cache_attention" in text) == (impl == "cpu_kernel")
     tokens[impl] = np.asarray(decode(params, batch))
   np.testing.assert_array_equal(tokens["cpu_kernel"], tokens["chunked"])
   np.testing.assert_array_equal(tokens["cpu_kernel"],
@@ -206,3 +210,20 @@ def test_sharded_decoding_matches_single_device_on_8_devices(arch):
       assert res[method]["max_score_err"] < 1e-4, (name, method, res[method])
     assert res["param_bytes_per_device"] < 0.5 * res["param_bytes_total"], name
     assert res["collectives"]["all-reduce"] > 0, name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cache_slots_are_written_in_place(dtype):
+  """`layers.write_slots` writes a decoding step's keys into the cache as
+  dynamic_update_slice does, bit for bit, and XLA:CPU's program for it never widens a bf16
+  cache to float32 (that rewrote the whole cache every token step)."""
+  from t5lite.models import layers
+  cache = jax.random.normal(jax.random.key(0), (3, 2, 50, 16)).astype(dtype)
+  new = jax.random.normal(jax.random.key(1), (3, 2, 1, 16))           # float32, cast to the cache's
+  write = jax.jit(layers.write_slots, donate_argnums=0)
+  want = jax.lax.dynamic_update_slice(cache, new.astype(dtype), (0, 0, 7, 0))
+  hlo = write.lower(cache, new, 7).compile().as_text()
+  assert ("f32[3,2,50,16]" in hlo) == (dtype == "float32")
+  got = write(cache, new, 7)
+  assert got.dtype == jnp.dtype(dtype)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

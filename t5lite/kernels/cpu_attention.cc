@@ -157,6 +157,16 @@ inline const float* AsFloat(const Bf16* x, int64_t stride, int64_t rows, int d, 
   return buf;
 }
 
+// One row of d values as fp32: an fp32 row where it is, a bf16 one widened into buf.
+inline const float* AsFloatRow(const float* x, int64_t d, float* buf) {
+  (void)d, (void)buf;
+  return x;
+}
+inline const float* AsFloatRow(const Bf16* x, int64_t d, float* buf) {
+  for (int64_t e = 0; e < d; ++e) buf[e] = Widen(x[e]);
+  return buf;
+}
+
 // Writes `rows` fp32 rows of d values (src, row stride ls) into dst (row stride ld), narrowed.
 template <typename T>
 inline void PutRows(const float* src, int64_t ls, int64_t rows, int d, T* dst, int64_t ld) {
@@ -757,6 +767,109 @@ ffi::Error Backward(ffi::Buffer<kType> q, ffi::Buffer<kType> k, ffi::Buffer<kTyp
                       d_bias->element_count(), pool);
 }
 
+// Attention of a decoding step's few queries over a heads-major KV cache (no gradient: decoding).
+// q [B, Lq, H, D]; k, v [B, K, Lk, D] (heads-major: each KV head's keys contiguous); visible
+// bool [B, Lq, Lk]; bias fp32 [Bb, H, Lq, Lk] with Bb 1 or B (read only when has_bias); out
+// [B, Lq, H, D]. One item per (batch row, KV head): each key row is read once for all the
+// group's query heads and queries, its dot products and the value rows' weighted sums in fp32
+// (bf16 rows widened as they are loaded). A query that sees no key gets zeros.
+template <typename T>
+void CacheItem(const Shape& s, const T* q, const T* k, const T* v, const bool* visible,
+               const float* bias, T* out, int64_t b, int64_t kh, std::vector<float>& w) {
+  const int64_t group = s.h / s.kv, rows = s.lq * group, d = s.d, lk = s.lk;
+  w.resize(rows * (d + lk + d) + lk * d);
+  float *qs = w.data(), *sc = qs + rows * d, *acc = sc + rows * lk, *kv = acc + rows * d;
+  // Row r = (query i, head h = kh * group + g), i major; its scaled query widened.
+  for (int64_t i = 0; i < s.lq; ++i)
+    for (int64_t g = 0; g < group; ++g) {
+      const T* src = q + ((b * s.lq + i) * s.h + kh * group + g) * d;
+      for (int64_t e = 0; e < d; ++e) qs[(i * group + g) * d + e] = Widen(src[e]) * s.scale;
+    }
+  const T* kbase = k + (b * s.kv + kh) * lk * d;
+  const T* vbase = v + (b * s.kv + kh) * lk * d;
+  const bool* vis = visible + b * s.lq * lk;
+  // Scores: each key row widened once, dotted with every row's query.
+  for (int64_t j = 0; j < lk; ++j) {
+    const float* kr = AsFloatRow(kbase + j * d, d, kv);
+    for (int64_t r = 0; r < rows; ++r) {
+      V dot = {};
+      for (int64_t e = 0; e < d; e += kLanes) dot += Load(qs + r * d + e) * Load(kr + e);
+      sc[r * lk + j] = Sum(dot);
+    }
+  }
+  std::vector<float> inv(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r / group, h = kh * group + r % group;
+    float* row = sc + r * lk;
+    const bool* seen = vis + i * lk;
+    const float* brow = s.has_bias
+        ? bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + i) * lk : nullptr;
+    float m = kHidden;
+    for (int64_t j = 0; j < lk; ++j) {
+      row[j] = seen[j] ? row[j] + (brow ? brow[j] : 0.0f) : kHidden;
+      m = std::max(m, row[j]);
+    }
+    if (m == kHidden) {
+      std::fill(row, row + lk, 0.0f);
+      inv[r] = 0.0f;
+      continue;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < lk; ++j) sum += row[j] = seen[j] ? std::exp(row[j] - m) : 0.0f;
+    inv[r] = 1.0f / sum;
+  }
+  // Outputs: each value row widened once, added into every row's sum with its weight.
+  std::fill(acc, acc + rows * d, 0.0f);
+  for (int64_t j = 0; j < lk; ++j) {
+    const float* vr = nullptr;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float p = sc[r * lk + j];
+      if (p == 0.0f) continue;
+      if (!vr) vr = AsFloatRow(vbase + j * d, d, kv);
+      const V pv = Splat(p);
+      for (int64_t e = 0; e < d; e += kLanes)
+        Store(acc + r * d + e, Load(acc + r * d + e) + pv * Load(vr + e));
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r / group, h = kh * group + r % group;
+    T* dst = out + ((b * s.lq + i) * s.h + h) * d;
+    for (int64_t e = 0; e < d; ++e) Narrow(acc[r * d + e] * inv[r], dst + e);
+  }
+}
+
+template <ffi::DataType kType>
+ffi::Error CacheAttention(ffi::Buffer<kType> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
+                          ffi::Buffer<ffi::PRED> visible, ffi::Buffer<ffi::F32> bias,
+                          ffi::ResultBuffer<kType> out, ffi::ThreadPool pool, float scale,
+                          bool has_bias) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = visible.dimensions();
+  auto bd = bias.dimensions();
+  Shape s{qd[0], qd[1], kd[2], qd[2], kd[1], qd[3], bd[0], false, has_bias, false, false, scale};
+  if (s.d % 16 != 0 || s.kv <= 0 || s.h % s.kv != 0 || kd[0] != s.b || kd[3] != s.d ||
+      vd.size() != 3 || vd[0] != s.b || vd[1] != s.lq || vd[2] != s.lk ||
+      (has_bias && (bd.size() != 4 || (bd[0] != 1 && bd[0] != s.b) || bd[1] != s.h ||
+                    bd[2] != s.lq || bd[3] != s.lk)))
+    return ffi::Error::InvalidArgument(
+        "cpu cache attention: q [b, q_len, heads, d], k and v [b, kv_heads, k_len, d], visible "
+        "[b, q_len, k_len], bias [1 or b, heads, q_len, k_len]; d a multiple of 16, heads a "
+        "multiple of kv_heads");
+  const auto* qp = Data(q);
+  const auto* kp = Data(k);
+  const auto* vp = Data(v);
+  auto* op = Data(*out);
+  const bool* visp = visible.typed_data();
+  const float* bp = bias.typed_data();
+  const int64_t items = s.b * s.kv;
+  const int threads = Threads(pool, items);
+  std::vector<std::vector<float>> scratch(threads);
+  auto item = [&](int t, int64_t i) {
+    CacheItem(s, qp, kp, vp, visp, bp, op, i / s.kv, i % s.kv, scratch[t]);
+  };
+  ParallelFor(pool, items, threads, item);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The floats per vector this build is tuned for: 16 (AVX-512) or 8 (AVX2 with FMA); 0 where
@@ -764,7 +877,8 @@ ffi::Error Backward(ffi::Buffer<kType> q, ffi::Buffer<kType> k, ffi::Buffer<kTyp
 // wide vectors are split and the kernel runs far below XLA).
 extern "C" int T5liteCpuAttentionLanes() { return kTuned ? kLanes : 0; }
 
-// The handlers: T5liteCpuAttention{Forward,Backward} for fp32 operands, ...Bf16 for bf16 ones.
+// The handlers: T5liteCpuAttention{Forward,Backward} and T5liteCpuCacheAttention (a decoding
+// step over a heads-major cache) for fp32 operands, ...Bf16 for bf16 ones.
 #define T5LITE_FORWARD(kType)                    \
   ffi::Ffi::Bind()                               \
       .Arg<ffi::Buffer<kType>>()                 \
@@ -808,6 +922,22 @@ extern "C" int T5liteCpuAttentionLanes() { return kTuned ? kLanes : 0; }
       .Attr<bool>("has_segments")                \
       .Attr<bool>("has_prefix")
 
+#define T5LITE_CACHE(kType)                      \
+  ffi::Ffi::Bind()                               \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Arg<ffi::Buffer<kType>>()                 \
+      .Arg<ffi::Buffer<ffi::PRED>>()             \
+      .Arg<ffi::Buffer<ffi::F32>>()              \
+      .Ret<ffi::Buffer<kType>>()                 \
+      .Ctx<ffi::ThreadPool>()                    \
+      .Attr<float>("scale")                      \
+      .Attr<bool>("has_bias")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuCacheAttention, CacheAttention<ffi::DataType::F32>,
+                              T5LITE_CACHE(ffi::DataType::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuCacheAttentionBf16, CacheAttention<ffi::DataType::BF16>,
+                              T5LITE_CACHE(ffi::DataType::BF16));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionForward, Forward<ffi::DataType::F32>,
                               T5LITE_FORWARD(ffi::DataType::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuAttentionBackward, Backward<ffi::DataType::F32>,

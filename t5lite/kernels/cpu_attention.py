@@ -36,7 +36,11 @@ _TARGETS = {jnp.dtype(jnp.float32): ("t5lite_cpu_attention_forward",
                                      "t5lite_cpu_attention_backward"),
             jnp.dtype(jnp.bfloat16): ("t5lite_cpu_attention_forward_bf16",
                                       "t5lite_cpu_attention_backward_bf16")}
-_HANDLERS = {"t5lite_cpu_attention_forward": "T5liteCpuAttentionForward",
+_CACHE_TARGETS = {jnp.dtype(jnp.float32): "t5lite_cpu_cache_attention",
+                  jnp.dtype(jnp.bfloat16): "t5lite_cpu_cache_attention_bf16"}
+_HANDLERS = {"t5lite_cpu_cache_attention": "T5liteCpuCacheAttention",
+             "t5lite_cpu_cache_attention_bf16": "T5liteCpuCacheAttentionBf16",
+             "t5lite_cpu_attention_forward": "T5liteCpuAttentionForward",
              "t5lite_cpu_attention_backward": "T5liteCpuAttentionBackward",
              "t5lite_cpu_attention_forward_bf16": "T5liteCpuAttentionForwardBf16",
              "t5lite_cpu_attention_backward_bf16": "T5liteCpuAttentionBackwardBf16"}
@@ -177,3 +181,32 @@ def _backward(scale, causal, has_bias, has_segments, has_prefix, saved, d_out):
 
 
 _attention.defvjp(_forward, _backward)
+
+
+def supports_cache(q, k, v, bias) -> bool:
+  """Whether `cache_attention` takes these operands: q [b, q_len, heads, d], k and v
+  [b, kv_heads, k_len, d] heads-major, all float32 or all bfloat16, d a multiple of 16, heads a
+  multiple of kv_heads, bias (if any) float32 [1 or b, heads, q_len, k_len]."""
+  b, q_len, heads, d = q.shape
+  ok = (jnp.dtype(q.dtype) in _CACHE_TARGETS and k.dtype == v.dtype == q.dtype and d % 16 == 0
+        and k.shape == v.shape and k.shape[0] == b and k.shape[3] == d
+        and heads % k.shape[1] == 0)
+  if bias is not None:
+    ok = ok and bias.dtype == jnp.float32 and bias.ndim == 4 and bias.shape[0] in (1, b) and (
+        bias.shape[1:] == (heads, q_len, k.shape[2]))
+  return ok
+
+
+def cache_attention(q, k, v, visible, bias=None, *, scale: float):
+  """A decoding step's attention: q [b, q_len, heads, d] over a heads-major cache k, v
+  [b, kv_heads, k_len, d], where query i of row r sees key j if visible[r, i, j] (bool
+  [b, q_len, k_len]); `bias` [1 or b, heads, q_len, k_len] is added to the scaled scores.
+  Scores, softmax and sums in float32; returns [b, q_len, heads, d] in q's dtype, zeros for a
+  query that sees no key. Not differentiable (callers that may be differentiated wrap it).
+  Requires `available()` and `supports_cache(q, k, v, bias)`."""
+  has_bias = bias is not None
+  return jax.ffi.ffi_call(_CACHE_TARGETS[jnp.dtype(q.dtype)],
+                          jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")(
+      q, k, v, visible.astype(jnp.bool_),
+      bias if has_bias else jnp.zeros((1, 1, 1, 1), jnp.float32),
+      scale=np.float32(scale), has_bias=has_bias)

@@ -444,12 +444,59 @@ def _sum_to_shape(x, shape):
   return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def attend_cache(q, k, v, mask: Mask, bias=None, *, scale: float):
+def attend_cache(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None):
   """Attention of a few new queries over a decoding cache kept heads-major.
 
   q: [b, q_len, heads, d]; k, v: [b, kv_heads, k_len, d] (each head's keys contiguous, so the
   score and value matmuls read the cache as it lies, without a transposed copy of it per step);
   mask: a Mask over [q_len, k_len]; bias: [1 or b, heads, q_len, k_len]. Returns
   [b, q_len, heads, d].
+
+  With `implementation="cpu_kernel"`, on one CPU device, the step goes to
+  t5lite.kernels.cpu_attention's cache kernel where it applies (float32 or bfloat16 read as
+  stored, head_dim a multiple of 16; a query that sees no key then gets zeros, where XLA's
+  attention averages every key): XLA:CPU runs the step's [1, d] x [d, k_len] products as one
+  small matmul per row and head (~5 GFLOP/s) and widens a bf16 cache to float32 in memory every
+  step. Its gradient, if asked for, is XLA's.
   """
+  if implementation == "cpu_kernel" and _cache_kernel_applies(q, k, v, mask, bias):
+    b, q_len = q.shape[:2]
+    visible = jnp.broadcast_to(_visible(mask, 0, q_len, k.shape[2]),
+                               (b, 1, q_len, 1, k.shape[2]))[:, 0, :, 0, :]
+    wide_bias = None if bias is None else bias.astype(jnp.float32)
+    return _cache_kernel(q, k, v, visible, wide_bias, scale)
   return _heads_major_blocks(q, k, v, mask, bias, scale=scale, chunk=q.shape[1])
+
+
+def _cache_kernel_applies(q, k, v, mask: Mask, bias) -> bool:
+  from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+  from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
+  return (gpu_aot.tracing_platform() == "cpu" and jax.device_count() == 1
+          and mask.segments is None and mask.prefix is None
+          and (mask.dense is None or mask.dense.shape[1] == 1)
+          and cpu_attention.supports_cache(q, k, v, None if bias is None else jax.ShapeDtypeStruct(
+              bias.shape, jnp.float32))
+          and cpu_attention.available())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _cache_kernel(q, k, v, visible, bias, scale: float):
+  from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
+  return cpu_attention.cache_attention(q, k, v, visible, bias, scale=scale)
+
+
+def _cache_kernel_forward(q, k, v, visible, bias, scale: float):
+  return _cache_kernel(q, k, v, visible, bias, scale), (q, k, v, visible, bias)
+
+
+def _cache_kernel_backward(scale: float, saved, d_out):
+  """XLA's gradient (the step's attention over the visible keys, `_heads_major_blocks`)."""
+  q, k, v, visible, bias = saved
+  mask = Mask(dense=visible[:, None])
+  _, vjp = jax.vjp(lambda q, k, v, bias: _heads_major_blocks(q, k, v, mask, bias, scale=scale,
+                                                             chunk=q.shape[1]), q, k, v, bias)
+  d_q, d_k, d_v, d_bias = vjp(d_out)
+  return d_q, d_k, d_v, None, d_bias
+
+
+_cache_kernel.defvjp(_cache_kernel_forward, _cache_kernel_backward)
