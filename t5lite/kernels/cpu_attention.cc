@@ -141,6 +141,17 @@ inline void Narrow(float f, Bf16* out) {
   out->bits = static_cast<uint16_t>(u >> 16);
 }
 
+// kLanes values from p as fp32 (bf16: each 16-bit pattern shifted into a float's top half).
+typedef uint16_t HMem __attribute__((vector_size(2 * kLanes), aligned(2), may_alias));
+typedef uint32_t U __attribute__((vector_size(4 * kLanes), aligned(4)));
+inline V LoadWide(const float* p) { return Load(p); }
+inline V LoadWide(const Bf16* p) {
+  U bits = __builtin_convertvector(*reinterpret_cast<const HMem*>(p), U) << 16;
+  V out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
 // `rows` rows of d values from x (row stride `stride`) as fp32 rows: fp32 ones where they are
 // (*ld = stride), bf16 ones widened into buf (*ld = d).
 inline const float* AsFloat(const float* x, int64_t stride, int64_t rows, int d, float* buf,
@@ -152,18 +163,8 @@ inline const float* AsFloat(const float* x, int64_t stride, int64_t rows, int d,
 inline const float* AsFloat(const Bf16* x, int64_t stride, int64_t rows, int d, float* buf,
                             int64_t* ld) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int e = 0; e < d; ++e) buf[r * d + e] = Widen(x[r * stride + e]);
+    for (int e = 0; e < d; e += kLanes) Store(buf + r * d + e, LoadWide(x + r * stride + e));
   *ld = d;
-  return buf;
-}
-
-// One row of d values as fp32: an fp32 row where it is, a bf16 one widened into buf.
-inline const float* AsFloatRow(const float* x, int64_t d, float* buf) {
-  (void)d, (void)buf;
-  return x;
-}
-inline const float* AsFloatRow(const Bf16* x, int64_t d, float* buf) {
-  for (int64_t e = 0; e < d; ++e) buf[e] = Widen(x[e]);
   return buf;
 }
 
@@ -777,8 +778,10 @@ template <typename T>
 void CacheItem(const Shape& s, const T* q, const T* k, const T* v, const bool* visible,
                const float* bias, T* out, int64_t b, int64_t kh, std::vector<float>& w) {
   const int64_t group = s.h / s.kv, rows = s.lq * group, d = s.d, lk = s.lk;
-  w.resize(rows * (d + lk + d) + lk * d);
-  float *qs = w.data(), *sc = qs + rows * d, *acc = sc + rows * lk, *kv = acc + rows * d;
+  const int64_t ls = (lk + kLanes - 1) / kLanes * kLanes;  // score rows padded to vectors
+  w.resize(rows * (d + ls + d + 1) + lk);
+  float *qs = w.data(), *sc = qs + rows * d, *acc = sc + rows * ls, *inv = acc + rows * d;
+  float* any = inv + rows;  // whether some query sees key j
   // Row r = (query i, head h = kh * group + g), i major; its scaled query widened.
   for (int64_t i = 0; i < s.lq; ++i)
     for (int64_t g = 0; g < group; ++g) {
@@ -788,19 +791,23 @@ void CacheItem(const Shape& s, const T* q, const T* k, const T* v, const bool* v
   const T* kbase = k + (b * s.kv + kh) * lk * d;
   const T* vbase = v + (b * s.kv + kh) * lk * d;
   const bool* vis = visible + b * s.lq * lk;
-  // Scores: each key row widened once, dotted with every row's query.
+  // Scores: each key row that some query sees (the cache's unwritten and padding slots are
+  // skipped) dotted with every row's query, its vectors widened as they are loaded.
   for (int64_t j = 0; j < lk; ++j) {
-    const float* kr = AsFloatRow(kbase + j * d, d, kv);
+    bool seen = false;
+    for (int64_t i = 0; i < s.lq && !seen; ++i) seen = vis[i * lk + j];
+    any[j] = seen;
+    if (!seen) continue;
+    const T* kr = kbase + j * d;
     for (int64_t r = 0; r < rows; ++r) {
       V dot = {};
-      for (int64_t e = 0; e < d; e += kLanes) dot += Load(qs + r * d + e) * Load(kr + e);
-      sc[r * lk + j] = Sum(dot);
+      for (int64_t e = 0; e < d; e += kLanes) dot += Load(qs + r * d + e) * LoadWide(kr + e);
+      sc[r * ls + j] = Sum(dot);
     }
   }
-  std::vector<float> inv(rows);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r / group, h = kh * group + r % group;
-    float* row = sc + r * lk;
+    float* row = sc + r * ls;
     const bool* seen = vis + i * lk;
     const float* brow = s.has_bias
         ? bias + (((s.bias_b == 1 ? 0 : b) * s.h + h) * s.lq + i) * lk : nullptr;
@@ -809,26 +816,26 @@ void CacheItem(const Shape& s, const T* q, const T* k, const T* v, const bool* v
       row[j] = seen[j] ? row[j] + (brow ? brow[j] : 0.0f) : kHidden;
       m = std::max(m, row[j]);
     }
+    std::fill(row + lk, row + ls, kHidden);
     if (m == kHidden) {
-      std::fill(row, row + lk, 0.0f);
+      std::fill(row, row + ls, 0.0f);
       inv[r] = 0.0f;
       continue;
     }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < lk; ++j) sum += row[j] = seen[j] ? std::exp(row[j] - m) : 0.0f;
-    inv[r] = 1.0f / sum;
+    inv[r] = 1.0f / ExpRow(row, static_cast<int>(ls), m);  // hidden keys: exp(-inf) = 0
   }
-  // Outputs: each value row widened once, added into every row's sum with its weight.
+  // Outputs: each value row that some query sees added into every row's sum with its weight
+  // (widened as loaded).
   std::fill(acc, acc + rows * d, 0.0f);
   for (int64_t j = 0; j < lk; ++j) {
-    const float* vr = nullptr;
+    if (!any[j]) continue;
+    const T* vr = vbase + j * d;
     for (int64_t r = 0; r < rows; ++r) {
-      const float p = sc[r * lk + j];
+      const float p = sc[r * ls + j];
       if (p == 0.0f) continue;
-      if (!vr) vr = AsFloatRow(vbase + j * d, d, kv);
       const V pv = Splat(p);
       for (int64_t e = 0; e < d; e += kLanes)
-        Store(acc + r * d + e, Load(acc + r * d + e) + pv * Load(vr + e));
+        Store(acc + r * d + e, Load(acc + r * d + e) + pv * LoadWide(vr + e));
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
