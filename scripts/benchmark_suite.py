@@ -6,6 +6,7 @@
     python scripts/benchmark_suite.py --suite=cpu-packed                # packed rows (--pack=4)
     python scripts/benchmark_suite.py --suite=gpu --cases=t5_1_1/base   # one case per call
     python scripts/benchmark_suite.py --suite=cpu-decode                # or gpu-decode
+    python scripts/benchmark_suite.py --suite=cpu-bf16-decode           # bf16 decoding, AMX
     python scripts/benchmark_suite.py --suite=gpu-levers                # or cpu-levers
     python scripts/benchmark_suite.py --suite=gpu --aot=h100   # on any host: XLA's memory plan
     python scripts/benchmark_suite.py --suite=gpu-decode --aot=h100  # decoding's memory traffic
@@ -159,6 +160,10 @@ SUITES = {
         _decode_case(preset, "cpu", batch, 64, 32, (f"hf-generate-b{batch}", 1.0))
         for preset in ("decoder/tiny", "t5_1_1/tiny", "t5_1_1/small", "decoder/125m")
         for batch in (1, 32)),
+    # bf16 decoding (runs/cpu_bf16.gin) against HF generate with bf16 weights.
+    "cpu-bf16-decode": tuple(
+        _decode_case(preset, "cpu_bf16", batch, 64, 32, (f"hf-generate-b{batch}", 1.0))
+        for preset in ("t5_1_1/small", "decoder/125m") for batch in (1, 32)),
     "gpu-decode": tuple(
         _decode_case(preset, "gpu", batch, 512, 128, target)
         for preset in ("t5_1_1/base", "t5_1_1/large", "decoder/1b")

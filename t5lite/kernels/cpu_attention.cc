@@ -19,6 +19,9 @@
 // LM, where Lq = Lk). A query that sees no key gets zeros (and passes no gradient). D must be a
 // multiple of 16. q, k, v, out, d_out and dq, dk, dv are all fp32 or all bf16; bias, lse and
 // dbias are fp32.
+//
+// A third handler, CacheAttention, is a decoding step's attention over a heads-major KV cache
+// (see CacheItem).
 
 #include <algorithm>
 #include <atomic>

@@ -4,7 +4,8 @@ XLA:CPU runs attention op by op: each op is a pass over the [queries, keys] scor
 and its batched matmuls with head_dim 32-64 run far below the CPU's peak. The kernel keeps a
 block of 32 queries' scores in cache from QK^T through the softmax to PV (and, in the
 backward, recomputes them from the saved log-sum-exp), as flash attention does on GPUs, and
-spreads (batch row, KV head) pairs over XLA's intra-op threads.
+spreads (batch row, KV head) pairs over XLA's intra-op threads. `cache_attention` is a
+decoding step's attention over a heads-major KV cache (no gradient of its own).
 
 The C++ source is compiled on first use by `cpu_build` for this CPU (-march=native;
 $T5LITE_CPU_ATTENTION_MARCH names another target, say a cluster's oldest CPU). Its vectors and
@@ -31,19 +32,20 @@ from t5lite.kernels import cpu_build
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
 # The CPU features (Linux's names) a build of each vector width runs on.
 _NEEDS = {16: ("avx512f",), 8: ("avx2", "fma")}
-# The FFI targets (forward, backward) for each operand dtype, and the library's handlers.
+# The FFI targets (forward, backward, decoding step over a cache) for each operand dtype, and
+# the library's handler of each.
 _TARGETS = {jnp.dtype(jnp.float32): ("t5lite_cpu_attention_forward",
-                                     "t5lite_cpu_attention_backward"),
+                                     "t5lite_cpu_attention_backward",
+                                     "t5lite_cpu_cache_attention"),
             jnp.dtype(jnp.bfloat16): ("t5lite_cpu_attention_forward_bf16",
-                                      "t5lite_cpu_attention_backward_bf16")}
-_CACHE_TARGETS = {jnp.dtype(jnp.float32): "t5lite_cpu_cache_attention",
-                  jnp.dtype(jnp.bfloat16): "t5lite_cpu_cache_attention_bf16"}
-_HANDLERS = {"t5lite_cpu_cache_attention": "T5liteCpuCacheAttention",
-             "t5lite_cpu_cache_attention_bf16": "T5liteCpuCacheAttentionBf16",
-             "t5lite_cpu_attention_forward": "T5liteCpuAttentionForward",
+                                      "t5lite_cpu_attention_backward_bf16",
+                                      "t5lite_cpu_cache_attention_bf16")}
+_HANDLERS = {"t5lite_cpu_attention_forward": "T5liteCpuAttentionForward",
              "t5lite_cpu_attention_backward": "T5liteCpuAttentionBackward",
+             "t5lite_cpu_cache_attention": "T5liteCpuCacheAttention",
              "t5lite_cpu_attention_forward_bf16": "T5liteCpuAttentionForwardBf16",
-             "t5lite_cpu_attention_backward_bf16": "T5liteCpuAttentionBackwardBf16"}
+             "t5lite_cpu_attention_backward_bf16": "T5liteCpuAttentionBackwardBf16",
+             "t5lite_cpu_cache_attention_bf16": "T5liteCpuCacheAttentionBf16"}
 
 
 def march() -> str:
@@ -188,7 +190,7 @@ def supports_cache(q, k, v, bias) -> bool:
   [b, kv_heads, k_len, d] heads-major, all float32 or all bfloat16, d a multiple of 16, heads a
   multiple of kv_heads, bias (if any) float32 [1 or b, heads, q_len, k_len]."""
   b, q_len, heads, d = q.shape
-  ok = (jnp.dtype(q.dtype) in _CACHE_TARGETS and k.dtype == v.dtype == q.dtype and d % 16 == 0
+  ok = (jnp.dtype(q.dtype) in _TARGETS and k.dtype == v.dtype == q.dtype and d % 16 == 0
         and k.shape == v.shape and k.shape[0] == b and k.shape[3] == d
         and heads % k.shape[1] == 0)
   if bias is not None:
@@ -205,7 +207,7 @@ def cache_attention(q, k, v, visible, bias=None, *, scale: float):
   query that sees no key. Not differentiable (callers that may be differentiated wrap it).
   Requires `available()` and `supports_cache(q, k, v, bias)`."""
   has_bias = bias is not None
-  return jax.ffi.ffi_call(_CACHE_TARGETS[jnp.dtype(q.dtype)],
+  return jax.ffi.ffi_call(_TARGETS[jnp.dtype(q.dtype)][2],
                           jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")(
       q, k, v, visible.astype(jnp.bool_),
       bias if has_bias else jnp.zeros((1, 1, 1, 1), jnp.float32),

@@ -474,8 +474,8 @@ def _cache_kernel_applies(q, k, v, mask: Mask, bias) -> bool:
   return (gpu_aot.tracing_platform() == "cpu" and jax.device_count() == 1
           and mask.segments is None and mask.prefix is None
           and (mask.dense is None or mask.dense.shape[1] == 1)
-          and cpu_attention.supports_cache(q, k, v, None if bias is None else jax.ShapeDtypeStruct(
-              bias.shape, jnp.float32))
+          and cpu_attention.supports_cache(
+              q, k, v, None if bias is None else jax.ShapeDtypeStruct(bias.shape, jnp.float32))
           and cpu_attention.available())
 
 
