@@ -235,12 +235,19 @@ def test_bf16_kernel_matches_the_float32_kernel(case):
     if got is None:
       continue
     assert got.dtype == (jnp.float32 if name == "bias" else jnp.bfloat16), name
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    rounded = np.asarray(jnp.asarray(want).astype(jnp.bfloat16), np.float32)
-    if name == "v":
-      np.testing.assert_array_equal(got, rounded)
-    err, rounding = (np.linalg.norm(x - want) / np.linalg.norm(want) for x in (got, rounded))
-    assert err <= 2 * rounding, (name, err, rounding)
+    _assert_bf16_gradient(name, got, want)
+
+
+def _assert_bf16_gradient(name, got, want):
+  """The bf16 kernel's gradient `got` against the float32 kernel's `want` on the same values:
+  dV (which does not read the output) bit for bit want rounded to bf16; the others (which read
+  the bf16 output) within twice the error of that rounding."""
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  rounded = np.asarray(jnp.asarray(want).astype(jnp.bfloat16), np.float32)
+  if name == "v":
+    np.testing.assert_array_equal(got, rounded)
+  err, rounding = (np.linalg.norm(x - want) / np.linalg.norm(want) for x in (got, rounded))
+  assert err <= 2 * rounding, (name, err, rounding)
 
 
 CACHE_CASES = {
@@ -417,15 +424,9 @@ def test_kernel_attention_falls_back_where_the_kernel_does_not_apply():
                              jax.vjp(lambda *a: attend(mask, *a), *bf16)[1](bf16[0]),
                              jax.vjp(lambda *a: attend(mask, *a), *wide)[1](wide[0])):
     # The bf16 kernel's backward reads the bf16 output (the float32 call, its float32 output)
-    # and rounds its gradients to bf16: within twice the error of rounding the float32 call's
-    # gradients to bf16. dV does not read the output: the same bits.
+    # and rounds its gradients to bf16.
     assert got.dtype == jnp.bfloat16
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    rounded = np.asarray(jnp.asarray(want).astype(jnp.bfloat16), np.float32)
-    if name == "v":
-      np.testing.assert_array_equal(got, rounded)
-    err, rounding = (np.linalg.norm(x - want) / np.linalg.norm(want) for x in (got, rounded))
-    assert err <= 2 * rounding, (name, err, rounding)
+    _assert_bf16_gradient(name, got, want)
   got = attend(mask, *bf16)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(got, np.float32),

@@ -889,7 +889,8 @@ extern "C" int T5liteCpuAttentionLanes() { return kTuned ? kLanes : 0; }
 
 // The handlers: T5liteCpuAttention{Forward,Backward} and T5liteCpuCacheAttention (a decoding
 // step over a heads-major cache) for fp32 operands, ...Bf16 for bf16 ones.
-#define T5LITE_FORWARD(kType)                    \
+// q, k, v, lengths, bias, q_segments, k_segments, prefix: the operands both passes take.
+#define T5LITE_OPERANDS(kType)                   \
   ffi::Ffi::Bind()                               \
       .Arg<ffi::Buffer<kType>>()                 \
       .Arg<ffi::Buffer<kType>>()                 \
@@ -898,26 +899,26 @@ extern "C" int T5liteCpuAttentionLanes() { return kTuned ? kLanes : 0; }
       .Arg<ffi::Buffer<ffi::F32>>()              \
       .Arg<ffi::Buffer<ffi::S32>>()              \
       .Arg<ffi::Buffer<ffi::S32>>()              \
-      .Arg<ffi::Buffer<ffi::S32>>()              \
-      .Ret<ffi::Buffer<kType>>()                 \
-      .Ret<ffi::Buffer<ffi::F32>>()              \
-      .Ctx<ffi::ThreadPool>()                    \
+      .Arg<ffi::Buffer<ffi::S32>>()
+
+#define T5LITE_MASK_ATTRS                        \
+  Ctx<ffi::ThreadPool>()                         \
       .Attr<float>("scale")                      \
       .Attr<bool>("causal")                      \
       .Attr<bool>("has_bias")                    \
       .Attr<bool>("has_segments")                \
       .Attr<bool>("has_prefix")
 
+// Forward: out, lse.
+#define T5LITE_FORWARD(kType)                    \
+  T5LITE_OPERANDS(kType)                         \
+      .Ret<ffi::Buffer<kType>>()                 \
+      .Ret<ffi::Buffer<ffi::F32>>()              \
+      .T5LITE_MASK_ATTRS
+
+// Backward: out, lse, d_out -> d_q, d_k, d_v, d_bias.
 #define T5LITE_BACKWARD(kType)                   \
-  ffi::Ffi::Bind()                               \
-      .Arg<ffi::Buffer<kType>>()                 \
-      .Arg<ffi::Buffer<kType>>()                 \
-      .Arg<ffi::Buffer<kType>>()                 \
-      .Arg<ffi::Buffer<ffi::S32>>()              \
-      .Arg<ffi::Buffer<ffi::F32>>()              \
-      .Arg<ffi::Buffer<ffi::S32>>()              \
-      .Arg<ffi::Buffer<ffi::S32>>()              \
-      .Arg<ffi::Buffer<ffi::S32>>()              \
+  T5LITE_OPERANDS(kType)                         \
       .Arg<ffi::Buffer<kType>>()                 \
       .Arg<ffi::Buffer<ffi::F32>>()              \
       .Arg<ffi::Buffer<kType>>()                 \
@@ -925,12 +926,7 @@ extern "C" int T5liteCpuAttentionLanes() { return kTuned ? kLanes : 0; }
       .Ret<ffi::Buffer<kType>>()                 \
       .Ret<ffi::Buffer<kType>>()                 \
       .Ret<ffi::Buffer<ffi::F32>>()              \
-      .Ctx<ffi::ThreadPool>()                    \
-      .Attr<float>("scale")                      \
-      .Attr<bool>("causal")                      \
-      .Attr<bool>("has_bias")                    \
-      .Attr<bool>("has_segments")                \
-      .Attr<bool>("has_prefix")
+      .T5LITE_MASK_ATTRS
 
 #define T5LITE_CACHE(kType)                      \
   ffi::Ffi::Bind()                               \
