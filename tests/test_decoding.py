@@ -83,7 +83,7 @@ def test_prompt_fill_runs_in_the_cpu_kernel(variant):
   """A decoder's prompt fill reaches the CPU kernel (left padding as segment 0, a prefix LM's
   prompt as its prefix), every token step the cache kernel (self-attention over the cache, with
   T5's relative bias; cross-attention over the encoder's keys), and they decode the tokens of
-  'chunked' attention over the dense mask."""
+  'chunked' attention over the dense mask, greedy and by beam search."""
   if not cpu_attention.available():
     pytest.skip("no CPU attention kernel here")
   tokens = {}
@@ -98,7 +98,10 @@ def test_prompt_fill_runs_in_the_cpu_kernel(variant):
     assert ("t5lite_cpu_attention_forward" in text) == (impl == "cpu_kernel")
     assert ("t5lite_cpu_cache_attention" in text) == (impl == "cpu_kernel")
     tokens[impl] = np.asarray(decode(params, batch))
+    tokens[impl + "-beam"] = np.asarray(model.predict_batch(
+        params, batch, max_decode_len=STEPS, method="beam", beam_size=3, eos_id=-1)["tokens"])
   np.testing.assert_array_equal(tokens["cpu_kernel"], tokens["chunked"])
+  np.testing.assert_array_equal(tokens["cpu_kernel-beam"], tokens["chunked-beam"])
   np.testing.assert_array_equal(tokens["cpu_kernel"],
                                 _greedy_by_recompute(model, params, batch))
 
