@@ -468,20 +468,24 @@ int Threads(ffi::ThreadPool& pool, int64_t items) {
 // Per-thread scratch of an item: the packed transposed keys (and values, in the backward), a
 // block's scores (and dS), and for bf16 operands their widened rows and the fp32 outputs before
 // they are narrowed.
+// (fp32 operands are read and written where they are: their runs size none of the latter.)
 struct Scratch {
   std::vector<float> kt, vt, sc, ds, k, v, q, g, o, dq, acc;
-  void Size(const Shape& s, bool backward) {
+  void Size(const Shape& s, bool backward, bool widened) {
     if (!kt.empty()) return;
     const int64_t ldk = PaddedKeys(s.lk);
     kt.resize(s.d * ldk);
     sc.resize(kRows * ldk);
+    if (backward) {
+      vt.resize(s.d * ldk);
+      ds.resize(kRows * ldk);
+    }
+    if (!widened) return;
     k.resize(s.lk * s.d);
     v.resize(s.lk * s.d);
     q.resize(kRows * s.d);
     o.resize(kRows * s.d);
     if (!backward) return;
-    vt.resize(s.d * ldk);
-    ds.resize(kRows * ldk);
     g.resize(kRows * s.d);
     dq.resize(kRows * s.d);
     acc.resize(2 * s.lk * s.d);
@@ -627,7 +631,7 @@ ffi::Error ForwardImpl(const Shape& s, const Operands& x, T* op, float* lsep,
   const int threads = Threads(pool, pairs * parts);
   std::vector<Scratch> scratch(threads);
   auto item = [&](int t, int64_t i) {
-    scratch[t].Size(s, false);
+    scratch[t].Size(s, false, !kFloat<T>);
     int64_t pair = i / parts;
     // (batch row, KV head) in BackwardImpl's order (see there).
     ForwardItem(s, x, pair % s.b, pair / s.b, i % parts, parts, op, lsep, scratch[t]);
@@ -684,7 +688,7 @@ ffi::Error BackwardImpl(const Shape& s, const Operands& x, T* dqp, T* dkp, T* dv
     // shapes).
     const int64_t part = i % parts, j = i / parts, run = j % runs, kh = j / runs;
     Scratch& w = scratch[t];
-    w.Size(s, true);
+    w.Size(s, true, !kFloat<T>);
     float* target = run == 0 || !shared ? dbp : partial[run - 1].data();
     for (int64_t b = run * per_run; b < std::min(s.b, (run + 1) * per_run); ++b) {
       const int64_t koff = (b * s.lk * s.kv + kh) * s.d;

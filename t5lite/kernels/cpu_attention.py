@@ -103,15 +103,18 @@ def lanes(library) -> int:
 
 def supports(q, k, v, bias) -> bool:
   """Whether `attention` takes these operands: q, k, v all float32 or all bfloat16, head_dim a
-  multiple of 16, query heads a multiple of KV heads, bias (if any) float32 [1 or batch, heads,
-  q_len, k_len]."""
+  multiple of 16, query heads a multiple of KV heads, bias (if any) float32 or bfloat16 (the
+  kernel reads it widened) [1 or batch, heads, q_len, k_len]."""
   b, q_len, heads, d = q.shape
   ok = (jnp.dtype(q.dtype) in _TARGETS and k.dtype == v.dtype == q.dtype and d % 16 == 0
         and heads % k.shape[2] == 0)
-  if bias is not None:
-    ok = ok and bias.dtype == jnp.float32 and bias.ndim == 4 and bias.shape[0] in (1, b) and (
-        bias.shape[1:] == (heads, q_len, k.shape[1]))
-  return ok
+  return ok and _bias_fits(bias, b, (heads, q_len, k.shape[1]))
+
+
+def _bias_fits(bias, b: int, per_row: tuple) -> bool:
+  """Whether `bias` is None or a float32 / bfloat16 [1 or b, *per_row] array."""
+  return bias is None or (jnp.dtype(bias.dtype) in _TARGETS and bias.ndim == 4
+                          and bias.shape[0] in (1, b) and tuple(bias.shape[1:]) == per_row)
 
 
 def attention(q, k, v, kv_lengths=None, bias=None, segments=None, prefix=None, *,
@@ -136,7 +139,7 @@ def attention(q, k, v, kv_lengths=None, bias=None, segments=None, prefix=None, *
   lengths = (jnp.full((b,), k.shape[1], jnp.int32) if kv_lengths is None
              else kv_lengths.astype(jnp.int32))
   has_bias = bias is not None
-  bias_in = bias if has_bias else jnp.zeros((1, 1, 1, 1), jnp.float32)
+  bias_in = bias.astype(jnp.float32) if has_bias else jnp.zeros((1, 1, 1, 1), jnp.float32)
   has_segments = segments is not None
   seg_in = (tuple(s.astype(jnp.int32) for s in segments) if has_segments
             else (jnp.zeros((1, 1), jnp.int32),) * 2)
@@ -188,15 +191,12 @@ _attention.defvjp(_forward, _backward)
 def supports_cache(q, k, v, bias) -> bool:
   """Whether `cache_attention` takes these operands: q [b, q_len, heads, d], k and v
   [b, kv_heads, k_len, d] heads-major, all float32 or all bfloat16, d a multiple of 16, heads a
-  multiple of kv_heads, bias (if any) float32 [1 or b, heads, q_len, k_len]."""
+  multiple of kv_heads, bias (if any) float32 or bfloat16 [1 or b, heads, q_len, k_len]."""
   b, q_len, heads, d = q.shape
   ok = (jnp.dtype(q.dtype) in _TARGETS and k.dtype == v.dtype == q.dtype and d % 16 == 0
         and k.shape == v.shape and k.shape[0] == b and k.shape[3] == d
         and heads % k.shape[1] == 0)
-  if bias is not None:
-    ok = ok and bias.dtype == jnp.float32 and bias.ndim == 4 and bias.shape[0] in (1, b) and (
-        bias.shape[1:] == (heads, q_len, k.shape[2]))
-  return ok
+  return ok and _bias_fits(bias, b, (heads, q_len, k.shape[2]))
 
 
 def cache_attention(q, k, v, visible, bias=None, *, scale: float):
@@ -210,5 +210,5 @@ def cache_attention(q, k, v, visible, bias=None, *, scale: float):
   return jax.ffi.ffi_call(_TARGETS[jnp.dtype(q.dtype)][2],
                           jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")(
       q, k, v, visible.astype(jnp.bool_),
-      bias if has_bias else jnp.zeros((1, 1, 1, 1), jnp.float32),
+      bias.astype(jnp.float32) if has_bias else jnp.zeros((1, 1, 1, 1), jnp.float32),
       scale=np.float32(scale), has_bias=has_bias)

@@ -309,23 +309,20 @@ def kernel_attention(q, k, v, mask: Mask, bias=None, *, scale: float):
   apply: a program for more than one device outside activation rules (inside a pipeline stage,
   where XLA would gather the batch onto every device), a program traced for a GPU by
   t5lite.gpu_aot, a dense mask without segment ids, neither float32 nor bfloat16 (the kernel
-  widens bfloat16 as it reads it; a bfloat16 bias is widened here), head_dim not a multiple of
-  16, or no kernel
+  widens bfloat16 as it reads it), head_dim not a multiple of 16, or no kernel
   (`cpu_attention.available()`: no C++ compiler, a CPU with neither AVX-512 nor AVX2, or
   switched off).
   """
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
-  wide_bias = None if bias is None else bias.astype(jnp.float32)  # the kernel's bias is fp32
   if not (gpu_aot.tracing_platform() == "cpu"
           and (jax.device_count() == 1 or partitioning.rules_active())
           and (mask.dense is None or mask.segments is not None)
-          and cpu_attention.supports(q, k, v, wide_bias)
+          and cpu_attention.supports(q, k, v, bias)
           and cpu_attention.available()):
     if bias is not None and bias.shape[0] == 1 < q.shape[0]:
       bias = _broadcast_batch(bias, q.shape[0])
     return chunked_attention(q, k, v, mask, bias, scale=scale)
-  bias = wide_bias
   rows = ("batch", None, "heads", None)
   operands, axes = [q, k, v], [rows, rows, rows]
   q_segments, k_segments = mask.segments if mask.segments is not None else (None, None)
@@ -463,8 +460,7 @@ def attend_cache(q, k, v, mask: Mask, bias=None, *, scale: float, implementation
     b, q_len = q.shape[:2]
     visible = jnp.broadcast_to(_visible(mask, 0, q_len, k.shape[2]),
                                (b, 1, q_len, 1, k.shape[2]))[:, 0, :, 0, :]
-    wide_bias = None if bias is None else bias.astype(jnp.float32)
-    return _cache_kernel(q, k, v, visible, wide_bias, scale)
+    return _cache_kernel(q, k, v, visible, bias, scale)
   return _heads_major_blocks(q, k, v, mask, bias, scale=scale, chunk=q.shape[1])
 
 
@@ -474,8 +470,7 @@ def _cache_kernel_applies(q, k, v, mask: Mask, bias) -> bool:
   return (gpu_aot.tracing_platform() == "cpu" and jax.device_count() == 1
           and mask.segments is None and mask.prefix is None
           and (mask.dense is None or mask.dense.shape[1] == 1)
-          and cpu_attention.supports_cache(
-              q, k, v, None if bias is None else jax.ShapeDtypeStruct(bias.shape, jnp.float32))
+          and cpu_attention.supports_cache(q, k, v, bias)
           and cpu_attention.available())
 
 
