@@ -178,7 +178,7 @@ def synthetic_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0, p
 # The model settings that decide speed, echoed in the report: gin's last binding wins, so a
 # preset listed after runs/cpu.gin would silently undo it.
 SETTINGS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-            "flat_weight_grads", "float32_dot_outputs")
+            "flat_weight_grads", "float32_dot_outputs", "matvec_kernel")
 
 
 def measure_peak_tflops(on_gpu: bool, bf16: bool = False) -> float:

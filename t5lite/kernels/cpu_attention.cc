@@ -21,7 +21,8 @@
 // dbias are fp32.
 //
 // A third handler, CacheAttention, is a decoding step's attention over a heads-major KV cache
-// (see CacheItem).
+// (see CacheItem); a fourth, Matvec, a decoding step's bf16 projections of a few rows (it shares
+// the vectors and the threads; cpu_matvec.py calls it).
 
 #include <algorithm>
 #include <atomic>
@@ -884,6 +885,126 @@ ffi::Error CacheAttention(ffi::Buffer<kType> q, ffi::Buffer<kType> k, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// ---- Matrix-vector products: a decoding step's projections of a few rows ----
+//
+// y [m, n] = x [m, k] . W, with W stored [k, n] (kn) or [n, k] (nk, the [vocab, embed] output
+// head), for the few rows (m <= kMaxRows) of a decoding step. Such a product reads every weight
+// once for a few multiply-adds each: bound by the bytes of W read. XLA:CPU runs a one-row bf16
+// product with its own dot emitter after widening W to fp32 (every weight of the model, once per
+// decode call, and then reads twice the bytes each step), and YNNPACK runs 2-4 rows at ~10 GB/s.
+// Here W is read as stored, widened a vector at a time, at 14-35 GB/s on 2 cores of an Intel
+// Xeon; products and sums are fp32, y narrowed (round to nearest even) as it is written.
+constexpr int kMaxRows = 4;
+constexpr int kAccumulators = kWide ? 16 : 8;  // vector registers holding sums
+constexpr int64_t kRowsPerItem = 64;           // rows of W per work item
+
+// kn: part [kM, n] = x[:, e0:e1] . W[e0:e1, :] for kM rows of x (fp32, row stride k). W is
+// read in its memory order, four rows at a time (a walk down the columns instead, a vector's
+// width at a time, ran at half the bandwidth: strided reads from memory), the sums kept in
+// `part` between groups of rows.
+template <int kM, typename T>
+void KnRows(const float* x, int64_t k, const T* w, int64_t n, int64_t e0, int64_t e1,
+            float* part) {
+  constexpr int kVecs = kAccumulators / kM;
+  constexpr int64_t kStep = kVecs * kLanes;
+  std::fill(part, part + kM * n, 0.0f);
+  for (int64_t e = e0; e < e1; e += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, e1 - e));
+    int64_t c = 0;
+    for (; c + kStep <= n; c += kStep) {
+      V acc[kM][kVecs];
+      for (int r = 0; r < kM; ++r)
+        for (int j = 0; j < kVecs; ++j) acc[r][j] = Load(part + r * n + c + j * kLanes);
+      for (int i = 0; i < rows; ++i) {
+        V xv[kM];
+        for (int r = 0; r < kM; ++r) xv[r] = Splat(x[r * k + e + i]);
+        for (int j = 0; j < kVecs; ++j) {
+          V wv = LoadWide(w + (e + i) * n + c + j * kLanes);
+          for (int r = 0; r < kM; ++r) acc[r][j] += xv[r] * wv;
+        }
+      }
+      for (int r = 0; r < kM; ++r)
+        for (int j = 0; j < kVecs; ++j) Store(part + r * n + c + j * kLanes, acc[r][j]);
+    }
+    for (; c < n; ++c)  // a tail of columns narrower than the vectors
+      for (int i = 0; i < rows; ++i)
+        for (int r = 0; r < kM; ++r) part[r * n + c] += x[r * k + e + i] * Widen(w[(e + i) * n + c]);
+  }
+}
+
+// nk: y[:, r0:r1] (rows r0..r1 of W) for kM rows of x, kW rows of W at a time.
+template <int kM, typename T>
+void NkRows(const float* x, int64_t k, const T* w, int64_t n, int64_t r0, int64_t r1, float* y) {
+  constexpr int kW = kAccumulators / kM;
+  const int64_t whole = k - k % kLanes;
+  for (int64_t i = r0; i < r1; i += kW) {
+    const int rows = static_cast<int>(std::min<int64_t>(kW, r1 - i));
+    V acc[kM][kW] = {};
+    for (int64_t e = 0; e < whole; e += kLanes) {
+      V xv[kM];
+      for (int r = 0; r < kM; ++r) xv[r] = Load(x + r * k + e);
+      for (int j = 0; j < kW; ++j) {
+        if (j >= rows) break;
+        V wv = LoadWide(w + (i + j) * k + e);
+        for (int r = 0; r < kM; ++r) acc[r][j] += xv[r] * wv;
+      }
+    }
+    for (int j = 0; j < rows; ++j)
+      for (int r = 0; r < kM; ++r) {
+        float sum = Sum(acc[r][j]);
+        for (int64_t e = whole; e < k; ++e) sum += x[r * k + e] * Widen(w[(i + j) * k + e]);
+        y[r * n + i + j] = sum;
+      }
+  }
+}
+
+template <int kM, typename T>
+void MatvecItem(bool nk, const float* x, int64_t k, const T* w, int64_t n, int64_t item,
+                float* y, float* parts) {
+  if (nk) {
+    NkRows<kM>(x, k, w, n, item * kRowsPerItem, std::min(n, (item + 1) * kRowsPerItem), y);
+  } else {
+    KnRows<kM>(x, k, w, n, item * kRowsPerItem, std::min(k, (item + 1) * kRowsPerItem),
+               parts + item * kM * n);
+  }
+}
+
+template <ffi::DataType kType>
+ffi::Error Matvec(ffi::Buffer<kType> x, ffi::Buffer<kType> w, ffi::ResultBuffer<kType> y,
+                       ffi::ThreadPool pool, bool nk) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const int64_t m = xd.size() == 2 ? xd[0] : 0, k = xd.size() == 2 ? xd[1] : 0;
+  const int64_t n = wd.size() == 2 ? wd[nk ? 0 : 1] : 0;
+  if (m < 1 || m > kMaxRows || wd.size() != 2 || wd[nk ? 1 : 0] != k || yd.size() != 2 ||
+      yd[0] != m || yd[1] != n)
+    return ffi::Error::InvalidArgument(
+        "cpu matvec: x [m, k] with 1 <= m <= 4, w [k, n] (or [n, k] with nk), y [m, n]");
+  const auto* xp = Data(x);
+  const auto* wp = Data(w);
+  std::vector<float> xf(m * k), yf(m * n);
+  for (int64_t i = 0; i < m * k; ++i) xf[i] = Widen(xp[i]);
+  // nk: items of W's rows, each writing its own outputs. kn: items of W's rows, each summing its
+  // rows' share of every output into parts of its own, added up in order after (the same sums
+  // however the items fall to threads).
+  const int64_t items = ((nk ? n : k) + kRowsPerItem - 1) / kRowsPerItem;
+  std::vector<float> parts(nk ? 0 : items * m * n);
+  auto item = [&](int, int64_t i) {
+    switch (m) {
+      case 1: return MatvecItem<1>(nk, xf.data(), k, wp, n, i, yf.data(), parts.data());
+      case 2: return MatvecItem<2>(nk, xf.data(), k, wp, n, i, yf.data(), parts.data());
+      case 3: return MatvecItem<3>(nk, xf.data(), k, wp, n, i, yf.data(), parts.data());
+      default: return MatvecItem<4>(nk, xf.data(), k, wp, n, i, yf.data(), parts.data());
+    }
+  };
+  ParallelFor(pool, items, Threads(pool, items), item);
+  if (!nk)
+    for (int64_t i = 0; i < items; ++i)
+      for (int64_t j = 0; j < m * n; ++j) yf[j] = i ? yf[j] + parts[i * m * n + j] : parts[j];
+  auto* yp = Data(*y);
+  for (int64_t i = 0; i < m * n; ++i) Narrow(yf[i], yp + i);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The floats per vector this build is tuned for: 16 (AVX-512) or 8 (AVX2 with FMA); 0 where
@@ -944,6 +1065,14 @@ extern "C" int T5liteCpuAttentionLanes() { return kTuned ? kLanes : 0; }
       .Attr<float>("scale")                      \
       .Attr<bool>("has_bias")
 
+// A decoding step's bf16 projections of a few rows (fp32 ones XLA runs as fast).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatvecBf16, Matvec<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::DataType::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::DataType::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::DataType::BF16>>()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<bool>("nk"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuCacheAttention, CacheAttention<ffi::DataType::F32>,
                               T5LITE_CACHE(ffi::DataType::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuCacheAttentionBf16, CacheAttention<ffi::DataType::BF16>,

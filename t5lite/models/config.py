@@ -64,6 +64,9 @@ class ModelConfig:
       param_dtype unrounded; implies flat_weight_grads. A lever for bfloat16 on CPUs with AMX,
       where XLA:CPU runs a bf16 matmul on AMX only when it outputs float32
       (`t5lite.models.projection`, runs/cpu_bf16.gin).
+    matvec_kernel: bf16 projections of at most 4 tokens (a decoding step at batch <= 4) by
+      t5lite's CPU kernel (`t5lite.kernels.cpu_matvec`), which reads bf16 weights as stored
+      (XLA:CPU widens them to float32); on one CPU device, where it builds. A CPU lever.
     max_length: longest sequence the model accepts (decoding and RoPE tables).
     pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
   """
@@ -99,6 +102,7 @@ class ModelConfig:
   attention_impl: Any = None
   flat_weight_grads: bool = False
   float32_dot_outputs: bool = False
+  matvec_kernel: bool = False
   max_length: int = 2048
   pad_id: int = 0
   eos_id: int = 1

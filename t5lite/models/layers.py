@@ -37,7 +37,8 @@ def project(cfg: ModelConfig, spec: str, x, kernel):
   if not cfg.float32_dot_outputs:
     kernel = kernel.astype(compute_dtype(cfg))
   return projection.project(spec, x, kernel, flat_weight_grad=cfg.flat_weight_grads,
-                            float32_outputs=cfg.float32_dot_outputs)
+                            float32_outputs=cfg.float32_dot_outputs,
+                            matvec_kernel=cfg.matvec_kernel)
 
 
 def dropout(x, rate: float, rng):

@@ -28,6 +28,11 @@ by XLA under an optimization barrier on its flattened form, so that XLA cannot f
 the matmul), and the input gradient of an [out, in] kernel (the [vocab, embed] output head) reads
 the kernel as stored. The kernel is cast to bf16 inside, so its gradient (in the stored dtype,
 fp32) is the fp32 matmul's output, never rounded to bf16.
+
+`matvec_kernel=True` runs a bf16 projection of at most `cpu_matvec.MAX_ROWS` tokens (a decoding
+step at batch <= 4) by t5lite's CPU kernel (t5lite/kernels/cpu_matvec.py), which reads the bf16
+weights as stored where XLA:CPU widens them to fp32 (a program for one CPU device, where the
+kernel builds; XLA's einsum elsewhere). Its gradient, if one is asked for, is XLA's.
 """
 
 import functools
@@ -38,7 +43,7 @@ import jax.numpy as jnp
 
 
 def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
-            float32_outputs: bool = False):
+            float32_outputs: bool = False, matvec_kernel: bool = False):
   """`jnp.einsum(spec, x, kernel)` for a projection of token activations.
 
   Args:
@@ -55,10 +60,18 @@ def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
       comes out of the float32 matmul in the kernel's own dtype, not rounded to x's on the
       way. A lever for bf16 on CPUs with AMX (`ModelConfig.float32_dot_outputs`); no change
       for float32 operands.
+    matvec_kernel: a bf16 projection of a few tokens by the CPU kernel where it applies
+      (module docstring; `ModelConfig.matvec_kernel`); its gradient is the einsum's above.
 
   Returns:
     The projection, in x's dtype.
   """
+  if matvec_kernel and _matvec_applies(spec, x, kernel):
+    return _matvec_project(spec, flat_weight_grad, float32_outputs, x, kernel)
+  return _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel)
+
+
+def _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel):
   if not (flat_weight_grad or float32_outputs):
     return jnp.einsum(spec, x, kernel)
   _parse(spec)  # reject a spec the flat gradient cannot handle before tracing the VJP
@@ -158,6 +171,49 @@ def _transposed_copy(a):
       and cpu_transpose.available()):
     return cpu_transpose.transpose(a)
   return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[::-1])
+
+
+def _matvec_applies(spec: str, x, kernel) -> bool:
+  """Whether the CPU matvec kernel runs this projection: bf16 x of a few tokens
+  (`cpu_matvec.supports`), a kernel holding its axes as [in, out] or [out, in], and a program
+  for one CPU device."""
+  from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+  from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
+  tokens, ins, outs, ks = _parse(spec)
+  if x.dtype != jnp.bfloat16 or ks not in (ins + outs, outs + ins):
+    return False
+  n_in = math.prod(x.shape[len(tokens):])
+  rows = jax.ShapeDtypeStruct((math.prod(x.shape[:len(tokens)]), n_in), x.dtype)
+  weights = jax.ShapeDtypeStruct(
+      (n_in, kernel.size // n_in) if ks == ins + outs else (kernel.size // n_in, n_in), x.dtype)
+  return (cpu_matvec.supports(rows, weights, w_transposed=ks != ins + outs)
+          and gpu_aot.tracing_platform() == "cpu" and _on_one_device() and cpu_matvec.available())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _matvec_project(spec, flat_weight_grad, float32_outputs, x, kernel):
+  from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
+  tokens, ins, outs, ks = _parse(spec)
+  lead, out_shape = x.shape[:len(tokens)], kernel.shape[len(ins):] if ks == ins + outs else (
+      kernel.shape[:len(outs)])
+  n_in = math.prod(x.shape[len(tokens):])
+  flat_x = x.reshape(-1, n_in)
+  flat_kernel = kernel.astype(x.dtype).reshape((n_in, -1) if ks == ins + outs else (-1, n_in))
+  y = cpu_matvec.matvec(flat_x, flat_kernel, w_transposed=ks != ins + outs)
+  return y.reshape(lead + tuple(out_shape))
+
+
+def _matvec_forward(spec, flat_weight_grad, float32_outputs, x, kernel):
+  return _matvec_project(spec, flat_weight_grad, float32_outputs, x, kernel), (x, kernel)
+
+
+def _matvec_backward(spec, flat_weight_grad, float32_outputs, residuals, g):
+  _, pullback = jax.vjp(functools.partial(_xla_project, spec, flat_weight_grad, float32_outputs),
+                        *residuals)
+  return pullback(g)
+
+
+_matvec_project.defvjp(_matvec_forward, _matvec_backward)
 
 
 def _on_one_device() -> bool:

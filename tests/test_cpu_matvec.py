@@ -1,0 +1,141 @@
+"""The CPU matvec kernel (a decoding step's bf16 projections of a few rows): its products against
+float64, its refusals, its place in `projection.project` (the kernel where it applies, XLA's
+gradient) and in decoding (the tokens of XLA's products); also as built for AVX2."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from t5lite.kernels import cpu_build, cpu_matvec
+from t5lite.models import projection
+from t5lite.models.model import Model
+
+needs_kernel = pytest.mark.skipif(not cpu_matvec.available(), reason="no CPU kernel here")
+
+# (rows, k, n, w_transposed): vector-width tails in n (kn) and k (nk), several 64-row items.
+SHAPES = [(1, 200, 300, False), (2, 64, 48, False), (3, 130, 517, False), (4, 768, 96, False),
+          (1, 70, 150, True), (2, 512, 200, True), (1, 16, 1, True), (4, 3, 5, False)]
+
+
+def _bf16(rng, shape):
+  return jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+
+
+def _wide(a):
+  return np.asarray(a.astype(jnp.float32), np.float64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,k,n,w_transposed", SHAPES)
+def test_matvec_matches_a_float64_product(rows, k, n, w_transposed):
+  """y = x @ w (or x @ w.T) with fp32 sums rounded once to bf16: within half a bf16 step (of
+  y's binade) plus the fp32 sums' error of the float64 product of the same bf16 values."""
+  rng = np.random.default_rng(rows * 1000 + k + n)
+  x, w = _bf16(rng, (rows, k)), _bf16(rng, (n, k) if w_transposed else (k, n))
+  y = jax.jit(lambda x, w: cpu_matvec.matvec(x, w, w_transposed=w_transposed))(x, w)
+  assert y.dtype == jnp.bfloat16 and y.shape == (rows, n)
+  ref = _wide(x) @ (_wide(w).T if w_transposed else _wide(w))
+  scale = np.abs(_wide(x)) @ np.abs(_wide(w).T if w_transposed else _wide(w))
+  err = np.abs(_wide(y) - ref)
+  half_step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(_wide(y)), 1e-30))) - 8)
+  assert np.all(err <= half_step + 1e-6 * scale), (err / half_step).max()
+
+
+def test_matvec_refuses_what_it_does_not_take():
+  """More rows than it is fast for, float32, or shapes that do not contract: `supports` says
+  no and `matvec` raises a ValueError naming what it takes."""
+  s = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+  assert cpu_matvec.supports(s((4, 8)), s((8, 3)))
+  assert cpu_matvec.supports(s((2, 8)), s((3, 8)), w_transposed=True)
+  assert not cpu_matvec.supports(s((5, 8)), s((8, 3)))
+  assert not cpu_matvec.supports(s((3, 8)), s((3, 8)), w_transposed=True)
+  assert not cpu_matvec.supports(s((1, 8), jnp.float32), s((8, 3), jnp.float32))
+  assert not cpu_matvec.supports(s((1, 8)), s((3, 8)))
+  with pytest.raises(ValueError, match="bf16"):
+    cpu_matvec.matvec(jnp.ones((1, 8), jnp.float32), jnp.ones((8, 3), jnp.float32))
+
+
+SPECS = [("bld,dhk->blhk", (1, 1, 32), (32, 4, 16)), ("blhk,hkd->bld", (2, 1, 4, 16), (4, 16, 40)),
+         ("bld,vd->blv", (2, 1, 32), (300, 32)), ("bld,dnf->blnf", (4, 1, 32), (32, 2, 24))]
+
+
+@needs_kernel
+@pytest.mark.parametrize("float32_outputs", [False, True])
+@pytest.mark.parametrize("spec,x_shape,k_shape", SPECS)
+def test_project_runs_few_tokens_in_the_kernel_with_xla_gradients(spec, x_shape, k_shape,
+                                                                   float32_outputs):
+  """A bf16 projection of <= 4 tokens runs in the kernel (its custom call in the program), its
+  values XLA's product's within one bf16 rounding, its gradients XLA's path's exactly; with more
+  tokens (or float32) XLA's einsum runs."""
+  rng = np.random.default_rng(0)
+  x, kernel = _bf16(rng, x_shape), _bf16(rng, k_shape)
+  if float32_outputs:
+    kernel = kernel.astype(jnp.float32)  # fp32 parameters, cast inside
+  opts = dict(flat_weight_grad=True, float32_outputs=float32_outputs)
+  run = lambda mv: jax.jit(lambda x, k: projection.project(spec, x, k, matvec_kernel=mv, **opts))
+  assert "t5lite_cpu_matvec" in run(True).lower(x, kernel).as_text()
+  assert "t5lite_cpu_matvec" not in run(False).lower(x, kernel).as_text()
+  got, want = _wide(run(True)(x, kernel)), _wide(run(False)(x, kernel))
+  np.testing.assert_allclose(got, want, rtol=2.0 ** -7, atol=1e-2)
+  loss = lambda mv: lambda x, k: jnp.sum(
+      projection.project(spec, x, k, matvec_kernel=mv, **opts).astype(jnp.float32) ** 2)
+  g_kernel = jax.jit(jax.grad(loss(True), argnums=(0, 1)))(x, kernel)
+  g_xla = jax.jit(jax.grad(loss(False), argnums=(0, 1)))(x, kernel)
+  # The cotangent is 2y, computed from the kernel's y: the gradients are XLA's for that y.
+  y = run(True)(x, kernel)
+  _, pullback = jax.vjp(lambda x, k: projection.project(spec, x, k, **opts), x, kernel)
+  for a, b in zip(g_kernel, pullback((2 * y.astype(jnp.float32)).astype(y.dtype))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert all(a.shape == b.shape for a, b in zip(g_kernel, g_xla))
+  many = jnp.concatenate([x] * 5, axis=0)  # 5 or more tokens
+  assert "t5lite_cpu_matvec" not in run(True).lower(many, kernel).as_text()
+  fp32 = jax.jit(lambda x, k: projection.project(spec, x, k, matvec_kernel=True))
+  assert "t5lite_cpu_matvec" not in fp32.lower(x.astype(jnp.float32),
+                                              kernel.astype(jnp.float32)).as_text()
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", [dict(arch="decoder_only", num_kv_heads=2),
+                                     dict(arch="encoder_decoder")],
+                         ids=["decoder_only", "encoder_decoder"])
+def test_bf16_decoding_with_the_kernel_gives_xla_s_tokens(variant):
+  """Greedy bf16 decoding at batch 1 and 2 runs its token steps' projections in the kernel and
+  decodes the tokens of XLA's products (a tiny model whose logits are far apart, so that one
+  bf16 rounding's difference cannot flip a choice)."""
+  for rows in (1, 2):
+    tokens = {}
+    for mv in (False, True):
+      cfg = tiny_config(dtype="bfloat16", matvec_kernel=mv, **variant)
+      model = Model(cfg)
+      params = model.init(jax.random.key(3))
+      params = jax.tree.map(lambda p: p * 4 if p.ndim == 2 and p.shape[0] == cfg.vocab_size
+                            else p, params)  # sharper logits
+      key = "encoder_input_tokens" if cfg.arch == "encoder_decoder" else "prompt_tokens"
+      batch = {key: np.random.default_rng(rows).integers(3, cfg.vocab_size, (rows, 5))
+               .astype(np.int32)}
+      decode = jax.jit(lambda p, b, m=model: m.predict_batch(p, b, max_decode_len=6,
+                                                             eos_id=-1)["tokens"])
+      assert ("t5lite_cpu_matvec" in decode.lower(params, batch).as_text()) == mv
+      tokens[mv] = np.asarray(decode(params, batch))
+    np.testing.assert_array_equal(tokens[True], tokens[False])
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= (cpu_build.cpu_flags() or frozenset()),
+                    reason="this CPU cannot run an AVX2 build")
+@needs_kernel
+def test_avx2_build_passes_the_value_tests(tmp_path):
+  """The kernel built for AVX2 (8-float vectors, 8 sums in registers) passes the value tests."""
+  env = dict(os.environ, T5LITE_CPU_ATTENTION_MARCH="haswell", T5LITE_CACHE_DIR=str(tmp_path))
+  done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                         "-p", "no:xdist", "-k", "matches_a_float64_product", __file__],
+                        env=env, capture_output=True, text=True, check=False,
+                        cwd=os.path.dirname(__file__))
+  summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+  assert done.returncode == 0 and f"{len(SHAPES)} passed" in summary, done.stdout[-3000:]
+  assert list((tmp_path / "kernels").glob("*.so"))
