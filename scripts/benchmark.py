@@ -449,10 +449,13 @@ def time_one_at_a_time(makers, args, flops: float):
 
 
 def bench_decode(cfg, args, batch: int):
-  """Greedy KV-cache decode: `--inputs` prompt tokens, `--decode_tokens` new tokens (EOS off)."""
+  """Greedy KV-cache decode: `--inputs` prompt tokens, `--decode_tokens` new tokens (EOS off),
+  on the parameters as `serving.Session` holds them (the weights in the compute dtype, as HF's
+  side gets bf16 weights)."""
+  from t5lite.models import transformer
   from t5lite.models.model import Model
   model = Model(cfg)
-  params = jax.jit(model.init)(jax.random.key(0))
+  params = transformer.cast_for_compute(jax.jit(model.init)(jax.random.key(0)), cfg)
   rng = np.random.default_rng(0)
   prompts = rng.integers(2, cfg.vocab_size, (batch, args.inputs)).astype(np.int32)
   key = "encoder_input_tokens" if cfg.arch == "encoder_decoder" else "prompt_tokens"

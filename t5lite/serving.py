@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from t5lite import convert, decoding, partitioning
+from t5lite.models import transformer
 from t5lite.models.model import LossConfig, Model
 
 VOCAB_FILES = ("spiece.model", "tokenizer.model", "vocab.model")
@@ -17,6 +18,10 @@ VOCAB_FILES = ("spiece.model", "tokenizer.model", "vocab.model")
 
 class Session:
   """A model, its parameters and its vocabulary, loaded from a checkpoint directory.
+
+  The weights the network reads only in its compute dtype are kept in it (bf16 over a float32
+  checkpoint: half the memory, and no cast of every weight in each request's decoding), with the
+  same outputs (`transformer.cast_for_compute`).
 
   Args:
     checkpoint: a t5lite MODEL_DIR or a converted checkpoint directory.
@@ -35,8 +40,9 @@ class Session:
       raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     self.mesh_config = mesh_config
     self.mesh = None if mesh_config is None else partitioning.make_mesh(mesh_config)
-    self.cfg, self.params = convert.load_t5lite(
+    self.cfg, params = convert.load_t5lite(
         checkpoint, step, self.mesh, None if mesh_config is None else mesh_config.rules)
+    self.params = transformer.cast_for_compute(params, self.cfg)
     self.model = Model(self.cfg, LossConfig(head_chunks=head_chunks))
     self.vocab = None
     path = vocab_file or next((os.path.join(checkpoint, n) for n in VOCAB_FILES
