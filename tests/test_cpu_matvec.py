@@ -1,6 +1,7 @@
-"""The CPU matvec kernel (a decoding step's bf16 projections of a few rows): its products against
-float64, its refusals, its place in `projection.project` (the kernel where it applies, XLA's
-gradient) and in decoding (the tokens of XLA's products); also as built for AVX2."""
+"""The CPU matvec kernel (a decoding step's bf16 projections of a few rows; up to 32 on AMX): its
+products against float64, its refusals, its place in `projection.project` (the kernel where it
+applies, XLA's gradient) and in decoding (the tokens of XLA's products); also as built for
+AVX2."""
 
 import os
 import subprocess
@@ -17,10 +18,17 @@ from t5lite.models import projection
 from t5lite.models.model import Model
 
 needs_kernel = pytest.mark.skipif(not cpu_matvec.available(), reason="no CPU kernel here")
+needs_amx = pytest.mark.skipif(not cpu_matvec.amx_rows(), reason="no AMX here")
 
 # (rows, k, n, w_transposed): vector-width tails in n (kn) and k (nk), several 64-row items.
 SHAPES = [(1, 200, 300, False), (2, 64, 48, False), (3, 130, 517, False), (4, 768, 96, False),
           (1, 70, 150, True), (2, 512, 200, True), (1, 16, 1, True), (4, 3, 5, False)]
+
+
+# On AMX: 5-32 rows (3-32 against a transposed weight), k and n multiples of 32; a last panel
+# of W narrower than 256 columns (n = 320), row tiles of 16 and fewer.
+AMX_SHAPES = [(5, 64, 96, False), (16, 96, 64, False), (32, 768, 320, False), (17, 32, 32, False),
+              (3, 64, 64, True), (32, 128, 96, True), (20, 64, 32, True), (9, 512, 1024, True)]
 
 
 def _bf16(rng, shape):
@@ -32,7 +40,8 @@ def _wide(a):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows,k,n,w_transposed", SHAPES)
+@pytest.mark.parametrize("rows,k,n,w_transposed", SHAPES + [
+    pytest.param(*shape, marks=needs_amx) for shape in AMX_SHAPES])
 def test_matvec_matches_a_float64_product(rows, k, n, w_transposed):
   """y = x @ w (or x @ w.T) with fp32 sums rounded once to bf16: within half a bf16 step (of
   y's binade) plus the fp32 sums' error of the float64 product of the same bf16 values."""
@@ -53,8 +62,12 @@ def test_matvec_refuses_what_it_does_not_take():
   s = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
   assert cpu_matvec.supports(s((4, 8)), s((8, 3)))
   assert cpu_matvec.supports(s((2, 8)), s((3, 8)), w_transposed=True)
-  assert not cpu_matvec.supports(s((5, 8)), s((8, 3)))
+  assert not cpu_matvec.supports(s((5, 8)), s((8, 3)))  # AMX: k and n multiples of 32 only
   assert not cpu_matvec.supports(s((3, 8)), s((3, 8)), w_transposed=True)
+  assert cpu_matvec.supports(s((32, 64)), s((64, 96))) == (cpu_matvec.amx_rows() == 32)
+  assert cpu_matvec.supports(s((3, 64)), s((96, 64)), w_transposed=True) == (
+      cpu_matvec.amx_rows() == 32)
+  assert not cpu_matvec.supports(s((33, 64)), s((64, 96)))
   assert not cpu_matvec.supports(s((1, 8), jnp.float32), s((8, 3), jnp.float32))
   assert not cpu_matvec.supports(s((1, 8)), s((3, 8)))
   with pytest.raises(ValueError, match="bf16"):
@@ -93,7 +106,7 @@ def test_project_runs_few_tokens_in_the_kernel_with_xla_gradients(spec, x_shape,
   for a, b in zip(g_kernel, pullback((2 * y.astype(jnp.float32)).astype(y.dtype))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert all(a.shape == b.shape for a, b in zip(g_kernel, g_xla))
-  many = jnp.concatenate([x] * 5, axis=0)  # 5 or more tokens
+  many = jnp.concatenate([x] * 40, axis=0)  # 40 or more tokens: more than AMX takes
   assert "t5lite_cpu_matvec" not in run(True).lower(many, kernel).as_text()
   fp32 = jax.jit(lambda x, k: projection.project(spec, x, k, matvec_kernel=True))
   assert "t5lite_cpu_matvec" not in fp32.lower(x.astype(jnp.float32),
@@ -105,10 +118,10 @@ def test_project_runs_few_tokens_in_the_kernel_with_xla_gradients(spec, x_shape,
                                      dict(arch="encoder_decoder")],
                          ids=["decoder_only", "encoder_decoder"])
 def test_bf16_decoding_with_the_kernel_gives_xla_s_tokens(variant):
-  """Greedy bf16 decoding at batch 1 and 2 runs its token steps' projections in the kernel and
-  decodes the tokens of XLA's products (a tiny model whose logits are far apart, so that one
-  bf16 rounding's difference cannot flip a choice)."""
-  for rows in (1, 2):
+  """Greedy bf16 decoding at batch 1 and 2 (and 5, on AMX) runs its token steps' projections in
+  the kernel and decodes the tokens of XLA's products (a tiny model whose logits are far apart,
+  so that one bf16 rounding's difference cannot flip a choice)."""
+  for rows in (1, 2) + ((5,) if cpu_matvec.amx_rows() else ()):
     tokens = {}
     for mv in (False, True):
       cfg = tiny_config(dtype="bfloat16", matvec_kernel=mv, **variant)

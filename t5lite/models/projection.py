@@ -29,10 +29,10 @@ the matmul), and the input gradient of an [out, in] kernel (the [vocab, embed] o
 the kernel as stored. The kernel is cast to bf16 inside, so its gradient (in the stored dtype,
 fp32) is the fp32 matmul's output, never rounded to bf16.
 
-`matvec_kernel=True` runs a bf16 projection of at most `cpu_matvec.MAX_ROWS` tokens (a decoding
-step at batch <= 4) by t5lite's CPU kernel (t5lite/kernels/cpu_matvec.py), which reads the bf16
-weights as stored where XLA:CPU widens them to fp32 (a program for one CPU device, where the
-kernel builds; XLA's einsum elsewhere). Its gradient, if one is asked for, is XLA's.
+`matvec_kernel=True` runs a bf16 projection of a few tokens (a decoding step at batch <= 4, <= 32
+on CPUs with AMX: `cpu_matvec.supports`) by t5lite's CPU kernel (t5lite/kernels/cpu_matvec.py),
+which reads the bf16 weights as stored where XLA:CPU widens them to fp32 (a program for one CPU
+device, where the kernel builds; XLA's einsum elsewhere). Its gradient, if asked for, is XLA's.
 """
 
 import functools
