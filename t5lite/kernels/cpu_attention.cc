@@ -981,9 +981,9 @@ void MatvecItem(bool nk, const float* x, int64_t k, const T* w, int64_t n, int64
 // On CPUs with AMX (Intel Sapphire Rapids on; a build with -march for one), products of up to
 // 32 rows run on its tiles: 16 x 32 bf16 times 32 x 16 bf16 into 16 x 16 fp32 sums a step.
 // XLA:CPU's YNNPACK ran them at the rate of fp32 FMAs (decoder-125m's [32, 768] x [768, 3072]:
-// 0.53 ms on 2 cores). kn: W's tile is packed as AMX reads it (pairs of consecutive rows' values
-// side by side) a 32 x 32 block at a time; nk (the output head): y^T = W x^T, W's rows read as
-// stored and x packed once.
+// 0.53 ms on 2 cores; here 0.33 ms). kn: W is packed as AMX reads it (the values of pairs of
+// consecutive rows side by side) a panel of 256 columns at a time; nk (the output head):
+// y^T = W x^T, W's rows read as stored and x packed once. Sums are fp32, y narrowed as written.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
 constexpr bool kAmx = true;
 constexpr int64_t kMaxAmxRows = 32;
@@ -1155,7 +1155,7 @@ bool AmxMatvec(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, bool
 
 template <ffi::DataType kType>
 ffi::Error Matvec(ffi::Buffer<kType> x, ffi::Buffer<kType> w, ffi::ResultBuffer<kType> y,
-                       ffi::ThreadPool pool, bool nk) {
+                  ffi::ThreadPool pool, bool nk) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   const int64_t m = xd.size() == 2 ? xd[0] : 0, k = xd.size() == 2 ? xd[1] : 0;
   const int64_t n = wd.size() == 2 ? wd[nk ? 0 : 1] : 0;
