@@ -67,7 +67,8 @@ def matvec(x, w, *, w_transposed: bool = False):
   if not supports(x, w, w_transposed=w_transposed):
     raise ValueError(f"the CPU matvec takes bf16 [1..{MAX_ROWS}, k] rows and a bf16 matrix "
                      f"[k, n] ([n, k] and at most {MAX_ROWS_TRANSPOSED} rows with w_transposed), "
-                     f"got {x.dtype} {x.shape} and {w.dtype} {w.shape}")
+                     f"or up to {amx_rows()} rows with k and n multiples of 32 (AMX); got "
+                     f"{x.dtype} {x.shape} and {w.dtype} {w.shape}")
   n = w.shape[0] if w_transposed else w.shape[1]
   return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))(
       x, w, nk=bool(w_transposed))

@@ -183,10 +183,11 @@ def _matvec_applies(spec: str, x, kernel) -> bool:
   if x.dtype != jnp.bfloat16 or ks not in (ins + outs, outs + ins):
     return False
   n_in = math.prod(x.shape[len(tokens):])
+  n_out = math.prod(kernel.shape) // n_in
   rows = jax.ShapeDtypeStruct((math.prod(x.shape[:len(tokens)]), n_in), x.dtype)
-  weights = jax.ShapeDtypeStruct(
-      (n_in, kernel.size // n_in) if ks == ins + outs else (kernel.size // n_in, n_in), x.dtype)
-  return (cpu_matvec.supports(rows, weights, w_transposed=ks != ins + outs)
+  in_out = ks == ins + outs
+  weights = jax.ShapeDtypeStruct((n_in, n_out) if in_out else (n_out, n_in), x.dtype)
+  return (cpu_matvec.supports(rows, weights, w_transposed=not in_out)
           and gpu_aot.tracing_platform() == "cpu" and _on_one_device() and cpu_matvec.available())
 
 
@@ -194,13 +195,12 @@ def _matvec_applies(spec: str, x, kernel) -> bool:
 def _matvec_project(spec, flat_weight_grad, float32_outputs, x, kernel):
   from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
   tokens, ins, outs, ks = _parse(spec)
-  lead, out_shape = x.shape[:len(tokens)], kernel.shape[len(ins):] if ks == ins + outs else (
-      kernel.shape[:len(outs)])
+  in_out = ks == ins + outs  # else [out, in], as the output head
+  out_shape = kernel.shape[len(ins):] if in_out else kernel.shape[:len(outs)]
   n_in = math.prod(x.shape[len(tokens):])
-  flat_x = x.reshape(-1, n_in)
-  flat_kernel = kernel.astype(x.dtype).reshape((n_in, -1) if ks == ins + outs else (-1, n_in))
-  y = cpu_matvec.matvec(flat_x, flat_kernel, w_transposed=ks != ins + outs)
-  return y.reshape(lead + tuple(out_shape))
+  flat_kernel = kernel.astype(x.dtype).reshape((n_in, -1) if in_out else (-1, n_in))
+  y = cpu_matvec.matvec(x.reshape(-1, n_in), flat_kernel, w_transposed=not in_out)
+  return y.reshape(x.shape[:len(tokens)] + tuple(out_shape))
 
 
 def _matvec_forward(spec, flat_weight_grad, float32_outputs, x, kernel):
