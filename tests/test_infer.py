@@ -4,10 +4,14 @@ import json
 import os
 import re
 
+import jax
+import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, tiny_config
 from test_train import QUICK
+from t5lite import checkpoints, serving
+from t5lite.models.model import Model
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +177,6 @@ def test_chat_prompt_format_and_truncation():
 def test_inputs_are_padded_to_few_lengths():
   """Batches are padded to powers of two (at least 8), capped at the model's limit unless the
   longest row is past it, so a file or a chat of varied lengths compiles a handful of programs."""
-  from t5lite import serving
   lengths = [serving.pad([[1] * n, [2]]).shape[1] for n in (0, 1, 8, 9, 100, 300)]
   assert lengths == [8, 8, 8, 16, 128, 512]
   out = serving.pad([[5, 6, 7]] * 2 + [[1] * 300], limit=400)
@@ -265,11 +268,6 @@ def test_clean_data_perplexity_filter(trained, tmp_path):
 def test_session_keeps_weights_in_the_compute_dtype(tmp_path):
   """A bf16 model's session holds its matrices in bf16 (norm scales as stored, float32) and
   decodes and scores exactly as the float32 checkpoint's parameters do."""
-  import jax
-  import numpy as np
-  from conftest import tiny_config
-  from t5lite import checkpoints, serving
-  from t5lite.models.model import Model
   cfg = tiny_config(arch="decoder_only", dtype="bfloat16")
   model = Model(cfg)
   params = model.init(jax.random.key(0))
