@@ -2,6 +2,7 @@
 text into padded batches and decoded ids back into text."""
 
 import contextlib
+import dataclasses
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -21,7 +22,8 @@ class Session:
 
   The weights the network reads only in its compute dtype are kept in it (bf16 over a float32
   checkpoint: half the memory, and no cast of every weight in each request's decoding), with the
-  same outputs (`transformer.cast_for_compute`).
+  same outputs (`transformer.cast_for_compute`). On a CPU, unsharded, it decodes and scores with
+  t5lite's CPU kernels (`cpu_execution`) unless `cpu_kernels` is False.
 
   Args:
     checkpoint: a t5lite MODEL_DIR or a converted checkpoint directory.
@@ -31,11 +33,13 @@ class Session:
       too large for one); decoding and scoring then run on that mesh. Default: one device.
     head_chunks: score with the output head and log-softmax in this many blocks along the
       target length (`LossConfig.head_chunks`): no [batch, length, vocab] logits. 0: whole.
+    cpu_kernels: on a CPU, without a mesh, run the checkpoint's model with `cpu_execution`.
   """
 
   def __init__(self, checkpoint: str, vocab_file: str = "", step: Optional[int] = None,
                extra_ids: int = 100,
-               mesh_config: Optional[partitioning.MeshConfig] = None, head_chunks: int = 0):
+               mesh_config: Optional[partitioning.MeshConfig] = None, head_chunks: int = 0,
+               cpu_kernels: bool = True):
     if not os.path.isdir(checkpoint):
       raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     self.mesh_config = mesh_config
@@ -43,6 +47,8 @@ class Session:
     self.cfg, params = convert.load_t5lite(
         checkpoint, step, self.mesh, None if mesh_config is None else mesh_config.rules)
     self.params = transformer.cast_for_compute(params, self.cfg)
+    if cpu_kernels and self.mesh is None and jax.default_backend() == "cpu":
+      self.cfg = cpu_execution(self.cfg)
     self.model = Model(self.cfg, LossConfig(head_chunks=head_chunks))
     self.vocab = None
     path = vocab_file or next((os.path.join(checkpoint, n) for n in VOCAB_FILES
@@ -140,6 +146,17 @@ def pad(rows: List[List[int]], limit: Optional[int] = None) -> np.ndarray:
   return out
 
 
+def cpu_execution(cfg):
+  """`cfg` run by t5lite's CPU kernels: attention by the C++ kernel (`attention_impl`
+  'cpu_kernel', which falls back to 'chunked' where it does not apply) where the checkpoint left
+  it to XLA, and a bf16 decoding step's projections by the matvec kernel (`matvec_kernel`). How
+  the model runs, not what it computes: the same outputs up to float rounding (a checkpoint's
+  gin settings are training's, and a converted one has none)."""
+  attention = "cpu_kernel" if cfg.attention_impl in (None, "xla", "chunked") else (
+      cfg.attention_impl)
+  return dataclasses.replace(cfg, attention_impl=attention, matvec_kernel=True)
+
+
 def decode_options(args) -> Dict:
   """decode() keyword arguments from parsed CLI flags."""
   return {"method": args.decode, "max_decode_len": args.max_decode_len,
@@ -157,6 +174,8 @@ def add_decode_flags(parser):
   parser.add_argument("--beam_size", type=int, default=4)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--vocab_file", default="")
+  parser.add_argument("--no_cpu_kernels", action="store_true",
+                      help="on a CPU, run XLA's attention and projections, not t5lite's kernels")
 
 
 # --partitioning PRESET -> the mesh: FSDP over all devices, or tensor parallelism over --tensor
@@ -185,7 +204,7 @@ def open_session(args, prog: str, head_chunks: int = 0) -> Session:
   holds; a mesh the devices do not fit is a ValueError that gives the reason."""
   mesh_config = _MESHES[args.partitioning](args.tensor) if args.partitioning else None
   session = Session(args.checkpoint, args.vocab_file, mesh_config=mesh_config,
-                    head_chunks=head_chunks)
+                    head_chunks=head_chunks, cpu_kernels=not args.no_cpu_kernels)
   if session.mesh is not None:
     print(f"{prog}: {session.placement()}", file=sys.stderr)
   return session
