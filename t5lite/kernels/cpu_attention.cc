@@ -935,7 +935,8 @@ void KnRows(const float* x, int64_t k, const T* w, int64_t n, int64_t e0, int64_
     }
     for (; c < n; ++c)  // a tail of columns narrower than the vectors
       for (int i = 0; i < rows; ++i)
-        for (int r = 0; r < kM; ++r) part[r * n + c] += x[r * k + e + i] * Widen(w[(e + i) * n + c]);
+        for (int r = 0; r < kM; ++r)
+          part[r * n + c] += x[r * k + e + i] * Widen(w[(e + i) * n + c]);
   }
 }
 
