@@ -205,6 +205,14 @@ def rules_active() -> bool:
   return _ACTIVE_RULES.get() is not None
 
 
+def one_device_program() -> bool:
+  """Whether the program being traced runs on one device: no mesh set (`jax.set_mesh`; every
+  multi-device run in t5lite sets one) or a mesh of one. A custom call, which XLA cannot
+  partition, is one device's work only then."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1
+
+
 def stage_pipeline():
   """(mesh, microbatches) when layer stacks should run pipelined, else None."""
   return _PIPELINE.get()

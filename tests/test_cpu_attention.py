@@ -311,17 +311,23 @@ def test_cache_kernel_matches_jax_attention(case):
 
 @needs_kernel
 def test_cache_kernel_is_not_used_where_it_does_not_apply():
-  """attend_cache keeps XLA's attention without implementation='cpu_kernel' and for head_dim 8."""
+  """attend_cache keeps XLA's attention without implementation='cpu_kernel', for head_dim 8 and
+  in a program for several devices (a mesh set: XLA cannot partition the kernel's call); a mesh
+  of one device is one device's program."""
   q, k, v, mask, bias = _cache_operands("step_grouped_dense_bias")
 
   def calls(q, k, v, mask, bias, impl="cpu_kernel"):
     fn = lambda q, k, v: attention.attend_cache(q, k, v, mask, bias, scale=0.4,  # noqa: E731
                                                 implementation=impl)
-    return "t5lite_cpu_cache_attention" in jax.jit(fn).lower(q, k, v).as_text()
+    return "t5lite_cpu_cache_attention" in str(jax.make_jaxpr(fn)(q, k, v))
 
   assert calls(q, k, v, mask, bias)
   assert not calls(q, k, v, mask, bias, impl="chunked")
   assert not calls(q[..., :8], k[..., :8], v[..., :8], mask, bias)
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+    assert not calls(q, k, v, mask, bias)
+  with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+    assert calls(q, k, v, mask, bias)
 
 
 @needs_kernel

@@ -85,7 +85,7 @@ def test_project_runs_few_tokens_in_the_kernel_with_xla_gradients(spec, x_shape,
                                                                    float32_outputs):
   """A bf16 projection of <= 4 tokens runs in the kernel (its custom call in the program), its
   values XLA's product's within one bf16 rounding, its gradients XLA's path's exactly; with more
-  tokens (or float32) XLA's einsum runs."""
+  tokens, float32 or a mesh of several devices XLA's einsum runs."""
   rng = np.random.default_rng(0)
   x, kernel = _bf16(rng, x_shape), _bf16(rng, k_shape)
   if float32_outputs:
@@ -111,6 +111,9 @@ def test_project_runs_few_tokens_in_the_kernel_with_xla_gradients(spec, x_shape,
   fp32 = jax.jit(lambda x, k: projection.project(spec, x, k, matvec_kernel=True))
   assert "t5lite_cpu_matvec" not in fp32.lower(x.astype(jnp.float32),
                                               kernel.astype(jnp.float32)).as_text()
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+    # A program for several devices: XLA's einsum (the kernel's call would not partition).
+    assert "t5lite_cpu_matvec" not in str(jax.make_jaxpr(run(True))(x, kernel))
 
 
 @needs_kernel

@@ -26,14 +26,15 @@ def test_logical_rules_use_each_mesh_axis_once():
   assert tuple(spec) == (("data", "fsdp"), None, None)
 
 
-def _check_presets(arch, grad_tol=1e-5):
+def _check_presets(arch, grad_tol=1e-5, loss_tol=1e-5):
   """Runs partitioning_check.py for `arch` on 8 fake devices; asserts every preset's loss and
-  gradients match one device's (gradients to `grad_tol`) and returns its JSON output."""
+  gradients match one device's (the loss to `loss_tol` relative, gradients to `grad_tol`) and
+  returns its JSON output."""
   r = run_cli(["tests/partitioning_check.py", arch])
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   for name, res in out["presets"].items():
-    assert abs(res["loss"] - res["ref_loss"]) < 1e-5 * max(1.0, abs(res["ref_loss"])), name
+    assert abs(res["loss"] - res["ref_loss"]) < loss_tol * max(1.0, abs(res["ref_loss"])), name
     assert res["max_grad_err"] < grad_tol, (name, res["max_grad_err"])
   return out
 
@@ -76,11 +77,14 @@ def test_cpu_levers_match_single_device_on_8_devices(arch):
 @pytest.mark.slow
 def test_cpu_bf16_levers_match_single_device_on_8_devices():
   """runs/cpu_bf16.gin's lever (bf16, fp32 matmul outputs) with the batch split 8 ways and with
-  batch and weights sharded: one device's loss, and its gradients to bf16 rounding (one
+  batch and weights sharded: one device's loss and gradients, to bf16 rounding (one
   device's weight gradients read a transposed copy of the activations, sharded ones an fp32
   matmul: that copy, flattened, would gather the batch onto every device, and did, 13 times a
   step, before it was kept to one device)."""
-  p = _check_presets("cpu_bf16_levers", grad_tol=5e-4)["presets"]
+  # bf16 activations round differently in one device's program and the sharded one's: the
+  # loss (fp32, over 320 tokens) differs by ~1.5e-5 relative (one device's with XLA's attention,
+  # the chunked one or the kernel spread as far on either side of the fp32 model's loss).
+  p = _check_presets("cpu_bf16_levers", grad_tol=5e-4, loss_tol=5e-5)["presets"]
   assert list(p) == ["fsdp_tensor", "data_parallel"]
   assert p["data_parallel"]["collectives"]["all-gather"] == 0
   assert p["data_parallel"]["collectives"]["all-reduce"] > 0

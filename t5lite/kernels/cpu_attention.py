@@ -60,25 +60,32 @@ def build(folder: Optional[str] = None) -> str:
   return cpu_build.build(SOURCE, march(), folder)
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
   """Whether the kernel is built and registered with XLA:CPU (builds it on the first call).
   False, with the reason logged once, where it cannot be built or loaded."""
+  return library() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def library():
+  """The kernel's library (a ctypes handle), built, loaded and its handlers registered with
+  XLA:CPU on the first call; None, with the reason logged once, where it cannot be built or
+  loaded, the CPU cannot run it, or $T5LITE_CPU_ATTENTION_KERNEL is 0."""
   if os.environ.get("T5LITE_CPU_ATTENTION_KERNEL", "1") == "0":
-    return False
+    return None
   try:
-    library = ctypes.cdll.LoadLibrary(build())
-    reason = refusal(library)
+    handle = ctypes.cdll.LoadLibrary(build())
+    reason = refusal(handle)
     if reason:
       logging.warning("t5lite: CPU attention kernel not used, using XLA's attention: %s", reason)
-      return False
+      return None
     for target, handler in _HANDLERS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, handler)),
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, handler)),
                                   platform="cpu")
   except (RuntimeError, OSError, AttributeError) as e:
     logging.warning("t5lite: CPU attention kernel unavailable, using XLA's attention: %s", e)
-    return False
-  return True
+    return None
+  return handle
 
 
 def refusal(library) -> Optional[str]:

@@ -18,7 +18,6 @@ which runs them about as fast. Products and sums are fp32; the output is rounded
 XLA's fp32-accumulating dot is.
 """
 
-import ctypes
 import functools
 
 import jax
@@ -37,9 +36,8 @@ _TARGET = "t5lite_cpu_matvec_bf16"
 def amx_rows() -> int:
   """The rows the kernel takes on AMX tiles (32), or 0 where the built library or this process
   has none (a CPU without AMX, a kernel that refuses it)."""
-  if not available():
-    return 0
-  return int(ctypes.cdll.LoadLibrary(cpu_attention.build()).T5liteCpuMatvecAmxRows())
+  library = cpu_attention.library()
+  return int(library.T5liteCpuMatvecAmxRows()) if library is not None else 0
 
 
 def supports(x, w, *, w_transposed: bool = False) -> bool:

@@ -276,7 +276,7 @@ def chunked_attention(q, k, v, mask: Mask, bias=None, *, scale: float, chunk: in
   """
   b = q.shape[0]
   if streams is None:
-    streams = math.gcd(b, _host_cores()) if jax.device_count() == 1 else 1
+    streams = math.gcd(b, _host_cores()) if partitioning.one_device_program() else 1
   if streams <= 1:
     return _chunked_rows(q, k, v, mask, bias, scale=scale, chunk=chunk)
   if b % streams:
@@ -316,7 +316,7 @@ def kernel_attention(q, k, v, mask: Mask, bias=None, *, scale: float):
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
   if not (gpu_aot.tracing_platform() == "cpu"
-          and (jax.device_count() == 1 or partitioning.rules_active())
+          and (partitioning.one_device_program() or partitioning.rules_active())
           and (mask.dense is None or mask.segments is not None)
           and cpu_attention.supports(q, k, v, bias)
           and cpu_attention.available()):
@@ -467,7 +467,7 @@ def attend_cache(q, k, v, mask: Mask, bias=None, *, scale: float, implementation
 def _cache_kernel_applies(q, k, v, mask: Mask, bias) -> bool:
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
-  return (gpu_aot.tracing_platform() == "cpu" and jax.device_count() == 1
+  return (gpu_aot.tracing_platform() == "cpu" and partitioning.one_device_program()
           and mask.segments is None and mask.prefix is None
           and (mask.dense is None or mask.dense.shape[1] == 1)
           and cpu_attention.supports_cache(q, k, v, bias)

@@ -41,6 +41,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from t5lite import partitioning
+
 
 def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
             float32_outputs: bool = False, matvec_kernel: bool = False):
@@ -138,7 +140,7 @@ def _backward(spec, float32_outputs, residuals, g):
   dx = _dot(flat_g, flat_kernel, dims, float32_outputs).reshape(x.shape)
   flat_x = x.reshape(n, -1)
   narrow = float32_outputs and x.dtype != jnp.float32  # bf16 matmuls with fp32 outputs
-  if narrow and not _on_one_device():
+  if narrow and not partitioning.one_device_program():
     # Sharded tokens: the flattened copy below would gather them onto every device, so the
     # weight gradient is an fp32 matmul (what XLA:CPU would widen it to anyway).
     grad = jnp.dot(flat_x.T.astype(jnp.float32), flat_g.astype(jnp.float32))
@@ -188,7 +190,7 @@ def _matvec_applies(spec: str, x, kernel) -> bool:
   in_out = ks == ins + outs
   weights = jax.ShapeDtypeStruct((n_in, n_out) if in_out else (n_out, n_in), x.dtype)
   return (cpu_matvec.supports(rows, weights, w_transposed=not in_out)
-          and gpu_aot.tracing_platform() == "cpu" and _on_one_device() and cpu_matvec.available())
+          and gpu_aot.tracing_platform() == "cpu" and partitioning.one_device_program() and cpu_matvec.available())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -215,8 +217,3 @@ def _matvec_backward(spec, flat_weight_grad, float32_outputs, residuals, g):
 
 _matvec_project.defvjp(_matvec_forward, _matvec_backward)
 
-
-def _on_one_device() -> bool:
-  """Whether the program being traced runs on one device (no mesh set, or a mesh of one)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh.empty or mesh.size == 1
