@@ -517,6 +517,23 @@ def test_build_is_cached_by_source(tmp_path):
 
 
 @needs_kernel
+def test_build_is_keyed_by_the_headers_beside_the_source(tmp_path):
+  """A kernel's library is rebuilt when a header it includes (cpu_threads.h) changes."""
+  kernels = os.path.dirname(cpu_attention.SOURCE)
+  src = tmp_path / "src"
+  src.mkdir()
+  for name in ("cpu_transpose.cc", "cpu_threads.h"):
+    (src / name).write_bytes(open(os.path.join(kernels, name), "rb").read())
+  first = cpu_build.build(str(src / "cpu_transpose.cc"), None, str(tmp_path / "out"))
+  assert cpu_build.build(str(src / "cpu_transpose.cc"), None, str(tmp_path / "out")) == first
+  with open(src / "cpu_threads.h", "a", encoding="utf-8") as f:
+    f.write("// changed\n")
+  second = cpu_build.build(str(src / "cpu_transpose.cc"), None, str(tmp_path / "out"))
+  assert second != first and os.path.exists(second)
+  assert ctypes.cdll.LoadLibrary(second).T5liteCpuTranspose
+
+
+@needs_kernel
 @pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
                                      dict(arch="decoder_only", num_kv_heads=2),
                                      dict(arch="prefix_lm", position_encoding="relative",

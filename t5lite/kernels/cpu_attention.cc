@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_threads.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -47,6 +48,9 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+using t5lite::ParallelFor;
+using t5lite::Threads;
 
 // Vectors and register tiles for the CPU compiled for (-march=native): AVX-512's 16 floats in
 // 32 registers, else AVX2's 8 floats in 16 registers (kWide false). Other CPUs (no AVX2 with
@@ -440,36 +444,6 @@ Shape MakeShape(Q& q, Q& k, ffi::Buffer<ffi::F32>& bias, float scale, bool causa
   auto qd = q.dimensions(), kd = k.dimensions(), bd = bias.dimensions();
   return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], bd[0], causal, has_bias, has_segments,
                has_prefix, scale};
-}
-
-// Runs fn(slot, item) for every item < items on the calling thread and up to threads - 1 tasks
-// of XLA's intra-op thread pool (slot < threads tells apart the concurrent runners, for their
-// scratch space). Items are claimed one at a time, so the caller never waits for a task that
-// has not started: it waits only for items claimed and not yet finished. A task that starts
-// after every item was claimed does nothing.
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t items, int threads, Fn& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::atomic<int> slot{1};
-  };
-  auto state = std::make_shared<State>();
-  Fn* body = &fn;
-  auto drain = [state, items, body](int slot) {
-    for (int64_t i; (i = state->next.fetch_add(1)) < items;) {
-      (*body)(slot, i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int t = 1; t < threads; ++t)
-    pool.Schedule([state, drain]() { drain(state->slot.fetch_add(1)); });
-  drain(0);
-  while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-}
-
-// Threads for `items` work items: XLA's intra-op pool's, at most one per item.
-int Threads(ffi::ThreadPool& pool, int64_t items) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), items)));
 }
 
 // Per-thread scratch of an item: the packed transposed keys (and values, in the backward), a

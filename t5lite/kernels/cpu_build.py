@@ -51,15 +51,25 @@ def compiler_flags(march: Optional[str]) -> tuple:
   return FLAGS + (("-march=" + march,) if march else ())
 
 
+def headers(source: str) -> list:
+  """The headers beside a kernel's source (it includes them as "name.h"), sorted: part of what
+  its build is keyed by."""
+  folder = os.path.dirname(os.path.abspath(source))
+  return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".h"))
+
+
 def build(source: str, march: Optional[str], folder: Optional[str] = None) -> str:
-  """Compiles the kernel `source` for `march` (None: no -march) once per source, compiler,
-  flags, JAX version and CPU into `folder` (default `cache_dir()`), and returns the path of the
-  shared library. Raises RuntimeError (with the compiler's message) when it cannot."""
+  """Compiles the kernel `source` for `march` (None: no -march) once per source (with the
+  headers beside it), compiler, flags, JAX version and CPU into `folder` (default
+  `cache_dir()`), and returns the path of the shared library. Raises RuntimeError (with the
+  compiler's message) when it cannot."""
   compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
   if not compiler:
     raise RuntimeError("no C++ compiler found (set $CXX)")
-  with open(source, "rb") as f:
-    text = f.read()
+  text = b""
+  for path in [source] + headers(source):
+    with open(path, "rb") as f:
+      text += f.read()
   flags = compiler_flags(march)
   key = hashlib.sha256(text + " ".join(
       flags + (compiler, jax.__version__, cpu_features())).encode())

@@ -5,13 +5,10 @@
 // CPU of the host's architecture. t5lite/models/projection.py uses it for the transposed
 // activations of the bf16 weight gradient.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_threads.h"
 
 namespace ffi = xla::ffi;
 
@@ -42,23 +39,11 @@ ffi::Error TransposeImpl(ffi::Buffer<ffi::BF16> in, ffi::ResultBuffer<ffi::BF16>
   auto* dst = reinterpret_cast<uint16_t*>(out->typed_data());
   const int64_t tiles = ((rows + kTile - 1) / kTile) * ((cols + kTile - 1) / kTile);
   const int64_t items = (tiles + kTilesPerItem - 1) / kTilesPerItem;
-  // Items claimed one at a time by this thread and up to num_threads - 1 pool tasks; this
-  // thread waits only for items claimed and unfinished, never for a task yet to start.
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
+  auto item = [tiles, src, dst, rows, cols](int, int64_t i) {
+    TransposeTiles(src, dst, rows, cols, i * kTilesPerItem,
+                   std::min(tiles, (i + 1) * kTilesPerItem));
   };
-  auto state = std::make_shared<State>();
-  auto drain = [state, items, tiles, src, dst, rows, cols]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < items;) {
-      TransposeTiles(src, dst, rows, cols, i * kTilesPerItem,
-                     std::min(tiles, (i + 1) * kTilesPerItem));
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([drain]() { drain(); });
-  drain();
-  while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  t5lite::ParallelFor(pool, items, t5lite::Threads(pool, items), item);
   return ffi::Error::Success();
 }
 
