@@ -1,7 +1,7 @@
-"""The CPU matvec kernel (a decoding step's bf16 projections of a few rows; up to 32 on AMX): its
-products against float64, its refusals, its place in `projection.project` (the kernel where it
-applies, XLA's gradient) and in decoding (the tokens of XLA's products); also as built for
-AVX2."""
+"""The CPU matvec kernel (a decoding step's projections of a few rows: bf16, up to 32 on AMX, and
+float32, up to 32): its products against float64, its refusals, its place in
+`projection.project` (the kernel where it applies, XLA's gradient) and in decoding (the tokens
+of XLA's products); also as built for AVX2."""
 
 import os
 import subprocess
@@ -30,6 +30,13 @@ SHAPES = [(1, 200, 300, False), (2, 64, 48, False), (3, 130, 517, False), (4, 76
 AMX_SHAPES = [(5, 64, 96, False), (16, 96, 64, False), (32, 768, 320, False), (17, 32, 32, False),
               (3, 64, 64, True), (32, 128, 96, True), (20, 64, 32, True), (9, 512, 1024, True)]
 
+# float32: 1-4 rows as bf16's; 5-32 rows against [k, n] in panels of 128 columns (64 with AVX2)
+# and tiles of 6 rows (2 with AVX2) x 4 vectors: tails of rows and of vectors, one vector, odd k,
+# several panels.
+F32_SHAPES = [(1, 200, 300, False), (3, 130, 517, False), (4, 70, 150, True), (3, 64, 40, True),
+              (5, 64, 48, False), (7, 100, 80, False), (13, 20, 16, False),
+              (17, 33, 144, False), (31, 128, 272, False), (32, 768, 320, False)]
+
 
 def _bf16(rng, shape):
   return jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
@@ -56,9 +63,24 @@ def test_matvec_matches_a_float64_product(rows, k, n, w_transposed):
   assert np.all(err <= half_step + 1e-6 * scale), (err / half_step).max()
 
 
+@needs_kernel
+@pytest.mark.parametrize("rows,k,n,w_transposed", F32_SHAPES)
+def test_f32_matvec_matches_a_float64_product(rows, k, n, w_transposed):
+  """float32 y = x @ w (or x @ w.T): the float64 product within the fp32 sums' error."""
+  rng = np.random.default_rng(rows * 1000 + k + n)
+  x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((n, k) if w_transposed else (k, n)), jnp.float32)
+  y = jax.jit(lambda x, w: cpu_matvec.matvec(x, w, w_transposed=w_transposed))(x, w)
+  assert y.dtype == jnp.float32 and y.shape == (rows, n)
+  wide_w = np.asarray(w, np.float64).T if w_transposed else np.asarray(w, np.float64)
+  ref = np.asarray(x, np.float64) @ wide_w
+  scale = np.abs(np.asarray(x, np.float64)) @ np.abs(wide_w)
+  assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= 1e-6 * scale)
+
+
 def test_matvec_refuses_what_it_does_not_take():
-  """More rows than it is fast for, float32, or shapes that do not contract: `supports` says
-  no and `matvec` raises a ValueError naming what it takes."""
+  """More rows than it is fast for, mixed or other dtypes, or shapes that do not contract:
+  `supports` says no and `matvec` raises a ValueError naming what it takes."""
   s = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
   assert cpu_matvec.supports(s((4, 8)), s((8, 3)))
   assert cpu_matvec.supports(s((2, 8)), s((3, 8)), w_transposed=True)
@@ -68,10 +90,17 @@ def test_matvec_refuses_what_it_does_not_take():
   assert cpu_matvec.supports(s((3, 64)), s((96, 64)), w_transposed=True) == (
       cpu_matvec.amx_rows() == 32)
   assert not cpu_matvec.supports(s((33, 64)), s((64, 96)))
-  assert not cpu_matvec.supports(s((1, 8), jnp.float32), s((8, 3), jnp.float32))
   assert not cpu_matvec.supports(s((1, 8)), s((3, 8)))
-  with pytest.raises(ValueError, match="bf16"):
-    cpu_matvec.matvec(jnp.ones((1, 8), jnp.float32), jnp.ones((8, 3), jnp.float32))
+  f32 = lambda shape: s(shape, jnp.float32)  # noqa: E731
+  assert cpu_matvec.supports(f32((4, 8)), f32((3, 8)), w_transposed=True)
+  assert cpu_matvec.supports(f32((32, 8)), f32((8, 48)))
+  assert not cpu_matvec.supports(f32((33, 8)), f32((8, 48)))
+  assert not cpu_matvec.supports(f32((5, 8)), f32((8, 40)))  # n not a multiple of 16
+  assert not cpu_matvec.supports(f32((5, 8)), f32((48, 8)), w_transposed=True)
+  assert not cpu_matvec.supports(f32((1, 8)), s((8, 3)))
+  assert not cpu_matvec.supports(s((1, 8), jnp.float16), s((8, 3), jnp.float16))
+  with pytest.raises(ValueError, match="float32 rows against"):
+    cpu_matvec.matvec(jnp.ones((33, 8), jnp.float32), jnp.ones((8, 48), jnp.float32))
 
 
 SPECS = [("bld,dhk->blhk", (1, 1, 32), (32, 4, 16)), ("blhk,hkd->bld", (2, 1, 4, 16), (4, 16, 40)),
@@ -84,8 +113,9 @@ SPECS = [("bld,dhk->blhk", (1, 1, 32), (32, 4, 16)), ("blhk,hkd->bld", (2, 1, 4,
 def test_project_runs_few_tokens_in_the_kernel_with_xla_gradients(spec, x_shape, k_shape,
                                                                    float32_outputs):
   """A bf16 projection of <= 4 tokens runs in the kernel (its custom call in the program), its
-  values XLA's product's within one bf16 rounding, its gradients XLA's path's exactly; with more
-  tokens, float32 or a mesh of several devices XLA's einsum runs."""
+  values XLA's product's within one bf16 rounding, its gradients XLA's path's exactly (float32's
+  values within fp32 rounding); with more tokens or a mesh of several devices XLA's einsum
+  runs."""
   rng = np.random.default_rng(0)
   x, kernel = _bf16(rng, x_shape), _bf16(rng, k_shape)
   if float32_outputs:
@@ -108,9 +138,12 @@ def test_project_runs_few_tokens_in_the_kernel_with_xla_gradients(spec, x_shape,
   assert all(a.shape == b.shape for a, b in zip(g_kernel, g_xla))
   many = jnp.concatenate([x] * 40, axis=0)  # 40 or more tokens: more than AMX takes
   assert "t5lite_cpu_matvec" not in run(True).lower(many, kernel).as_text()
-  fp32 = jax.jit(lambda x, k: projection.project(spec, x, k, matvec_kernel=True))
-  assert "t5lite_cpu_matvec" not in fp32.lower(x.astype(jnp.float32),
-                                              kernel.astype(jnp.float32)).as_text()
+  # float32: the kernel too (<= 4 tokens), XLA's values within fp32 rounding; not for 40 or more.
+  fp32 = lambda mv: jax.jit(lambda x, k: projection.project(spec, x, k, matvec_kernel=mv))
+  x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
+  assert "t5lite_cpu_matvec_f32" in fp32(True).lower(x32, k32).as_text()
+  np.testing.assert_allclose(fp32(True)(x32, k32), fp32(False)(x32, k32), rtol=1e-5, atol=1e-5)
+  assert "t5lite_cpu_matvec" not in fp32(True).lower(many.astype(jnp.float32), k32).as_text()
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
     # A program for several devices: XLA's einsum (the kernel's call would not partition).
     assert "t5lite_cpu_matvec" not in str(jax.make_jaxpr(run(True))(x, kernel))
@@ -120,14 +153,17 @@ def test_project_runs_few_tokens_in_the_kernel_with_xla_gradients(spec, x_shape,
 @pytest.mark.parametrize("variant", [dict(arch="decoder_only", num_kv_heads=2),
                                      dict(arch="encoder_decoder")],
                          ids=["decoder_only", "encoder_decoder"])
-def test_bf16_decoding_with_the_kernel_gives_xla_s_tokens(variant):
-  """Greedy bf16 decoding at batch 1 and 2 (and 5, on AMX) runs its token steps' projections in
-  the kernel and decodes the tokens of XLA's products (a tiny model whose logits are far apart,
-  so that one bf16 rounding's difference cannot flip a choice)."""
-  for rows in (1, 2) + ((5,) if cpu_matvec.amx_rows() else ()):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_decoding_with_the_kernel_gives_xla_s_tokens(variant, dtype):
+  """Greedy decoding at batch 1 and 2 (and 5: AMX for bf16, where there is AMX; the panels for
+  float32) runs its token steps' projections in the kernel and decodes the tokens of XLA's
+  products (a tiny model whose logits are far apart, so that one bf16 rounding's difference
+  cannot flip a choice)."""
+  more = (5,) if dtype == "float32" or cpu_matvec.amx_rows() else ()
+  for rows in (1, 2) + more:
     tokens = {}
     for mv in (False, True):
-      cfg = tiny_config(dtype="bfloat16", matvec_kernel=mv, **variant)
+      cfg = tiny_config(dtype=dtype, matvec_kernel=mv, **variant)
       model = Model(cfg)
       params = model.init(jax.random.key(3))
       params = jax.tree.map(lambda p: p * 4 if p.ndim == 2 and p.shape[0] == cfg.vocab_size
@@ -146,12 +182,14 @@ def test_bf16_decoding_with_the_kernel_gives_xla_s_tokens(variant):
                     reason="this CPU cannot run an AVX2 build")
 @needs_kernel
 def test_avx2_build_passes_the_value_tests(tmp_path):
-  """The kernel built for AVX2 (8-float vectors, 8 sums in registers) passes the value tests."""
+  """The kernel built for AVX2 (8-float vectors, 8 sums in registers; float32 tiles of 2 rows)
+  passes the value tests."""
   env = dict(os.environ, T5LITE_CPU_ATTENTION_MARCH="haswell", T5LITE_CACHE_DIR=str(tmp_path))
   done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                          "-p", "no:xdist", "-k", "matches_a_float64_product", __file__],
                         env=env, capture_output=True, text=True, check=False,
                         cwd=os.path.dirname(__file__))
   summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-  assert done.returncode == 0 and f"{len(SHAPES)} passed" in summary, done.stdout[-3000:]
+  passed = len(SHAPES) + len(F32_SHAPES)
+  assert done.returncode == 0 and f"{passed} passed" in summary, done.stdout[-3000:]
   assert list((tmp_path / "kernels").glob("*.so"))

@@ -29,10 +29,11 @@ the matmul), and the input gradient of an [out, in] kernel (the [vocab, embed] o
 the kernel as stored. The kernel is cast to bf16 inside, so its gradient (in the stored dtype,
 fp32) is the fp32 matmul's output, never rounded to bf16.
 
-`matvec_kernel=True` runs a bf16 projection of a few tokens (a decoding step at batch <= 4, <= 32
-on CPUs with AMX: `cpu_matvec.supports`) by t5lite's CPU kernel (t5lite/kernels/cpu_matvec.py),
-which reads the bf16 weights as stored where XLA:CPU widens them to fp32 (a program for one CPU
-device, where the kernel builds; XLA's einsum elsewhere). Its gradient, if asked for, is XLA's.
+`matvec_kernel=True` runs a projection of a few tokens (a decoding step at batch <= 32 in float32;
+in bf16 at batch <= 4, <= 32 on CPUs with AMX: `cpu_matvec.supports`) by t5lite's CPU kernel
+(t5lite/kernels/cpu_matvec.py), which reads bf16 weights as stored where XLA:CPU widens them to
+fp32, and runs float32 ones 1.2-2x as fast (a program for one CPU device, where the kernel
+builds; XLA's einsum elsewhere). Its gradient, if asked for, is XLA's.
 """
 
 import functools
@@ -62,7 +63,7 @@ def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
       comes out of the float32 matmul in the kernel's own dtype, not rounded to x's on the
       way. A lever for bf16 on CPUs with AMX (`ModelConfig.float32_dot_outputs`); no change
       for float32 operands.
-    matvec_kernel: a bf16 projection of a few tokens by the CPU kernel where it applies
+    matvec_kernel: a projection of a few tokens by the CPU kernel where it applies
       (module docstring; `ModelConfig.matvec_kernel`); its gradient is the einsum's above.
 
   Returns:
@@ -176,13 +177,13 @@ def _transposed_copy(a):
 
 
 def _matvec_applies(spec: str, x, kernel) -> bool:
-  """Whether the CPU matvec kernel runs this projection: bf16 x of a few tokens
+  """Whether the CPU matvec kernel runs this projection: bf16 or float32 x of a few tokens
   (`cpu_matvec.supports`), a kernel holding its axes as [in, out] or [out, in], and a program
   for one CPU device."""
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
   tokens, ins, outs, ks = _parse(spec)
-  if x.dtype != jnp.bfloat16 or ks not in (ins + outs, outs + ins):
+  if ks not in (ins + outs, outs + ins):
     return False
   n_in = math.prod(x.shape[len(tokens):])
   n_out = math.prod(kernel.shape) // n_in
@@ -190,7 +191,8 @@ def _matvec_applies(spec: str, x, kernel) -> bool:
   in_out = ks == ins + outs
   weights = jax.ShapeDtypeStruct((n_in, n_out) if in_out else (n_out, n_in), x.dtype)
   return (cpu_matvec.supports(rows, weights, w_transposed=not in_out)
-          and gpu_aot.tracing_platform() == "cpu" and partitioning.one_device_program() and cpu_matvec.available())
+          and gpu_aot.tracing_platform() == "cpu" and partitioning.one_device_program()
+          and cpu_matvec.available())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
