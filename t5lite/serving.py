@@ -149,7 +149,7 @@ def pad(rows: List[List[int]], limit: Optional[int] = None) -> np.ndarray:
 def cpu_execution(cfg):
   """`cfg` run by t5lite's CPU kernels: attention by the C++ kernel (`attention_impl`
   'cpu_kernel', which falls back to 'chunked' where it does not apply) where the checkpoint left
-  it to XLA, and a bf16 decoding step's projections by the matvec kernel (`matvec_kernel`). How
+  it to XLA, and a decoding step's projections by the matvec kernel (`matvec_kernel`). How
   the model runs, not what it computes: the same outputs up to float rounding (a checkpoint's
   gin settings are training's, and a converted one has none)."""
   attention = "cpu_kernel" if cfg.attention_impl in (None, "xla", "chunked") else (
