@@ -21,17 +21,14 @@
 // dbias are fp32.
 //
 // A third handler, CacheAttention, is a decoding step's attention over a heads-major KV cache
-// (see CacheItem); a fourth, Matvec, a decoding step's bf16 projections of a few rows (it shares
-// the vectors and the threads; cpu_matvec.py calls it).
+// (see CacheItem); a fourth, Matvec, a decoding step's projections of a few rows, bf16 or fp32
+// (it shares the vectors and the threads; cpu_matvec.py calls it).
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
