@@ -176,35 +176,45 @@ def _transposed_copy(a):
   return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[::-1])
 
 
-def _matvec_applies(spec: str, x, kernel) -> bool:
-  """Whether the CPU matvec kernel runs this projection: bf16 or float32 x of a few tokens
-  (`cpu_matvec.supports`), a kernel holding its axes as [in, out] or [out, in], and a program
-  for one CPU device."""
-  from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
-  from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
+def _matvec_layout(spec: str, x, kernel):
+  """(token_shape, n_in, in_out, out_shape) of a projection as the matvec kernel takes it: x
+  flattened to [tokens, n_in], the kernel to [n_in, n_out] where it holds its axes as [in, out]
+  (in_out), else to [n_out, n_in] (the output head); out_shape, the kernel's output axes. None
+  for any other axis order."""
   tokens, ins, outs, ks = _parse(spec)
   if ks not in (ins + outs, outs + ins):
-    return False
-  n_in = math.prod(x.shape[len(tokens):])
-  n_out = math.prod(kernel.shape) // n_in
-  rows = jax.ShapeDtypeStruct((math.prod(x.shape[:len(tokens)]), n_in), x.dtype)
+    return None
   in_out = ks == ins + outs
+  out_shape = kernel.shape[len(ins):] if in_out else kernel.shape[:len(outs)]
+  return (tuple(x.shape[:len(tokens)]), math.prod(x.shape[len(tokens):]), in_out,
+          tuple(out_shape))
+
+
+def _matvec_applies(spec: str, x, kernel) -> bool:
+  """Whether the CPU matvec kernel runs this projection: a program for one CPU device, bf16 or
+  float32 x of a few tokens (`cpu_matvec.supports`) and a kernel holding its axes as [in, out]
+  or [out, in]."""
+  from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+  from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
+  layout = _matvec_layout(spec, x, kernel)
+  if (layout is None or gpu_aot.tracing_platform() != "cpu"
+      or not partitioning.one_device_program()):
+    return False
+  token_shape, n_in, in_out, out_shape = layout
+  n_out = math.prod(out_shape)
+  rows = jax.ShapeDtypeStruct((math.prod(token_shape), n_in), x.dtype)
   weights = jax.ShapeDtypeStruct((n_in, n_out) if in_out else (n_out, n_in), x.dtype)
   return (cpu_matvec.supports(rows, weights, w_transposed=not in_out)
-          and gpu_aot.tracing_platform() == "cpu" and partitioning.one_device_program()
           and cpu_matvec.available())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _matvec_project(spec, flat_weight_grad, float32_outputs, x, kernel):
   from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
-  tokens, ins, outs, ks = _parse(spec)
-  in_out = ks == ins + outs  # else [out, in], as the output head
-  out_shape = kernel.shape[len(ins):] if in_out else kernel.shape[:len(outs)]
-  n_in = math.prod(x.shape[len(tokens):])
+  token_shape, n_in, in_out, out_shape = _matvec_layout(spec, x, kernel)
   flat_kernel = kernel.astype(x.dtype).reshape((n_in, -1) if in_out else (-1, n_in))
   y = cpu_matvec.matvec(x.reshape(-1, n_in), flat_kernel, w_transposed=not in_out)
-  return y.reshape(x.shape[:len(tokens)] + tuple(out_shape))
+  return y.reshape(token_shape + out_shape)
 
 
 def _matvec_forward(spec, flat_weight_grad, float32_outputs, x, kernel):
@@ -218,4 +228,3 @@ def _matvec_backward(spec, flat_weight_grad, float32_outputs, residuals, g):
 
 
 _matvec_project.defvjp(_matvec_forward, _matvec_backward)
-
