@@ -69,6 +69,10 @@ class ModelConfig:
       (`t5lite.kernels.cpu_matvec`), which reads bf16 weights as stored (XLA:CPU widens them
       to float32 for one row) and runs float32 ones 1.2-2x as fast as XLA; on one CPU device,
       where it builds. A CPU lever.
+    matmul_kernel: with float32_dot_outputs in bfloat16, the projections' matmuls (forward
+      and both gradients) by t5lite's AMX kernel (`t5lite.kernels.cpu_matmul`; 1.3-2.3x
+      XLA:CPU's speed), on one CPU device with AMX, where it builds and the sizes are multiples
+      of 32; XLA's matmuls elsewhere. A CPU lever (runs/cpu_bf16.gin).
     max_length: longest sequence the model accepts (decoding and RoPE tables).
     pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
   """
@@ -105,6 +109,7 @@ class ModelConfig:
   flat_weight_grads: bool = False
   float32_dot_outputs: bool = False
   matvec_kernel: bool = False
+  matmul_kernel: bool = False
   max_length: int = 2048
   pad_id: int = 0
   eos_id: int = 1

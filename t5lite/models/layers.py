@@ -38,7 +38,7 @@ def project(cfg: ModelConfig, spec: str, x, kernel):
     kernel = kernel.astype(compute_dtype(cfg))
   return projection.project(spec, x, kernel, flat_weight_grad=cfg.flat_weight_grads,
                             float32_outputs=cfg.float32_dot_outputs,
-                            matvec_kernel=cfg.matvec_kernel)
+                            matvec_kernel=cfg.matvec_kernel, matmul_kernel=cfg.matmul_kernel)
 
 
 def dropout(x, rate: float, rng):

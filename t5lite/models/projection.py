@@ -46,7 +46,8 @@ from t5lite import partitioning
 
 
 def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
-            float32_outputs: bool = False, matvec_kernel: bool = False):
+            float32_outputs: bool = False, matvec_kernel: bool = False,
+            matmul_kernel: bool = False):
   """`jnp.einsum(spec, x, kernel)` for a projection of token activations.
 
   Args:
@@ -65,20 +66,23 @@ def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
       for float32 operands.
     matvec_kernel: a projection of a few tokens by the CPU kernel where it applies
       (module docstring; `ModelConfig.matvec_kernel`); its gradient is the einsum's above.
+    matmul_kernel: with float32_outputs and bf16 x, the matmuls (forward and both gradients)
+      by t5lite's AMX kernel where it applies (module docstring; `ModelConfig.matmul_kernel`),
+      else XLA's.
 
   Returns:
     The projection, in x's dtype.
   """
   if matvec_kernel and _matvec_applies(spec, x, kernel):
     return _matvec_project(spec, flat_weight_grad, float32_outputs, x, kernel)
-  return _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel)
+  return _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel, matmul_kernel)
 
 
-def _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel):
+def _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel, matmul_kernel=False):
   if not (flat_weight_grad or float32_outputs):
     return jnp.einsum(spec, x, kernel)
   _parse(spec)  # reject a spec the flat gradient cannot handle before tracing the VJP
-  return _flat_grad_einsum(spec, float32_outputs, x, kernel)
+  return _flat_grad_einsum(spec, float32_outputs, matmul_kernel and float32_outputs, x, kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,25 +106,55 @@ def _dot(a, b, dims, float32_outputs: bool):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-def _einsum(spec, x, kernel, float32_outputs: bool):
+def _einsum(spec, x, kernel, float32_outputs: bool, matmul_kernel: bool = False):
   if not float32_outputs:
     return jnp.einsum(spec, x, kernel)
   kernel = kernel.astype(x.dtype)
   if x.dtype == jnp.float32:
     return jnp.einsum(spec, x, kernel)
+  layout = _flat_layout(spec, x, kernel) if matmul_kernel else None
+  if layout is not None:
+    token_shape, n_in, in_out, out_shape = layout
+    n_out = math.prod(out_shape)
+    if _matmul_applies((math.prod(token_shape), n_in), (n_in, n_out)):
+      # The [vocab, embed] output head transposed into [embed, vocab] for the kernel.
+      flat_kernel = (kernel.reshape(n_in, n_out) if in_out
+                     else _transposed_copy(kernel.reshape(n_out, n_in)))
+      y = _f32_matmul(x.reshape(-1, n_in), flat_kernel, True)
+      return y.reshape(token_shape + out_shape).astype(x.dtype)
   return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flat_grad_einsum(spec, float32_outputs, x, kernel):
-  return _einsum(spec, x, kernel, float32_outputs)
+def _f32_matmul(a, b, matmul_kernel: bool):
+  """a @ b for bf16 matrices with a float32 output: by t5lite's AMX kernel where matmul_kernel
+  and it applies, else XLA's."""
+  if matmul_kernel and _matmul_applies(a.shape, b.shape):
+    from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+    return cpu_matmul.matmul(a, b)
+  return jax.lax.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _forward(spec, float32_outputs, x, kernel):
-  return _einsum(spec, x, kernel, float32_outputs), (x, kernel)
+def _matmul_applies(a_shape, b_shape) -> bool:
+  """Whether the AMX matmul kernel runs bf16 [a_shape] x [b_shape]: a program for one CPU
+  device where the kernel builds and `cpu_matmul.supports` the shapes."""
+  from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+  from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+  if gpu_aot.tracing_platform() != "cpu" or not partitioning.one_device_program():
+    return False
+  a, b = (jax.ShapeDtypeStruct(tuple(s), jnp.bfloat16) for s in (a_shape, b_shape))
+  return cpu_matmul.supports(a, b) and cpu_matmul.available()
 
 
-def _backward(spec, float32_outputs, residuals, g):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flat_grad_einsum(spec, float32_outputs, matmul_kernel, x, kernel):
+  return _einsum(spec, x, kernel, float32_outputs, matmul_kernel)
+
+
+def _forward(spec, float32_outputs, matmul_kernel, x, kernel):
+  return _einsum(spec, x, kernel, float32_outputs, matmul_kernel), (x, kernel)
+
+
+def _backward(spec, float32_outputs, matmul_kernel, residuals, g):
   x, kernel = residuals
   tokens, ins, outs, ks = _parse(spec)
   n = math.prod(x.shape[:len(tokens)])
@@ -138,16 +172,21 @@ def _backward(spec, float32_outputs, residuals, g):
     dims = (((1,), (1,)), ((), ()))
   if float32_outputs:
     flat_kernel = flat_kernel.astype(x.dtype)
-  dx = _dot(flat_g, flat_kernel, dims, float32_outputs).reshape(x.shape)
-  flat_x = x.reshape(n, -1)
   narrow = float32_outputs and x.dtype != jnp.float32  # bf16 matmuls with fp32 outputs
+  if narrow and matmul_kernel and _matmul_applies((n, n_out), (n_out, n_in)):
+    # The kernel takes [out, in] as it stands; an [in, out] kernel is transposed for it.
+    b = flat_kernel if ks == outs + ins else _transposed_copy(flat_kernel)
+    dx = _f32_matmul(flat_g, b, True).astype(x.dtype).reshape(x.shape)
+  else:
+    dx = _dot(flat_g, flat_kernel, dims, float32_outputs).reshape(x.shape)
+  flat_x = x.reshape(n, -1)
   if narrow and not partitioning.one_device_program():
     # Sharded tokens: the flattened copy below would gather them onto every device, so the
     # weight gradient is an fp32 matmul (what XLA:CPU would widen it to anyway).
     grad = jnp.dot(flat_x.T.astype(jnp.float32), flat_g.astype(jnp.float32))
   elif narrow:
     x_t = _transposed_copy(flat_x)
-    grad = jax.lax.dot(x_t, flat_g, preferred_element_type=jnp.float32)  # [in, out]
+    grad = _f32_matmul(x_t, flat_g, matmul_kernel)  # [in, out]
     if ks != ins + outs:
       # Kept [in, out] for the transpose below: XLA would otherwise fold it into the matmul as
       # [out, in] = g^T x, whose transposed left operand XLA:CPU (jaxlib 0.10) then neither
@@ -176,8 +215,8 @@ def _transposed_copy(a):
   return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[::-1])
 
 
-def _matvec_layout(spec: str, x, kernel):
-  """(token_shape, n_in, in_out, out_shape) of a projection as the matvec kernel takes it: x
+def _flat_layout(spec: str, x, kernel):
+  """(token_shape, n_in, in_out, out_shape) of a projection as the CPU kernels take it: x
   flattened to [tokens, n_in], the kernel to [n_in, n_out] where it holds its axes as [in, out]
   (in_out), else to [n_out, n_in] (the output head); out_shape, the kernel's output axes. None
   for any other axis order."""
@@ -196,7 +235,7 @@ def _matvec_applies(spec: str, x, kernel) -> bool:
   or [out, in]."""
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
-  layout = _matvec_layout(spec, x, kernel)
+  layout = _flat_layout(spec, x, kernel)
   if (layout is None or gpu_aot.tracing_platform() != "cpu"
       or not partitioning.one_device_program()):
     return False
@@ -211,7 +250,7 @@ def _matvec_applies(spec: str, x, kernel) -> bool:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _matvec_project(spec, flat_weight_grad, float32_outputs, x, kernel):
   from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
-  token_shape, n_in, in_out, out_shape = _matvec_layout(spec, x, kernel)
+  token_shape, n_in, in_out, out_shape = _flat_layout(spec, x, kernel)
   flat_kernel = kernel.astype(x.dtype).reshape((n_in, -1) if in_out else (-1, n_in))
   y = cpu_matvec.matvec(x.reshape(-1, n_in), flat_kernel, w_transposed=not in_out)
   return y.reshape(token_shape + out_shape)

@@ -1,0 +1,130 @@
+"""The CPU AMX matmul kernel (training's bf16 matmuls with float32 outputs): its products against
+float64, its refusals, its place in `projection.project` (forward, input and weight gradients;
+XLA's matmuls where it does not apply) and in a model's loss and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from t5lite.kernels import cpu_matmul, cpu_matvec
+from t5lite.models import projection
+from t5lite.models.model import Model
+
+needs_amx = pytest.mark.skipif(not (cpu_matmul.available() and cpu_matvec.amx_rows()),
+                               reason="no AMX kernel here")
+
+# (m, k, n): one tile of rows and a panel narrower than 256 columns; row tails of 13 (one row
+# tile) and 18 (16 + 2) rows; k past 2048 in two blocks (c's tiles loaded back); a deep k whose
+# stripes of a are copied (k >= 2048) with panels of 128 columns and a 32-column tail; several
+# panels and row blocks; one row.
+SHAPES = [(32, 64, 96), (77, 96, 160), (50, 32, 32), (40, 2112, 64), (33, 4096, 288),
+          (300, 768, 544), (1, 32, 32)]
+
+
+def _bf16(rng, shape):
+  return jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+
+
+def _wide(a):
+  return np.asarray(a.astype(jnp.float32), np.float64)
+
+
+@needs_amx
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_matmul_matches_a_float64_product(m, k, n):
+  """float32 c = a @ b for bf16 a, b: the float64 product of the same values within the fp32
+  sums' error, every element written."""
+  rng = np.random.default_rng(m * 7 + k + n)
+  a, b = _bf16(rng, (m, k)), _bf16(rng, (k, n))
+  c = jax.jit(cpu_matmul.matmul)(a, b)
+  assert c.dtype == jnp.float32 and c.shape == (m, n)
+  ref, scale = _wide(a) @ _wide(b), np.abs(_wide(a)) @ np.abs(_wide(b))
+  assert np.all(np.abs(np.asarray(c, np.float64) - ref) <= 1e-6 * scale)
+
+
+def test_matmul_refuses_what_it_does_not_take():
+  """k or n not a multiple of 32, float32 or mixed operands, shapes that do not contract, or no
+  AMX: `supports` says no and `matmul` raises a ValueError naming what it takes."""
+  s = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+  amx = cpu_matvec.amx_rows() > 0
+  assert cpu_matmul.supports(s((5, 64)), s((64, 96))) == amx
+  assert not cpu_matmul.supports(s((5, 48)), s((48, 96)))
+  assert not cpu_matmul.supports(s((5, 64)), s((64, 80)))
+  assert not cpu_matmul.supports(s((5, 64)), s((32, 96)))
+  assert not cpu_matmul.supports(s((5, 64), jnp.float32), s((64, 96), jnp.float32))
+  assert not cpu_matmul.supports(s((5, 64)), s((64, 96), jnp.float32))
+  assert not cpu_matmul.supports(s((64,)), s((64, 96)))
+  with pytest.raises(ValueError, match="k and n multiples of 32"):
+    cpu_matmul.matmul(jnp.ones((5, 48), jnp.bfloat16), jnp.ones((48, 96), jnp.bfloat16))
+
+
+SPECS = [("bld,vd->blv", (320, 64)), ("bld,dhk->blhk", (64, 4, 16)),
+         ("blhk,hkd->bld", (4, 16, 96)), ("bld,dnf->blnf", (64, 2, 96))]
+
+
+@needs_amx
+@pytest.mark.parametrize("tokens", [(2, 48), (2, 20)], ids=["96_tokens", "40_tokens"])
+@pytest.mark.parametrize("spec,k_shape", SPECS)
+def test_project_runs_its_matmuls_in_the_kernel(spec, k_shape, tokens):
+  """A bf16 projection with float32 outputs and matmul_kernel runs its forward and input
+  gradient in the kernel, and its weight gradient when the tokens are a multiple of 32 (else
+  XLA's): values within one bf16 rounding of XLA's path, the fp32 weight gradient within fp32
+  sums' error; a program for several devices keeps XLA's matmuls."""
+  rng = np.random.default_rng(len(spec))
+  ins = spec.split(",")[0][2:]
+  x = _bf16(rng, tokens + tuple(k_shape[spec.split(",")[1].index(c)] for c in ins))
+  kernel = _bf16(rng, k_shape).astype(jnp.float32) * 0.1  # fp32 parameters, cast inside
+  opts = dict(flat_weight_grad=True, float32_outputs=True)
+  y_shape = jax.eval_shape(lambda: projection.project(spec, x, kernel, **opts)).shape
+  g = _bf16(rng, y_shape)
+
+  def run(mk):
+    def f(x, kernel, g):
+      y, pullback = jax.vjp(lambda x, k: projection.project(spec, x, k, matmul_kernel=mk, **opts),
+                            x, kernel)
+      return (y,) + pullback(g)
+    return jax.jit(f)
+
+  calls = run(True).lower(x, kernel, g).as_text().count("t5lite_cpu_matmul_bf16")
+  assert calls == (3 if tokens[0] * tokens[1] % 32 == 0 else 2)
+  assert "t5lite_cpu_matmul_bf16" not in run(False).lower(x, kernel, g).as_text()
+  (y, dx, dk), (y0, dx0, dk0) = run(True)(x, kernel, g), run(False)(x, kernel, g)
+  assert dk.dtype == jnp.float32
+  for got, want in ((y, y0), (dx, dx0)):
+    np.testing.assert_allclose(_wide(got), _wide(want), rtol=2.0 ** -7, atol=1e-2)
+  np.testing.assert_allclose(np.asarray(dk), np.asarray(dk0), rtol=1e-5, atol=1e-4)
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+    assert "t5lite_cpu_matmul_bf16" not in str(jax.make_jaxpr(run(True))(x, kernel, g))
+
+
+@needs_amx
+@pytest.mark.parametrize("variant", [dict(arch="decoder_only", num_kv_heads=2),
+                                     dict(arch="encoder_decoder")],
+                         ids=["decoder_only", "encoder_decoder"])
+def test_model_loss_and_gradients_with_the_kernel(variant):
+  """runs/cpu_bf16.gin's model (bf16, float32_dot_outputs) with matmul_kernel: its train
+  program's matmuls in the kernel, and the loss and gradients of XLA's matmuls to bf16
+  precision."""
+  rng = np.random.default_rng(1)
+  cfg = tiny_config(dtype="bfloat16", float32_dot_outputs=True, **variant)
+  ids = lambda length: rng.integers(3, cfg.vocab_size, (4, length)).astype(np.int32)  # noqa
+  if cfg.arch == "encoder_decoder":
+    batch = {"encoder_input_tokens": ids(16), "decoder_input_tokens": ids(8),
+             "decoder_target_tokens": ids(8), "decoder_loss_weights": np.ones((4, 8), np.float32)}
+  else:
+    batch = {"decoder_input_tokens": ids(16), "decoder_target_tokens": ids(16),
+             "decoder_loss_weights": np.ones((4, 16), np.float32)}
+  params = Model(cfg).init(jax.random.key(0))
+  results = {}
+  for mk in (False, True):
+    model = Model(tiny_config(dtype="bfloat16", float32_dot_outputs=True, matmul_kernel=mk,
+                              **variant))
+    step = jax.jit(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0]))
+    assert ("t5lite_cpu_matmul_bf16" in step.lower(params).as_text()) == mk
+    results[mk] = step(params)
+  (loss, grads), (want_loss, want) = results[True], results[False]
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-3)
+  flat = lambda tree: jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])  # noqa: E731
+  assert float(jnp.linalg.norm(flat(grads) - flat(want)) / jnp.linalg.norm(flat(want))) < 1e-2
