@@ -32,16 +32,28 @@ def _wide(a):
 
 
 @needs_amx
+@pytest.mark.parametrize("b_transposed", [False, True], ids=["b", "b_transposed"])
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_matmul_matches_a_float64_product(m, k, n):
-  """float32 c = a @ b for bf16 a, b: the float64 product of the same values within the fp32
-  sums' error, every element written."""
+def test_matmul_matches_a_float64_product(m, k, n, b_transposed):
+  """float32 c = a @ b for bf16 a, b (b stored [k, n] or [n, k]): the float64 product of the
+  same values within the fp32 sums' error, every element written; with a bf16 output (k <=
+  2048), those sums rounded once: within half a bf16 step of the float64 product (plus the sums'
+  error) and equal to the float32 output rounded to bf16."""
   rng = np.random.default_rng(m * 7 + k + n)
-  a, b = _bf16(rng, (m, k)), _bf16(rng, (k, n))
-  c = jax.jit(cpu_matmul.matmul)(a, b)
+  a, b = _bf16(rng, (m, k)), _bf16(rng, (n, k) if b_transposed else (k, n))
+  wide_b = _wide(b).T if b_transposed else _wide(b)
+  ref, scale = _wide(a) @ wide_b, np.abs(_wide(a)) @ np.abs(wide_b)
+  run = lambda out: jax.jit(lambda a, b: cpu_matmul.matmul(  # noqa: E731
+      a, b, b_transposed=b_transposed, out_dtype=out))(a, b)
+  c = run(jnp.float32)
   assert c.dtype == jnp.float32 and c.shape == (m, n)
-  ref, scale = _wide(a) @ _wide(b), np.abs(_wide(a)) @ np.abs(_wide(b))
   assert np.all(np.abs(np.asarray(c, np.float64) - ref) <= 1e-6 * scale)
+  if k <= cpu_matmul.MAX_BF16_OUTPUT_DEPTH:
+    c16 = run(jnp.bfloat16)
+    assert c16.dtype == jnp.bfloat16 and c16.shape == (m, n)
+    half_step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(_wide(c16)), 1e-30))) - 8)
+    assert np.all(np.abs(_wide(c16) - ref) <= half_step + 1e-6 * scale)
+    np.testing.assert_array_equal(np.asarray(c16), np.asarray(c.astype(jnp.bfloat16)))
 
 
 def test_matmul_refuses_what_it_does_not_take():
@@ -56,6 +68,11 @@ def test_matmul_refuses_what_it_does_not_take():
   assert not cpu_matmul.supports(s((5, 64), jnp.float32), s((64, 96), jnp.float32))
   assert not cpu_matmul.supports(s((5, 64)), s((64, 96), jnp.float32))
   assert not cpu_matmul.supports(s((64,)), s((64, 96)))
+  assert cpu_matmul.supports(s((5, 64)), s((96, 64)), b_transposed=True) == amx
+  assert not cpu_matmul.supports(s((5, 64)), s((64, 96)), b_transposed=True)
+  assert cpu_matmul.supports(s((5, 2048)), s((2048, 96)), out_dtype=jnp.bfloat16) == amx
+  assert not cpu_matmul.supports(s((5, 2080)), s((2080, 96)), out_dtype=jnp.bfloat16)
+  assert not cpu_matmul.supports(s((5, 64)), s((64, 96)), out_dtype=jnp.float16)
   with pytest.raises(ValueError, match="k and n multiples of 32"):
     cpu_matmul.matmul(jnp.ones((5, 48), jnp.bfloat16), jnp.ones((48, 96), jnp.bfloat16))
 
@@ -87,16 +104,16 @@ def test_project_runs_its_matmuls_in_the_kernel(spec, k_shape, tokens):
       return (y,) + pullback(g)
     return jax.jit(f)
 
-  calls = run(True).lower(x, kernel, g).as_text().count("t5lite_cpu_matmul_bf16")
+  calls = run(True).lower(x, kernel, g).as_text().count("t5lite_cpu_matmul")
   assert calls == (3 if tokens[0] * tokens[1] % 32 == 0 else 2)
-  assert "t5lite_cpu_matmul_bf16" not in run(False).lower(x, kernel, g).as_text()
+  assert "t5lite_cpu_matmul" not in run(False).lower(x, kernel, g).as_text()
   (y, dx, dk), (y0, dx0, dk0) = run(True)(x, kernel, g), run(False)(x, kernel, g)
   assert dk.dtype == jnp.float32
   for got, want in ((y, y0), (dx, dx0)):
     np.testing.assert_allclose(_wide(got), _wide(want), rtol=2.0 ** -7, atol=1e-2)
   np.testing.assert_allclose(np.asarray(dk), np.asarray(dk0), rtol=1e-5, atol=1e-4)
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
-    assert "t5lite_cpu_matmul_bf16" not in str(jax.make_jaxpr(run(True))(x, kernel, g))
+    assert "t5lite_cpu_matmul" not in str(jax.make_jaxpr(run(True))(x, kernel, g))
 
 
 @needs_amx
@@ -122,7 +139,7 @@ def test_model_loss_and_gradients_with_the_kernel(variant):
     model = Model(tiny_config(dtype="bfloat16", float32_dot_outputs=True, matmul_kernel=mk,
                               **variant))
     step = jax.jit(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0]))
-    assert ("t5lite_cpu_matmul_bf16" in step.lower(params).as_text()) == mk
+    assert ("t5lite_cpu_matmul" in step.lower(params).as_text()) == mk
     results[mk] = step(params)
   (loss, grads), (want_loss, want) = results[True], results[False]
   np.testing.assert_allclose(loss, want_loss, rtol=1e-3)

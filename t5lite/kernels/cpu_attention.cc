@@ -1086,6 +1086,29 @@ inline void PackPairs(const uint16_t* a, int64_t ld, int64_t r, int64_t c, uint1
   }
 }
 
+// The tile PackPairs packs, from the matrix stored transposed (at [n, k], row stride k):
+// out[p][2j + i] = at[(c + j) * k + r + 2p + i], each 32-bit pair of one of 16 rows gathered.
+inline void PackPairsTransposed(const uint16_t* at, int64_t k, int64_t r, int64_t c,
+                                uint16_t* out) {
+  const __m512i rows = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int>(k * 2)));
+  const char* base = reinterpret_cast<const char*>(at + c * k + r);
+  for (int p = 0; p < 16; ++p)
+    _mm512_storeu_si512(out + p * 32, _mm512_i32gather_epi32(rows, base + 4 * p, 1));
+}
+
+// 16 floats rounded to bf16 as Narrow rounds them (to nearest even; NaN stays a quiet NaN).
+inline __m256i NarrowSixteen(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f), top = _mm512_srli_epi32(u, 16);
+  const __m512i odd = _mm512_and_si512(top, _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(
+      _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(top, _mm512_set1_epi32(0x40))));
+}
+
 // kn: y[:, c0:c1] (c1 - c0 <= kAmxPanel, a multiple of 32) for m <= 32 rows of x [m, k] (bf16,
 // k a multiple of 32). W's columns c0..c1 are first packed whole (read a row at a time: a
 // tile's 32 x 32 blocks read straight from W were strided reads at half the bandwidth), then
@@ -1220,8 +1243,10 @@ constexpr int64_t kGemmItemsPerThread = 4, kGemmCopiedDepth = 2048;
 // rows 64 bytes apart: read from a as stored, a deep stripe's tile rows lie 4 KB or more apart
 // (at k = 2048 all in one set of L1), and [2560, 2048] x [2048, 768] ran at 0.8x XLA's speed;
 // at k = 768 the copy cost more than it saved.
+// A bf16 c (Out = Bf16) is written from sums over all of k (depth == k, accumulate false).
+template <typename Out>
 void AmxGemmBlock(const uint16_t* a, int64_t k, const uint16_t* panel, int64_t depth,
-                  int64_t blocks, float* c, int64_t n, int64_t r0, int64_t r1, int64_t c0,
+                  int64_t blocks, Out* c, int64_t n, int64_t r0, int64_t r1, int64_t c0,
                   int64_t e0, bool accumulate, int& configured, std::vector<uint16_t>& stripe) {
   stripe.resize(depth * 32);  // [depth / 32][32 rows][32 values]
   for (int64_t r = r0; r < r1; r += 32) {
@@ -1243,16 +1268,19 @@ void AmxGemmBlock(const uint16_t* a, int64_t k, const uint16_t* panel, int64_t d
       stride = 64;
     }
     for (int64_t j = 0; j < blocks; j += 2) {
-      float* c00 = c + r * n + c0 + 16 * j;
-      float* c10 = c00 + 16 * n;
-      if (accumulate) {
-        _tile_loadd(0, c00, n * 4);
-        _tile_loadd(1, c00 + 16, n * 4);
-        if (rows1) {
-          _tile_loadd(2, c10, n * 4);
-          _tile_loadd(3, c10 + 16, n * 4);
+      Out* c00 = c + r * n + c0 + 16 * j;
+      Out* c10 = c00 + 16 * n;
+      if constexpr (std::is_same_v<Out, float>) {
+        if (accumulate) {
+          _tile_loadd(0, c00, n * 4);
+          _tile_loadd(1, c00 + 16, n * 4);
+          if (rows1) {
+            _tile_loadd(2, c10, n * 4);
+            _tile_loadd(3, c10 + 16, n * 4);
+          }
         }
-      } else {
+      }
+      if (!accumulate) {
         _tile_zero(0);
         _tile_zero(1);
         if (rows1) {  // an unconfigured tile's use is an illegal instruction
@@ -1273,21 +1301,38 @@ void AmxGemmBlock(const uint16_t* a, int64_t k, const uint16_t* panel, int64_t d
           _tile_dpbf16ps(3, 5, 7);
         }
       }
-      _tile_stored(0, c00, n * 4);
-      _tile_stored(1, c00 + 16, n * 4);
-      if (rows1) {
-        _tile_stored(2, c10, n * 4);
-        _tile_stored(3, c10 + 16, n * 4);
+      if constexpr (std::is_same_v<Out, float>) {
+        _tile_stored(0, c00, n * 4);
+        _tile_stored(1, c00 + 16, n * 4);
+        if (rows1) {
+          _tile_stored(2, c10, n * 4);
+          _tile_stored(3, c10 + 16, n * 4);
+        }
+      } else {  // narrowed on the way from the tiles to c: no fp32 c in memory
+        alignas(64) float sums[32 * 32];  // [row][32 columns]
+        _tile_stored(0, sums, 128);
+        _tile_stored(1, sums + 16, 128);
+        if (rows1) {
+          _tile_stored(2, sums + 16 * 32, 128);
+          _tile_stored(3, sums + 16 * 32 + 16, 128);
+        }
+        for (int i = 0; i < rows0 + rows1; ++i)
+          for (int h = 0; h < 2; ++h)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(c00 + i * n + 16 * h),
+                                NarrowSixteen(_mm512_load_ps(sums + i * 32 + 16 * h)));
       }
     }
   }
 }
 
-// c = a . b (module comment above); false where this build or process has no AMX or k or n is
-// not a multiple of 32.
-bool AmxGemm(const uint16_t* a, int64_t m, int64_t k, const uint16_t* b, int64_t n,
-             ffi::ThreadPool& pool, float* c) {
+// c = a . b (module comment above), b stored as [k, n] or (bt) as [n, k]; false where this
+// build or process has no AMX, k or n is not a multiple of 32, or a bf16 c would need more than
+// one block of k.
+template <typename Out>
+bool AmxGemm(const uint16_t* a, int64_t m, int64_t k, const uint16_t* b, int64_t n, bool bt,
+             ffi::ThreadPool& pool, Out* c) {
   if (k % 32 || n % 32 || !AmxPermitted()) return false;
+  if (!std::is_same_v<Out, float> && k > kGemmMaxDepth) return false;
   // Each item packs its panel; rows are split only as far as it takes to give every thread
   // kGemmItemsPerThread items, a number of items the threads divide evenly where the stripes
   // allow (a product of few columns, [2560, 2048] x [2048, 768], has 3 panels).
@@ -1317,7 +1362,12 @@ bool AmxGemm(const uint16_t* a, int64_t m, int64_t k, const uint16_t* b, int64_t
       const int64_t rows = std::min(depth, k - e0);
       for (int64_t e = 0; e < rows; e += 32)  // [rows / 32][blocks][16 x 32]
         for (int64_t j = 0; j < blocks; ++j)
-          PackPairs(b, n, e0 + e, c0 + 16 * j, panel.data() + ((e / 32) * blocks + j) * 16 * 32);
+          if (bt) {
+            PackPairsTransposed(b, k, e0 + e, c0 + 16 * j,
+                                panel.data() + ((e / 32) * blocks + j) * 16 * 32);
+          } else {
+            PackPairs(b, n, e0 + e, c0 + 16 * j, panel.data() + ((e / 32) * blocks + j) * 16 * 32);
+          }
       AmxGemmBlock(a, k, panel.data(), rows, blocks, c, n, r0, r1, c0, e0, e0 > 0, configured,
                    stripes_of[slot]);
     }
@@ -1334,22 +1384,35 @@ bool AmxMatvec(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, bool
                Bf16*) {
   return false;
 }
-bool AmxGemm(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, ffi::ThreadPool&,
-             float*) {
+template <typename Out>
+bool AmxGemm(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, bool, ffi::ThreadPool&,
+             Out*) {
   return false;
 }
 #endif
 
-// c [m, n] (fp32) = a [m, k] . b [k, n] (bf16) on AMX: AmxGemm.
-ffi::Error Matmul(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::ResultBuffer<ffi::F32> c,
-                  ffi::ThreadPool pool) {
+// c [m, n] (fp32 or bf16) = a [m, k] . b [k, n] (bf16; b_transposed: b stored [n, k]) on AMX:
+// AmxGemm.
+template <ffi::DataType kOut>
+ffi::Error Matmul(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::ResultBuffer<kOut> c,
+                  ffi::ThreadPool pool, bool b_transposed) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || bd[0] != ad[1] || cd[0] != ad[0] ||
-      cd[1] != bd[1])
-    return ffi::Error::InvalidArgument("cpu matmul: a [m, k], b [k, n], c [m, n]");
-  if (!AmxGemm(reinterpret_cast<const uint16_t*>(a.typed_data()), ad[0], ad[1],
-               reinterpret_cast<const uint16_t*>(b.typed_data()), bd[1], pool, c->typed_data()))
-    return ffi::Error::InvalidArgument("cpu matmul: needs AMX, k and n multiples of 32");
+  const int64_t n = bd.size() == 2 ? bd[b_transposed ? 0 : 1] : 0;
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || bd[b_transposed ? 1 : 0] != ad[1] ||
+      cd[0] != ad[0] || cd[1] != n)
+    return ffi::Error::InvalidArgument("cpu matmul: a [m, k], b [k, n] (or [n, k]), c [m, n]");
+  const auto* ap = reinterpret_cast<const uint16_t*>(a.typed_data());
+  const auto* bp = reinterpret_cast<const uint16_t*>(b.typed_data());
+  bool done;
+  if constexpr (kOut == ffi::DataType::F32) {
+    done = AmxGemm(ap, ad[0], ad[1], bp, n, b_transposed, pool, c->typed_data());
+  } else {
+    done = AmxGemm(ap, ad[0], ad[1], bp, n, b_transposed, pool,
+                   reinterpret_cast<Bf16*>(c->typed_data()));
+  }
+  if (!done)
+    return ffi::Error::InvalidArgument(
+        "cpu matmul: needs AMX, k and n multiples of 32 (and k <= 2048 for a bf16 c)");
   return ffi::Error::Success();
 }
 
@@ -1489,12 +1552,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatvecBf16, Matvec<ffi::DataType::BF16>,
                               T5LITE_MATVEC(ffi::DataType::BF16));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatvecF32, Matvec<ffi::DataType::F32>,
                               T5LITE_MATVEC(ffi::DataType::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatmulBf16, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ctx<ffi::ThreadPool>());
+// Training's bf16 matmuls, with an fp32 or a bf16 output.
+#define T5LITE_MATMUL(kOut)                      \
+  ffi::Ffi::Bind()                               \
+      .Arg<ffi::Buffer<ffi::BF16>>()             \
+      .Arg<ffi::Buffer<ffi::BF16>>()             \
+      .Ret<ffi::Buffer<kOut>>()                  \
+      .Ctx<ffi::ThreadPool>()                    \
+      .Attr<bool>("b_transposed")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatmulF32, Matmul<ffi::DataType::F32>,
+                              T5LITE_MATMUL(ffi::DataType::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatmulBf16, Matmul<ffi::DataType::BF16>,
+                              T5LITE_MATMUL(ffi::DataType::BF16));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuCacheAttention, CacheAttention<ffi::DataType::F32>,
                               T5LITE_CACHE(ffi::DataType::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuCacheAttentionBf16, CacheAttention<ffi::DataType::BF16>,

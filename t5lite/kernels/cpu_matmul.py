@@ -21,15 +21,25 @@ import jax.numpy as jnp
 from t5lite.kernels import cpu_attention
 from t5lite.kernels import cpu_matvec
 
-_TARGET = "t5lite_cpu_matmul_bf16"
+# The output dtypes the kernel writes, and the FFI target of each.
+_TARGETS = {jnp.dtype(jnp.float32): "t5lite_cpu_matmul_f32",
+            jnp.dtype(jnp.bfloat16): "t5lite_cpu_matmul_bf16"}
+# The deepest product (k) the kernel sums in one pass over c (kGemmMaxDepth in the C++): a bf16
+# c, narrowed as its sums leave the tiles, cannot be summed into again.
+MAX_BF16_OUTPUT_DEPTH = 2048
 
 
-def supports(a, b) -> bool:
-  """Whether `matmul` takes these operands: bf16 matrices a [m, k] and b [k, n] with k and n
-  multiples of 32, on a CPU and process with AMX (builds the kernel to ask)."""
-  return (a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype == jnp.bfloat16
-          and a.shape[1] == b.shape[0] and a.shape[0] >= 1 and a.shape[1] % 32 == 0
-          and b.shape[1] % 32 == 0 and cpu_matvec.amx_rows() > 0)
+def supports(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32) -> bool:
+  """Whether `matmul` takes these operands: bf16 matrices a [m, k] and b [k, n] ([n, k] with
+  `b_transposed`), k and n multiples of 32, a float32 output or a bf16 one with k at most
+  MAX_BF16_OUTPUT_DEPTH, on a CPU and process with AMX (builds the kernel to ask)."""
+  if not (a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype == jnp.bfloat16
+          and jnp.dtype(out_dtype) in _TARGETS and a.shape[0] >= 1):
+    return False
+  k, n = a.shape[1], b.shape[0 if b_transposed else 1]
+  return (b.shape[1 if b_transposed else 0] == k and k % 32 == 0 and n % 32 == 0
+          and (jnp.dtype(out_dtype) == jnp.float32 or k <= MAX_BF16_OUTPUT_DEPTH)
+          and cpu_matvec.amx_rows() > 0)
 
 
 def available() -> bool:
@@ -37,12 +47,18 @@ def available() -> bool:
   return cpu_attention.available()
 
 
-def matmul(a, b):
-  """a @ b for bf16 a [m, k] and b [k, n], as float32 [m, n] (float32 sums). Requires
-  `supports` and `available()`; no gradient of its own."""
-  if not supports(a, b):
-    raise ValueError("the CPU matmul takes bf16 a [m, k] and b [k, n], k and n multiples of 32, "
-                     f"on a CPU with AMX (amx_rows() = {cpu_matvec.amx_rows()}); got "
-                     f"{a.dtype} {a.shape} and {b.dtype} {b.shape}")
-  return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32))(
-      a, b)
+def matmul(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32):
+  """a @ b (a @ b.T with `b_transposed`) for bf16 a [m, k] and b [k, n] (stored [n, k]) with
+  float32 sums, as float32 [m, n] or, with out_dtype bf16, rounded once to bf16 as the sums
+  leave the tiles (what XLA's float32 product cast to bf16 gives, without the float32 array).
+  Requires `supports` and `available()`; no gradient of its own."""
+  if not supports(a, b, b_transposed=b_transposed, out_dtype=out_dtype):
+    raise ValueError("the CPU matmul takes bf16 a [m, k] and b [k, n] ([n, k] with "
+                     "b_transposed), k and n multiples of 32, a float32 or (k <= "
+                     f"{MAX_BF16_OUTPUT_DEPTH}) bf16 output, on a CPU with AMX (amx_rows() = "
+                     f"{cpu_matvec.amx_rows()}); got {a.dtype} {a.shape} and {b.dtype} {b.shape}"
+                     f" -> {jnp.dtype(out_dtype)}")
+  n = b.shape[0] if b_transposed else b.shape[1]
+  return jax.ffi.ffi_call(_TARGETS[jnp.dtype(out_dtype)],
+                          jax.ShapeDtypeStruct((a.shape[0], n), out_dtype))(
+                              a, b, b_transposed=bool(b_transposed))

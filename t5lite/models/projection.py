@@ -115,34 +115,28 @@ def _einsum(spec, x, kernel, float32_outputs: bool, matmul_kernel: bool = False)
   layout = _flat_layout(spec, x, kernel) if matmul_kernel else None
   if layout is not None:
     token_shape, n_in, in_out, out_shape = layout
-    n_out = math.prod(out_shape)
-    if _matmul_applies((math.prod(token_shape), n_in), (n_in, n_out)):
-      # The [vocab, embed] output head transposed into [embed, vocab] for the kernel.
-      flat_kernel = (kernel.reshape(n_in, n_out) if in_out
-                     else _transposed_copy(kernel.reshape(n_out, n_in)))
-      y = _f32_matmul(x.reshape(-1, n_in), flat_kernel, True)
-      return y.reshape(token_shape + out_shape).astype(x.dtype)
+    flat_kernel = kernel.reshape((n_in, -1) if in_out else (-1, n_in))  # [out, in]: the head
+    y = _kernel_product(x.reshape(-1, n_in), flat_kernel, b_transposed=not in_out,
+                        out_dtype=x.dtype)
+    if y is not None:
+      return y.reshape(token_shape + out_shape)
   return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _f32_matmul(a, b, matmul_kernel: bool):
-  """a @ b for bf16 matrices with a float32 output: by t5lite's AMX kernel where matmul_kernel
-  and it applies, else XLA's."""
-  if matmul_kernel and _matmul_applies(a.shape, b.shape):
-    from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
-    return cpu_matmul.matmul(a, b)
-  return jax.lax.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _matmul_applies(a_shape, b_shape) -> bool:
-  """Whether the AMX matmul kernel runs bf16 [a_shape] x [b_shape]: a program for one CPU
-  device where the kernel builds and `cpu_matmul.supports` the shapes."""
+def _kernel_product(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32):
+  """a @ b (a @ b.T with b_transposed) for bf16 matrices by t5lite's AMX kernel with float32
+  sums, in out_dtype (bf16 written by the kernel where it can, else cast after); None where the
+  kernel does not run it: not a program for one CPU device, not built, or shapes it refuses."""
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
-  if gpu_aot.tracing_platform() != "cpu" or not partitioning.one_device_program():
-    return False
-  a, b = (jax.ShapeDtypeStruct(tuple(s), jnp.bfloat16) for s in (a_shape, b_shape))
-  return cpu_matmul.supports(a, b) and cpu_matmul.available()
+  if (gpu_aot.tracing_platform() != "cpu" or not partitioning.one_device_program()
+      or not cpu_matmul.supports(a, b, b_transposed=b_transposed)
+      or not cpu_matmul.available()):
+    return None
+  direct = cpu_matmul.supports(a, b, b_transposed=b_transposed, out_dtype=out_dtype)
+  y = cpu_matmul.matmul(a, b, b_transposed=b_transposed,
+                        out_dtype=out_dtype if direct else jnp.float32)
+  return y.astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -173,12 +167,12 @@ def _backward(spec, float32_outputs, matmul_kernel, residuals, g):
   if float32_outputs:
     flat_kernel = flat_kernel.astype(x.dtype)
   narrow = float32_outputs and x.dtype != jnp.float32  # bf16 matmuls with fp32 outputs
-  if narrow and matmul_kernel and _matmul_applies((n, n_out), (n_out, n_in)):
-    # The kernel takes [out, in] as it stands; an [in, out] kernel is transposed for it.
-    b = flat_kernel if ks == outs + ins else _transposed_copy(flat_kernel)
-    dx = _f32_matmul(flat_g, b, True).astype(x.dtype).reshape(x.shape)
-  else:
-    dx = _dot(flat_g, flat_kernel, dims, float32_outputs).reshape(x.shape)
+  dx = None
+  if narrow and matmul_kernel:  # flat_kernel: [out, in] (the head), else [in, out] = b.T
+    dx = _kernel_product(flat_g, flat_kernel, b_transposed=ks != outs + ins, out_dtype=x.dtype)
+  if dx is None:
+    dx = _dot(flat_g, flat_kernel, dims, float32_outputs)
+  dx = dx.reshape(x.shape)
   flat_x = x.reshape(n, -1)
   if narrow and not partitioning.one_device_program():
     # Sharded tokens: the flattened copy below would gather them onto every device, so the
@@ -186,7 +180,9 @@ def _backward(spec, float32_outputs, matmul_kernel, residuals, g):
     grad = jnp.dot(flat_x.T.astype(jnp.float32), flat_g.astype(jnp.float32))
   elif narrow:
     x_t = _transposed_copy(flat_x)
-    grad = _f32_matmul(x_t, flat_g, matmul_kernel)  # [in, out]
+    grad = _kernel_product(x_t, flat_g) if matmul_kernel else None  # [in, out]
+    if grad is None:
+      grad = jax.lax.dot(x_t, flat_g, preferred_element_type=jnp.float32)
     if ks != ins + outs:
       # Kept [in, out] for the transpose below: XLA would otherwise fold it into the matmul as
       # [out, in] = g^T x, whose transposed left operand XLA:CPU (jaxlib 0.10) then neither
