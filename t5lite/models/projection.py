@@ -29,6 +29,14 @@ the matmul), and the input gradient of an [out, in] kernel (the [vocab, embed] o
 the kernel as stored. The kernel is cast to bf16 inside, so its gradient (in the stored dtype,
 fp32) is the fp32 matmul's output, never rounded to bf16.
 
+`matmul_kernel=True` (with float32_outputs and bf16 x) runs those matmuls on t5lite's AMX kernel
+instead (t5lite/kernels/cpu_matmul.py; 1.3-2.3x YNNPACK's speed at decoder-125m's shapes), where
+it applies (a program for one CPU device with AMX, sizes multiples of 32; XLA's matmul for any
+it refuses): the forward and the input gradient read the kernel as stored ([in, out], or
+[out, in] for the head, packed transposed by the kernel) and write bf16 straight from their
+float32 sums (for contractions up to 2048 deep; float32 then a cast beyond), the weight gradient
+x^T g is float32 from the transposed copy above.
+
 `matvec_kernel=True` runs a projection of a few tokens (a decoding step at batch <= 32 in float32;
 in bf16 at batch <= 4, <= 32 on CPUs with AMX: `cpu_matvec.supports`) by t5lite's CPU kernel
 (t5lite/kernels/cpu_matvec.py), which reads bf16 weights as stored where XLA:CPU widens them to
