@@ -145,3 +145,24 @@ def test_model_loss_and_gradients_with_the_kernel(variant):
   np.testing.assert_allclose(loss, want_loss, rtol=1e-3)
   flat = lambda tree: jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])  # noqa: E731
   assert float(jnp.linalg.norm(flat(grads) - flat(want)) / jnp.linalg.norm(flat(want))) < 1e-2
+
+
+@needs_amx
+def test_remat_dots_policies_save_the_kernel_s_products():
+  """The dots remat policies keep the kernel's products as they keep XLA's dots: the gradient
+  program runs as many kernel matmuls as without remat, fewer than 'full' (which runs each
+  layer's forward products again)."""
+  rng = np.random.default_rng(2)
+  ids = rng.integers(3, 64, (4, 16)).astype(np.int32)
+  batch = {"decoder_input_tokens": ids, "decoder_target_tokens": ids,
+           "decoder_loss_weights": np.ones((4, 16), np.float32)}
+  calls = {}
+  for policy in ("none", "dots", "dots_no_batch", "dots_no_batch_attention", "full"):
+    model = Model(tiny_config(arch="decoder_only", num_kv_heads=2, dtype="bfloat16",
+                              float32_dot_outputs=True, matmul_kernel=True, remat_policy=policy))
+    params = model.init(jax.random.key(0))
+    program = jax.jit(jax.grad(lambda p, m=model: m.loss(p, batch)[0])).lower(params).compile()
+    calls[policy] = program.as_text().count('custom_call_target="t5lite_cpu_matmul')
+  assert calls["none"] > 0 and calls["full"] > calls["none"], calls
+  assert calls["dots"] == calls["dots_no_batch"] == calls["dots_no_batch_attention"] == calls[
+      "none"], calls

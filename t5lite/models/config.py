@@ -72,7 +72,8 @@ class ModelConfig:
     matmul_kernel: with float32_dot_outputs in bfloat16, the projections' matmuls (forward
       and both gradients) by t5lite's AMX kernel (`t5lite.kernels.cpu_matmul`; 1.3-2.3x
       XLA:CPU's speed), on one CPU device with AMX, where it builds and the sizes are multiples
-      of 32; XLA's matmuls elsewhere. A CPU lever (runs/cpu_bf16.gin).
+      of 32; XLA's matmuls elsewhere (the dots remat policies keep its products as they keep
+      dots). A CPU lever (runs/cpu_bf16.gin).
     max_length: longest sequence the model accepts (decoding and RoPE tables).
     pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
   """

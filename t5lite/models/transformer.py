@@ -41,11 +41,22 @@ def _dots_no_batch_and_fused_attention(prim, *avals, **params) -> bool:
           or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 
 
+def _with_matmul_kernel(policy):
+  """`policy`, with the outputs of t5lite's CPU matmul kernel (`ModelConfig.matmul_kernel`:
+  the projections' matmuls, flat and without batch dimensions) saveable as its dots are.
+  Without it the dots policies saved none of them: each layer's forward ran again, as under
+  'full'."""
+  def saveable(prim, *avals, **params) -> bool:
+    target = params.get("target_name", "") if prim.name == "ffi_call" else ""
+    return str(target).startswith("t5lite_cpu_matmul") or policy(prim, *avals, **params)
+  return saveable
+
+
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_no_batch_attention": _dots_no_batch_and_fused_attention,
+    "dots": _with_matmul_kernel(jax.checkpoint_policies.checkpoint_dots),
+    "dots_no_batch": _with_matmul_kernel(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    "dots_no_batch_attention": _with_matmul_kernel(_dots_no_batch_and_fused_attention),
 }
 
 
