@@ -610,3 +610,23 @@ def test_cpu_kernel_on_packed_rows_matches_chunked(variant):
   _assert_same_loss_and_grads(variant, batch, dict(attention_impl="chunked"),
                               dict(attention_impl="cpu_kernel"), loss_rtol=1e-5, atol=2e-6,
                               rtol=1e-4)
+
+
+@needs_kernel
+def test_remat_dots_no_batch_attention_keeps_the_attention_kernel_s_output():
+  """dots_no_batch_attention keeps the CPU attention kernel's output as it keeps cuDNN's: the
+  gradient program runs each layer's attention forward once, as without remat; dots_no_batch
+  runs it again in the backward pass."""
+  rng = np.random.default_rng(3)
+  ids = rng.integers(3, 64, (2, 16)).astype(np.int32)
+  batch = {"decoder_input_tokens": ids, "decoder_target_tokens": ids,
+           "decoder_loss_weights": np.ones((2, 16), np.float32)}
+  calls = {}
+  for policy in ("none", "dots_no_batch", "dots_no_batch_attention"):
+    model = Model(tiny_config(arch="decoder_only", num_kv_heads=2, head_dim=16,
+                              attention_impl="cpu_kernel", remat_policy=policy))
+    params = model.init(jax.random.key(0))
+    program = jax.jit(jax.grad(lambda p, m=model: m.loss(p, batch)[0])).lower(params).compile()
+    calls[policy] = program.as_text().count('custom_call_target="t5lite_cpu_attention_forward')
+  assert calls["none"] > 0 and calls["dots_no_batch"] > calls["none"], calls
+  assert calls["dots_no_batch_attention"] == calls["none"], calls

@@ -50,8 +50,9 @@ class ModelConfig:
     scan_layers: stack layers and run them with lax.scan (compile time flat in depth).
     remat_policy: one of REMAT_POLICIES, applied per layer: 'full' saves nothing, 'dots' every
       matmul's output, 'dots_no_batch' those without batch dimensions (not attention's scores),
-      'dots_no_batch_attention' those and cuDNN's fused attention outputs too (so the backward
-      pass does not run flash attention's forward again; elsewhere the same as dots_no_batch).
+      'dots_no_batch_attention' those and fused attention's outputs too (cuDNN's, or the CPU
+      attention kernel's: so the backward pass does not run flash attention's forward again;
+      elsewhere the same as dots_no_batch).
     attention_impl: None (auto), 'xla' or 'cudnn' for jax.nn.dot_product_attention, or
       'chunked' (attention in query blocks, causal ones skipping the keys past the
       diagonal, with a flash-attention backward; CPU), or 'cpu_kernel' (a compiled C++ kernel,

@@ -28,16 +28,23 @@ log = logging.getLogger(__name__)
 _FUSED_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
 
 
+def _ffi_target(prim, params) -> str:
+  """The XLA FFI target an equation calls ('' for any other primitive)."""
+  return str(params.get("target_name", "")) if prim.name == "ffi_call" else ""
+
+
 def _dots_no_batch_and_fused_attention(prim, *avals, **params) -> bool:
-  """dots_no_batch, and the outputs of cuDNN's fused attention kept too.
+  """dots_no_batch, and the outputs of fused attention kept too: cuDNN's, and t5lite's CPU
+  attention kernel's (`attention_impl="cpu_kernel"`).
 
   Under dots_no_batch alone, the backward pass runs every layer's flash attention forward again:
   the output projection's kernel gradient needs the attention's output, which is no dot's
   output. Keeping it costs [batch, length, heads, head_dim] plus float32 statistics per head and
-  query, per layer. Attention that is not cuDNN's (XLA's, `chunked`) is matmuls and softmax:
-  there this policy is dots_no_batch.
+  query, per layer. Other attention (XLA's, `chunked`) is matmuls and softmax: there this policy
+  is dots_no_batch.
   """
   return (prim.name == _FUSED_ATTENTION_FORWARD
+          or _ffi_target(prim, params).startswith("t5lite_cpu_attention_forward")
           or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 
 
@@ -47,8 +54,8 @@ def _with_matmul_kernel(policy):
   Without it the dots policies saved none of them: each layer's forward ran again, as under
   'full'."""
   def saveable(prim, *avals, **params) -> bool:
-    target = params.get("target_name", "") if prim.name == "ffi_call" else ""
-    return str(target).startswith("t5lite_cpu_matmul") or policy(prim, *avals, **params)
+    return (_ffi_target(prim, params).startswith("t5lite_cpu_matmul")
+            or policy(prim, *avals, **params))
   return saveable
 
 
