@@ -23,7 +23,8 @@
 // A third handler, CacheAttention, is a decoding step's attention over a heads-major KV cache
 // (see CacheItem); a fourth, Matvec, a decoding step's projections of a few rows, bf16 or fp32
 // (it shares the vectors and the threads; cpu_matvec.py calls it); a fifth, Matmul, training's
-// bf16 matmuls with fp32 outputs on AMX (it shares Matvec's AMX tiles; cpu_matmul.py).
+// bf16 matmuls with fp32 sums on AMX, fp32 or bf16 outputs (it shares Matvec's AMX tiles;
+// cpu_matmul.py calls it).
 
 #include <algorithm>
 #include <climits>
@@ -1224,7 +1225,7 @@ bool AmxMatvec(const uint16_t* x, int64_t m, int64_t k, const uint16_t* w, int64
   return true;
 }
 
-// ---- Training's bf16 products with fp32 outputs, on AMX: c [m, n] = a [m, k] . b [k, n] ----
+// ---- Training's bf16 products with fp32 sums, on AMX: c [m, n] = a [m, k] . b [k, n] ----
 //
 // XLA:CPU hands such a product to YNNPACK's AMX kernels, which ran decoder-125m's output head
 // ([2560, 768] x [768, 32000] and its gradients) at 0.9-1.1 TFLOP/s on 2 cores of an Intel
@@ -1234,7 +1235,10 @@ bool AmxMatvec(const uint16_t* x, int64_t m, int64_t k, const uint16_t* w, int64
 // into 2 x 2 tiles of c's 16 x 16 sums, the stripe reused across the panel's columns. c's tiles
 // are written once, summed over all of k (for k past kGemmMaxDepth, a block of it at a time,
 // the tiles loaded back: every pass reads and writes c, 327 MB for the head's logits). Work
-// items are (panel, block of rows) pairs. k and n multiples of 32, any m.
+// items are (panel, block of rows) pairs. b stored [n, k] (the head's [vocab, embed] kernel in
+// its forward, the layers' [in, out] kernels in their input gradients) is packed by gathering
+// its rows' pairs, with no transposed copy. A bf16 c is rounded as the sums leave the tiles,
+// without an fp32 c in memory. k and n multiples of 32, any m.
 constexpr int64_t kGemmPanel = 256, kGemmPanelBytes = 1 << 20, kGemmMaxDepth = 2048;
 constexpr int64_t kGemmItemsPerThread = 4, kGemmCopiedDepth = 2048;
 
@@ -1248,7 +1252,7 @@ template <typename Out>
 void AmxGemmBlock(const uint16_t* a, int64_t k, const uint16_t* panel, int64_t depth,
                   int64_t blocks, Out* c, int64_t n, int64_t r0, int64_t r1, int64_t c0,
                   int64_t e0, bool accumulate, int& configured, std::vector<uint16_t>& stripe) {
-  stripe.resize(depth * 32);  // [depth / 32][32 rows][32 values]
+  if (k >= kGemmCopiedDepth) stripe.resize(depth * 32);  // [depth / 32][32 rows][32 values]
   for (int64_t r = r0; r < r1; r += 32) {
     const int rows0 = static_cast<int>(std::min<int64_t>(16, r1 - r));
     const int rows1 = static_cast<int>(std::min<int64_t>(16, r1 - r - rows0));

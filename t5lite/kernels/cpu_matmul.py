@@ -1,4 +1,4 @@
-"""Training's bf16 matmuls with float32 outputs on AMX tiles, as an XLA FFI handler (`Matmul` in
+"""Training's bf16 matmuls with float32 sums on AMX tiles, as an XLA FFI handler (`Matmul` in
 cpu_attention.cc, built into the attention kernel's library beside the matvec's AMX code).
 
 Under `ModelConfig.float32_dot_outputs` every projection of a bf16 model is a bf16 x bf16
@@ -7,8 +7,12 @@ ran decoder-125m's output head ([2560, 768] x [768, 32000], its input and weight
 0.9-1.1 TFLOP/s on 2 cores of an Intel Xeon, and the layers' products at 1.3-1.8. The kernel
 packs b as AMX reads it, a panel of columns over every row of b (about 1 MB, held in L2), and
 multiplies 32 rows of a at a time into 2 x 2 tiles of sums, written once to c: the head's
-products at 1.7-2.2 TFLOP/s (1.5-2.3x XLA's time), the layers' at 2.1-2.4 (1.3-1.5x). Sums are
-float32 in the order AMX adds pairs of products, as YNNPACK's.
+products at 1.6-2.2 TFLOP/s (1.6-2.3x XLA's speed), the layers' at 1.8-2.5 (1.3-1.9x). Sums are
+float32 in the order AMX adds pairs of products, as YNNPACK's (the tests find XLA's values to
+the bit). b may be stored transposed ([n, k]: the head's [vocab, embed] kernel, a layer's
+kernel in its input gradient), packed as it stands; c may be bf16, rounded as the sums leave
+the tiles (what a float32 c cast to bf16 holds, without the float32 array and the pass over
+it), for k up to MAX_BF16_OUTPUT_DEPTH.
 
 It runs where the CPU and this process have AMX (`amx_rows()` of cpu_matvec: Intel Sapphire
 Rapids on, a native build) and k and n are multiples of 32; `t5lite.models.projection` asks
