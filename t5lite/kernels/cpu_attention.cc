@@ -1252,7 +1252,8 @@ template <typename Out>
 void AmxGemmBlock(const uint16_t* a, int64_t k, const uint16_t* panel, int64_t depth,
                   int64_t blocks, Out* c, int64_t n, int64_t r0, int64_t r1, int64_t c0,
                   int64_t e0, bool accumulate, int& configured, std::vector<uint16_t>& stripe) {
-  if (k >= kGemmCopiedDepth) stripe.resize(depth * 32);  // [depth / 32][32 rows][32 values]
+  if (k >= kGemmCopiedDepth && stripe.size() < static_cast<size_t>(depth * 32))
+    stripe.resize(depth * 32);  // [depth / 32][32 rows][32 values]
   for (int64_t r = r0; r < r1; r += 32) {
     const int rows0 = static_cast<int>(std::min<int64_t>(16, r1 - r));
     const int rows1 = static_cast<int>(std::min<int64_t>(16, r1 - r - rows0));
@@ -1352,15 +1353,16 @@ bool AmxGemm(const uint16_t* a, int64_t m, int64_t k, const uint16_t* b, int64_t
   const int64_t block_rows = (stripes + row_blocks - 1) / row_blocks * 32;
   const int64_t items = panels * row_blocks;
   const int threads = Threads(pool, items);
-  std::vector<std::vector<uint16_t>> buffers(threads), stripes_of(threads);
-  auto item = [&](int slot, int64_t i) {
+  auto item = [&](int, int64_t i) {
+    // Each thread's panel and stripe buffers, kept across calls (XLA's intra-op threads live
+    // as long as the process): 1-2 MB a thread, allocated and zeroed once, not per product.
+    thread_local std::vector<uint16_t> panel, stripe;
     const int64_t c0 = (i / row_blocks) * width, cols = std::min(n, c0 + width) - c0;
     const int64_t r0 = std::min(m, (i % row_blocks) * block_rows);
     const int64_t r1 = std::min(m, r0 + block_rows);
     if (r0 == r1) return;  // the rows ran out before the last blocks
     const int64_t blocks = cols / 16;
-    std::vector<uint16_t>& panel = buffers[slot];
-    panel.resize(depth * cols);
+    if (panel.size() < static_cast<size_t>(depth * cols)) panel.resize(depth * cols);
     int configured = -1;
     for (int64_t e0 = 0; e0 < k; e0 += depth) {
       const int64_t rows = std::min(depth, k - e0);
@@ -1373,7 +1375,7 @@ bool AmxGemm(const uint16_t* a, int64_t m, int64_t k, const uint16_t* b, int64_t
             PackPairs(b, n, e0 + e, c0 + 16 * j, panel.data() + ((e / 32) * blocks + j) * 16 * 32);
           }
       AmxGemmBlock(a, k, panel.data(), rows, blocks, c, n, r0, r1, c0, e0, e0 > 0, configured,
-                   stripes_of[slot]);
+                   stripe);
     }
     _tile_release();
   };
