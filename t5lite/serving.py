@@ -149,12 +149,18 @@ def pad(rows: List[List[int]], limit: Optional[int] = None) -> np.ndarray:
 def cpu_execution(cfg):
   """`cfg` run by t5lite's CPU kernels: attention by the C++ kernel (`attention_impl`
   'cpu_kernel', which falls back to 'chunked' where it does not apply) where the checkpoint left
-  it to XLA, and a decoding step's projections by the matvec kernel (`matvec_kernel`). How
-  the model runs, not what it computes: the same outputs up to float rounding (a checkpoint's
-  gin settings are training's, and a converted one has none)."""
+  it to XLA, a decoding step's projections by the matvec kernel (`matvec_kernel`), and on CPUs
+  with AMX a bf16 model's other projections (the prompts' forward pass) by the AMX matmul kernel
+  (`float32_dot_outputs` and `matmul_kernel`; T5-small's encoder over 8 x 512 tokens, 2 cores:
+  716 -> 290 ms). How the model runs, not what it computes: the same outputs up to float
+  rounding (a checkpoint's gin settings are training's, and a converted one has none)."""
+  from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
   attention = "cpu_kernel" if cfg.attention_impl in (None, "xla", "chunked") else (
       cfg.attention_impl)
-  return dataclasses.replace(cfg, attention_impl=attention, matvec_kernel=True)
+  amx = {}
+  if cfg.dtype == "bfloat16" and cpu_matvec.amx_rows() > 0:
+    amx = dict(float32_dot_outputs=True, matmul_kernel=True)
+  return dataclasses.replace(cfg, attention_impl=attention, matvec_kernel=True, **amx)
 
 
 def decode_options(args) -> Dict:

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, run_cli, tiny_config
 from test_train import QUICK
 from t5lite import checkpoints, serving
+from t5lite.kernels import cpu_matvec
 from t5lite.models.model import Model
 
 pytestmark = pytest.mark.slow
@@ -294,6 +295,12 @@ def test_session_keeps_weights_in_the_compute_dtype(tmp_path):
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(session.params) if x.ndim == 1)
     assert session.cfg.matvec_kernel == cpu_kernels
     assert (session.cfg.attention_impl == "cpu_kernel") == cpu_kernels
+    # On CPUs with AMX, the prompts' forward pass by the AMX matmul kernel too.
+    amx = cpu_kernels and cpu_matvec.amx_rows() > 0
+    assert session.cfg.matmul_kernel == session.cfg.float32_dot_outputs == amx
+    many = {k: np.tile(v, (2, 2)) for k, v in batch.items()}  # 64 tokens: past the matvec's 32
+    scoring = jax.jit(Model(session.cfg).score_batch).lower(session.params, many).as_text()
+    assert ("t5lite_cpu_matmul" in scoring) == amx
     got = session.predict(prompts, max_decode_len=6, eos_id=-1)
     assert got == [[int(t) for t in row if t != 0] for row in np.asarray(want)]
     scores = session.score([[5, 6], [7]], [[8, 9, 1], [10, 1]])
