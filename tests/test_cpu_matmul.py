@@ -1,6 +1,7 @@
-"""The CPU AMX matmul kernel (training's bf16 matmuls with float32 outputs): its products against
-float64, its refusals, its place in `projection.project` (forward, input and weight gradients;
-XLA's matmuls where it does not apply) and in a model's loss and gradients."""
+"""The CPU matmul kernels (training's bf16 matmuls on AMX, float32 ones on AVX-512): their
+products against float64, their refusals, their place in `projection.project` (forward, input
+and weight gradients; XLA's matmuls where they do not apply), in a model's loss and gradients
+and under remat."""
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +9,14 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from t5lite.kernels import cpu_matmul, cpu_matvec
+from t5lite.kernels import cpu_attention, cpu_matmul, cpu_matvec
 from t5lite.models import projection
 from t5lite.models.model import Model
 
 needs_amx = pytest.mark.skipif(not (cpu_matmul.available() and cpu_matvec.amx_rows()),
                                reason="no AMX kernel here")
+AVX512 = cpu_matmul.available() and cpu_attention.lanes(cpu_attention.library()) == 16
+needs_avx512 = pytest.mark.skipif(not AVX512, reason="no AVX-512 kernel here")
 
 # (m, k, n): one tile of rows and a panel narrower than 256 columns; row tails of 13 (one row
 # tile) and 18 (16 + 2) rows; k past 2048 in two blocks (c's tiles loaded back); a deep k whose
@@ -56,6 +59,28 @@ def test_matmul_matches_a_float64_product(m, k, n, b_transposed):
     np.testing.assert_array_equal(np.asarray(c16), np.asarray(c.astype(jnp.bfloat16)))
 
 
+# float32 (m, k, n): one row and one vector; a row tail (7 = 6 + 1) and a 3-vector sub-panel;
+# k past 1024 in three blocks (c added into); many sub-panels and row blocks.
+F32_SHAPES = [(1, 1, 16), (7, 33, 48), (50, 2100, 80), (300, 64, 528)]
+
+
+@needs_avx512
+@pytest.mark.parametrize("b_transposed", [False, True], ids=["b", "b_transposed"])
+@pytest.mark.parametrize("m,k,n", F32_SHAPES)
+def test_f32_matmul_matches_a_float64_product(m, k, n, b_transposed):
+  """float32 c = a @ b (b stored [k, n] or [n, k]): the float64 product within the fp32 sums'
+  error, every element written."""
+  rng = np.random.default_rng(m * 3 + k + n)
+  a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((n, k) if b_transposed else (k, n)), jnp.float32)
+  c = jax.jit(lambda a, b: cpu_matmul.matmul(a, b, b_transposed=b_transposed))(a, b)
+  assert c.dtype == jnp.float32 and c.shape == (m, n)
+  wide_b = np.asarray(b, np.float64).T if b_transposed else np.asarray(b, np.float64)
+  ref = np.asarray(a, np.float64) @ wide_b
+  scale = np.abs(np.asarray(a, np.float64)) @ np.abs(wide_b)
+  assert np.all(np.abs(np.asarray(c, np.float64) - ref) <= 1e-6 * scale)
+
+
 def test_matmul_refuses_what_it_does_not_take():
   """k or n not a multiple of 32, float32 or mixed operands, shapes that do not contract, or no
   AMX: `supports` says no and `matmul` raises a ValueError naming what it takes."""
@@ -65,7 +90,11 @@ def test_matmul_refuses_what_it_does_not_take():
   assert not cpu_matmul.supports(s((5, 48)), s((48, 96)))
   assert not cpu_matmul.supports(s((5, 64)), s((64, 80)))
   assert not cpu_matmul.supports(s((5, 64)), s((32, 96)))
-  assert not cpu_matmul.supports(s((5, 64), jnp.float32), s((64, 96), jnp.float32))
+  f32 = lambda shape: s(shape, jnp.float32)  # noqa: E731
+  assert cpu_matmul.supports(f32((5, 64)), f32((64, 96))) == AVX512
+  assert cpu_matmul.supports(f32((5, 63)), f32((96, 63)), b_transposed=True) == AVX512
+  assert not cpu_matmul.supports(f32((5, 64)), f32((64, 40)))  # n not a multiple of 16
+  assert not cpu_matmul.supports(f32((5, 64)), f32((64, 96)), out_dtype=jnp.bfloat16)
   assert not cpu_matmul.supports(s((5, 64)), s((64, 96), jnp.float32))
   assert not cpu_matmul.supports(s((64,)), s((64, 96)))
   assert cpu_matmul.supports(s((5, 64)), s((96, 64)), b_transposed=True) == amx
@@ -73,7 +102,7 @@ def test_matmul_refuses_what_it_does_not_take():
   assert cpu_matmul.supports(s((5, 2048)), s((2048, 96)), out_dtype=jnp.bfloat16) == amx
   assert not cpu_matmul.supports(s((5, 2080)), s((2080, 96)), out_dtype=jnp.bfloat16)
   assert not cpu_matmul.supports(s((5, 64)), s((64, 96)), out_dtype=jnp.float16)
-  with pytest.raises(ValueError, match="k and n multiples of 32"):
+  with pytest.raises(ValueError, match="bf16, k and n multiples of 32"):
     cpu_matmul.matmul(jnp.ones((5, 48), jnp.bfloat16), jnp.ones((48, 96), jnp.bfloat16))
 
 
@@ -166,3 +195,28 @@ def test_remat_dots_policies_save_the_kernel_s_products():
   assert calls["none"] > 0 and calls["full"] > calls["none"], calls
   assert calls["dots"] == calls["dots_no_batch"] == calls["dots_no_batch_attention"] == calls[
       "none"], calls
+
+
+@needs_avx512
+@pytest.mark.parametrize("spec,k_shape", SPECS)
+def test_project_runs_float32_matmuls_in_the_kernel(spec, k_shape):
+  """A float32 projection with matmul_kernel runs its forward and input gradient in the kernel
+  (its weight gradient XLA's), values and gradients within fp32 sums' error of XLA's."""
+  rng = np.random.default_rng(len(spec) + 1)
+  ins = spec.split(",")[0][2:]
+  x = jnp.asarray(rng.standard_normal((2, 48) + tuple(
+      k_shape[spec.split(",")[1].index(c)] for c in ins)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal(k_shape), jnp.float32) * 0.1
+  y_shape = jax.eval_shape(lambda: projection.project(spec, x, kernel)).shape
+  g = jnp.asarray(rng.standard_normal(y_shape), jnp.float32)
+
+  def run(mk):
+    def f(x, kernel, g):
+      y, pullback = jax.vjp(lambda x, k: projection.project(spec, x, k, matmul_kernel=mk),
+                            x, kernel)
+      return (y,) + pullback(g)
+    return jax.jit(f)
+
+  assert run(True).lower(x, kernel, g).as_text().count("t5lite_cpu_matmul_f32_f32") == 2
+  for got, want in zip(run(True)(x, kernel, g), run(False)(x, kernel, g)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -49,6 +49,7 @@ _HANDLERS = {"t5lite_cpu_attention_forward": "T5liteCpuAttentionForward",
              "t5lite_cpu_matvec_bf16": "T5liteCpuMatvecBf16",
              "t5lite_cpu_matvec_f32": "T5liteCpuMatvecF32",
              "t5lite_cpu_matmul_f32": "T5liteCpuMatmulF32",
+             "t5lite_cpu_matmul_f32_f32": "T5liteCpuMatmulF32F32",
              "t5lite_cpu_matmul_bf16": "T5liteCpuMatmulBf16"}
 
 

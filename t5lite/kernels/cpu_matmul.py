@@ -1,5 +1,6 @@
-"""Training's bf16 matmuls with float32 sums on AMX tiles, as an XLA FFI handler (`Matmul` in
-cpu_attention.cc, built into the attention kernel's library beside the matvec's AMX code).
+"""Training's matmuls on CPUs as XLA FFI handlers: bf16 with float32 sums on AMX tiles (`Matmul`
+in cpu_attention.cc, built into the attention kernel's library beside the matvec's AMX code),
+and float32 with AVX-512 FMAs (`F32Matmul`, beside the matvec's float32 tiles).
 
 Under `ModelConfig.float32_dot_outputs` every projection of a bf16 model is a bf16 x bf16
 matmul with a float32 output, which XLA:CPU (jaxlib 0.10) hands to YNNPACK's AMX kernels. Those
@@ -14,9 +15,14 @@ kernel in its input gradient), packed as it stands; c may be bf16, rounded as th
 the tiles (what a float32 c cast to bf16 holds, without the float32 array and the pass over
 it), for k up to MAX_BF16_OUTPUT_DEPTH.
 
-It runs where the CPU and this process have AMX (`amx_rows()` of cpu_matvec: Intel Sapphire
-Rapids on, a native build) and k and n are multiples of 32; `t5lite.models.projection` asks
-`supports` and otherwise keeps XLA's matmul.
+The bf16 products run where the CPU and this process have AMX (`amx_rows()` of cpu_matvec:
+Intel Sapphire Rapids on, a native build) and k and n are multiples of 32.
+
+XLA:CPU's float32 matmuls ran decoder-125m's products at 0.33-0.38 TFLOP/s on those 2 cores,
+torch's at 0.39-0.45. The float32 kernel packs a sub-panel of 64 of b's columns (up to 1024 rows
+of it) and multiplies it with 6 rows of a at a time, 24 vectors of sums in registers: 0.39-0.41
+TFLOP/s, 1.12-1.18x XLA's speed, for n a multiple of 16 on CPUs with AVX-512 (a build tuned for
+16-float vectors). `t5lite.models.projection` asks `supports` and otherwise keeps XLA's matmul.
 """
 
 import jax
@@ -25,23 +31,30 @@ import jax.numpy as jnp
 from t5lite.kernels import cpu_attention
 from t5lite.kernels import cpu_matvec
 
-# The output dtypes the kernel writes, and the FFI target of each.
-_TARGETS = {jnp.dtype(jnp.float32): "t5lite_cpu_matmul_f32",
-            jnp.dtype(jnp.bfloat16): "t5lite_cpu_matmul_bf16"}
+# The FFI target of each (operand dtype, output dtype).
+_TARGETS = {(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)): "t5lite_cpu_matmul_f32",
+            (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)): "t5lite_cpu_matmul_bf16",
+            (jnp.dtype(jnp.float32), jnp.dtype(jnp.float32)): "t5lite_cpu_matmul_f32_f32"}
 # The deepest product (k) the kernel sums in one pass over c (kGemmMaxDepth in the C++): a bf16
 # c, narrowed as its sums leave the tiles, cannot be summed into again.
 MAX_BF16_OUTPUT_DEPTH = 2048
 
 
 def supports(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32) -> bool:
-  """Whether `matmul` takes these operands: bf16 matrices a [m, k] and b [k, n] ([n, k] with
-  `b_transposed`), k and n multiples of 32, a float32 output or a bf16 one with k at most
-  MAX_BF16_OUTPUT_DEPTH, on a CPU and process with AMX (builds the kernel to ask)."""
-  if not (a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype == jnp.bfloat16
-          and jnp.dtype(out_dtype) in _TARGETS and a.shape[0] >= 1):
+  """Whether `matmul` takes these operands: matrices a [m, k] and b [k, n] ([n, k] with
+  `b_transposed`), either bf16, k and n multiples of 32, a float32 output or a bf16 one with k
+  at most MAX_BF16_OUTPUT_DEPTH, on a CPU and process with AMX; or float32 with a float32
+  output, n a multiple of 16, on a CPU with AVX-512 (builds the kernel to ask)."""
+  if not (a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype and a.shape[0] >= 1
+          and (jnp.dtype(a.dtype), jnp.dtype(out_dtype)) in _TARGETS):
     return False
   k, n = a.shape[1], b.shape[0 if b_transposed else 1]
-  return (b.shape[1 if b_transposed else 0] == k and k % 32 == 0 and n % 32 == 0
+  if b.shape[1 if b_transposed else 0] != k:
+    return False
+  if a.dtype == jnp.float32:
+    library = cpu_attention.library()
+    return n % 16 == 0 and library is not None and cpu_attention.lanes(library) == 16
+  return (k % 32 == 0 and n % 32 == 0
           and (jnp.dtype(out_dtype) == jnp.float32 or k <= MAX_BF16_OUTPUT_DEPTH)
           and cpu_matvec.amx_rows() > 0)
 
@@ -52,17 +65,19 @@ def available() -> bool:
 
 
 def matmul(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32):
-  """a @ b (a @ b.T with `b_transposed`) for bf16 a [m, k] and b [k, n] (stored [n, k]) with
-  float32 sums, as float32 [m, n] or, with out_dtype bf16, rounded once to bf16 as the sums
-  leave the tiles (what XLA's float32 product cast to bf16 gives, without the float32 array).
-  Requires `supports` and `available()`; no gradient of its own."""
+  """a @ b (a @ b.T with `b_transposed`) for a [m, k] and b [k, n] (stored [n, k]) with
+  float32 sums: bf16 operands give float32 [m, n] or, with out_dtype bf16, the sums rounded
+  once to bf16 as they leave the tiles (what XLA's float32 product cast to bf16 gives, without
+  the float32 array); float32 operands give float32. Requires `supports` and `available()`; no
+  gradient of its own."""
   if not supports(a, b, b_transposed=b_transposed, out_dtype=out_dtype):
-    raise ValueError("the CPU matmul takes bf16 a [m, k] and b [k, n] ([n, k] with "
-                     "b_transposed), k and n multiples of 32, a float32 or (k <= "
+    raise ValueError("the CPU matmul takes a [m, k] and b [k, n] ([n, k] with b_transposed): "
+                     "bf16, k and n multiples of 32, a float32 or (k <= "
                      f"{MAX_BF16_OUTPUT_DEPTH}) bf16 output, on a CPU with AMX (amx_rows() = "
-                     f"{cpu_matvec.amx_rows()}); got {a.dtype} {a.shape} and {b.dtype} {b.shape}"
-                     f" -> {jnp.dtype(out_dtype)}")
+                     f"{cpu_matvec.amx_rows()}); or float32, n a multiple of 16, on a CPU with "
+                     f"AVX-512; got {a.dtype} {a.shape} and {b.dtype} {b.shape} -> "
+                     f"{jnp.dtype(out_dtype)}")
   n = b.shape[0] if b_transposed else b.shape[1]
-  return jax.ffi.ffi_call(_TARGETS[jnp.dtype(out_dtype)],
+  return jax.ffi.ffi_call(_TARGETS[(jnp.dtype(a.dtype), jnp.dtype(out_dtype))],
                           jax.ShapeDtypeStruct((a.shape[0], n), out_dtype))(
                               a, b, b_transposed=bool(b_transposed))

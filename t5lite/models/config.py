@@ -70,11 +70,12 @@ class ModelConfig:
       (`t5lite.kernels.cpu_matvec`), which reads bf16 weights as stored (XLA:CPU widens them
       to float32 for one row) and runs float32 ones 1.2-2x as fast as XLA; on one CPU device,
       where it builds. A CPU lever.
-    matmul_kernel: with float32_dot_outputs in bfloat16, the projections' matmuls (forward
-      and both gradients) by t5lite's AMX kernel (`t5lite.kernels.cpu_matmul`; 1.3-2.3x
-      XLA:CPU's speed), on one CPU device with AMX, where it builds and the sizes are multiples
-      of 32; XLA's matmuls elsewhere (the dots remat policies keep its products as they keep
-      dots). A CPU lever (runs/cpu_bf16.gin).
+    matmul_kernel: the projections' matmuls by t5lite's CPU kernels
+      (`t5lite.kernels.cpu_matmul`): in float32 the forward and input gradient (1.12-1.18x
+      XLA:CPU's speed, CPUs with AVX-512), and with float32_dot_outputs in bfloat16 all three
+      (1.3-2.3x, CPUs with AMX); on one CPU device, where the kernel builds and the sizes suit
+      it; XLA's matmuls elsewhere (the dots remat policies keep its products as they keep
+      dots). Implies flat_weight_grads. A CPU lever (runs/cpu.gin).
     max_length: longest sequence the model accepts (decoding and RoPE tables).
     pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
   """

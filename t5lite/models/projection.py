@@ -35,7 +35,9 @@ it applies (a program for one CPU device with AMX, sizes multiples of 32; XLA's 
 it refuses): the forward and the input gradient read the kernel as stored ([in, out], or
 [out, in] for the head, packed transposed by the kernel) and write bf16 straight from their
 float32 sums (for contractions up to 2048 deep; float32 then a cast beyond), the weight gradient
-x^T g is float32 from the transposed copy above.
+x^T g is float32 from the transposed copy above. Float32 projections run their forward and input
+gradient on the kernel's float32 path (1.12-1.18x XLA's speed, on CPUs with AVX-512); their
+weight gradient stays XLA's (from activations stored [tokens, in], the kernel was slower).
 
 `matvec_kernel=True` runs a projection of a few tokens (a decoding step at batch <= 32 in float32;
 in bf16 at batch <= 4, <= 32 on CPUs with AMX: `cpu_matvec.supports`) by t5lite's CPU kernel
@@ -74,9 +76,9 @@ def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
       for float32 operands.
     matvec_kernel: a projection of a few tokens by the CPU kernel where it applies
       (module docstring; `ModelConfig.matvec_kernel`); its gradient is the einsum's above.
-    matmul_kernel: with float32_outputs and bf16 x, the matmuls (forward and both gradients)
-      by t5lite's AMX kernel where it applies (module docstring; `ModelConfig.matmul_kernel`),
-      else XLA's.
+    matmul_kernel: the forward and input-gradient matmuls of float32 operands, and with
+      float32_outputs all three of bf16 ones, by t5lite's CPU matmul kernel where it applies
+      (module docstring; `ModelConfig.matmul_kernel`; implies the flat gradients), else XLA's.
 
   Returns:
     The projection, in x's dtype.
@@ -87,10 +89,10 @@ def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
 
 
 def _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel, matmul_kernel=False):
-  if not (flat_weight_grad or float32_outputs):
+  if not (flat_weight_grad or float32_outputs or matmul_kernel):
     return jnp.einsum(spec, x, kernel)
   _parse(spec)  # reject a spec the flat gradient cannot handle before tracing the VJP
-  return _flat_grad_einsum(spec, float32_outputs, matmul_kernel and float32_outputs, x, kernel)
+  return _flat_grad_einsum(spec, float32_outputs, matmul_kernel, x, kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,11 +117,10 @@ def _dot(a, b, dims, float32_outputs: bool):
 
 
 def _einsum(spec, x, kernel, float32_outputs: bool, matmul_kernel: bool = False):
-  if not float32_outputs:
-    return jnp.einsum(spec, x, kernel)
-  kernel = kernel.astype(x.dtype)
-  if x.dtype == jnp.float32:
-    return jnp.einsum(spec, x, kernel)
+  if float32_outputs:
+    kernel = kernel.astype(x.dtype)
+  if not _kernel_dtypes(x, kernel, float32_outputs):
+    matmul_kernel = False
   layout = _flat_layout(spec, x, kernel) if matmul_kernel else None
   if layout is not None:
     token_shape, n_in, in_out, out_shape = layout
@@ -128,13 +129,23 @@ def _einsum(spec, x, kernel, float32_outputs: bool, matmul_kernel: bool = False)
                         out_dtype=x.dtype)
     if y is not None:
       return y.reshape(token_shape + out_shape)
+  if not float32_outputs or x.dtype == jnp.float32:
+    return jnp.einsum(spec, x, kernel)
   return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def _kernel_dtypes(x, kernel, float32_outputs: bool) -> bool:
+  """Whether the matmul kernel computes a projection of these dtypes as it is asked to: float32
+  x and kernel, or bf16 ones under float32_outputs."""
+  both = x.dtype == kernel.dtype
+  return both and (x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and float32_outputs))
+
+
 def _kernel_product(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32):
-  """a @ b (a @ b.T with b_transposed) for bf16 matrices by t5lite's AMX kernel with float32
-  sums, in out_dtype (bf16 written by the kernel where it can, else cast after); None where the
-  kernel does not run it: not a program for one CPU device, not built, or shapes it refuses."""
+  """a @ b (a @ b.T with b_transposed) by t5lite's CPU matmul kernel with float32 sums: bf16
+  matrices on AMX, in out_dtype (bf16 written by the kernel where it can, else cast after), or
+  float32 ones; None where the kernel does not run it: not a program for one CPU device, not
+  built, or shapes it refuses."""
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
   if (gpu_aot.tracing_platform() != "cpu" or not partitioning.one_device_program()
@@ -176,7 +187,8 @@ def _backward(spec, float32_outputs, matmul_kernel, residuals, g):
     flat_kernel = flat_kernel.astype(x.dtype)
   narrow = float32_outputs and x.dtype != jnp.float32  # bf16 matmuls with fp32 outputs
   dx = None
-  if narrow and matmul_kernel:  # flat_kernel: [out, in] (the head), else [in, out] = b.T
+  if matmul_kernel and _kernel_dtypes(flat_g, flat_kernel, float32_outputs):
+    # flat_kernel: [out, in] (the head), else [in, out] = b.T.
     dx = _kernel_product(flat_g, flat_kernel, b_transposed=ks != outs + ins, out_dtype=x.dtype)
   if dx is None:
     dx = _dot(flat_g, flat_kernel, dims, float32_outputs)
