@@ -184,18 +184,19 @@ SETTINGS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_im
 def measure_peak_tflops(on_gpu: bool, bf16: bool = False) -> float:
   """Matmul peak on this device: bf16 8192^3 on GPU, 2048^3 on CPU, fp32 or (`bf16`: the
   model computes in bf16) bf16 operands with an fp32 output, the form XLA:CPU runs on AMX where
-  the CPU has it, and there the faster of XLA's and t5lite's AMX kernel (`cpu_matmul`, which
-  `ModelConfig.matmul_kernel` runs the projections on), so that MFU is against the best matmul
-  at hand (random data; the fastest of repeated timings after the clocks have ramped up, as a
-  peak is a best case)."""
+  the CPU has it; on a CPU the faster of XLA's and t5lite's kernel (`cpu_matmul`: AMX for bf16,
+  AVX-512 for fp32, which `ModelConfig.matmul_kernel` runs the projections on) where it runs,
+  so that MFU is against the best matmul at hand (random data; the fastest of repeated timings
+  after the clocks have ramped up, as a peak is a best case)."""
   n, dtype = (8192, jnp.bfloat16) if on_gpu else (2048, jnp.bfloat16 if bf16 else jnp.float32)
   a = jax.random.normal(jax.random.key(1), (n, n), dtype)
   b = jax.random.normal(jax.random.key(2), (n, n), dtype)
   if on_gpu or not bf16:
     matmuls = [jax.jit(lambda x, y: x @ y)]
   else:
-    from t5lite.kernels import cpu_matmul
     matmuls = [jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))]
+  if not on_gpu:
+    from t5lite.kernels import cpu_matmul
     if cpu_matmul.supports(a, b) and cpu_matmul.available():
       matmuls.append(jax.jit(cpu_matmul.matmul))
   best = []
