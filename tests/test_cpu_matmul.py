@@ -94,6 +94,8 @@ def test_matmul_refuses_what_it_does_not_take():
   assert cpu_matmul.supports(f32((5, 64)), f32((64, 96))) == AVX512
   assert cpu_matmul.supports(f32((5, 63)), f32((96, 63)), b_transposed=True) == AVX512
   assert not cpu_matmul.supports(f32((5, 64)), f32((64, 40)))  # n not a multiple of 16
+  assert not cpu_matmul.supports(f32((5, 0)), f32((0, 48)))  # nothing to contract
+  assert not cpu_matmul.supports(s((5, 0)), s((0, 64)))
   assert not cpu_matmul.supports(f32((5, 64)), f32((64, 96)), out_dtype=jnp.bfloat16)
   assert not cpu_matmul.supports(s((5, 64)), s((64, 96), jnp.float32))
   assert not cpu_matmul.supports(s((64,)), s((64, 96)))

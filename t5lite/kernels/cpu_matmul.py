@@ -49,7 +49,7 @@ def supports(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32) -> bool
           and (jnp.dtype(a.dtype), jnp.dtype(out_dtype)) in _TARGETS):
     return False
   k, n = a.shape[1], b.shape[0 if b_transposed else 1]
-  if b.shape[1 if b_transposed else 0] != k:
+  if b.shape[1 if b_transposed else 0] != k or k < 1:
     return False
   if a.dtype == jnp.float32:
     library = cpu_attention.library()
