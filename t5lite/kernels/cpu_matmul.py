@@ -10,10 +10,10 @@ packs b as AMX reads it, a panel of columns over every row of b (about 1 MB, hel
 multiplies 32 rows of a at a time into 2 x 2 tiles of sums, written once to c: the head's
 products at 1.6-2.2 TFLOP/s (1.6-2.3x XLA's speed), the layers' at 1.8-2.5 (1.3-1.9x). Sums are
 float32 in the order AMX adds pairs of products, as YNNPACK's (at decoder-125m's shapes the
-values matched XLA's to the bit). b may be stored transposed ([n, k]: the head's [vocab, embed] kernel, a layer's
-kernel in its input gradient), packed as it stands; c may be bf16, rounded as the sums leave
-the tiles (what a float32 c cast to bf16 holds, without the float32 array and the pass over
-it), for k up to MAX_BF16_OUTPUT_DEPTH.
+values matched XLA's to the bit). b may be stored transposed ([n, k]: the head's [vocab,
+embed] kernel, a layer's kernel in its input gradient), packed as it stands; c may be bf16,
+rounded as the sums leave the tiles (what a float32 c cast to bf16 holds, without the float32
+array and the pass over it), for k up to MAX_BF16_OUTPUT_DEPTH.
 
 The bf16 products run where the CPU and this process have AMX (`amx_rows()` of cpu_matvec:
 Intel Sapphire Rapids on, a native build) and k and n are multiples of 32.
