@@ -1094,13 +1094,25 @@ void F32GemmTileRows(int rows, int vecs, const float* a, int64_t k, int64_t dept
   }
 }
 
+// The blocks of rows a product's work items of (panel, block of rows) split `groups` whole
+// groups of rows into (kTileRows-row tiles, AMX's 32-row stripes): as few as give every thread
+// `per_thread` items of `panels` panels; with `even`, more until the threads divide the items
+// evenly, where the groups allow (a product of few columns has few panels).
+inline int64_t RowBlocks(ffi::ThreadPool& pool, int64_t panels, int64_t groups, int64_t per_thread,
+                         bool even) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t fewest = (threads * per_thread + panels - 1) / panels;
+  int64_t blocks = std::min(groups, std::max<int64_t>(1, fewest));
+  while (even && (panels * blocks) % threads && blocks < groups) ++blocks;
+  return blocks;
+}
+
 // c = a . b (section comment above; bt: b stored [n, k]); n a multiple of kLanes.
 void F32Gemm(const float* a, int64_t m, int64_t k, const float* b, int64_t n, bool bt,
              ffi::ThreadPool& pool, float* c) {
   const int64_t sub = kTileVecs * kLanes, subs = (n + sub - 1) / sub;
   const int64_t tiles = (m + kTileRows - 1) / kTileRows;
-  const int64_t want = static_cast<int64_t>(pool.num_threads()) * kF32ItemsPerThread;
-  const int64_t row_blocks = std::min(tiles, std::max<int64_t>(1, (want + subs - 1) / subs));
+  const int64_t row_blocks = RowBlocks(pool, subs, tiles, kF32ItemsPerThread, false);
   const int64_t block_rows = (tiles + row_blocks - 1) / row_blocks * kTileRows;
   const int64_t depth_blocks = (k + kF32Depth - 1) / kF32Depth;
   const int64_t depth = (k + depth_blocks - 1) / depth_blocks;
@@ -1447,18 +1459,14 @@ bool AmxGemm(const uint16_t* a, int64_t m, int64_t k, const uint16_t* b, int64_t
              ffi::ThreadPool& pool, Out* c) {
   if (k % 32 || n % 32 || !AmxPermitted()) return false;
   if (!std::is_same_v<Out, float> && k > kGemmMaxDepth) return false;
-  // Each item packs its panel; rows are split only as far as it takes to give every thread
-  // kGemmItemsPerThread items, a number of items the threads divide evenly where the stripes
-  // allow (a product of few columns, [2560, 2048] x [2048, 768], has 3 panels).
+  // Each item packs its panel; rows split by RowBlocks, evenly over the threads (a product of
+  // few columns, [2560, 2048] x [2048, 768], has 3 panels).
   const int64_t depth_blocks = (k + kGemmMaxDepth - 1) / kGemmMaxDepth;
   const int64_t depth = (k / 32 + depth_blocks - 1) / depth_blocks * 32;  // even blocks of 32s
   const int64_t width =
       std::clamp<int64_t>(kGemmPanelBytes / (2 * depth) / 32 * 32, 32, kGemmPanel);
   const int64_t panels = (n + width - 1) / width, stripes = (m + 31) / 32;
-  const int64_t want = static_cast<int64_t>(pool.num_threads()) * kGemmItemsPerThread;
-  int64_t row_blocks = std::min(stripes, std::max<int64_t>(1, (want + panels - 1) / panels));
-  while ((panels * row_blocks) % std::max<int64_t>(1, pool.num_threads()) && row_blocks < stripes)
-    ++row_blocks;
+  const int64_t row_blocks = RowBlocks(pool, panels, stripes, kGemmItemsPerThread, true);
   const int64_t block_rows = (stripes + row_blocks - 1) / row_blocks * 32;
   const int64_t items = panels * row_blocks;
   const int threads = Threads(pool, items);
