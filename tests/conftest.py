@@ -25,6 +25,15 @@ def cache_dir(tmp_path_factory):
   return path
 
 
+def float64_product(x, w, transposed: bool = False):
+  """(x @ w, |x| @ |w|) in float64 over the values of x and w (w.T with `transposed`; bf16 or
+  float32 arrays): a product's reference and the scale of its float32 sums' rounding error."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  wide = lambda a: np.asarray(a.astype("float32"), np.float64)  # noqa: E731
+  wx, ww = wide(x), (wide(w).T if transposed else wide(w))
+  return wx @ ww, np.abs(wx) @ np.abs(ww)
+
+
 def tiny_config(**overrides):
   """A tiny fp32 model config (encoder-decoder unless `arch` says otherwise)."""
   from t5lite.models.config import ModelConfig

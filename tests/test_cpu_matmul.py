@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import float64_product, tiny_config
 from t5lite.kernels import cpu_attention, cpu_matmul, cpu_matvec
 from t5lite.models import projection
 from t5lite.models.model import Model
@@ -44,8 +44,7 @@ def test_matmul_matches_a_float64_product(m, k, n, b_transposed):
   error) and equal to the float32 output rounded to bf16."""
   rng = np.random.default_rng(m * 7 + k + n)
   a, b = _bf16(rng, (m, k)), _bf16(rng, (n, k) if b_transposed else (k, n))
-  wide_b = _wide(b).T if b_transposed else _wide(b)
-  ref, scale = _wide(a) @ wide_b, np.abs(_wide(a)) @ np.abs(wide_b)
+  ref, scale = float64_product(a, b, b_transposed)
   run = lambda out: jax.jit(lambda a, b: cpu_matmul.matmul(  # noqa: E731
       a, b, b_transposed=b_transposed, out_dtype=out))(a, b)
   c = run(jnp.float32)
@@ -75,9 +74,7 @@ def test_f32_matmul_matches_a_float64_product(m, k, n, b_transposed):
   b = jnp.asarray(rng.standard_normal((n, k) if b_transposed else (k, n)), jnp.float32)
   c = jax.jit(lambda a, b: cpu_matmul.matmul(a, b, b_transposed=b_transposed))(a, b)
   assert c.dtype == jnp.float32 and c.shape == (m, n)
-  wide_b = np.asarray(b, np.float64).T if b_transposed else np.asarray(b, np.float64)
-  ref = np.asarray(a, np.float64) @ wide_b
-  scale = np.abs(np.asarray(a, np.float64)) @ np.abs(wide_b)
+  ref, scale = float64_product(a, b, b_transposed)
   assert np.all(np.abs(np.asarray(c, np.float64) - ref) <= 1e-6 * scale)
 
 

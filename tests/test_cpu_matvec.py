@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import float64_product, tiny_config
 from t5lite.kernels import cpu_build, cpu_matvec
 from t5lite.models import projection
 from t5lite.models.model import Model
@@ -56,8 +56,7 @@ def test_matvec_matches_a_float64_product(rows, k, n, w_transposed):
   x, w = _bf16(rng, (rows, k)), _bf16(rng, (n, k) if w_transposed else (k, n))
   y = jax.jit(lambda x, w: cpu_matvec.matvec(x, w, w_transposed=w_transposed))(x, w)
   assert y.dtype == jnp.bfloat16 and y.shape == (rows, n)
-  ref = _wide(x) @ (_wide(w).T if w_transposed else _wide(w))
-  scale = np.abs(_wide(x)) @ np.abs(_wide(w).T if w_transposed else _wide(w))
+  ref, scale = float64_product(x, w, w_transposed)
   err = np.abs(_wide(y) - ref)
   half_step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(_wide(y)), 1e-30))) - 8)
   assert np.all(err <= half_step + 1e-6 * scale), (err / half_step).max()
@@ -72,9 +71,7 @@ def test_f32_matvec_matches_a_float64_product(rows, k, n, w_transposed):
   w = jnp.asarray(rng.standard_normal((n, k) if w_transposed else (k, n)), jnp.float32)
   y = jax.jit(lambda x, w: cpu_matvec.matvec(x, w, w_transposed=w_transposed))(x, w)
   assert y.dtype == jnp.float32 and y.shape == (rows, n)
-  wide_w = np.asarray(w, np.float64).T if w_transposed else np.asarray(w, np.float64)
-  ref = np.asarray(x, np.float64) @ wide_w
-  scale = np.abs(np.asarray(x, np.float64)) @ np.abs(wide_w)
+  ref, scale = float64_product(x, w, w_transposed)
   assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= 1e-6 * scale)
 
 
