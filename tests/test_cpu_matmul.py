@@ -59,8 +59,8 @@ def test_matmul_matches_a_float64_product(m, k, n, b_transposed):
 
 
 # float32 (m, k, n): one row and one vector; a row tail (7 = 6 + 1) and a 3-vector sub-panel;
-# k past 1024 in three blocks (c added into); many sub-panels and row blocks.
-F32_SHAPES = [(1, 1, 16), (7, 33, 48), (50, 2100, 80), (300, 64, 528)]
+# k past 1280 in three blocks (c added into); many sub-panels and row blocks.
+F32_SHAPES = [(1, 1, 16), (7, 33, 48), (50, 2700, 80), (300, 64, 528)]
 
 
 @needs_avx512
@@ -199,8 +199,11 @@ def test_remat_dots_policies_save_the_kernel_s_products():
 @needs_avx512
 @pytest.mark.parametrize("spec,k_shape", SPECS)
 def test_project_runs_float32_matmuls_in_the_kernel(spec, k_shape):
-  """A float32 projection with matmul_kernel runs its forward and input gradient in the kernel
-  (its weight gradient XLA's), values and gradients within fp32 sums' error of XLA's."""
+  """A float32 projection with matmul_kernel runs its forward and input gradient in the kernel,
+  and the weight gradient of an [in, out] kernel from activations transposed by the transpose
+  kernel (the [vocab, embed] head's stays XLA's); values and gradients within fp32 sums' error
+  of XLA's; a program for several devices keeps XLA's matmuls and transposes."""
+  from t5lite.kernels import cpu_transpose  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(len(spec) + 1)
   ins = spec.split(",")[0][2:]
   x = jnp.asarray(rng.standard_normal((2, 48) + tuple(
@@ -216,6 +219,13 @@ def test_project_runs_float32_matmuls_in_the_kernel(spec, k_shape):
       return (y,) + pullback(g)
     return jax.jit(f)
 
-  assert run(True).lower(x, kernel, g).as_text().count("t5lite_cpu_matmul_f32_f32") == 2
+  head = spec == "bld,vd->blv"
+  weight_grad = not head and cpu_transpose.available()
+  text = run(True).lower(x, kernel, g).as_text()
+  assert text.count("t5lite_cpu_matmul_f32_f32") == 2 + weight_grad
+  assert text.count("t5lite_cpu_transpose_f32") == weight_grad
   for got, want in zip(run(True)(x, kernel, g), run(False)(x, kernel, g)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+    jaxpr = str(jax.make_jaxpr(run(True))(x, kernel, g))
+  assert "t5lite_cpu_matmul" not in jaxpr and "t5lite_cpu_transpose" not in jaxpr

@@ -100,18 +100,22 @@ def test_non_projection_specs_are_rejected(spec):
 
 
 def test_cpu_transpose_kernel_and_its_use_by_the_bf16_weight_gradient(monkeypatch):
-  """t5lite's CPU transpose kernel gives x.T, bit for bit, at shapes that are and are not
-  multiples of its tiles; the jitted bf16 weight gradient calls it where it builds, and gives
-  the same gradients through XLA's transpose when switched off."""
+  """t5lite's CPU transpose kernel gives x.T of bf16 and fp32 matrices, bit for bit, at shapes
+  that are and are not multiples of its tiles; the jitted bf16 weight gradient calls it where it
+  builds, and gives the same gradients through XLA's transpose when switched off."""
   from t5lite.kernels import cpu_transpose
   if not cpu_transpose.available():
     pytest.skip("no C++ compiler here")
-  for shape in ((1, 1), (7, 13), (64, 64), (130, 65), (2048, 96)):
-    x = jax.random.normal(jax.random.key(sum(shape)), shape).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_transpose.transpose)(x), np.float32),
-                                  np.asarray(x, np.float32).T)
-  with pytest.raises(ValueError, match="bf16 matrix"):
-    cpu_transpose.transpose(jnp.zeros((2, 3)))
+  for dtype in (jnp.bfloat16, jnp.float32):
+    for shape in ((1, 1), (7, 13), (64, 64), (130, 65), (2048, 96)):
+      x = jax.random.normal(jax.random.key(sum(shape)), shape).astype(dtype)
+      t = jax.jit(cpu_transpose.transpose)(x)
+      assert t.dtype == dtype
+      np.testing.assert_array_equal(np.asarray(t, np.float32), np.asarray(x, np.float32).T)
+  with pytest.raises(ValueError, match="bf16 or fp32 matrix"):
+    cpu_transpose.transpose(jnp.zeros((2, 3), jnp.int32))
+  with pytest.raises(ValueError, match="bf16 or fp32 matrix"):
+    cpu_transpose.transpose(jnp.zeros((2, 3, 4)))
   x = jax.random.normal(jax.random.key(5), (3, 70, 48)).astype(jnp.bfloat16)
   kernel = jax.random.normal(jax.random.key(6), (48, 80))
   grads = lambda: jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(projection.project(  # noqa: E731

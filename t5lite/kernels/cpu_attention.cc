@@ -1039,12 +1039,15 @@ void F32KnPanel(const float* x, int64_t m, int64_t k, const float* w, int64_t n,
 // XLA:CPU's fp32 matmuls ran decoder-125m's products at 0.33-0.38 TFLOP/s on 2 cores of an
 // Intel Xeon, where torch's reach 0.39-0.45. Here the tiles above, for any number of rows: each
 // work item packs a sub-panel of kTileVecs vectors of b's columns (depth rows of it, at most
-// kF32Depth: 256 KB) and multiplies it with kTileRows rows of a at a time, sums in registers
-// over the depth, added into c after the first block of k: 1.13-1.2x XLA's speed. b may be
+// kF32Depth: 320 KB) and multiplies it with kTileRows rows of a at a time, sums in registers
+// over the depth, added into c after the first block of k: 1.1-1.25x XLA's speed. b may be
 // stored transposed ([n, k]: the head's [vocab, embed] kernel, a layer's kernel in its input
 // gradient), packed as it stands. (a stored transposed, a weight gradient's activations, read
-// kTileRows values of a strided row per step: 0.75-0.85x XLA's speed; left to XLA.)
-constexpr int64_t kF32Depth = 1024;
+// kTileRows values of a strided row per step: 0.75-0.85x XLA's speed; the weight gradient
+// transposes them first, t5lite/kernels/cpu_transpose.cc.) 1280 rows deep rather than 1024:
+// a weight gradient over 2560 tokens in two blocks, not three (c written once less; [768, 2560]
+// x [2560, 4096] 44.3 -> 42.6 ms, [768, 2560] x [2560, 32000] 354 -> 339).
+constexpr int64_t kF32Depth = 1280;
 constexpr int64_t kF32ItemsPerThread = 4;
 
 // c[0:kR, 0:kV vectors] (row stride n) (+)= a's kR rows (row stride k) . the packed sub-panel

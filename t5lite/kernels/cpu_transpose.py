@@ -1,9 +1,10 @@
-"""A bf16 matrix transpose for CPUs as an XLA FFI kernel (cpu_transpose.cc).
+"""A bf16 or fp32 matrix transpose for CPUs as an XLA FFI kernel (cpu_transpose.cc).
 
 XLA:CPU writes a transposed copy one strided element at a time (~1 GB/s on 2 cores of an Intel
-Xeon); the kernel moves 64 x 64 tiles (8-10 GB/s). The bf16 weight gradient of
-`t5lite.models.projection` (float32_outputs) needs its activations transposed in memory: for
-decoder-125m's train step that was ~10% of the step in XLA's transposes. Built by `cpu_build`
+Xeon); the kernel moves 64 x 64 tiles (8-10 GB/s). The weight gradient of
+`t5lite.models.projection` on t5lite's matmul kernel (bf16 under float32_outputs, or fp32 with
+matmul_kernel) needs its activations transposed in memory: for decoder-125m's bf16 train step
+that was ~10% of the step in XLA's transposes. Built by `cpu_build`
 without -march, so that it runs on any CPU of the host's architecture (a memory-bound copy gains
 nothing from newer instructions); where it cannot be built or loaded, or
 T5LITE_CPU_TRANSPOSE_KERNEL=0, `available()` is False and callers transpose with XLA.
@@ -20,7 +21,9 @@ import jax.numpy as jnp
 from t5lite.kernels import cpu_build
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_transpose.cc")
-_TARGET = "t5lite_cpu_transpose"
+# The FFI target and handler symbol of each element type.
+_TARGETS = {jnp.dtype(jnp.bfloat16): ("t5lite_cpu_transpose", "T5liteCpuTranspose"),
+            jnp.dtype(jnp.float32): ("t5lite_cpu_transpose_f32", "T5liteCpuTransposeF32")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,8 +34,9 @@ def available() -> bool:
     return False
   try:
     library = ctypes.cdll.LoadLibrary(cpu_build.build(SOURCE, march=None))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.T5liteCpuTranspose),
-                                platform="cpu")
+    for target, symbol in _TARGETS.values():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                  platform="cpu")
   except (RuntimeError, OSError, AttributeError) as e:
     logging.warning("t5lite: CPU transpose kernel unavailable, using XLA's: %s", e)
     return False
@@ -40,7 +44,8 @@ def available() -> bool:
 
 
 def transpose(x):
-  """x.T of a bf16 matrix, written in memory by the kernel. Requires `available()`."""
-  if x.ndim != 2 or x.dtype != jnp.bfloat16:
-    raise ValueError(f"the CPU transpose takes a bf16 matrix, got {x.dtype} {x.shape}")
-  return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(x.shape[::-1], x.dtype))(x)
+  """x.T of a bf16 or fp32 matrix, written in memory by the kernel. Requires `available()`."""
+  if x.ndim != 2 or jnp.dtype(x.dtype) not in _TARGETS:
+    raise ValueError(f"the CPU transpose takes a bf16 or fp32 matrix, got {x.dtype} {x.shape}")
+  return jax.ffi.ffi_call(_TARGETS[jnp.dtype(x.dtype)][0],
+                          jax.ShapeDtypeStruct(x.shape[::-1], x.dtype))(x)

@@ -141,16 +141,22 @@ def _kernel_dtypes(x, kernel, float32_outputs: bool) -> bool:
   return both and (x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and float32_outputs))
 
 
+def _kernel_runs(a, b, *, b_transposed: bool = False) -> bool:
+  """Whether t5lite's CPU matmul kernel runs a @ b (a @ b.T with b_transposed) here: a program
+  for one CPU device, the kernel built, shapes and dtypes it takes (a may be a
+  jax.ShapeDtypeStruct)."""
+  from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+  from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+  return (gpu_aot.tracing_platform() == "cpu" and partitioning.one_device_program()
+          and cpu_matmul.supports(a, b, b_transposed=b_transposed) and cpu_matmul.available())
+
+
 def _kernel_product(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32):
   """a @ b (a @ b.T with b_transposed) by t5lite's CPU matmul kernel with float32 sums: bf16
   matrices on AMX, in out_dtype (bf16 written by the kernel where it can, else cast after), or
-  float32 ones; None where the kernel does not run it: not a program for one CPU device, not
-  built, or shapes it refuses."""
-  from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+  float32 ones; None where the kernel does not run it (`_kernel_runs`)."""
   from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
-  if (gpu_aot.tracing_platform() != "cpu" or not partitioning.one_device_program()
-      or not cpu_matmul.supports(a, b, b_transposed=b_transposed)
-      or not cpu_matmul.available()):
+  if not _kernel_runs(a, b, b_transposed=b_transposed):
     return None
   direct = cpu_matmul.supports(a, b, b_transposed=b_transposed, out_dtype=out_dtype)
   y = cpu_matmul.matmul(a, b, b_transposed=b_transposed,
@@ -209,13 +215,27 @@ def _backward(spec, float32_outputs, matmul_kernel, residuals, g):
       # widens nor runs ("Unsupported element type for DotThunk: BF16 x BF16 = F32").
       grad = jax.lax.optimization_barrier(grad)
   else:
-    grad = jnp.dot(flat_x.T, flat_g)  # [in, out]
+    grad = None
+    if matmul_kernel and ks == ins + outs and _float32_weight_grad_on_kernel(flat_x, flat_g):
+      grad = _kernel_product(_transposed_copy(flat_x), flat_g)  # [in, out]
+    if grad is None:
+      grad = jnp.dot(flat_x.T, flat_g)  # [in, out]
   grad = grad.reshape(in_shape + out_shape)
   order = [(ins + outs).index(c) for c in ks]
   return dx, jnp.transpose(grad, order).astype(kernel.dtype)
 
 
 _flat_grad_einsum.defvjp(_forward, _backward)
+
+
+def _float32_weight_grad_on_kernel(flat_x, flat_g) -> bool:
+  """Whether a float32 weight gradient x^T g runs on the matmul kernel from a transposed copy of
+  x written by the CPU transpose kernel: both kernels run here (XLA's transposes, ~2 GB/s for
+  fp32, would cost more than the kernel saves)."""
+  from t5lite.kernels import cpu_transpose  # pylint: disable=import-outside-toplevel
+  x_t = jax.ShapeDtypeStruct(flat_x.shape[::-1], flat_x.dtype)
+  return (flat_x.dtype == flat_g.dtype == jnp.float32 and _kernel_runs(x_t, flat_g)
+          and cpu_transpose.available())
 
 
 def _transposed_copy(a):
@@ -225,7 +245,7 @@ def _transposed_copy(a):
   cannot)."""
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_transpose  # pylint: disable=import-outside-toplevel
-  if (a.dtype == jnp.bfloat16 and gpu_aot.tracing_platform() == "cpu"
+  if (a.dtype in (jnp.bfloat16, jnp.float32) and gpu_aot.tracing_platform() == "cpu"
       and cpu_transpose.available()):
     return cpu_transpose.transpose(a)
   return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[::-1])
