@@ -152,15 +152,20 @@ def cpu_execution(cfg):
   it to XLA, a decoding step's projections by the matvec kernel (`matvec_kernel`), and on CPUs
   with AMX a bf16 model's other projections (the prompts' forward pass) by the AMX matmul kernel
   (`float32_dot_outputs` and `matmul_kernel`; T5-small's encoder over 8 x 512 tokens, 2 cores:
-  716 -> 290 ms). How the model runs, not what it computes: the same outputs up to float
-  rounding (a checkpoint's gin settings are training's, and a converted one has none)."""
+  716 -> 290 ms), on CPUs with AVX-512 a float32 model's by the float32 one (`matmul_kernel`;
+  the same encoder: 670-682 -> 657-658 ms). How the model runs, not what it computes: the same
+  outputs up to float rounding (a checkpoint's gin settings are training's, and a converted one
+  has none)."""
+  from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
   attention = "cpu_kernel" if cfg.attention_impl in (None, "xla", "chunked") else (
       cfg.attention_impl)
-  amx = {}
+  matmuls = {}
   if cfg.dtype == "bfloat16" and cpu_matvec.amx_rows() > 0:
-    amx = dict(float32_dot_outputs=True, matmul_kernel=True)
-  return dataclasses.replace(cfg, attention_impl=attention, matvec_kernel=True, **amx)
+    matmuls = dict(float32_dot_outputs=True, matmul_kernel=True)
+  elif cfg.dtype == "float32" and cpu_matmul.float32_kernel():
+    matmuls = dict(matmul_kernel=True)
+  return dataclasses.replace(cfg, attention_impl=attention, matvec_kernel=True, **matmuls)
 
 
 def decode_options(args) -> Dict:

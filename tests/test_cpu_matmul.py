@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import float64_product, tiny_config
-from t5lite.kernels import cpu_attention, cpu_matmul, cpu_matvec
+from t5lite.kernels import cpu_matmul, cpu_matvec
 from t5lite.models import projection
 from t5lite.models.model import Model
 
 needs_amx = pytest.mark.skipif(not (cpu_matmul.available() and cpu_matvec.amx_rows()),
                                reason="no AMX kernel here")
-AVX512 = cpu_matmul.available() and cpu_attention.lanes(cpu_attention.library()) == 16
+AVX512 = cpu_matmul.available() and cpu_matmul.float32_kernel()
 needs_avx512 = pytest.mark.skipif(not AVX512, reason="no AVX-512 kernel here")
 
 # (m, k, n): one tile of rows and a panel narrower than 256 columns; row tails of 13 (one row

@@ -308,3 +308,32 @@ def test_session_keeps_weights_in_the_compute_dtype(tmp_path):
       np.testing.assert_allclose(scores, want_scores, rtol=2e-2)
     else:
       np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_float32_session_runs_its_prompts_on_the_float32_matmul_kernel(tmp_path):
+  """A float32 model's session on a CPU with AVX-512 runs its prompts' projections on the
+  float32 matmul kernel (none without the CPU kernels or that CPU), decoding the same tokens as
+  the model under XLA."""
+  from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(arch="decoder_only", dtype="float32")
+  model = Model(cfg)
+  params = model.init(jax.random.key(1))
+  params = jax.tree.map(lambda p: p * 4 if p.ndim == 2 and p.shape[0] == cfg.vocab_size else p,
+                        params)  # logits far apart: float rounding flips no token
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), keep=None, async_save=False)
+  ckpt.save(0, {"params": jax.tree.map(np.asarray, params)}, {"cursor": 0}, cfg)
+  ckpt.close()
+  prompts = [[5, 6, 7, 8], [9, 10]]
+  want = model.predict_batch(params, {"prompt_tokens": serving.pad(prompts, 40)},
+                             max_decode_len=6, eos_id=-1)["tokens"]
+  batch = {"decoder_input_tokens": np.ones((2, 32), np.int32),
+           "decoder_target_tokens": np.ones((2, 32), np.int32),
+           "decoder_loss_weights": np.ones((2, 32), np.float32)}  # 64 tokens: past the matvec's
+  for cpu_kernels in (False, True):
+    session = serving.Session(str(tmp_path), cpu_kernels=cpu_kernels)
+    on_kernel = cpu_kernels and cpu_matmul.float32_kernel()
+    assert session.cfg.matmul_kernel == on_kernel and not session.cfg.float32_dot_outputs
+    scoring = jax.jit(Model(session.cfg).score_batch).lower(session.params, batch).as_text()
+    assert ("t5lite_cpu_matmul_f32_f32" in scoring) == on_kernel
+    got = session.predict(prompts, max_decode_len=6, eos_id=-1)
+    assert got == [[int(t) for t in row if t != 0] for row in np.asarray(want)]

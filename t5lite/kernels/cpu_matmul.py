@@ -52,11 +52,17 @@ def supports(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32) -> bool
   if b.shape[1 if b_transposed else 0] != k or k < 1:
     return False
   if a.dtype == jnp.float32:
-    library = cpu_attention.library()
-    return n % 16 == 0 and library is not None and cpu_attention.lanes(library) == 16
+    return n % 16 == 0 and float32_kernel()
   return (k % 32 == 0 and n % 32 == 0
           and (jnp.dtype(out_dtype) == jnp.float32 or k <= MAX_BF16_OUTPUT_DEPTH)
           and cpu_matvec.amx_rows() > 0)
+
+
+def float32_kernel() -> bool:
+  """Whether this CPU runs float32 products on the kernel: its build is tuned for 16-float
+  vectors (AVX-512; builds the library to ask)."""
+  library = cpu_attention.library()
+  return library is not None and cpu_attention.lanes(library) == 16
 
 
 def available() -> bool:
