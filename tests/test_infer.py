@@ -266,18 +266,25 @@ def test_clean_data_perplexity_filter(trained, tmp_path):
   assert all(d["perplexity"] <= threshold for d in kept)
 
 
+def _tiny_checkpoint(tmp_path, dtype, seed):
+  """A tiny decoder-only model computing in `dtype`, its checkpoint saved under tmp_path, its
+  logits far apart (one float rounding's difference flips no token): (cfg, model, params)."""
+  cfg = tiny_config(arch="decoder_only", dtype=dtype)
+  model = Model(cfg)
+  params = model.init(jax.random.key(seed))
+  params = jax.tree.map(lambda p: p * 4 if p.ndim == 2 and p.shape[0] == cfg.vocab_size else p,
+                        params)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), keep=None, async_save=False)
+  ckpt.save(0, {"params": jax.tree.map(np.asarray, params)}, {"cursor": 0}, cfg)
+  ckpt.close()
+  return cfg, model, params
+
+
 def test_session_keeps_weights_in_the_compute_dtype(tmp_path):
   """A bf16 model's session holds its matrices in bf16 (norm scales as stored, float32) and
   decodes and scores exactly as the float32 checkpoint's parameters do; on a CPU, by default,
   with t5lite's kernels, giving the same tokens and the scores within bf16 rounding."""
-  cfg = tiny_config(arch="decoder_only", dtype="bfloat16")
-  model = Model(cfg)
-  params = model.init(jax.random.key(0))
-  params = jax.tree.map(lambda p: p * 4 if p.ndim == 2 and p.shape[0] == cfg.vocab_size else p,
-                        params)  # logits far apart: one rounding's difference flips no token
-  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), keep=None, async_save=False)
-  ckpt.save(0, {"params": jax.tree.map(np.asarray, params)}, {"cursor": 0}, cfg)
-  ckpt.close()
+  cfg, model, params = _tiny_checkpoint(tmp_path, "bfloat16", 0)
   prompts = [[5, 6, 7, 8], [9, 10]]
   want = model.predict_batch(params, {"prompt_tokens": serving.pad(prompts, 40)},
                              max_decode_len=6, eos_id=-1)["tokens"]
@@ -315,14 +322,7 @@ def test_float32_session_runs_its_prompts_on_the_float32_matmul_kernel(tmp_path)
   float32 matmul kernel (none without the CPU kernels or that CPU), decoding the same tokens as
   the model under XLA."""
   from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
-  cfg = tiny_config(arch="decoder_only", dtype="float32")
-  model = Model(cfg)
-  params = model.init(jax.random.key(1))
-  params = jax.tree.map(lambda p: p * 4 if p.ndim == 2 and p.shape[0] == cfg.vocab_size else p,
-                        params)  # logits far apart: float rounding flips no token
-  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), keep=None, async_save=False)
-  ckpt.save(0, {"params": jax.tree.map(np.asarray, params)}, {"cursor": 0}, cfg)
-  ckpt.close()
+  _, model, params = _tiny_checkpoint(tmp_path, "float32", 1)
   prompts = [[5, 6, 7, 8], [9, 10]]
   want = model.predict_batch(params, {"prompt_tokens": serving.pad(prompts, 40)},
                              max_decode_len=6, eos_id=-1)["tokens"]
