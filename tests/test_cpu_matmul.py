@@ -175,6 +175,36 @@ def test_model_loss_and_gradients_with_the_kernel(variant):
   assert float(jnp.linalg.norm(flat(grads) - flat(want)) / jnp.linalg.norm(flat(want))) < 1e-2
 
 
+@needs_avx512
+@pytest.mark.parametrize("arch", ["decoder_only", "encoder_decoder"])
+def test_float32_model_loss_and_gradients_with_the_kernel(arch):
+  """runs/cpu.gin's model (float32) with matmul_kernel: its train program's forward, input- and
+  weight-gradient matmuls in the float32 kernel (the weight gradients from transposed copies
+  where the transpose kernel builds), the loss and gradients of XLA's matmuls within fp32 sums'
+  error."""
+  from t5lite.kernels import cpu_transpose  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(2)
+  cfg = tiny_config(dtype="float32", arch=arch)
+  ids = lambda length: rng.integers(3, cfg.vocab_size, (4, length)).astype(np.int32)  # noqa
+  batch = {"decoder_input_tokens": ids(16), "decoder_target_tokens": ids(16),
+           "decoder_loss_weights": np.ones((4, 16), np.float32)}
+  if arch == "encoder_decoder":
+    batch["encoder_input_tokens"] = ids(24)
+  params = Model(cfg).init(jax.random.key(0))
+  results = {}
+  for mk in (False, True):
+    model = Model(tiny_config(dtype="float32", arch=arch, matmul_kernel=mk))
+    step = jax.jit(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0]))
+    text = step.lower(params).as_text()
+    assert ("t5lite_cpu_matmul_f32_f32" in text) == mk
+    assert ("t5lite_cpu_transpose_f32" in text) == (mk and cpu_transpose.available())
+    results[mk] = step(params)
+  (loss, grads), (want_loss, want) = results[True], results[False]
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  flat = lambda tree: jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])  # noqa: E731
+  assert float(jnp.linalg.norm(flat(grads) - flat(want)) / jnp.linalg.norm(flat(want))) < 1e-5
+
+
 @needs_amx
 def test_remat_dots_policies_save_the_kernel_s_products():
   """The dots remat policies keep the kernel's products as they keep XLA's dots: the gradient
