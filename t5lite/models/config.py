@@ -71,7 +71,8 @@ class ModelConfig:
       to float32 for one row) and runs float32 ones 1.2-2x as fast as XLA; on one CPU device,
       where it builds. A CPU lever.
     matmul_kernel: the projections' matmuls by t5lite's CPU kernels
-      (`t5lite.kernels.cpu_matmul`): in float32 the forward and input gradient (1.12-1.18x
+      (`t5lite.kernels.cpu_matmul`): in float32 the forward, the input gradient and (from a
+      transposed copy of the activations) the weight gradient of [in, out] kernels (1.1-1.25x
       XLA:CPU's speed, CPUs with AVX-512), and with float32_dot_outputs in bfloat16 all three
       (1.3-2.3x, CPUs with AMX); on one CPU device, where the kernel builds and the sizes suit
       it; XLA's matmuls elsewhere (the dots remat policies keep its products as they keep

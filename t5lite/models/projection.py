@@ -40,8 +40,8 @@ gradient on the kernel's float32 path (1.1-1.25x XLA's speed, on CPUs with AVX-5
 weight gradient of an [in, out] kernel from a transposed copy of x written by the transpose
 kernel (reading x as stored, [tokens, in], the kernel ran 0.75-0.85x XLA's speed; with the copy
 decoder-125m's layers' weight gradients take ~1,130 ms + 77 ms of copies against XLA's ~1,390,
-its step 5,447 -> 5,274 ms). The head's [vocab, embed] gradient stays XLA's: the kernel would give it as
-[embed, vocab], whose transpose costs what the kernel saves.
+its step 5,447 -> 5,274 ms). The head's [vocab, embed] gradient stays XLA's: the kernel would
+give it as [embed, vocab], whose transpose costs what the kernel saves.
 
 `matvec_kernel=True` runs a projection of a few tokens (a decoding step at batch <= 32 in float32;
 in bf16 at batch <= 4, <= 32 on CPUs with AMX: `cpu_matvec.supports`) by t5lite's CPU kernel
