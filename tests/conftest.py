@@ -34,6 +34,22 @@ def float64_product(x, w, transposed: bool = False):
   return wx @ ww, np.abs(wx) @ np.abs(ww)
 
 
+def assert_float32_product(product, m: int, k: int, n: int, transposed: bool, seed: int):
+  """Runs `product(a, b)` under jit on float32 a [m, k] and b [k, n] ([n, k] with `transposed`)
+  of standard normal values drawn from `seed`, and asserts a float32 [m, n] result within the
+  float32 sums' error of the float64 product (every element written)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n)), jnp.float32)
+  c = jax.jit(product)(a, b)
+  assert c.dtype == jnp.float32 and c.shape == (m, n)
+  ref, scale = float64_product(a, b, transposed)
+  assert np.all(np.abs(np.asarray(c, np.float64) - ref) <= 1e-6 * scale)
+
+
 def tiny_config(**overrides):
   """A tiny fp32 model config (encoder-decoder unless `arch` says otherwise)."""
   from t5lite.models.config import ModelConfig

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import float64_product, tiny_config
+from conftest import assert_float32_product, float64_product, tiny_config
 from t5lite.kernels import cpu_matmul, cpu_matvec
 from t5lite.models import projection
 from t5lite.models.model import Model
@@ -69,13 +69,8 @@ F32_SHAPES = [(1, 1, 16), (7, 33, 48), (50, 2700, 80), (300, 64, 528)]
 def test_f32_matmul_matches_a_float64_product(m, k, n, b_transposed):
   """float32 c = a @ b (b stored [k, n] or [n, k]): the float64 product within the fp32 sums'
   error, every element written."""
-  rng = np.random.default_rng(m * 3 + k + n)
-  a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-  b = jnp.asarray(rng.standard_normal((n, k) if b_transposed else (k, n)), jnp.float32)
-  c = jax.jit(lambda a, b: cpu_matmul.matmul(a, b, b_transposed=b_transposed))(a, b)
-  assert c.dtype == jnp.float32 and c.shape == (m, n)
-  ref, scale = float64_product(a, b, b_transposed)
-  assert np.all(np.abs(np.asarray(c, np.float64) - ref) <= 1e-6 * scale)
+  assert_float32_product(lambda a, b: cpu_matmul.matmul(a, b, b_transposed=b_transposed),
+                         m, k, n, b_transposed, seed=m * 3 + k + n)
 
 
 def test_matmul_refuses_what_it_does_not_take():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import float64_product, tiny_config
+from conftest import assert_float32_product, float64_product, tiny_config
 from t5lite.kernels import cpu_build, cpu_matvec
 from t5lite.models import projection
 from t5lite.models.model import Model
@@ -66,13 +66,8 @@ def test_matvec_matches_a_float64_product(rows, k, n, w_transposed):
 @pytest.mark.parametrize("rows,k,n,w_transposed", F32_SHAPES)
 def test_f32_matvec_matches_a_float64_product(rows, k, n, w_transposed):
   """float32 y = x @ w (or x @ w.T): the float64 product within the fp32 sums' error."""
-  rng = np.random.default_rng(rows * 1000 + k + n)
-  x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((n, k) if w_transposed else (k, n)), jnp.float32)
-  y = jax.jit(lambda x, w: cpu_matvec.matvec(x, w, w_transposed=w_transposed))(x, w)
-  assert y.dtype == jnp.float32 and y.shape == (rows, n)
-  ref, scale = float64_product(x, w, w_transposed)
-  assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= 1e-6 * scale)
+  assert_float32_product(lambda x, w: cpu_matvec.matvec(x, w, w_transposed=w_transposed),
+                         rows, k, n, w_transposed, seed=rows * 1000 + k + n)
 
 
 def test_matvec_refuses_what_it_does_not_take():
