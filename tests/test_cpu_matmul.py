@@ -63,6 +63,37 @@ def test_matmul_matches_a_float64_product(m, k, n, b_transposed):
 F32_SHAPES = [(1, 1, 16), (7, 33, 48), (50, 2700, 80), (300, 64, 528)]
 
 
+@needs_amx
+def test_project_writes_the_heads_float32_logits_from_the_kernel():
+  """The output head's projection with out_dtype=float32 on the kernel: its forward is the
+  kernel's float32 output (unrounded sums of the bf16 operands), its backward the same kernel
+  calls as a bf16 head's (the input gradient in bf16, the weight gradient in float32), with the
+  gradients of the bf16 head for the cotangent cast to bf16."""
+  rng = np.random.default_rng(7)
+  x, kernel = _bf16(rng, (2, 48, 64)), _bf16(rng, (320, 64)).astype(jnp.float32) * 0.1
+  opts = dict(flat_weight_grad=True, float32_outputs=True, matmul_kernel=True)
+
+  def run(out_dtype):
+    def f(x, kernel, g):
+      y, pullback = jax.vjp(lambda x, k: projection.project("bld,vd->blv", x, k,
+                                                            out_dtype=out_dtype, **opts), x, kernel)
+      return (y,) + pullback(g.astype(y.dtype))
+    return jax.jit(f)
+
+  g = jnp.asarray(rng.standard_normal((2, 48, 320)), jnp.float32)
+  text = run(jnp.float32).lower(x, kernel, g).as_text()
+  assert text.count("@t5lite_cpu_matmul_f32(") == 2  # forward, weight grad
+  assert text.count("@t5lite_cpu_matmul_bf16(") == 1  # input gradient
+  (y, dx, dk), (y16, dx16, dk16) = run(jnp.float32)(x, kernel, g), run(None)(x, kernel, g)
+  assert y.dtype == jnp.float32 and y16.dtype == jnp.bfloat16
+  want = jnp.einsum("bld,vd->blv", x.astype(jnp.float32),
+                    kernel.astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  assert np.mean(np.asarray(y.astype(jnp.bfloat16).astype(jnp.float32)) != np.asarray(y)) > 0.9
+  np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(dx16, np.float32))
+  np.testing.assert_array_equal(np.asarray(dk), np.asarray(dk16))
+
+
 @needs_avx512
 @pytest.mark.parametrize("b_transposed", [False, True], ids=["b", "b_transposed"])
 @pytest.mark.parametrize("m,k,n", F32_SHAPES)

@@ -70,6 +70,28 @@ def test_f32_matvec_matches_a_float64_product(rows, k, n, w_transposed):
                          rows, k, n, w_transposed, seed=rows * 1000 + k + n)
 
 
+@needs_kernel
+@pytest.mark.parametrize("rows,k,n,w_transposed", SHAPES + [
+    pytest.param(*shape, marks=needs_amx) for shape in AMX_SHAPES])
+def test_matvec_writes_float32_sums_of_bf16_operands(rows, k, n, w_transposed):
+  """out_dtype=float32 (the output head's logits): the fp32 sums as they are, within the fp32
+  sums' error of the float64 product; the bf16 output is exactly them rounded to bf16."""
+  rng = np.random.default_rng(rows * 1000 + k + n + 1)
+  x, w = _bf16(rng, (rows, k)), _bf16(rng, (n, k) if w_transposed else (k, n))
+  run = lambda out: jax.jit(  # noqa: E731
+      lambda x, w: cpu_matvec.matvec(x, w, w_transposed=w_transposed, out_dtype=out))
+  y, y16 = run(jnp.float32)(x, w), run(None)(x, w)
+  assert y.dtype == jnp.float32 and y.shape == (rows, n)
+  ref, scale = float64_product(x, w, w_transposed)
+  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), 1e-6 * scale + 1e-30)
+  np.testing.assert_array_equal(np.asarray(y.astype(jnp.bfloat16), np.float32),
+                                np.asarray(y16, np.float32))
+  assert "t5lite_cpu_matvec_bf16_f32" in run(jnp.float32).lower(x, w).as_text()
+  with pytest.raises(ValueError, match="float32"):
+    cpu_matvec.matvec(x.astype(jnp.float32), w.astype(jnp.float32), w_transposed=w_transposed,
+                      out_dtype=jnp.bfloat16)
+
+
 def test_matvec_refuses_what_it_does_not_take():
   """More rows than it is fast for, mixed or other dtypes, or shapes that do not contract:
   `supports` says no and `matvec` raises a ValueError naming what it takes."""
@@ -136,6 +158,12 @@ def test_project_runs_few_tokens_in_the_kernel_with_xla_gradients(spec, x_shape,
   assert "t5lite_cpu_matvec_f32" in fp32(True).lower(x32, k32).as_text()
   np.testing.assert_allclose(fp32(True)(x32, k32), fp32(False)(x32, k32), rtol=1e-5, atol=1e-5)
   assert "t5lite_cpu_matvec" not in fp32(True).lower(many.astype(jnp.float32), k32).as_text()
+  # float32 logits of bf16 operands (out_dtype, the output head): the kernel's unrounded sums.
+  wide = jax.jit(lambda x, k: projection.project(spec, x, k, matvec_kernel=True,
+                                                 out_dtype=jnp.float32, **opts))
+  assert "t5lite_cpu_matvec_bf16_f32" in wide.lower(x, kernel).as_text()
+  want = jnp.einsum(spec, x.astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(wide(x, kernel), want, rtol=1e-5, atol=1e-5)
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
     # A program for several devices: XLA's einsum (the kernel's call would not partition).
     assert "t5lite_cpu_matvec" not in str(jax.make_jaxpr(run(True))(x, kernel))

@@ -436,6 +436,26 @@ def test_head_chunks_give_the_loss_metrics_and_gradients_of_whole_logits(variant
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grads1, grads0)
 
 
+@pytest.mark.parametrize("variant", [dict(arch="decoder_only"),
+                                     dict(arch="encoder_decoder", tie_embeddings=True),
+                                     dict(arch="decoder_only", float32_dot_outputs=True,
+                                          matmul_kernel=True)], ids=_ids)
+def test_bf16_logits_are_float32_sums(variant):
+  """A bf16 model's logits are the float32 sums of its bf16 products, never rounded to bf16 (as
+  T5X computes them in float32): the loss of whole logits is the blocked head's (whose logits
+  were always float32) to float32 precision, and a rounded logit is rare."""
+  cfg = tiny_config(dtype="bfloat16", **variant)
+  batch = random_batch(cfg, seed=3)
+  params = Model(cfg).init(jax.random.key(0))
+  logits, _ = jax.jit(Model(cfg).apply)(params, batch)
+  assert logits.dtype == jnp.float32
+  rounded = np.asarray(logits.astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(rounded != np.asarray(logits)) > 0.9
+  losses = [jax.jit(Model(cfg, LossConfig(head_chunks=chunks)).loss)(params, batch)[0]
+            for chunks in (0, 3)]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+
+
 def test_negative_head_chunks_are_rejected():
   with pytest.raises(ValueError, match="head_chunks"):
     LossConfig(head_chunks=-1)

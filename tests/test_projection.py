@@ -71,6 +71,55 @@ def test_float32_outputs_match_the_float32_einsum_of_bf16_operands(spec, kernel_
       np.testing.assert_allclose(np.asarray(g, np.float32), w, **tol)
 
 
+def _dots(jaxpr):
+  """The dot_general equations of a closed jaxpr, in its sub-jaxprs too."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      yield from _dots(sub)
+
+
+@pytest.mark.parametrize("spec", ["bld,vd->blv", "bld,dhk->blhk"])
+@pytest.mark.parametrize("levers", [{}, {"flat_weight_grad": True}, {"float32_outputs": True},
+                                    {"float32_outputs": True, "matmul_kernel": True}])
+def test_float32_out_dtype_is_the_unrounded_sums_of_bf16_operands(spec, levers):
+  """out_dtype=float32 (the output head's logits): the forward is the float32 einsum of the bf16
+  operands, not rounded to bf16; the gradients are, bit for bit, the bf16 projection's for the
+  cotangent cast to bf16, and every matmul of the backward reads bf16 operands (autodiff of a
+  float32-output einsum would widen both to float32)."""
+  x_shape, k_shape = SPECS[spec]
+  x_shape = (x_shape[0] * 8,) + x_shape[1:]
+  kx, kk, kg = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(kx, x_shape).astype(jnp.bfloat16)
+  kernel = jax.random.normal(kk, k_shape).astype(jnp.bfloat16)
+  ours = lambda a, b: projection.project(spec, a, b, out_dtype=jnp.float32, **levers)  # noqa
+  bf16 = lambda a, b: projection.project(spec, a, b, **levers)  # noqa: E731
+  y, pullback = jax.vjp(jax.jit(ours), x, kernel)
+  want = jnp.einsum(spec, x.astype(jnp.float32), kernel.astype(jnp.float32))
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  rounded = np.asarray(y.astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(rounded != np.asarray(y)) > 0.9  # bf16-rounded logits would all be equal
+
+  cot = jax.random.normal(kg, y.shape, jnp.float32)
+  _, bf16_pullback = jax.vjp(jax.jit(bf16), x, kernel)
+  for got, ref in zip(pullback(cot), bf16_pullback(cot.astype(jnp.bfloat16))):
+    assert got.dtype == ref.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+  grads = jax.make_jaxpr(lambda a, b, g: jax.vjp(ours, a, b)[1](g))(x, kernel, cot)
+  dots = list(_dots(grads.jaxpr))
+  assert dots and all(v.aval.dtype == jnp.bfloat16 for eqn in dots for v in eqn.invars)
+
+
+def test_out_dtype_other_than_float32_is_rejected():
+  """out_dtype is float32 or x's dtype; anything else is a ValueError."""
+  x, kernel = jnp.ones((2, 3, 4), jnp.float32), jnp.ones((4, 5), jnp.float32)
+  assert projection.project("bld,df->blf", x, kernel, out_dtype=jnp.float32).dtype == jnp.float32
+  with pytest.raises(ValueError, match="out_dtype"):
+    projection.project("bld,df->blf", x, kernel, out_dtype=jnp.bfloat16)
+
+
 def test_float32_outputs_leave_float32_operands_alone():
   """For float32 operands the lever changes nothing: the flat gradients, bit for bit."""
   x = jax.random.normal(jax.random.key(3), (4, 9, 6))

@@ -22,7 +22,8 @@
 //
 // A third handler, CacheAttention, is a decoding step's attention over a heads-major KV cache
 // (see CacheItem); a fourth, Matvec, a decoding step's projections of a few rows, bf16 or fp32
-// (it shares the vectors and the threads; cpu_matvec.py calls it); a fifth, Matmul, training's
+// (bf16 ones with a bf16 or an fp32 output; it shares the vectors and the threads; cpu_matvec.py
+// calls it); a fifth, Matmul, training's
 // bf16 matmuls with fp32 sums on AMX, fp32 or bf16 outputs (it shares Matvec's AMX tiles;
 // cpu_matmul.py calls it).
 
@@ -1235,12 +1236,13 @@ inline __m256i NarrowSixteen(__m512 f) {
 }
 
 // kn: y[:, c0:c1] (c1 - c0 <= kAmxPanel, a multiple of 32) for m <= 32 rows of x [m, k] (bf16,
-// k a multiple of 32). W's columns c0..c1 are first packed whole (read a row at a time: a
+// k a multiple of 32); y bf16 (narrowed) or fp32 (Out). W's columns c0..c1 are first packed whole (read a row at a time: a
 // tile's 32 x 32 blocks read straight from W were strided reads at half the bandwidth), then
 // multiplied 32 columns at a time from the packed panel (in L2).
 constexpr int64_t kAmxPanel = 256;
+template <typename Out>
 void AmxKnColumns(const uint16_t* x, int64_t m, int64_t k, const uint16_t* w, int64_t n,
-                  int64_t c0, int64_t c1, Bf16* y, std::vector<uint16_t>& panel) {
+                  int64_t c0, int64_t c1, Out* y, std::vector<uint16_t>& panel) {
   const int64_t width = c1 - c0, blocks = width / 16;
   panel.resize(k * width);  // [k / 32][blocks][16 x 32]: B tiles in the order they are used
   for (int64_t e = 0; e < k; e += 32)
@@ -1284,8 +1286,9 @@ void AmxKnColumns(const uint16_t* x, int64_t m, int64_t k, const uint16_t* w, in
 
 // nk: y[:, r0:r1] (W's rows r0..r1, 32 a step; r1 - r0 a multiple of 32) as y^T = W x^T, with
 // xp the pairs of x packed for every 32 values of k (PackPairs of x^T: [k / 32][2][16 x 32]).
+template <typename Out>
 void AmxNkRows(const uint16_t* xp, int64_t m, int64_t k, const uint16_t* w, int64_t n,
-               int64_t r0, int64_t r1, Bf16* y) {
+               int64_t r0, int64_t r1, Out* y) {
   const int cols1 = static_cast<int>(m - std::min<int64_t>(16, m));
   ConfigureTiles(16, 16);
   alignas(64) float sums[4][16 * 16];
@@ -1322,9 +1325,11 @@ void AmxNkRows(const uint16_t* xp, int64_t m, int64_t k, const uint16_t* w, int6
   _tile_release();
 }
 
-// y [m, n] = x . W on AMX, narrowed to bf16 as written, or false where it does not take them.
+// y [m, n] = x . W on AMX, narrowed to bf16 as written (or fp32, Out float), or false where it
+// does not take them.
+template <typename Out>
 bool AmxMatvec(const uint16_t* x, int64_t m, int64_t k, const uint16_t* w, int64_t n, bool nk,
-               ffi::ThreadPool& pool, Bf16* y) {
+               ffi::ThreadPool& pool, Out* y) {
   if (m > kMaxAmxRows || k % 32 || n % 32 || !AmxPermitted()) return false;
   const int64_t items = nk ? n / 32 : (n + kAmxPanel - 1) / kAmxPanel;
   std::vector<std::vector<uint16_t>> panels(Threads(pool, items));
@@ -1506,8 +1511,9 @@ bool AmxGemm(const uint16_t* a, int64_t m, int64_t k, const uint16_t* b, int64_t
 constexpr bool kAmx = false;
 constexpr int64_t kMaxAmxRows = 0;
 bool AmxPermitted() { return false; }
+template <typename Out>
 bool AmxMatvec(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, bool, ffi::ThreadPool&,
-               Bf16*) {
+               Out*) {
   return false;
 }
 template <typename Out>
@@ -1542,8 +1548,10 @@ ffi::Error Matmul(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::Resul
   return ffi::Error::Success();
 }
 
-template <ffi::DataType kType>
-ffi::Error Matvec(ffi::Buffer<kType> x, ffi::Buffer<kType> w, ffi::ResultBuffer<kType> y,
+// y [m, n] = x . W: y in x's type, or fp32 for bf16 x and W (kOut F32: the output head's logits,
+// never rounded to bf16).
+template <ffi::DataType kType, ffi::DataType kOut = kType>
+ffi::Error Matvec(ffi::Buffer<kType> x, ffi::Buffer<kType> w, ffi::ResultBuffer<kOut> y,
                   ffi::ThreadPool pool, bool nk) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   const int64_t m = xd.size() == 2 ? xd[0] : 0, k = xd.size() == 2 ? xd[1] : 0;
@@ -1665,19 +1673,22 @@ extern "C" int T5liteCpuMatvecAmxRows() { return kAmx && AmxPermitted() ? kMaxAm
       .Attr<float>("scale")                      \
       .Attr<bool>("has_bias")
 
-// A decoding step's projections of a few rows.
-#define T5LITE_MATVEC(kType)                     \
+// A decoding step's projections of a few rows (bf16 ones with a bf16 or an fp32 output).
+#define T5LITE_MATVEC(kType, kOut)               \
   ffi::Ffi::Bind()                               \
       .Arg<ffi::Buffer<kType>>()                 \
       .Arg<ffi::Buffer<kType>>()                 \
-      .Ret<ffi::Buffer<kType>>()                 \
+      .Ret<ffi::Buffer<kOut>>()                  \
       .Ctx<ffi::ThreadPool>()                    \
       .Attr<bool>("nk")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatvecBf16, Matvec<ffi::DataType::BF16>,
-                              T5LITE_MATVEC(ffi::DataType::BF16));
+                              T5LITE_MATVEC(ffi::DataType::BF16, ffi::DataType::BF16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatvecBf16F32,
+                              (Matvec<ffi::DataType::BF16, ffi::DataType::F32>),
+                              T5LITE_MATVEC(ffi::DataType::BF16, ffi::DataType::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatvecF32, Matvec<ffi::DataType::F32>,
-                              T5LITE_MATVEC(ffi::DataType::F32));
+                              T5LITE_MATVEC(ffi::DataType::F32, ffi::DataType::F32));
 // Training's bf16 matmuls, with an fp32 or a bf16 output.
 #define T5LITE_MATMUL(kOut)                      \
   ffi::Ffi::Bind()                               \

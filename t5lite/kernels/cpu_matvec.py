@@ -15,7 +15,8 @@ With more rows (a step at batch 8-32) the products run on AMX tiles where the CP
 (Intel Sapphire Rapids on, a native build; `amx_rows()`): YNNPACK ran them at the rate of fp32
 FMAs. Weights from memory, 2 cores: [32, 768] x [768, 3072] 0.61 -> 0.33 ms, [32, 768] x
 [768, 768] 0.17 -> 0.08 ms, the head at 5-32 rows 1.06-1.5x. Products and sums are fp32; the
-output is rounded to bf16 once, as XLA's fp32-accumulating dot is.
+output is rounded to bf16 once, as XLA's fp32-accumulating dot is, or written fp32 where the
+caller asks for it (`out_dtype`: the output head's logits).
 
 Float32 products run here too (XLA:CPU's YNNPACK ran them at 40-60% of the FMA peak from cache,
 less from memory): 1-4 rows as bf16's (against the head too), and 5-32 rows against [k, n]
@@ -38,8 +39,10 @@ MAX_ROWS = 4
 MAX_ROWS_TRANSPOSED = 2
 # Rows of float32 x the kernel takes against [k, n] weights.
 MAX_ROWS_F32 = 32
-_TARGETS = {jnp.dtype(jnp.bfloat16): "t5lite_cpu_matvec_bf16",
-            jnp.dtype(jnp.float32): "t5lite_cpu_matvec_f32"}
+# (operands' dtype, output dtype) -> the handler's target.
+_TARGETS = {(jnp.dtype(jnp.bfloat16),) * 2: "t5lite_cpu_matvec_bf16",
+            (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)): "t5lite_cpu_matvec_bf16_f32",
+            (jnp.dtype(jnp.float32),) * 2: "t5lite_cpu_matvec_f32"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +59,7 @@ def supports(x, w, *, w_transposed: bool = False) -> bool:
   `w_transposed`); bf16, up to `amx_rows()` with k and n multiples of 32; float32 against [k, n]
   (not transposed), up to MAX_ROWS_F32 with n a multiple of 16."""
   if not (x.ndim == 2 and w.ndim == 2 and x.dtype == w.dtype
-          and jnp.dtype(x.dtype) in _TARGETS
+          and (jnp.dtype(x.dtype),) * 2 in _TARGETS
           and x.shape[1] == w.shape[int(w_transposed)] and x.shape[0] >= 1):
     return False
   rows, k, n = x.shape[0], x.shape[1], w.shape[1 - int(w_transposed)]
@@ -72,10 +75,15 @@ def available() -> bool:
   return cpu_attention.available()
 
 
-def matvec(x, w, *, w_transposed: bool = False):
+def matvec(x, w, *, w_transposed: bool = False, out_dtype=None):
   """x @ w ([rows, k] x [k, n]), or x @ w.T with `w_transposed` (w stored [n, k], as the
-  [vocab, embed] output head), with fp32 sums (bf16 operands give a bf16 result). Requires
-  `supports` and `available()`; no gradient of its own."""
+  [vocab, embed] output head), with fp32 sums, in x's dtype or `out_dtype` (float32 for bf16
+  operands: the sums unrounded). Requires `supports` and `available()`; no gradient of its own."""
+  out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+  target = _TARGETS.get((jnp.dtype(x.dtype), out_dtype))
+  if target is None:
+    raise ValueError(f"the CPU matvec writes {x.dtype} products as {x.dtype} or float32, not "
+                     f"{out_dtype}")
   if not supports(x, w, w_transposed=w_transposed):
     raise ValueError(f"the CPU matvec takes bf16 or float32 [1..{MAX_ROWS}, k] rows and a "
                      f"matrix [k, n] ([n, k] and at most {MAX_ROWS_TRANSPOSED} bf16 rows with "
@@ -83,6 +91,5 @@ def matvec(x, w, *, w_transposed: bool = False):
                      f"(AMX), or up to {MAX_ROWS_F32} float32 rows against [k, n], n a multiple "
                      f"of 16; got {x.dtype} {x.shape} and {w.dtype} {w.shape}")
   n = w.shape[0] if w_transposed else w.shape[1]
-  return jax.ffi.ffi_call(_TARGETS[jnp.dtype(x.dtype)],
-                          jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))(
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), out_dtype))(
                               x, w, nk=bool(w_transposed))

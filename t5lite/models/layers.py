@@ -29,16 +29,18 @@ def compute_dtype(cfg: ModelConfig):
   return jnp.dtype(cfg.dtype)
 
 
-def project(cfg: ModelConfig, spec: str, x, kernel):
+def project(cfg: ModelConfig, spec: str, x, kernel, *, out_dtype=None):
   """`einsum(spec, x, kernel)` for a projection in the compute dtype, with the weight-gradient
   form `cfg` asks for; `kernel` as stored (param_dtype). Under float32_dot_outputs the kernel is
   cast inside the projection, so its gradient comes out of the float32 matmul in param_dtype,
-  never rounded to bf16 on the way."""
+  never rounded to bf16 on the way. out_dtype float32: the output as its float32 sums
+  (`projection.project`; the output head's logits)."""
   if not cfg.float32_dot_outputs:
     kernel = kernel.astype(compute_dtype(cfg))
   return projection.project(spec, x, kernel, flat_weight_grad=cfg.flat_weight_grads,
                             float32_outputs=cfg.float32_dot_outputs,
-                            matvec_kernel=cfg.matvec_kernel, matmul_kernel=cfg.matmul_kernel)
+                            matvec_kernel=cfg.matvec_kernel, matmul_kernel=cfg.matmul_kernel,
+                            out_dtype=out_dtype)
 
 
 def dropout(x, rate: float, rng):
@@ -120,8 +122,9 @@ class Embed(nnx.Module):
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
   def attend(self, x):
-    """x: [batch, length, embed] -> logits [batch, length, vocab] against the table."""
-    return project(self.cfg, "bld,vd->blv", x, self.embedding[...])
+    """x: [batch, length, embed] -> float32 logits [batch, length, vocab] against the table
+    (the float32 sums of the compute dtype's products, as `_Head`'s)."""
+    return project(self.cfg, "bld,vd->blv", x, self.embedding[...], out_dtype=jnp.float32)
 
 
 class Attention(nnx.Module):

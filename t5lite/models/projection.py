@@ -61,7 +61,7 @@ from t5lite import partitioning
 
 def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
             float32_outputs: bool = False, matvec_kernel: bool = False,
-            matmul_kernel: bool = False):
+            matmul_kernel: bool = False, out_dtype=None):
   """`jnp.einsum(spec, x, kernel)` for a projection of token activations.
 
   Args:
@@ -83,20 +83,51 @@ def project(spec: str, x, kernel, *, flat_weight_grad: bool = False,
     matmul_kernel: the forward and input-gradient matmuls of float32 operands, and with
       float32_outputs all three of bf16 ones, by t5lite's CPU matmul kernel where it applies
       (module docstring; `ModelConfig.matmul_kernel`; implies the flat gradients), else XLA's.
+    out_dtype: None, or float32: the projection of bf16 operands as its float32 sums, never
+      rounded to bf16 (the output head's logits, as T5X computes them in float32); its gradient
+      reaches the matmuls of the backward in x's dtype, as a bf16 output's would.
 
   Returns:
-    The projection, in x's dtype.
+    The projection, in x's dtype (or out_dtype).
   """
+  out_dtype = None if out_dtype is None or out_dtype == x.dtype else jnp.dtype(out_dtype)
+  if out_dtype not in (None, jnp.float32):
+    raise ValueError(f"project's out_dtype is float32 or None (x's dtype), got {out_dtype}")
   if matvec_kernel and _matvec_applies(spec, x, kernel):
-    return _matvec_project(spec, flat_weight_grad, float32_outputs, x, kernel)
-  return _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel, matmul_kernel)
+    return _matvec_project(spec, flat_weight_grad, float32_outputs, out_dtype, x, kernel)
+  return _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel, matmul_kernel,
+                      out_dtype=out_dtype)
 
 
-def _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel, matmul_kernel=False):
+def _xla_project(spec, flat_weight_grad, float32_outputs, x, kernel, matmul_kernel=False, *,
+                 out_dtype=None):
   if not (flat_weight_grad or float32_outputs or matmul_kernel):
-    return jnp.einsum(spec, x, kernel)
+    if out_dtype is None:
+      return jnp.einsum(spec, x, kernel)
+    return _widened_einsum(spec, x, kernel)
   _parse(spec)  # reject a spec the flat gradient cannot handle before tracing the VJP
-  return _flat_grad_einsum(spec, float32_outputs, matmul_kernel, x, kernel)
+  return _flat_grad_einsum(spec, float32_outputs, matmul_kernel, out_dtype, x, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _widened_einsum(spec, x, kernel):
+  """`einsum(spec, x, kernel)` of bf16 operands output as its float32 sums. Its backward is the
+  bf16 einsum's, from the gradient cast to bf16 (autodiff's would widen both operands to
+  float32 and run float32 matmuls)."""
+  return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32)
+
+
+def _widened_forward(spec, x, kernel):
+  return _widened_einsum(spec, x, kernel), (x, kernel)
+
+
+def _widened_backward(spec, residuals, g):
+  x, kernel = residuals
+  _, pullback = jax.vjp(functools.partial(jnp.einsum, spec), x, kernel)
+  return pullback(g.astype(x.dtype))
+
+
+_widened_einsum.defvjp(_widened_forward, _widened_backward)
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,7 +151,9 @@ def _dot(a, b, dims, float32_outputs: bool):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-def _einsum(spec, x, kernel, float32_outputs: bool, matmul_kernel: bool = False):
+def _einsum(spec, x, kernel, float32_outputs: bool, matmul_kernel: bool = False,
+            out_dtype=None):
+  out = x.dtype if out_dtype is None else out_dtype
   if float32_outputs:
     kernel = kernel.astype(x.dtype)
   if not _kernel_dtypes(x, kernel, float32_outputs):
@@ -130,12 +163,12 @@ def _einsum(spec, x, kernel, float32_outputs: bool, matmul_kernel: bool = False)
     token_shape, n_in, in_out, out_shape = layout
     flat_kernel = kernel.reshape((n_in, -1) if in_out else (-1, n_in))  # [out, in]: the head
     y = _kernel_product(x.reshape(-1, n_in), flat_kernel, b_transposed=not in_out,
-                        out_dtype=x.dtype)
+                        out_dtype=out)
     if y is not None:
       return y.reshape(token_shape + out_shape)
-  if not float32_outputs or x.dtype == jnp.float32:
+  if x.dtype == jnp.float32 or not (float32_outputs or out_dtype is not None):
     return jnp.einsum(spec, x, kernel)
-  return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32).astype(out)
 
 
 def _kernel_dtypes(x, kernel, float32_outputs: bool) -> bool:
@@ -168,17 +201,19 @@ def _kernel_product(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32):
   return y.astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _flat_grad_einsum(spec, float32_outputs, matmul_kernel, x, kernel):
-  return _einsum(spec, x, kernel, float32_outputs, matmul_kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _flat_grad_einsum(spec, float32_outputs, matmul_kernel, out_dtype, x, kernel):
+  return _einsum(spec, x, kernel, float32_outputs, matmul_kernel, out_dtype)
 
 
-def _forward(spec, float32_outputs, matmul_kernel, x, kernel):
-  return _einsum(spec, x, kernel, float32_outputs, matmul_kernel), (x, kernel)
+def _forward(spec, float32_outputs, matmul_kernel, out_dtype, x, kernel):
+  return _einsum(spec, x, kernel, float32_outputs, matmul_kernel, out_dtype), (x, kernel)
 
 
-def _backward(spec, float32_outputs, matmul_kernel, residuals, g):
+def _backward(spec, float32_outputs, matmul_kernel, out_dtype, residuals, g):
+  del out_dtype  # the gradient of a float32 output goes on in x's dtype, as a bf16 one's would
   x, kernel = residuals
+  g = g.astype(x.dtype)
   tokens, ins, outs, ks = _parse(spec)
   n = math.prod(x.shape[:len(tokens)])
   in_shape, out_shape = x.shape[len(tokens):], g.shape[len(tokens):]
@@ -287,22 +322,24 @@ def _matvec_applies(spec: str, x, kernel) -> bool:
           and cpu_matvec.available())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _matvec_project(spec, flat_weight_grad, float32_outputs, x, kernel):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _matvec_project(spec, flat_weight_grad, float32_outputs, out_dtype, x, kernel):
   from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
   token_shape, n_in, in_out, out_shape = _flat_layout(spec, x, kernel)
   flat_kernel = kernel.astype(x.dtype).reshape((n_in, -1) if in_out else (-1, n_in))
-  y = cpu_matvec.matvec(x.reshape(-1, n_in), flat_kernel, w_transposed=not in_out)
+  y = cpu_matvec.matvec(x.reshape(-1, n_in), flat_kernel, w_transposed=not in_out,
+                        out_dtype=out_dtype)
   return y.reshape(token_shape + out_shape)
 
 
-def _matvec_forward(spec, flat_weight_grad, float32_outputs, x, kernel):
-  return _matvec_project(spec, flat_weight_grad, float32_outputs, x, kernel), (x, kernel)
+def _matvec_forward(spec, flat_weight_grad, float32_outputs, out_dtype, x, kernel):
+  return (_matvec_project(spec, flat_weight_grad, float32_outputs, out_dtype, x, kernel),
+          (x, kernel))
 
 
-def _matvec_backward(spec, flat_weight_grad, float32_outputs, residuals, g):
-  _, pullback = jax.vjp(functools.partial(_xla_project, spec, flat_weight_grad, float32_outputs),
-                        *residuals)
+def _matvec_backward(spec, flat_weight_grad, float32_outputs, out_dtype, residuals, g):
+  _, pullback = jax.vjp(functools.partial(_xla_project, spec, flat_weight_grad, float32_outputs,
+                                          out_dtype=out_dtype), *residuals)
   return pullback(g)
 
 

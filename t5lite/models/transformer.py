@@ -243,15 +243,20 @@ class _Head(nnx.Module):
                                  cfg.d_model ** -0.5, jnp.dtype(cfg.param_dtype))
 
   def __call__(self, x, embed: layers.Embed):
-    """x: [batch, length, embed] -> logits [batch, length, vocab] (float32)."""
+    """x: [batch, length, embed] -> logits [batch, length, vocab] (float32).
+
+    The logits are the float32 sums of the compute dtype's products (bf16 ones on AMX, cuBLAS,
+    or XLA's dots with float32 outputs), never rounded to bf16: T5X computes its logits in
+    float32 for stability, and `losses.head_cross_entropy` (`LossConfig.head_chunks`) its
+    blocks' logits the same way."""
     if self.cfg.tie_embeddings:
       # T5 rescales before a tied head so logits keep unit scale.
       if self.cfg.arch == "encoder_decoder":
         x = x * (self.cfg.d_model ** -0.5)
-      return embed.attend(x).astype(jnp.float32)
+      return embed.attend(x)
     dt = layers.compute_dtype(self.cfg)
-    logits = layers.project(self.cfg, "bld,vd->blv", x, self.kernel[...].astype(dt))
-    return logits.astype(jnp.float32)
+    return layers.project(self.cfg, "bld,vd->blv", x, self.kernel[...].astype(dt),
+                          out_dtype=jnp.float32)
 
   def operands(self, x, embed: layers.Embed):
     """(x, kernel [vocab, embed]) with logits = x @ kernel.T, for `losses.head_cross_entropy`."""
