@@ -161,6 +161,9 @@ def test_cpu_transpose_kernel_and_its_use_by_the_bf16_weight_gradient(monkeypatc
       t = jax.jit(cpu_transpose.transpose)(x)
       assert t.dtype == dtype
       np.testing.assert_array_equal(np.asarray(t, np.float32), np.asarray(x, np.float32).T)
+  assert not cpu_transpose.supports(jnp.zeros((2, 3), jnp.int32))
+  assert not cpu_transpose.supports(jax.ShapeDtypeStruct((2, 3, 4), jnp.float32))
+  assert cpu_transpose.supports(jax.ShapeDtypeStruct((2, 3), jnp.bfloat16))
   with pytest.raises(ValueError, match="bf16 or fp32 matrix"):
     cpu_transpose.transpose(jnp.zeros((2, 3), jnp.int32))
   with pytest.raises(ValueError, match="bf16 or fp32 matrix"):

@@ -43,9 +43,15 @@ def available() -> bool:
   return True
 
 
+def supports(x) -> bool:
+  """Whether `transpose` takes x (an array or a jax.ShapeDtypeStruct): a bf16 or fp32 matrix."""
+  return x.ndim == 2 and jnp.dtype(x.dtype) in _TARGETS
+
+
 def transpose(x):
-  """x.T of a bf16 or fp32 matrix, written in memory by the kernel. Requires `available()`."""
-  if x.ndim != 2 or jnp.dtype(x.dtype) not in _TARGETS:
+  """x.T of a bf16 or fp32 matrix, written in memory by the kernel. Requires `supports(x)` and
+  `available()`."""
+  if not supports(x):
     raise ValueError(f"the CPU transpose takes a bf16 or fp32 matrix, got {x.dtype} {x.shape}")
   return jax.ffi.ffi_call(_TARGETS[jnp.dtype(x.dtype)][0],
                           jax.ShapeDtypeStruct(x.shape[::-1], x.dtype))(x)

@@ -284,7 +284,7 @@ def _transposed_copy(a):
   cannot)."""
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_transpose  # pylint: disable=import-outside-toplevel
-  if (a.dtype in (jnp.bfloat16, jnp.float32) and gpu_aot.tracing_platform() == "cpu"
+  if (cpu_transpose.supports(a) and gpu_aot.tracing_platform() == "cpu"
       and cpu_transpose.available()):
     return cpu_transpose.transpose(a)
   return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[::-1])
