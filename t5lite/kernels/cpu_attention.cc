@@ -23,9 +23,8 @@
 // A third handler, CacheAttention, is a decoding step's attention over a heads-major KV cache
 // (see CacheItem); a fourth, Matvec, a decoding step's projections of a few rows, bf16 or fp32
 // (bf16 ones with a bf16 or an fp32 output; it shares the vectors and the threads; cpu_matvec.py
-// calls it); a fifth, Matmul, training's
-// bf16 matmuls with fp32 sums on AMX, fp32 or bf16 outputs (it shares Matvec's AMX tiles;
-// cpu_matmul.py calls it).
+// calls it); a fifth, Matmul, training's bf16 matmuls with fp32 sums on AMX, fp32 or bf16
+// outputs (it shares Matvec's AMX tiles; cpu_matmul.py calls it).
 
 #include <algorithm>
 #include <climits>
@@ -1236,9 +1235,9 @@ inline __m256i NarrowSixteen(__m512 f) {
 }
 
 // kn: y[:, c0:c1] (c1 - c0 <= kAmxPanel, a multiple of 32) for m <= 32 rows of x [m, k] (bf16,
-// k a multiple of 32); y bf16 (narrowed) or fp32 (Out). W's columns c0..c1 are first packed whole (read a row at a time: a
-// tile's 32 x 32 blocks read straight from W were strided reads at half the bandwidth), then
-// multiplied 32 columns at a time from the packed panel (in L2).
+// k a multiple of 32); y bf16 (narrowed) or fp32 (Out). W's columns c0..c1 are first packed
+// whole (read a row at a time: a tile's 32 x 32 blocks read straight from W were strided reads
+// at half the bandwidth), then multiplied 32 columns at a time from the packed panel (in L2).
 constexpr int64_t kAmxPanel = 256;
 template <typename Out>
 void AmxKnColumns(const uint16_t* x, int64_t m, int64_t k, const uint16_t* w, int64_t n,
