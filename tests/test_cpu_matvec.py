@@ -87,7 +87,7 @@ def test_matvec_writes_float32_sums_of_bf16_operands(rows, k, n, w_transposed):
   np.testing.assert_array_equal(np.asarray(y.astype(jnp.bfloat16), np.float32),
                                 np.asarray(y16, np.float32))
   assert "t5lite_cpu_matvec_bf16_f32" in run(jnp.float32).lower(x, w).as_text()
-  with pytest.raises(ValueError, match="float32"):
+  with pytest.raises(ValueError, match="asked for float32 ones as bfloat16"):
     cpu_matvec.matvec(x.astype(jnp.float32), w.astype(jnp.float32), w_transposed=w_transposed,
                       out_dtype=jnp.bfloat16)
 

@@ -82,8 +82,8 @@ def matvec(x, w, *, w_transposed: bool = False, out_dtype=None):
   out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
   target = _TARGETS.get((jnp.dtype(x.dtype), out_dtype))
   if target is None:
-    raise ValueError(f"the CPU matvec writes {x.dtype} products as {x.dtype} or float32, not "
-                     f"{out_dtype}")
+    raise ValueError(f"the CPU matvec writes bf16 products as bf16 or float32 and float32 "
+                     f"ones as float32; asked for {x.dtype} ones as {out_dtype}")
   if not supports(x, w, w_transposed=w_transposed):
     raise ValueError(f"the CPU matvec takes bf16 or float32 [1..{MAX_ROWS}, k] rows and a "
                      f"matrix [k, n] ([n, k] and at most {MAX_ROWS_TRANSPOSED} bf16 rows with "
