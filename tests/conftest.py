@@ -50,6 +50,16 @@ def assert_float32_product(product, m: int, k: int, n: int, transposed: bool, se
   assert np.all(np.abs(np.asarray(c, np.float64) - ref) <= 1e-6 * scale)
 
 
+def assert_not_bf16_rounded(y):
+  """Asserts float32 values `y` are sums as they came, not rounded to bf16 on the way: more than
+  90% of them are not bf16 values (a bf16-rounded output would have none)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  assert y.dtype == jnp.float32
+  rounded = np.asarray(y.astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(rounded != np.asarray(y)) > 0.9
+
+
 def tiny_config(**overrides):
   """A tiny fp32 model config (encoder-decoder unless `arch` says otherwise)."""
   from t5lite.models.config import ModelConfig
