@@ -572,7 +572,8 @@ void BackwardItem(const Shape& s, const Operands& x, int64_t b, int64_t kh, int6
         float* row = pr + r * ldk;
         ExpRow(row, cols, x.lse[(b * s.h + h) * s.lq + start + r]);
         V dot = {};
-        for (int e = 0; e < d; e += kLanes) dot += Load(orow + r * ldo + e) * Load(grow + r * ldg + e);
+        for (int e = 0; e < d; e += kLanes)
+          dot += Load(orow + r * ldo + e) * Load(grow + r * ldg + e);
         di[r] = Sum(dot);
       }
       // dP = dO V^T; dS = P * (dP - D) (zero where hidden), the gradient of the scaled scores.
@@ -1039,16 +1040,23 @@ void F32KnPanel(const float* x, int64_t m, int64_t k, const float* w, int64_t n,
 // XLA:CPU's fp32 matmuls ran decoder-125m's products at 0.33-0.38 TFLOP/s on 2 cores of an
 // Intel Xeon, where torch's reach 0.39-0.45. Here the tiles above, for any number of rows: each
 // work item packs a sub-panel of kTileVecs vectors of b's columns (depth rows of it, at most
-// kF32Depth: 320 KB) and multiplies it with kTileRows rows of a at a time, sums in registers
-// over the depth, added into c after the first block of k: 1.1-1.25x XLA's speed. b may be
-// stored transposed ([n, k]: the head's [vocab, embed] kernel, a layer's kernel in its input
-// gradient), packed as it stands. (a stored transposed, a weight gradient's activations, read
-// kTileRows values of a strided row per step: 0.75-0.85x XLA's speed; the weight gradient
-// transposes them first, t5lite/kernels/cpu_transpose.cc.) 1280 rows deep rather than 1024:
-// a weight gradient over 2560 tokens in two blocks, not three (c written once less; [768, 2560]
-// x [2560, 4096] 44.3 -> 42.6 ms, [768, 2560] x [2560, 32000] 354 -> 339).
+// kF32Depth: 320 KB; or a group of them, below) and multiplies it with kTileRows rows of a at a
+// time, sums in registers over the depth, added into c after the first block of k: 1.1-1.25x
+// XLA's speed. b may be stored transposed ([n, k]: the head's [vocab, embed] kernel, a layer's
+// kernel in its input gradient), packed as it stands (PackF32Columns). (a stored transposed, a
+// weight gradient's activations, read kTileRows values of a strided row per step: 0.75-0.85x
+// XLA's speed; the weight gradient transposes them first, t5lite/kernels/cpu_transpose.cc.)
+// 1280 rows deep rather than 1024: a weight gradient over 2560 tokens in two blocks, not three
+// (c written once less; [768, 2560] x [2560, 4096] 44.3 -> 42.6 ms, [768, 2560] x [2560, 32000]
+// 354 -> 339).
+// A shallow product (k = 128: T5-tiny's layers and head) writes c for few products a value:
+// an item packs a group of sub-panels (up to kF32GroupBytes of them) and runs each row tile
+// across the group, so that c's rows are written kF32GroupBytes / (4 depth) floats at a time,
+// not 64 (a new page every row at n = 32128): 0.22-0.25 -> 0.27-0.30 TFLOP/s at k = 128,
+// [2048, 512] x [512, 1024] 0.30 -> 0.31, deeper products unchanged.
 constexpr int64_t kF32Depth = 1280;
 constexpr int64_t kF32ItemsPerThread = 4;
+constexpr int64_t kF32GroupBytes = 512 << 10;
 
 // c[0:kR, 0:kV vectors] (row stride n) (+)= a's kR rows (row stride k) . the packed sub-panel
 // p [depth, kV vectors].
@@ -1110,36 +1118,61 @@ inline int64_t RowBlocks(ffi::ThreadPool& pool, int64_t panels, int64_t groups, 
   return blocks;
 }
 
+// p[e][j] = bt[j][e] for e < rows, j < cols (bt's rows k apart; cols a multiple of kLanes): a
+// sub-panel of b stored [n, k], one vector of p per gather of a column of bt's rows (scalar
+// copies, one strided load each, cost as much as the products at k = 128).
+void PackF32Columns(const float* bt, int64_t k, int64_t rows, int64_t cols, float* p) {
+#if defined(__AVX512F__)
+  const __m512i apart = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int>(k)));
+  for (int64_t j = 0; j < cols; j += 16)
+    for (int64_t e = 0; e < rows; ++e)
+      _mm512_storeu_ps(p + e * cols + j, _mm512_i32gather_ps(apart, bt + j * k + e, 4));
+#else
+  for (int64_t e = 0; e < rows; ++e)
+    for (int64_t j = 0; j < cols; ++j) p[e * cols + j] = bt[j * k + e];
+#endif
+}
+
 // c = a . b (section comment above; bt: b stored [n, k]); n a multiple of kLanes.
 void F32Gemm(const float* a, int64_t m, int64_t k, const float* b, int64_t n, bool bt,
              ffi::ThreadPool& pool, float* c) {
   const int64_t sub = kTileVecs * kLanes, subs = (n + sub - 1) / sub;
-  const int64_t tiles = (m + kTileRows - 1) / kTileRows;
-  const int64_t row_blocks = RowBlocks(pool, subs, tiles, kF32ItemsPerThread, false);
-  const int64_t block_rows = (tiles + row_blocks - 1) / row_blocks * kTileRows;
   const int64_t depth_blocks = (k + kF32Depth - 1) / kF32Depth;
   const int64_t depth = (k + depth_blocks - 1) / depth_blocks;
-  const int64_t items = subs * row_blocks;
+  const int64_t group = std::clamp<int64_t>(kF32GroupBytes / (depth * sub * 4), 1, subs);
+  const int64_t groups = (subs + group - 1) / group;
+  const int64_t tiles = (m + kTileRows - 1) / kTileRows;
+  const int64_t row_blocks = RowBlocks(pool, groups, tiles, kF32ItemsPerThread, false);
+  const int64_t block_rows = (tiles + row_blocks - 1) / row_blocks * kTileRows;
+  const int64_t items = groups * row_blocks;
   auto item = [&](int, int64_t i) {
     thread_local std::vector<float> panel;  // kept across calls, as the AMX product's
-    const int64_t c0 = (i / row_blocks) * sub, cols = std::min(n, c0 + sub) - c0;
-    const int vecs = static_cast<int>(cols / kLanes);
+    const int64_t c0 = (i / row_blocks) * group * sub, c1 = std::min(n, c0 + group * sub);
     const int64_t r0 = std::min(m, (i % row_blocks) * block_rows);
     const int64_t r1 = std::min(m, r0 + block_rows);
     if (r0 == r1) return;
-    if (panel.size() < static_cast<size_t>(depth * sub)) panel.resize(depth * sub);
+    if (panel.size() < static_cast<size_t>(depth * group * sub)) panel.resize(depth * group * sub);
     for (int64_t e0 = 0; e0 < k; e0 += depth) {
       const int64_t rows = std::min(depth, k - e0);
-      float* p = panel.data();  // [rows, cols]
-      for (int64_t e = 0; e < rows; ++e)
+      for (int64_t s0 = c0; s0 < c1; s0 += sub) {  // sub-panel [rows, cols] at p
+        const int64_t cols = std::min(c1, s0 + sub) - s0;
+        float* p = panel.data() + (s0 - c0) * rows;
         if (bt) {
-          for (int64_t j = 0; j < cols; ++j) p[e * cols + j] = b[(c0 + j) * k + e0 + e];
+          PackF32Columns(b + s0 * k + e0, k, rows, cols, p);
         } else {
-          std::memcpy(p + e * cols, b + (e0 + e) * n + c0, cols * sizeof(float));
+          for (int64_t e = 0; e < rows; ++e)
+            std::memcpy(p + e * cols, b + (e0 + e) * n + s0, cols * sizeof(float));
         }
+      }
       for (int64_t r = r0; r < r1; r += kTileRows)
-        F32GemmTileRows(static_cast<int>(std::min<int64_t>(kTileRows, r1 - r)), vecs,
-                        a + r * k + e0, k, rows, p, c + r * n + c0, n, e0 > 0);
+        for (int64_t s0 = c0; s0 < c1; s0 += sub) {
+          const int vecs = static_cast<int>((std::min(c1, s0 + sub) - s0) / kLanes);
+          F32GemmTileRows(static_cast<int>(std::min<int64_t>(kTileRows, r1 - r)), vecs,
+                          a + r * k + e0, k, rows, panel.data() + (s0 - c0) * rows,
+                          c + r * n + s0, n, e0 > 0);
+        }
     }
   };
   ParallelFor(pool, items, Threads(pool, items), item);
