@@ -61,8 +61,10 @@ def test_matmul_matches_a_float64_product(m, k, n, b_transposed):
 
 # float32 (m, k, n): one row and one vector; a row tail (7 = 6 + 1) and a 3-vector sub-panel;
 # k past 1280 in three blocks (c added into); many sub-panels and row blocks, one group of
-# them; groups of two sub-panels (1024 deep: kF32GroupBytes / 256 KB), the last one 1.25 wide.
-F32_SHAPES = [(1, 1, 16), (7, 33, 48), (50, 2700, 80), (300, 64, 528), (13, 1024, 336)]
+# them; groups of two sub-panels (1024 deep: kF32GroupBytes / 256 KB), the last one 1.25 wide;
+# work items of more than kF32InPlaceRows (64) rows, b packed (fewer: b [k, n] read in place).
+F32_SHAPES = [(1, 1, 16), (7, 33, 48), (50, 2700, 80), (300, 64, 528), (13, 1024, 336),
+              (1500, 24, 48)]
 
 
 @needs_amx

@@ -1057,18 +1057,22 @@ void F32KnPanel(const float* x, int64_t m, int64_t k, const float* w, int64_t n,
 constexpr int64_t kF32Depth = 1280;
 constexpr int64_t kF32ItemsPerThread = 4;
 constexpr int64_t kF32GroupBytes = 512 << 10;
+// An item of at most kF32InPlaceRows rows reads b [k, n] where it is, not packed: the copy
+// costs as much as its few tiles' products (a weight gradient of 128 outputs, [128, 2560] x
+// [2560, 128]: 0.77 -> 0.96-1.0x torch's speed; 128 rows were slower at n = 512).
+constexpr int64_t kF32InPlaceRows = 64;
 
 // c[0:kR, 0:kV vectors] (row stride n) (+)= a's kR rows (row stride k) . the packed sub-panel
-// p [depth, kV vectors].
+// p [depth, kV vectors] (row stride ldp).
 template <int kR, int kV>
-void F32GemmTile(const float* a, int64_t k, int64_t depth, const float* p, float* c, int64_t n,
-                 bool accumulate) {
+void F32GemmTile(const float* a, int64_t k, int64_t depth, const float* p, int64_t ldp, float* c,
+                 int64_t n, bool accumulate) {
   V acc[kR][kV];
   for (int r = 0; r < kR; ++r)
     for (int j = 0; j < kV; ++j) acc[r][j] = accumulate ? Load(c + r * n + j * kLanes) : V{};
   for (int64_t e = 0; e < depth; ++e) {
     V wv[kV];
-    for (int j = 0; j < kV; ++j) wv[j] = Load(p + (e * kV + j) * kLanes);
+    for (int j = 0; j < kV; ++j) wv[j] = Load(p + e * ldp + j * kLanes);
     for (int r = 0; r < kR; ++r) {
       const V xv = Splat(a[r * k + e]);
       for (int j = 0; j < kV; ++j) acc[r][j] += xv * wv[j];
@@ -1079,28 +1083,28 @@ void F32GemmTile(const float* a, int64_t k, int64_t depth, const float* p, float
 }
 
 template <int kR>
-void F32GemmRows(int vecs, const float* a, int64_t k, int64_t depth, const float* p, float* c,
-                 int64_t n, bool accumulate) {
+void F32GemmRows(int vecs, const float* a, int64_t k, int64_t depth, const float* p,
+                 int64_t ldp, float* c, int64_t n, bool accumulate) {
   switch (vecs) {
-    case 1: return F32GemmTile<kR, 1>(a, k, depth, p, c, n, accumulate);
-    case 2: return F32GemmTile<kR, 2>(a, k, depth, p, c, n, accumulate);
-    case 3: return F32GemmTile<kR, 3>(a, k, depth, p, c, n, accumulate);
-    default: return F32GemmTile<kR, 4>(a, k, depth, p, c, n, accumulate);
+    case 1: return F32GemmTile<kR, 1>(a, k, depth, p, ldp, c, n, accumulate);
+    case 2: return F32GemmTile<kR, 2>(a, k, depth, p, ldp, c, n, accumulate);
+    case 3: return F32GemmTile<kR, 3>(a, k, depth, p, ldp, c, n, accumulate);
+    default: return F32GemmTile<kR, 4>(a, k, depth, p, ldp, c, n, accumulate);
   }
 }
 
 void F32GemmTileRows(int rows, int vecs, const float* a, int64_t k, int64_t depth,
-                     const float* p, float* c, int64_t n, bool accumulate) {
+                     const float* p, int64_t ldp, float* c, int64_t n, bool accumulate) {
   switch (rows) {
-    case 1: return F32GemmRows<1>(vecs, a, k, depth, p, c, n, accumulate);
+    case 1: return F32GemmRows<1>(vecs, a, k, depth, p, ldp, c, n, accumulate);
 #if defined(__AVX512F__)
-    case 2: return F32GemmRows<2>(vecs, a, k, depth, p, c, n, accumulate);
-    case 3: return F32GemmRows<3>(vecs, a, k, depth, p, c, n, accumulate);
-    case 4: return F32GemmRows<4>(vecs, a, k, depth, p, c, n, accumulate);
-    case 5: return F32GemmRows<5>(vecs, a, k, depth, p, c, n, accumulate);
-    default: return F32GemmRows<6>(vecs, a, k, depth, p, c, n, accumulate);
+    case 2: return F32GemmRows<2>(vecs, a, k, depth, p, ldp, c, n, accumulate);
+    case 3: return F32GemmRows<3>(vecs, a, k, depth, p, ldp, c, n, accumulate);
+    case 4: return F32GemmRows<4>(vecs, a, k, depth, p, ldp, c, n, accumulate);
+    case 5: return F32GemmRows<5>(vecs, a, k, depth, p, ldp, c, n, accumulate);
+    default: return F32GemmRows<6>(vecs, a, k, depth, p, ldp, c, n, accumulate);
 #else
-    default: return F32GemmRows<2>(vecs, a, k, depth, p, c, n, accumulate);
+    default: return F32GemmRows<2>(vecs, a, k, depth, p, ldp, c, n, accumulate);
 #endif
   }
 }
@@ -1154,24 +1158,28 @@ void F32Gemm(const float* a, int64_t m, int64_t k, const float* b, int64_t n, bo
     const int64_t r1 = std::min(m, r0 + block_rows);
     if (r0 == r1) return;
     if (panel.size() < static_cast<size_t>(depth * group * sub)) panel.resize(depth * group * sub);
+    const bool packed = bt || r1 - r0 > kF32InPlaceRows;  // else b [k, n] read where it is
     for (int64_t e0 = 0; e0 < k; e0 += depth) {
       const int64_t rows = std::min(depth, k - e0);
-      for (int64_t s0 = c0; s0 < c1; s0 += sub) {  // sub-panel [rows, cols] at p
-        const int64_t cols = std::min(c1, s0 + sub) - s0;
-        float* p = panel.data() + (s0 - c0) * rows;
-        if (bt) {
-          PackF32Columns(b + s0 * k + e0, k, rows, cols, p);
-        } else {
-          for (int64_t e = 0; e < rows; ++e)
-            std::memcpy(p + e * cols, b + (e0 + e) * n + s0, cols * sizeof(float));
+      if (packed) {
+        for (int64_t s0 = c0; s0 < c1; s0 += sub) {  // sub-panel [rows, cols] at p
+          const int64_t cols = std::min(c1, s0 + sub) - s0;
+          float* p = panel.data() + (s0 - c0) * rows;
+          if (bt) {
+            PackF32Columns(b + s0 * k + e0, k, rows, cols, p);
+          } else {
+            for (int64_t e = 0; e < rows; ++e)
+              std::memcpy(p + e * cols, b + (e0 + e) * n + s0, cols * sizeof(float));
+          }
         }
       }
       for (int64_t r = r0; r < r1; r += kTileRows)
         for (int64_t s0 = c0; s0 < c1; s0 += sub) {
-          const int vecs = static_cast<int>((std::min(c1, s0 + sub) - s0) / kLanes);
-          F32GemmTileRows(static_cast<int>(std::min<int64_t>(kTileRows, r1 - r)), vecs,
-                          a + r * k + e0, k, rows, panel.data() + (s0 - c0) * rows,
-                          c + r * n + s0, n, e0 > 0);
+          const int64_t cols = std::min(c1, s0 + sub) - s0;
+          F32GemmTileRows(static_cast<int>(std::min<int64_t>(kTileRows, r1 - r)),
+                          static_cast<int>(cols / kLanes), a + r * k + e0, k, rows,
+                          packed ? panel.data() + (s0 - c0) * rows : b + e0 * n + s0,
+                          packed ? cols : n, c + r * n + s0, n, e0 > 0);
         }
     }
   };
