@@ -62,9 +62,10 @@ def test_matmul_matches_a_float64_product(m, k, n, b_transposed):
 # float32 (m, k, n): one row and one vector; a row tail (7 = 6 + 1) and a 3-vector sub-panel;
 # k past 1280 in three blocks (c added into); many sub-panels and row blocks, one group of
 # them; groups of two sub-panels (1024 deep: kF32GroupBytes / 256 KB), the last one 1.25 wide;
-# work items of more than kF32InPlaceRows (64) rows, b packed (fewer: b [k, n] read in place).
+# work items of more than kF32InPlaceRows (64) rows, b packed (fewer: b [k, n] read in place),
+# and (a stored transposed) of more than kF32ChunkRows (192), a copied in chunks.
 F32_SHAPES = [(1, 1, 16), (7, 33, 48), (50, 2700, 80), (300, 64, 528), (13, 1024, 336),
-              (1500, 24, 48)]
+              (4000, 24, 48)]
 
 
 @needs_amx
@@ -99,18 +100,22 @@ def test_project_writes_the_heads_float32_logits_from_the_kernel():
 
 
 @needs_avx512
+@pytest.mark.parametrize("a_transposed", [False, True], ids=["a", "a_transposed"])
 @pytest.mark.parametrize("b_transposed", [False, True], ids=["b", "b_transposed"])
 @pytest.mark.parametrize("m,k,n", F32_SHAPES)
-def test_f32_matmul_matches_a_float64_product(m, k, n, b_transposed):
-  """float32 c = a @ b (b stored [k, n] or [n, k]): the float64 product within the fp32 sums'
-  error, every element written."""
-  assert_float32_product(lambda a, b: cpu_matmul.matmul(a, b, b_transposed=b_transposed),
-                         m, k, n, b_transposed, seed=m * 3 + k + n)
+def test_f32_matmul_matches_a_float64_product(m, k, n, b_transposed, a_transposed):
+  """float32 c = a @ b (a stored [m, k] or [k, m], b [k, n] or [n, k]): the float64 product
+  within the fp32 sums' error, every element written."""
+  def product(a, b):
+    return cpu_matmul.matmul(a.T if a_transposed else a, b, a_transposed=a_transposed,
+                             b_transposed=b_transposed)
+  assert_float32_product(product, m, k, n, b_transposed, seed=m * 3 + k + n)
 
 
 def test_matmul_refuses_what_it_does_not_take():
-  """k or n not a multiple of 32, float32 or mixed operands, shapes that do not contract, or no
-  AMX: `supports` says no and `matmul` raises a ValueError naming what it takes."""
+  """k or n not a multiple of 32, float32 or mixed operands, shapes that do not contract, a
+  transposed bf16 a, or no AMX: `supports` says no and `matmul` raises a ValueError naming what
+  it takes."""
   s = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
   amx = cpu_matvec.amx_rows() > 0
   assert cpu_matmul.supports(s((5, 64)), s((64, 96))) == amx
@@ -121,6 +126,9 @@ def test_matmul_refuses_what_it_does_not_take():
   assert cpu_matmul.supports(f32((5, 64)), f32((64, 96))) == AVX512
   assert cpu_matmul.supports(f32((5, 63)), f32((96, 63)), b_transposed=True) == AVX512
   assert not cpu_matmul.supports(f32((5, 64)), f32((64, 40)))  # n not a multiple of 16
+  assert cpu_matmul.supports(f32((64, 5)), f32((64, 96)), a_transposed=True) == AVX512
+  assert not cpu_matmul.supports(f32((5, 64)), f32((64, 96)), a_transposed=True)
+  assert not cpu_matmul.supports(s((64, 5)), s((64, 96)), a_transposed=True)  # float32 only
   assert not cpu_matmul.supports(f32((5, 0)), f32((0, 48)))  # nothing to contract
   assert not cpu_matmul.supports(s((5, 0)), s((0, 64)))
   assert not cpu_matmul.supports(f32((5, 64)), f32((64, 96)), out_dtype=jnp.bfloat16)
@@ -261,8 +269,9 @@ def test_remat_dots_policies_save_the_kernel_s_products():
 def test_project_runs_float32_matmuls_in_the_kernel(spec, k_shape):
   """A float32 projection with matmul_kernel runs its forward and input gradient in the kernel,
   and the weight gradient of an [in, out] kernel from activations transposed by the transpose
-  kernel (the [vocab, embed] head's stays XLA's); values and gradients within fp32 sums' error
-  of XLA's; a program for several devices keeps XLA's matmuls and transposes."""
+  kernel, the [vocab, embed] head's reading its output gradient as stored (a_transposed; here
+  96 tokens, `transposed_a_pays`); values and gradients within fp32 sums' error of XLA's; a
+  program for several devices keeps XLA's matmuls and transposes."""
   from t5lite.kernels import cpu_transpose  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(len(spec) + 1)
   ins = spec.split(",")[0][2:]
@@ -280,10 +289,11 @@ def test_project_runs_float32_matmuls_in_the_kernel(spec, k_shape):
     return jax.jit(f)
 
   head = spec == "bld,vd->blv"
-  weight_grad = not head and cpu_transpose.available()
+  copied = not head and cpu_transpose.available()
   text = run(True).lower(x, kernel, g).as_text()
-  assert text.count("t5lite_cpu_matmul_f32_f32") == 2 + weight_grad
-  assert text.count("t5lite_cpu_transpose_f32") == weight_grad
+  assert text.count("t5lite_cpu_matmul_f32_f32") == 2 + (head or copied)
+  assert text.count("t5lite_cpu_transpose_f32") == copied
+  assert text.count("a_transposed = true") == head
   for got, want in zip(run(True)(x, kernel, g), run(False)(x, kernel, g)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):

@@ -1057,16 +1057,24 @@ void F32KnPanel(const float* x, int64_t m, int64_t k, const float* w, int64_t n,
 constexpr int64_t kF32Depth = 1280;
 constexpr int64_t kF32ItemsPerThread = 4;
 constexpr int64_t kF32GroupBytes = 512 << 10;
+// a stored transposed ([k, m], at: the head's weight gradient g^T x from g [tokens, vocab] as
+// stored) is copied kF32ChunkRows rows at a time into [depth, 192] (one strided row of a per
+// depth step, not kTileRows of them per step of every tile) and multiplied from there; the
+// copies are made once per group, so cpu_matmul.py uses it only where n is one group (T5-tiny's
+// head: 0.15 -> 0.25 TFLOP/s against XLA's; a layer's weight gradient, in many groups, is faster
+// from the transposed copy: [768, 2560] x [2560, 4096] 0.33 against 0.22 TFLOP/s).
+constexpr int64_t kF32ChunkRows = 192;
 // An item of at most kF32InPlaceRows rows reads b [k, n] where it is, not packed: the copy
 // costs as much as its few tiles' products (a weight gradient of 128 outputs, [128, 2560] x
 // [2560, 128]: 0.77 -> 0.96-1.0x torch's speed; 128 rows were slower at n = 512).
 constexpr int64_t kF32InPlaceRows = 64;
 
-// c[0:kR, 0:kV vectors] (row stride n) (+)= a's kR rows (row stride k) . the packed sub-panel
-// p [depth, kV vectors] (row stride ldp).
-template <int kR, int kV>
-void F32GemmTile(const float* a, int64_t k, int64_t depth, const float* p, int64_t ldp, float* c,
-                 int64_t n, bool accumulate) {
+// c[0:kR, 0:kV vectors] (row stride n) (+)= a's kR rows . the sub-panel p [depth, kV vectors]
+// (row stride ldp). Row r's e-th value of a is a[r lda + e], or a[r + e lda] with kAt (a copied
+// transposed; a template parameter, so that the usual layout's inner loop steps by a constant).
+template <int kR, int kV, bool kAt>
+void F32GemmTile(const float* a, int64_t lda, int64_t depth, const float* p, int64_t ldp,
+                 float* c, int64_t n, bool accumulate) {
   V acc[kR][kV];
   for (int r = 0; r < kR; ++r)
     for (int j = 0; j < kV; ++j) acc[r][j] = accumulate ? Load(c + r * n + j * kLanes) : V{};
@@ -1074,7 +1082,7 @@ void F32GemmTile(const float* a, int64_t k, int64_t depth, const float* p, int64
     V wv[kV];
     for (int j = 0; j < kV; ++j) wv[j] = Load(p + e * ldp + j * kLanes);
     for (int r = 0; r < kR; ++r) {
-      const V xv = Splat(a[r * k + e]);
+      const V xv = Splat(kAt ? a[r + e * lda] : a[r * lda + e]);
       for (int j = 0; j < kV; ++j) acc[r][j] += xv * wv[j];
     }
   }
@@ -1082,29 +1090,30 @@ void F32GemmTile(const float* a, int64_t k, int64_t depth, const float* p, int64
     for (int j = 0; j < kV; ++j) Store(c + r * n + j * kLanes, acc[r][j]);
 }
 
-template <int kR>
-void F32GemmRows(int vecs, const float* a, int64_t k, int64_t depth, const float* p,
+template <int kR, bool kAt>
+void F32GemmRows(int vecs, const float* a, int64_t lda, int64_t depth, const float* p,
                  int64_t ldp, float* c, int64_t n, bool accumulate) {
   switch (vecs) {
-    case 1: return F32GemmTile<kR, 1>(a, k, depth, p, ldp, c, n, accumulate);
-    case 2: return F32GemmTile<kR, 2>(a, k, depth, p, ldp, c, n, accumulate);
-    case 3: return F32GemmTile<kR, 3>(a, k, depth, p, ldp, c, n, accumulate);
-    default: return F32GemmTile<kR, 4>(a, k, depth, p, ldp, c, n, accumulate);
+    case 1: return F32GemmTile<kR, 1, kAt>(a, lda, depth, p, ldp, c, n, accumulate);
+    case 2: return F32GemmTile<kR, 2, kAt>(a, lda, depth, p, ldp, c, n, accumulate);
+    case 3: return F32GemmTile<kR, 3, kAt>(a, lda, depth, p, ldp, c, n, accumulate);
+    default: return F32GemmTile<kR, 4, kAt>(a, lda, depth, p, ldp, c, n, accumulate);
   }
 }
 
-void F32GemmTileRows(int rows, int vecs, const float* a, int64_t k, int64_t depth,
+template <bool kAt>
+void F32GemmTileRows(int rows, int vecs, const float* a, int64_t lda, int64_t depth,
                      const float* p, int64_t ldp, float* c, int64_t n, bool accumulate) {
   switch (rows) {
-    case 1: return F32GemmRows<1>(vecs, a, k, depth, p, ldp, c, n, accumulate);
+    case 1: return F32GemmRows<1, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
 #if defined(__AVX512F__)
-    case 2: return F32GemmRows<2>(vecs, a, k, depth, p, ldp, c, n, accumulate);
-    case 3: return F32GemmRows<3>(vecs, a, k, depth, p, ldp, c, n, accumulate);
-    case 4: return F32GemmRows<4>(vecs, a, k, depth, p, ldp, c, n, accumulate);
-    case 5: return F32GemmRows<5>(vecs, a, k, depth, p, ldp, c, n, accumulate);
-    default: return F32GemmRows<6>(vecs, a, k, depth, p, ldp, c, n, accumulate);
+    case 2: return F32GemmRows<2, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
+    case 3: return F32GemmRows<3, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
+    case 4: return F32GemmRows<4, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
+    case 5: return F32GemmRows<5, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
+    default: return F32GemmRows<6, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
 #else
-    default: return F32GemmRows<2>(vecs, a, k, depth, p, ldp, c, n, accumulate);
+    default: return F32GemmRows<2, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
 #endif
   }
 }
@@ -1139,8 +1148,9 @@ void PackF32Columns(const float* bt, int64_t k, int64_t rows, int64_t cols, floa
 #endif
 }
 
-// c = a . b (section comment above; bt: b stored [n, k]); n a multiple of kLanes.
-void F32Gemm(const float* a, int64_t m, int64_t k, const float* b, int64_t n, bool bt,
+// c = a . b (section comment above; at: a stored [k, m], bt: b stored [n, k]); n a multiple of
+// kLanes.
+void F32Gemm(const float* a, int64_t m, int64_t k, bool at, const float* b, int64_t n, bool bt,
              ffi::ThreadPool& pool, float* c) {
   const int64_t sub = kTileVecs * kLanes, subs = (n + sub - 1) / sub;
   const int64_t depth_blocks = (k + kF32Depth - 1) / kF32Depth;
@@ -1152,12 +1162,14 @@ void F32Gemm(const float* a, int64_t m, int64_t k, const float* b, int64_t n, bo
   const int64_t block_rows = (tiles + row_blocks - 1) / row_blocks * kTileRows;
   const int64_t items = groups * row_blocks;
   auto item = [&](int, int64_t i) {
-    thread_local std::vector<float> panel;  // kept across calls, as the AMX product's
+    thread_local std::vector<float> panel, chunk;  // kept across calls, as the AMX product's
     const int64_t c0 = (i / row_blocks) * group * sub, c1 = std::min(n, c0 + group * sub);
     const int64_t r0 = std::min(m, (i % row_blocks) * block_rows);
     const int64_t r1 = std::min(m, r0 + block_rows);
     if (r0 == r1) return;
     if (panel.size() < static_cast<size_t>(depth * group * sub)) panel.resize(depth * group * sub);
+    if (at && chunk.size() < static_cast<size_t>(depth * kF32ChunkRows))
+      chunk.resize(depth * kF32ChunkRows);
     const bool packed = bt || r1 - r0 > kF32InPlaceRows;  // else b [k, n] read where it is
     for (int64_t e0 = 0; e0 < k; e0 += depth) {
       const int64_t rows = std::min(depth, k - e0);
@@ -1173,14 +1185,30 @@ void F32Gemm(const float* a, int64_t m, int64_t k, const float* b, int64_t n, bo
           }
         }
       }
-      for (int64_t r = r0; r < r1; r += kTileRows)
-        for (int64_t s0 = c0; s0 < c1; s0 += sub) {
-          const int64_t cols = std::min(c1, s0 + sub) - s0;
-          F32GemmTileRows(static_cast<int>(std::min<int64_t>(kTileRows, r1 - r)),
-                          static_cast<int>(cols / kLanes), a + r * k + e0, k, rows,
-                          packed ? panel.data() + (s0 - c0) * rows : b + e0 * n + s0,
-                          packed ? cols : n, c + r * n + s0, n, e0 > 0);
-        }
+      // c's rows [q0, q1) from a's at x (row q0 + r's e-th value at x[r lda + e], with kAt at
+      // x[r + e lda]).
+      auto product = [&](auto transposed, int64_t q0, int64_t q1, const float* x, int64_t lda) {
+        constexpr bool kAt = decltype(transposed)::value;
+        for (int64_t r = q0; r < q1; r += kTileRows)
+          for (int64_t s0 = c0; s0 < c1; s0 += sub) {
+            const int64_t cols = std::min(c1, s0 + sub) - s0;
+            F32GemmTileRows<kAt>(
+                static_cast<int>(std::min<int64_t>(kTileRows, q1 - r)),
+                static_cast<int>(cols / kLanes), x + (r - q0) * (kAt ? 1 : lda), lda, rows,
+                packed ? panel.data() + (s0 - c0) * rows : b + e0 * n + s0, packed ? cols : n,
+                c + r * n + s0, n, e0 > 0);
+          }
+      };
+      if (!at) {
+        product(std::false_type{}, r0, r1, a + r0 * k + e0, k);
+        continue;
+      }
+      for (int64_t q0 = r0; q0 < r1; q0 += kF32ChunkRows) {  // a's rows copied: [rows, q]
+        const int64_t q = std::min(kF32ChunkRows, r1 - q0);
+        for (int64_t e = 0; e < rows; ++e)
+          std::memcpy(chunk.data() + e * q, a + (e0 + e) * m + q0, q * sizeof(float));
+        product(std::true_type{}, q0, q0 + q, chunk.data(), q);
+      }
     }
   };
   ParallelFor(pool, items, Threads(pool, items), item);
@@ -1188,14 +1216,18 @@ void F32Gemm(const float* a, int64_t m, int64_t k, const float* b, int64_t n, bo
 
 // c [m, n] = a [m, k] . b [k, n] in fp32 (b stored [n, k] with b_transposed): F32Gemm.
 ffi::Error F32Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                     ffi::ResultBuffer<ffi::F32> c, ffi::ThreadPool pool, bool b_transposed) {
+                     ffi::ResultBuffer<ffi::F32> c, ffi::ThreadPool pool, bool a_transposed,
+                     bool b_transposed) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  const int64_t m = ad.size() == 2 ? ad[a_transposed ? 1 : 0] : 0;
+  const int64_t k = ad.size() == 2 ? ad[a_transposed ? 0 : 1] : 0;
   const int64_t n = bd.size() == 2 ? bd[b_transposed ? 0 : 1] : 0;
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || bd[b_transposed ? 1 : 0] != ad[1] ||
-      cd[0] != ad[0] || cd[1] != n || n % kLanes)
-    return ffi::Error::InvalidArgument(
-        "cpu matmul: a [m, k], b [k, n] (or [n, k]), c [m, n], n a multiple of the vector width");
-  F32Gemm(a.typed_data(), ad[0], ad[1], b.typed_data(), n, b_transposed, pool, c->typed_data());
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || bd[b_transposed ? 1 : 0] != k ||
+      cd[0] != m || cd[1] != n || n % kLanes)
+    return ffi::Error::InvalidArgument("cpu matmul: a [m, k] (or [k, m]), b [k, n] (or [n, k]), "
+                                       "c [m, n], n a multiple of the vector width");
+  F32Gemm(a.typed_data(), m, k, a_transposed, b.typed_data(), n, b_transposed, pool,
+          c->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1744,6 +1776,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatmulF32F32, F32Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Attr<bool>("a_transposed")
                                   .Attr<bool>("b_transposed"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(T5liteCpuMatmulF32, Matmul<ffi::DataType::F32>,
                               T5LITE_MATMUL(ffi::DataType::F32));

@@ -40,8 +40,10 @@ gradient on the kernel's float32 path (1.1-1.25x XLA's speed, on CPUs with AVX-5
 weight gradient of an [in, out] kernel from a transposed copy of x written by the transpose
 kernel (reading x as stored, [tokens, in], the kernel ran 0.75-0.85x XLA's speed; with the copy
 decoder-125m's layers' weight gradients take ~1,130 ms + 77 ms of copies against XLA's ~1,390,
-its step 5,447 -> 5,274 ms). The head's [vocab, embed] gradient stays XLA's: the kernel would
-give it as [embed, vocab], whose transpose costs what the kernel saves.
+its step 5,447 -> 5,274 ms). The head's [vocab, embed] gradient g^T x runs on the kernel reading
+g as stored where that pays (few tokens and a narrow embedding: T5-tiny's, 0.15 -> 0.25 TFLOP/s,
+its step 155 -> 142 ms; `cpu_matmul.transposed_a_pays`); elsewhere it stays XLA's (the kernel's
+[embed, vocab] product would need a transpose that costs what the kernel saves).
 
 `matvec_kernel=True` runs a projection of a few tokens (a decoding step at batch <= 32 in float32;
 in bf16 at batch <= 4, <= 32 on CPUs with AMX: `cpu_matvec.supports`) by t5lite's CPU kernel
@@ -178,25 +180,28 @@ def _kernel_dtypes(x, kernel, float32_outputs: bool) -> bool:
   return both and (x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and float32_outputs))
 
 
-def _kernel_runs(a, b, *, b_transposed: bool = False) -> bool:
-  """Whether t5lite's CPU matmul kernel runs a @ b (a @ b.T with b_transposed) here: a program
-  for one CPU device, the kernel built, shapes and dtypes it takes (a may be a
-  jax.ShapeDtypeStruct)."""
+def _kernel_runs(a, b, *, a_transposed: bool = False, b_transposed: bool = False) -> bool:
+  """Whether t5lite's CPU matmul kernel runs a @ b (a.T with a_transposed, b.T with
+  b_transposed) here: a program for one CPU device, the kernel built, shapes and dtypes it takes
+  (a may be a jax.ShapeDtypeStruct)."""
   from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
   return (gpu_aot.tracing_platform() == "cpu" and partitioning.one_device_program()
-          and cpu_matmul.supports(a, b, b_transposed=b_transposed) and cpu_matmul.available())
+          and cpu_matmul.supports(a, b, a_transposed=a_transposed, b_transposed=b_transposed)
+          and cpu_matmul.available())
 
 
-def _kernel_product(a, b, *, b_transposed: bool = False, out_dtype=jnp.float32):
-  """a @ b (a @ b.T with b_transposed) by t5lite's CPU matmul kernel with float32 sums: bf16
-  matrices on AMX, in out_dtype (bf16 written by the kernel where it can, else cast after), or
-  float32 ones; None where the kernel does not run it (`_kernel_runs`)."""
+def _kernel_product(a, b, *, a_transposed: bool = False, b_transposed: bool = False,
+                    out_dtype=jnp.float32):
+  """a @ b (a.T with a_transposed, b.T with b_transposed) by t5lite's CPU matmul kernel with
+  float32 sums: bf16 matrices on AMX, in out_dtype (bf16 written by the kernel where it can,
+  else cast after), or float32 ones; None where the kernel does not run it (`_kernel_runs`)."""
   from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
-  if not _kernel_runs(a, b, b_transposed=b_transposed):
+  if not _kernel_runs(a, b, a_transposed=a_transposed, b_transposed=b_transposed):
     return None
-  direct = cpu_matmul.supports(a, b, b_transposed=b_transposed, out_dtype=out_dtype)
-  y = cpu_matmul.matmul(a, b, b_transposed=b_transposed,
+  direct = cpu_matmul.supports(a, b, a_transposed=a_transposed, b_transposed=b_transposed,
+                               out_dtype=out_dtype)
+  y = cpu_matmul.matmul(a, b, a_transposed=a_transposed, b_transposed=b_transposed,
                         out_dtype=out_dtype if direct else jnp.float32)
   return y.astype(out_dtype)
 
@@ -257,6 +262,9 @@ def _backward(spec, float32_outputs, matmul_kernel, out_dtype, residuals, g):
     grad = None
     if matmul_kernel and ks == ins + outs and _float32_weight_grad_on_kernel(flat_x, flat_g):
       grad = _kernel_product(_transposed_copy(flat_x), flat_g)  # [in, out]
+    elif matmul_kernel and ks == outs + ins and _head_weight_grad_on_kernel(flat_g, n_in):
+      grad = _kernel_product(flat_g, flat_x, a_transposed=True)  # [out, in]: the head's layout
+      grad = None if grad is None else grad.T  # (transposed back below: no copy)
     if grad is None:
       grad = jnp.dot(flat_x.T, flat_g)  # [in, out]
   grad = grad.reshape(in_shape + out_shape)
@@ -275,6 +283,16 @@ def _float32_weight_grad_on_kernel(flat_x, flat_g) -> bool:
   x_t = jax.ShapeDtypeStruct(flat_x.shape[::-1], flat_x.dtype)
   return (flat_x.dtype == flat_g.dtype == jnp.float32 and _kernel_runs(x_t, flat_g)
           and cpu_transpose.available())
+
+
+def _head_weight_grad_on_kernel(flat_g, n_in: int) -> bool:
+  """Whether the [out, in] weight gradient g^T x of a float32 [out, in] kernel (the output head)
+  runs on the matmul kernel, reading g [tokens, out] as stored: where that runs at XLA's speed
+  or better (`cpu_matmul.transposed_a_pays`: few tokens and a narrow embedding, T5-tiny's head).
+  Elsewhere XLA's dot, which the kernel's [in, out] product and a transpose of it would not beat
+  (a transposed copy of g, tokens x vocab, costs as much)."""
+  from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+  return flat_g.dtype == jnp.float32 and cpu_matmul.transposed_a_pays(flat_g.shape[0], n_in)
 
 
 def _transposed_copy(a):
