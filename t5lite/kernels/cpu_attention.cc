@@ -1214,7 +1214,8 @@ void F32Gemm(const float* a, int64_t m, int64_t k, bool at, const float* b, int6
   ParallelFor(pool, items, Threads(pool, items), item);
 }
 
-// c [m, n] = a [m, k] . b [k, n] in fp32 (b stored [n, k] with b_transposed): F32Gemm.
+// c [m, n] = a [m, k] . b [k, n] in fp32 (a stored [k, m] with a_transposed, b stored [n, k]
+// with b_transposed): F32Gemm.
 ffi::Error F32Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                      ffi::ResultBuffer<ffi::F32> c, ffi::ThreadPool pool, bool a_transposed,
                      bool b_transposed) {

@@ -20,11 +20,13 @@ Intel Sapphire Rapids on, a native build) and k and n are multiples of 32.
 
 XLA:CPU's float32 matmuls ran decoder-125m's products at 0.33-0.38 TFLOP/s on those 2 cores,
 torch's at 0.39-0.45. The float32 kernel packs a sub-panel of 64 of b's columns (up to 1280 rows
-of it) and multiplies it with 6 rows of a at a time, 24 vectors of sums in registers: 0.39-0.41
-TFLOP/s, 1.1-1.25x XLA's speed, for n a multiple of 16 on CPUs with AVX-512 (a build tuned for
-16-float vectors: `float32_kernel()`); a weight gradient x^T g from a copy of x transposed by
-t5lite/kernels/cpu_transpose.py. `t5lite.models.projection` asks `supports` and otherwise keeps
-XLA's matmul.
+of it; a shallow product a group of them, so that c is written in long runs) and multiplies it
+with 6 rows of a at a time, 24 vectors of sums in registers: 0.39-0.41 TFLOP/s, 1.1-1.25x XLA's
+speed, for n a multiple of 16 on CPUs with AVX-512 (a build tuned for 16-float vectors:
+`float32_kernel()`); a layer's weight gradient x^T g from a copy of x transposed by
+t5lite/kernels/cpu_transpose.py, the output head's g^T x reading g as stored (`a_transposed`)
+where `transposed_a_pays`. `t5lite.models.projection` asks `supports` and otherwise keeps XLA's
+matmul.
 """
 
 import jax
