@@ -38,8 +38,10 @@
 #include "xla/ffi/api/ffi.h"
 #include "cpu_threads.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>  // PackF32Columns' gathers, and AMX's tiles
+#endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
