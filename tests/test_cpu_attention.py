@@ -5,7 +5,6 @@ import ctypes
 import functools
 import os
 import platform
-import shutil
 import subprocess
 import sys
 
@@ -455,7 +454,7 @@ CPU_FLAGS = cpu_build.cpu_flags() or frozenset()
 def _load_build(cache_dir=None):
   """The library built into cache_dir (default: t5lite's), loaded; skips without a compiler (a
   build that fails with one fails the test: the source must compile for every target)."""
-  if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
+  if not cpu_build.compiler():
     pytest.skip("no C++ compiler here")
   return ctypes.cdll.LoadLibrary(cpu_attention.build(cache_dir))
 

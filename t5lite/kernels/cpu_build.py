@@ -58,13 +58,19 @@ def headers(source: str) -> list:
   return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".h"))
 
 
+def compiler() -> Optional[str]:
+  """The C++ compiler kernels are built with: $CXX, else `g++` or `c++` on the PATH; None if
+  there is none."""
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 def build(source: str, march: Optional[str], folder: Optional[str] = None) -> str:
   """Compiles the kernel `source` for `march` (None: no -march) once per source (with the
   headers beside it), compiler, flags, JAX version and CPU into `folder` (default
   `cache_dir()`), and returns the path of the shared library. Raises RuntimeError (with the
   compiler's message) when it cannot."""
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if not compiler:
+  cxx = compiler()
+  if not cxx:
     raise RuntimeError("no C++ compiler found (set $CXX)")
   text = b""
   for path in [source] + headers(source):
@@ -72,7 +78,7 @@ def build(source: str, march: Optional[str], folder: Optional[str] = None) -> st
       text += f.read()
   flags = compiler_flags(march)
   key = hashlib.sha256(text + " ".join(
-      flags + (compiler, jax.__version__, cpu_features())).encode())
+      flags + (cxx, jax.__version__, cpu_features())).encode())
   folder = folder or cache_dir()
   name = os.path.splitext(os.path.basename(source))[0]
   path = os.path.join(folder, f"{name}-{key.hexdigest()[:16]}.so")
@@ -81,7 +87,7 @@ def build(source: str, march: Optional[str], folder: Optional[str] = None) -> st
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
   os.close(fd)
-  cmd = [compiler, *flags, "-isystem", jax.ffi.include_dir(), source, "-o", tmp]
+  cmd = [cxx, *flags, "-isystem", jax.ffi.include_dir(), source, "-o", tmp]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if done.returncode:
     os.unlink(tmp)
