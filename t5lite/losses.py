@@ -100,8 +100,11 @@ def _logits_grad(x, targets, log_z, g_loss, g_z, z_loss, label_smoothing, dtype)
                 log_z[..., None])
   target = grad(jnp.exp(_target_logit(x, targets) - log_z), 1.0, g_loss, g_z, log_z)
   rows = targets.size
-  others = others.reshape(rows, vocab).at[jnp.arange(rows), targets.reshape(rows)].set(
-      target.reshape(rows), mode="drop", unique_indices=True)
+  # One scatter batched over the rows (rows a batching dimension, not an index): under a mesh
+  # each device sets its own rows' targets, with no collective.
+  set_target = lambda row, t, value: row.at[t].set(value, mode="drop")
+  others = jax.vmap(set_target)(others.reshape(rows, vocab), targets.reshape(rows),
+                                target.reshape(rows))
   return others.reshape(x.shape)
 
 
