@@ -6,6 +6,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from t5lite import gpu_aot
+
 NORMALIZATIONS = ("tokens", "total_tokens", "per_sequence")
 
 
@@ -76,11 +78,13 @@ def _fused_backward(z_loss, label_smoothing, residuals, cotangents):
 def _logits_grad(x, targets, log_z, g_loss, g_z, z_loss, label_smoothing, dtype):
   """d(loss, z_term)/d(logits) for float32 logits x, given the outputs' cotangents, in `dtype`.
 
-  Every class is first given the gradient of a non-target class (one elementwise sweep), then
-  each row's target is set to its own value, from its gathered logit: a one-hot mask compared
-  against an iota in the sweep made it twice as slow on XLA:CPU ([2560, 32000] logits, 2 cores:
-  67 -> 33 ms). Both values are the same formula with the one-hot term 0 or 1: the gradient the
-  mask gave (to the bit without z-loss and label smoothing, within float32 rounding with them).
+  One elementwise sweep with a one-hot mask of the targets. On CPUs every class is instead
+  given the gradient of a non-target class, then each row's target is set to its own value,
+  from its gathered logit: the mask (an iota compared in the sweep) made the sweep twice as
+  slow on XLA:CPU ([2560, 32000] logits, 2 cores: 67 -> 33 ms). Both values are the same
+  formula with the one-hot term 0 or 1: the gradient the mask gives (to the bit without z-loss
+  and label smoothing, within float32 rounding with them). On GPUs the mask costs nothing in a
+  memory-bound sweep, and the scatter would be one more kernel.
   """
   vocab = x.shape[-1]
 
@@ -96,8 +100,12 @@ def _logits_grad(x, targets, log_z, g_loss, g_z, z_loss, label_smoothing, dtype)
       g = g + (g_loss + g_z) * (2.0 * z_loss) * log_z * probs
     return g.astype(dtype)
 
-  others = grad(jnp.exp(x - log_z[..., None]), 0.0, g_loss[..., None], g_z[..., None],
+  probs = jnp.exp(x - log_z[..., None])
+  if gpu_aot.tracing_platform() != "cpu":
+    onehot = targets[..., None] == jnp.arange(vocab, dtype=targets.dtype)
+    return grad(probs, onehot.astype(jnp.float32), g_loss[..., None], g_z[..., None],
                 log_z[..., None])
+  others = grad(probs, 0.0, g_loss[..., None], g_z[..., None], log_z[..., None])
   target = grad(jnp.exp(_target_logit(x, targets) - log_z), 1.0, g_loss, g_z, log_z)
   rows = targets.size
   # One scatter batched over the rows (rows a batching dimension, not an index): under a mesh

@@ -1,10 +1,13 @@
 """Cross-entropy, z-loss, label smoothing and loss normalization against hand computations."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t5lite import gpu_aot
 from t5lite import losses
 
 
@@ -39,11 +42,13 @@ def test_label_smoothing_is_zero_at_the_smoothed_optimum():
   assert float(losses.cross_entropy_with_logits(sharp, jnp.array([2]), label_smoothing=ls)[0][0]) > 1
 
 
+@pytest.mark.parametrize("traced_for", ["cpu", "gpu"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("z_loss,smoothing", [(0.0, 0.0), (1e-4, 0.0), (1e-2, 0.1)])
-def test_fused_backward_equals_autodiff_of_the_formula(dtype, z_loss, smoothing):
+def test_fused_backward_equals_autodiff_of_the_formula(dtype, z_loss, smoothing, traced_for):
   """The hand-written gradient (one sweep over the logits) equals JAX's gradient of the plain
-  formula, for both outputs (the z-term is a metric but may be differentiated too)."""
+  formula, for both outputs (the z-term is a metric but may be differentiated too), in the
+  form traced for CPUs (targets set after the sweep) and for GPUs (a one-hot mask in it)."""
   logits = (4.0 * jax.random.normal(jax.random.key(0), (3, 5, 37))).astype(dtype)
   targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 37)
   weights = jax.random.uniform(jax.random.key(2), (3, 5))
@@ -52,8 +57,13 @@ def test_fused_backward_equals_autodiff_of_the_formula(dtype, z_loss, smoothing)
     loss, z_term = fn(x, targets, z_loss=z_loss, label_smoothing=smoothing)
     return jnp.sum(loss * weights) + 0.3 * jnp.sum(z_term * weights)
 
-  fused, fused_grad = jax.value_and_grad(
-      lambda x: objective(losses.cross_entropy_with_logits, x))(logits)
+  tracing = gpu_aot.tracing_for("h100") if traced_for == "gpu" else contextlib.nullcontext()
+  with tracing:
+    fused, fused_grad = jax.value_and_grad(
+        lambda x: objective(losses.cross_entropy_with_logits, x))(logits)
+    program = str(jax.make_jaxpr(jax.grad(
+        lambda x: objective(losses.cross_entropy_with_logits, x)))(logits))
+  assert ("scatter" in program) == (traced_for == "cpu")  # each platform's form was traced
   ref, ref_grad = jax.value_and_grad(
       lambda x: objective(losses.cross_entropy_reference, x))(logits)
   assert fused_grad.dtype == logits.dtype
