@@ -1,7 +1,7 @@
-"""The CPU matmul kernels (training's bf16 matmuls on AMX, float32 ones on AVX-512): their
-products against float64, their refusals, their place in `projection.project` (forward, input
-and weight gradients; XLA's matmuls where they do not apply), in a model's loss and gradients
-and under remat."""
+"""The CPU matmul kernels (training's bf16 matmuls on AMX, float32 ones on AVX-512 or AVX2 with
+FMA): their products against float64, their refusals, where they pay, their place in
+`projection.project` (forward, input and weight gradients; XLA's matmuls where they do not
+apply), in a model's loss and gradients and under remat."""
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +16,16 @@ from t5lite.models.model import Model
 
 needs_amx = pytest.mark.skipif(not (cpu_matmul.available() and cpu_matvec.amx_rows()),
                                reason="no AMX kernel here")
-AVX512 = cpu_matmul.available() and cpu_matmul.float32_kernel()
-needs_avx512 = pytest.mark.skipif(not AVX512, reason="no AVX-512 kernel here")
+F32_KERNEL = cpu_matmul.available() and cpu_matmul.float32_kernel()
+needs_f32_kernel = pytest.mark.skipif(not F32_KERNEL,
+                                      reason="no float32 kernel here (AVX-512 or AVX2 with FMA)")
+
+
+@pytest.fixture
+def kernel_pays(monkeypatch):
+  """The kernel run wherever it takes the operands (a build for AVX2 runs float32 products only
+  where they are large enough to pay, `cpu_matmul.pays`; the tests' are small)."""
+  monkeypatch.setattr(cpu_matmul, "pays", lambda *args, **kwargs: True)
 
 # (m, k, n): one tile of rows and a panel narrower than 256 columns; row tails of 13 (one row
 # tile) and 18 (16 + 2) rows; k past 2048 in two blocks (c's tiles loaded back); a deep k whose
@@ -99,7 +107,7 @@ def test_project_writes_the_heads_float32_logits_from_the_kernel():
   np.testing.assert_array_equal(np.asarray(dk), np.asarray(dk16))
 
 
-@needs_avx512
+@needs_f32_kernel
 @pytest.mark.parametrize("a_transposed", [False, True], ids=["a", "a_transposed"])
 @pytest.mark.parametrize("b_transposed", [False, True], ids=["b", "b_transposed"])
 @pytest.mark.parametrize("m,k,n", F32_SHAPES)
@@ -123,10 +131,10 @@ def test_matmul_refuses_what_it_does_not_take():
   assert not cpu_matmul.supports(s((5, 64)), s((64, 80)))
   assert not cpu_matmul.supports(s((5, 64)), s((32, 96)))
   f32 = lambda shape: s(shape, jnp.float32)  # noqa: E731
-  assert cpu_matmul.supports(f32((5, 64)), f32((64, 96))) == AVX512
-  assert cpu_matmul.supports(f32((5, 63)), f32((96, 63)), b_transposed=True) == AVX512
+  assert cpu_matmul.supports(f32((5, 64)), f32((64, 96))) == F32_KERNEL
+  assert cpu_matmul.supports(f32((5, 63)), f32((96, 63)), b_transposed=True) == F32_KERNEL
   assert not cpu_matmul.supports(f32((5, 64)), f32((64, 40)))  # n not a multiple of 16
-  assert cpu_matmul.supports(f32((64, 5)), f32((64, 96)), a_transposed=True) == AVX512
+  assert cpu_matmul.supports(f32((64, 5)), f32((64, 96)), a_transposed=True) == F32_KERNEL
   assert not cpu_matmul.supports(f32((5, 64)), f32((64, 96)), a_transposed=True)
   assert not cpu_matmul.supports(s((64, 5)), s((64, 96)), a_transposed=True)  # float32 only
   assert not cpu_matmul.supports(f32((5, 0)), f32((0, 48)))  # nothing to contract
@@ -213,9 +221,9 @@ def test_model_loss_and_gradients_with_the_kernel(variant):
   assert float(jnp.linalg.norm(flat(grads) - flat(want)) / jnp.linalg.norm(flat(want))) < 1e-2
 
 
-@needs_avx512
+@needs_f32_kernel
 @pytest.mark.parametrize("arch", ["decoder_only", "encoder_decoder"])
-def test_float32_model_loss_and_gradients_with_the_kernel(arch):
+def test_float32_model_loss_and_gradients_with_the_kernel(arch, kernel_pays):
   """runs/cpu.gin's model (float32) with matmul_kernel: its train program's forward, input- and
   weight-gradient matmuls in the float32 kernel (the weight gradients from transposed copies
   where the transpose kernel builds), the loss and gradients of XLA's matmuls within fp32 sums'
@@ -264,9 +272,9 @@ def test_remat_dots_policies_save_the_kernel_s_products():
       "none"], calls
 
 
-@needs_avx512
+@needs_f32_kernel
 @pytest.mark.parametrize("spec,k_shape", SPECS)
-def test_project_runs_float32_matmuls_in_the_kernel(spec, k_shape):
+def test_project_runs_float32_matmuls_in_the_kernel(spec, k_shape, kernel_pays):
   """A float32 projection with matmul_kernel runs its forward and input gradient in the kernel,
   and the weight gradient of an [in, out] kernel from activations transposed by the transpose
   kernel, the [vocab, embed] head's reading its output gradient as stored (a_transposed; here
@@ -299,3 +307,42 @@ def test_project_runs_float32_matmuls_in_the_kernel(spec, k_shape):
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
     jaxpr = str(jax.make_jaxpr(run(True))(x, kernel, g))
   assert "t5lite_cpu_matmul" not in jaxpr and "t5lite_cpu_transpose" not in jaxpr
+
+
+def test_float32_products_of_an_avx2_build_run_where_they_pay(monkeypatch):
+  """On a build for 8-float vectors (AVX2) a float32 product `pays` on the kernel only at least
+  256 rows by 256 deep with at most 8192 columns (a layer's products, not the output head's
+  forward, a shallow product or a narrow weight gradient); bf16 products and an AVX-512 build's
+  always."""
+  s = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+  monkeypatch.setattr(cpu_matmul, "_lanes", lambda: 8)
+  assert cpu_matmul.pays(s((2048, 512)), s((512, 1152)))               # a layer's forward
+  assert cpu_matmul.pays(s((2048, 1152)), s((512, 1152)), b_transposed=True)  # its input grad
+  assert cpu_matmul.pays(s((512, 2048)), s((2048, 1152)))              # its weight gradient
+  assert cpu_matmul.pays(s((512, 256)), s((256, 8192)))
+  assert cpu_matmul.pays(s((256, 512)), s((256, 1024)), a_transposed=True)  # m = 512, k = 256
+  assert not cpu_matmul.pays(s((512, 512)), s((32128, 512)), b_transposed=True)  # the head
+  assert not cpu_matmul.pays(s((2048, 128)), s((128, 384)))            # shallow
+  assert not cpu_matmul.pays(s((128, 2048)), s((2048, 512)))           # few rows
+  assert not cpu_matmul.pays(s((255, 512)), s((512, 512)))
+  assert cpu_matmul.pays(s((32, 64), jnp.bfloat16), s((64, 32128), jnp.bfloat16))
+  monkeypatch.setattr(cpu_matmul, "_lanes", lambda: 16)
+  assert cpu_matmul.pays(s((512, 512)), s((32128, 512)), b_transposed=True)
+  assert cpu_matmul.pays(s((7, 33)), s((33, 48)))
+
+
+@needs_f32_kernel
+def test_project_keeps_xla_s_matmuls_where_the_kernel_does_not_pay(monkeypatch):
+  """A float32 projection on an AVX2 build runs the kernel where it pays (`cpu_matmul.pays`):
+  [256 tokens, 256] x [256, 256] in its forward, input and weight gradients; 128 tokens of it
+  (too few rows) none of them."""
+  monkeypatch.setattr(cpu_matmul, "_lanes", lambda: 8)
+  kernel = jnp.zeros((256, 256), jnp.float32)
+
+  def program(tokens):
+    x = jnp.zeros((2, tokens // 2, 256), jnp.float32)
+    f = lambda x, k: projection.project("bld,de->ble", x, k, matmul_kernel=True)  # noqa: E731
+    return jax.jit(lambda x, k: jax.vjp(f, x, k)[1](f(x, k))).lower(x, kernel).as_text()
+
+  assert program(256).count("t5lite_cpu_matmul_f32_f32") == 3
+  assert "t5lite_cpu_matmul" not in program(128)

@@ -38,7 +38,7 @@
 #include "xla/ffi/api/ffi.h"
 #include "cpu_threads.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>  // PackF32Columns' gathers, and AMX's tiles
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
@@ -1041,12 +1041,12 @@ void F32KnPanel(const float* x, int64_t m, int64_t k, const float* w, int64_t n,
 //
 // XLA:CPU's fp32 matmuls ran decoder-125m's products at 0.33-0.38 TFLOP/s on 2 cores of an
 // Intel Xeon, where torch's reach 0.39-0.45. Here the tiles above, for any number of rows: each
-// work item packs a sub-panel of kTileVecs vectors of b's columns (depth rows of it, at most
-// kF32Depth: 320 KB; or a group of them, below) and multiplies it with kTileRows rows of a at a
+// work item packs a sub-panel of kGemmVecs vectors of b's columns (depth rows of it, at most
+// kF32Depth: 320 KB; or a group of them, below) and multiplies it with kGemmRows rows of a at a
 // time, sums in registers over the depth, added into c after the first block of k: 1.1-1.25x
 // XLA's speed. b may be stored transposed ([n, k]: the head's [vocab, embed] kernel, a layer's
 // kernel in its input gradient), packed as it stands (PackF32Columns). (a stored transposed, a
-// weight gradient's activations, read kTileRows values of a strided row per step: 0.75-0.85x
+// weight gradient's activations, read kGemmRows values of a strided row per step: 0.75-0.85x
 // XLA's speed; the weight gradient transposes them first, t5lite/kernels/cpu_transpose.cc.)
 // 1280 rows deep rather than 1024: a weight gradient over 2560 tokens in two blocks, not three
 // (c written once less; [768, 2560] x [2560, 4096] 44.3 -> 42.6 ms, [768, 2560] x [2560, 32000]
@@ -1056,12 +1056,17 @@ void F32KnPanel(const float* x, int64_t m, int64_t k, const float* w, int64_t n,
 // across the group, so that c's rows are written kF32GroupBytes / (4 depth) floats at a time,
 // not 64 (a new page every row at n = 32128): 0.22-0.25 -> 0.27-0.30 TFLOP/s at k = 128,
 // [2048, 512] x [512, 1024] 0.30 -> 0.31, deeper products unchanged.
+// A tile is kGemmRows rows of a by kGemmVecs vectors of b's columns: 6 x 4 vectors on AVX-512
+// (24 of its 32 registers hold sums), 6 x 2 on AVX2 (12 of 16; 2 vectors of b and a broadcast
+// of a, AVX2's FMA taking no broadcast operand).
+constexpr int kGemmRows = 6;
+constexpr int kGemmVecs = kWide ? 4 : 2;
 constexpr int64_t kF32Depth = 1280;
 constexpr int64_t kF32ItemsPerThread = 4;
 constexpr int64_t kF32GroupBytes = 512 << 10;
 // a stored transposed ([k, m], at: the head's weight gradient g^T x from g [tokens, vocab] as
 // stored) is copied kF32ChunkRows rows at a time into [depth, 192] (one strided row of a per
-// depth step, not kTileRows of them per step of every tile) and multiplied from there; the
+// depth step, not kGemmRows of them per step of every tile) and multiplied from there; the
 // copies are made once per group, so cpu_matmul.py uses it only where n is one group (T5-tiny's
 // head: 0.15 -> 0.25 TFLOP/s against XLA's; a layer's weight gradient, in many groups, is faster
 // from the transposed copy: [768, 2560] x [2560, 4096] 0.33 against 0.22 TFLOP/s).
@@ -1097,9 +1102,13 @@ void F32GemmRows(int vecs, const float* a, int64_t lda, int64_t depth, const flo
                  int64_t ldp, float* c, int64_t n, bool accumulate) {
   switch (vecs) {
     case 1: return F32GemmTile<kR, 1, kAt>(a, lda, depth, p, ldp, c, n, accumulate);
+#if defined(__AVX512F__)
     case 2: return F32GemmTile<kR, 2, kAt>(a, lda, depth, p, ldp, c, n, accumulate);
     case 3: return F32GemmTile<kR, 3, kAt>(a, lda, depth, p, ldp, c, n, accumulate);
     default: return F32GemmTile<kR, 4, kAt>(a, lda, depth, p, ldp, c, n, accumulate);
+#else
+    default: return F32GemmTile<kR, 2, kAt>(a, lda, depth, p, ldp, c, n, accumulate);
+#endif
   }
 }
 
@@ -1108,20 +1117,16 @@ void F32GemmTileRows(int rows, int vecs, const float* a, int64_t lda, int64_t de
                      const float* p, int64_t ldp, float* c, int64_t n, bool accumulate) {
   switch (rows) {
     case 1: return F32GemmRows<1, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
-#if defined(__AVX512F__)
     case 2: return F32GemmRows<2, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
     case 3: return F32GemmRows<3, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
     case 4: return F32GemmRows<4, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
     case 5: return F32GemmRows<5, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
     default: return F32GemmRows<6, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
-#else
-    default: return F32GemmRows<2, kAt>(vecs, a, lda, depth, p, ldp, c, n, accumulate);
-#endif
   }
 }
 
 // The blocks of rows a product's work items of (panel, block of rows) split `groups` whole
-// groups of rows into (kTileRows-row tiles, AMX's 32-row stripes): as few as give every thread
+// groups of rows into (kGemmRows-row tiles, AMX's 32-row stripes): as few as give every thread
 // `per_thread` items of `panels` panels; with `even`, more until the threads divide the items
 // evenly, where the groups allow (a product of few columns has few panels).
 inline int64_t RowBlocks(ffi::ThreadPool& pool, int64_t panels, int64_t groups, int64_t per_thread,
@@ -1144,6 +1149,29 @@ void PackF32Columns(const float* bt, int64_t k, int64_t rows, int64_t cols, floa
   for (int64_t j = 0; j < cols; j += 16)
     for (int64_t e = 0; e < rows; ++e)
       _mm512_storeu_ps(p + e * cols + j, _mm512_i32gather_ps(apart, bt + j * k + e, 4));
+#elif defined(__AVX2__)
+  // 8 x 8 blocks transposed in registers: AVX2's gathers (on AMD Zen 3) packed the head's
+  // [32128, 512] kernel slower than XLA's whole product ran.
+  int64_t e = 0;
+  for (; e + 8 <= rows; e += 8)
+    for (int64_t j = 0; j < cols; j += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(bt + (j + i) * k + e);  // column j + i
+      for (int i = 0; i < 8; i += 2) {  // t[i]: (r[i][0], r[i+1][0], r[i][1], r[i+1][1] | [4, 5])
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // the same of [2, 3 | 6, 7]
+      }
+      for (int i = 0; i < 8; i += 4)  // r[i + d]: depth d | d + 4 of columns j + i .. j + i + 3
+        for (int d = 0; d < 4; ++d)
+          r[i + d] = d % 2 ? _mm256_shuffle_ps(t[i + d / 2], t[i + 2 + d / 2], 0xee)
+                           : _mm256_shuffle_ps(t[i + d / 2], t[i + 2 + d / 2], 0x44);
+      for (int d = 0; d < 4; ++d) {
+        _mm256_storeu_ps(p + (e + d) * cols + j, _mm256_permute2f128_ps(r[d], r[d + 4], 0x20));
+        _mm256_storeu_ps(p + (e + d + 4) * cols + j, _mm256_permute2f128_ps(r[d], r[d + 4], 0x31));
+      }
+    }
+  for (; e < rows; ++e)
+    for (int64_t j = 0; j < cols; ++j) p[e * cols + j] = bt[j * k + e];
 #else
   for (int64_t e = 0; e < rows; ++e)
     for (int64_t j = 0; j < cols; ++j) p[e * cols + j] = bt[j * k + e];
@@ -1154,14 +1182,14 @@ void PackF32Columns(const float* bt, int64_t k, int64_t rows, int64_t cols, floa
 // kLanes.
 void F32Gemm(const float* a, int64_t m, int64_t k, bool at, const float* b, int64_t n, bool bt,
              ffi::ThreadPool& pool, float* c) {
-  const int64_t sub = kTileVecs * kLanes, subs = (n + sub - 1) / sub;
+  const int64_t sub = kGemmVecs * kLanes, subs = (n + sub - 1) / sub;
   const int64_t depth_blocks = (k + kF32Depth - 1) / kF32Depth;
   const int64_t depth = (k + depth_blocks - 1) / depth_blocks;
   const int64_t group = std::clamp<int64_t>(kF32GroupBytes / (depth * sub * 4), 1, subs);
   const int64_t groups = (subs + group - 1) / group;
-  const int64_t tiles = (m + kTileRows - 1) / kTileRows;
+  const int64_t tiles = (m + kGemmRows - 1) / kGemmRows;
   const int64_t row_blocks = RowBlocks(pool, groups, tiles, kF32ItemsPerThread, false);
-  const int64_t block_rows = (tiles + row_blocks - 1) / row_blocks * kTileRows;
+  const int64_t block_rows = (tiles + row_blocks - 1) / row_blocks * kGemmRows;
   const int64_t items = groups * row_blocks;
   auto item = [&](int, int64_t i) {
     thread_local std::vector<float> panel, chunk;  // kept across calls, as the AMX product's
@@ -1191,11 +1219,11 @@ void F32Gemm(const float* a, int64_t m, int64_t k, bool at, const float* b, int6
       // x[r + e lda]).
       auto product = [&](auto transposed, int64_t q0, int64_t q1, const float* x, int64_t lda) {
         constexpr bool kAt = decltype(transposed)::value;
-        for (int64_t r = q0; r < q1; r += kTileRows)
+        for (int64_t r = q0; r < q1; r += kGemmRows)
           for (int64_t s0 = c0; s0 < c1; s0 += sub) {
             const int64_t cols = std::min(c1, s0 + sub) - s0;
             F32GemmTileRows<kAt>(
-                static_cast<int>(std::min<int64_t>(kTileRows, q1 - r)),
+                static_cast<int>(std::min<int64_t>(kGemmRows, q1 - r)),
                 static_cast<int>(cols / kLanes), x + (r - q0) * (kAt ? 1 : lda), lda, rows,
                 packed ? panel.data() + (s0 - c0) * rows : b + e0 * n + s0, packed ? cols : n,
                 c + r * n + s0, n, e0 > 0);
@@ -1691,6 +1719,10 @@ ffi::Error Matvec(ffi::Buffer<kType> x, ffi::Buffer<kType> w, ffi::ResultBuffer<
 // it is tuned for neither (cpu_attention.py then uses XLA's attention: built without them, the
 // wide vectors are split and the kernel runs far below XLA).
 extern "C" int T5liteCpuAttentionLanes() { return kTuned ? kLanes : 0; }
+
+// The columns of b a float32 product's tile spans (F32Gemm's sub-panel: kGemmVecs vectors), for
+// cpu_matmul.transposed_a_pays.
+extern "C" int T5liteCpuMatmulF32SubPanel() { return kGemmVecs * kLanes; }
 
 // The rows Matvec takes on AMX (0 where this build or this process has no AMX).
 extern "C" int T5liteCpuMatvecAmxRows() { return kAmx && AmxPermitted() ? kMaxAmxRows : 0; }

@@ -1,6 +1,6 @@
 """Training's matmuls on CPUs as XLA FFI handlers: bf16 with float32 sums on AMX tiles (`Matmul`
 in cpu_attention.cc, built into the attention kernel's library beside the matvec's AMX code),
-and float32 with AVX-512 FMAs (`F32Matmul`, beside the matvec's float32 tiles).
+and float32 with AVX-512 or AVX2 FMAs (`F32Matmul`, beside the matvec's float32 tiles).
 
 Under `ModelConfig.float32_dot_outputs` every projection of a bf16 model is a bf16 x bf16
 matmul with a float32 output, which XLA:CPU (jaxlib 0.10) hands to YNNPACK's AMX kernels. Those
@@ -25,8 +25,11 @@ with 6 rows of a at a time, 24 vectors of sums in registers: 0.39-0.41 TFLOP/s, 
 speed, for n a multiple of 16 on CPUs with AVX-512 (a build tuned for 16-float vectors:
 `float32_kernel()`); a layer's weight gradient x^T g from a copy of x transposed by
 t5lite/kernels/cpu_transpose.py, the output head's g^T x reading g as stored (`a_transposed`)
-where `transposed_a_pays`. `t5lite.models.projection` asks `supports` and otherwise keeps XLA's
-matmul.
+where `transposed_a_pays`. With AVX2 and FMA (a build for 8-float vectors: AMD Zen 3, where
+XLA's and torch's float32 matmuls ran 0.09-0.15 TFLOP/s on 2 cores) the tiles are 6 rows by 2
+vectors (12 sums of AVX2's 16 registers) and b stored transposed is packed by 8 x 8 transposes
+in registers: a layer's products at 1.1-1.3x XLA's speed, taken where they `pays`.
+`t5lite.models.projection` asks `supports` and `pays` and otherwise keeps XLA's matmul.
 """
 
 import jax
@@ -42,8 +45,9 @@ _TARGETS = {(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)): "t5lite_cpu_matmu
 # The deepest product (k) the kernel sums in one pass over c (kGemmMaxDepth in the C++): a bf16
 # c, narrowed as its sums leave the tiles, cannot be summed into again.
 MAX_BF16_OUTPUT_DEPTH = 2048
-# The float32 kernel's blocks of k, its sub-panels' columns and its groups of them (kF32Depth,
-# kTileVecs * kLanes and kF32GroupBytes in the C++), for `transposed_a_pays`.
+# The float32 kernel's blocks of k, its sub-panels' columns on AVX-512 (the library says, where
+# built: `_sub_panel`) and its groups of them (kF32Depth, kGemmVecs * kLanes and kF32GroupBytes
+# in the C++), for `transposed_a_pays`.
 _F32_DEPTH, _F32_SUB_PANEL, _F32_GROUP_BYTES = 1280, 64, 512 << 10
 
 
@@ -67,6 +71,20 @@ def supports(a, b, *, a_transposed: bool = False, b_transposed: bool = False,
           and cpu_matvec.amx_rows() > 0)
 
 
+def pays(a, b, *, a_transposed: bool = False, b_transposed: bool = False) -> bool:
+  """Whether `matmul` (where it `supports` these operands) is worth running rather than XLA's
+  matmul: always for bf16 and on AVX-512; a float32 product on a build for 8-float vectors (AVX2
+  with FMA) only at least 256 rows and 256 deep with at most 8192 columns. On 2 cores of an AMD
+  EPYC (Zen 3, 512 KB of L2 a core) the kernel ran T5-small's and decoder-125m's layer products
+  at 1.1-1.3x XLA's speed, but the output head's forward ([512, 512] x [512, 32128], b stored
+  transposed) at 0.85-0.95x, shallow products (k = 128: T5-tiny's layers) and weight gradients
+  of 128 outputs at 0.6-0.95x."""
+  if a.dtype != jnp.float32 or _lanes() != 8:
+    return True
+  (m, k), n = a.shape[::-1] if a_transposed else a.shape, b.shape[0 if b_transposed else 1]
+  return m >= 256 and k >= 256 and n <= 8192
+
+
 def transposed_a_pays(k: int, n: int) -> bool:
   """Whether a float32 a.T @ b with a stored [k, m] (`matmul(..., a_transposed=True)`) runs
   faster than XLA's: each work item copies its rows of a, 192 at a time, once per group of b's
@@ -75,16 +93,29 @@ def transposed_a_pays(k: int, n: int) -> bool:
   0.27 against 0.26 alone and no faster in its step; decoder-125m's, [32000, 2560] x [2560, 768]
   in 12 groups, 0.20 against 0.29)."""
   depth = -(-k // -(-k // _F32_DEPTH))
-  subs = -(-n // _F32_SUB_PANEL)
-  group = min(max(_F32_GROUP_BYTES // (depth * _F32_SUB_PANEL * 4), 1), subs)
+  sub_panel = _sub_panel()
+  subs = -(-n // sub_panel)
+  group = min(max(_F32_GROUP_BYTES // (depth * sub_panel * 4), 1), subs)
   return subs <= group
 
 
 def float32_kernel() -> bool:
   """Whether this CPU runs float32 products on the kernel: its build is tuned for 16-float
-  vectors (AVX-512; builds the library to ask)."""
+  vectors (AVX-512) or 8-float ones (AVX2 with FMA; models then use it where it `pays`).
+  Builds the library to ask."""
+  return _lanes() > 0
+
+
+def _lanes() -> int:
+  """The built library's floats per vector (`cpu_attention.lanes`), 0 where it is not built."""
   library = cpu_attention.library()
-  return library is not None and cpu_attention.lanes(library) == 16
+  return 0 if library is None else cpu_attention.lanes(library)
+
+
+def _sub_panel() -> int:
+  """The columns of b one tile of the float32 kernel spans (64 on AVX-512, 16 on AVX2)."""
+  library = cpu_attention.library()
+  return _F32_SUB_PANEL if library is None else library.T5liteCpuMatmulF32SubPanel()
 
 
 def available() -> bool:

@@ -36,7 +36,8 @@ it refuses): the forward and the input gradient read the kernel as stored ([in, 
 [out, in] for the head, packed transposed by the kernel) and write bf16 straight from their
 float32 sums (for contractions up to 2048 deep; float32 then a cast beyond), the weight gradient
 x^T g is float32 from the transposed copy above. Float32 projections run their forward and input
-gradient on the kernel's float32 path (1.1-1.25x XLA's speed, on CPUs with AVX-512), and the
+gradient on the kernel's float32 path (1.1-1.25x XLA's speed on CPUs with AVX-512; with AVX2
+only the products where it pays, `cpu_matmul.pays`), and the
 weight gradient of an [in, out] kernel from a transposed copy of x written by the transpose
 kernel (reading x as stored, [tokens, in], the kernel ran 0.75-0.85x XLA's speed; with the copy
 decoder-125m's layers' weight gradients take ~1,130 ms + 77 ms of copies against XLA's ~1,390,
@@ -188,6 +189,7 @@ def _kernel_runs(a, b, *, a_transposed: bool = False, b_transposed: bool = False
   from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
   return (gpu_aot.tracing_platform() == "cpu" and partitioning.one_device_program()
           and cpu_matmul.supports(a, b, a_transposed=a_transposed, b_transposed=b_transposed)
+          and cpu_matmul.pays(a, b, a_transposed=a_transposed, b_transposed=b_transposed)
           and cpu_matmul.available())
 
 
