@@ -35,6 +35,8 @@
 #include <utility>
 #include <vector>
 
+#include <unistd.h>  // sysconf: the L2's size
+
 #include "xla/ffi/api/ffi.h"
 #include "cpu_threads.h"
 
@@ -1052,8 +1054,8 @@ void F32KnPanel(const float* x, int64_t m, int64_t k, const float* w, int64_t n,
 // (c written once less; [768, 2560] x [2560, 4096] 44.3 -> 42.6 ms, [768, 2560] x [2560, 32000]
 // 354 -> 339).
 // A shallow product (k = 128: T5-tiny's layers and head) writes c for few products a value:
-// an item packs a group of sub-panels (up to kF32GroupBytes of them) and runs each row tile
-// across the group, so that c's rows are written kF32GroupBytes / (4 depth) floats at a time,
+// an item packs a group of sub-panels (up to F32GroupBytes() of them) and runs each row tile
+// across the group, so that c's rows are written F32GroupBytes() / (4 depth) floats at a time,
 // not 64 (a new page every row at n = 32128): 0.22-0.25 -> 0.27-0.30 TFLOP/s at k = 128,
 // [2048, 512] x [512, 1024] 0.30 -> 0.31, deeper products unchanged.
 // A tile is kGemmRows rows of a by kGemmVecs vectors of b's columns: 6 x 4 vectors on AVX-512
@@ -1063,7 +1065,20 @@ constexpr int kGemmRows = 6;
 constexpr int kGemmVecs = kWide ? 4 : 2;
 constexpr int64_t kF32Depth = 1280;
 constexpr int64_t kF32ItemsPerThread = 4;
-constexpr int64_t kF32GroupBytes = 512 << 10;
+// A group is at most a quarter of a core's L2 (F32GroupBytes: 512 KB of an Intel Xeon's 2 MB;
+// 128 KB of AMD Zen 3's 512 KB, where 512 KB groups ran [512, 512] x [512, 384] at half the
+// speed: 0.06 against 0.13 TFLOP/s, [2048, 512] x [512, 2048] 0.14 against 0.17).
+constexpr int64_t kF32GroupBytes = 512 << 10;  // where the L2's size is not known
+int64_t F32GroupBytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 >= (64 << 10)) return static_cast<int64_t>(l2) / 4;
+#endif
+    return kF32GroupBytes;
+  }();
+  return bytes;
+}
 // a stored transposed ([k, m], at: the head's weight gradient g^T x from g [tokens, vocab] as
 // stored) is copied kF32ChunkRows rows at a time into [depth, 192] (one strided row of a per
 // depth step, not kGemmRows of them per step of every tile) and multiplied from there; the
@@ -1185,7 +1200,7 @@ void F32Gemm(const float* a, int64_t m, int64_t k, bool at, const float* b, int6
   const int64_t sub = kGemmVecs * kLanes, subs = (n + sub - 1) / sub;
   const int64_t depth_blocks = (k + kF32Depth - 1) / kF32Depth;
   const int64_t depth = (k + depth_blocks - 1) / depth_blocks;
-  const int64_t group = std::clamp<int64_t>(kF32GroupBytes / (depth * sub * 4), 1, subs);
+  const int64_t group = std::clamp<int64_t>(F32GroupBytes() / (depth * sub * 4), 1, subs);
   const int64_t groups = (subs + group - 1) / group;
   const int64_t tiles = (m + kGemmRows - 1) / kGemmRows;
   const int64_t row_blocks = RowBlocks(pool, groups, tiles, kF32ItemsPerThread, false);
@@ -1723,6 +1738,10 @@ extern "C" int T5liteCpuAttentionLanes() { return kTuned ? kLanes : 0; }
 // The columns of b a float32 product's tile spans (F32Gemm's sub-panel: kGemmVecs vectors), for
 // cpu_matmul.transposed_a_pays.
 extern "C" int T5liteCpuMatmulF32SubPanel() { return kGemmVecs * kLanes; }
+
+// The bytes of b's sub-panels a float32 product's work item packs at most (F32GroupBytes), for
+// cpu_matmul.transposed_a_pays.
+extern "C" int T5liteCpuMatmulF32GroupBytes() { return static_cast<int>(F32GroupBytes()); }
 
 // The rows Matvec takes on AMX (0 where this build or this process has no AMX).
 extern "C" int T5liteCpuMatvecAmxRows() { return kAmx && AmxPermitted() ? kMaxAmxRows : 0; }

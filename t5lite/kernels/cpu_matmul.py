@@ -45,9 +45,9 @@ _TARGETS = {(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)): "t5lite_cpu_matmu
 # The deepest product (k) the kernel sums in one pass over c (kGemmMaxDepth in the C++): a bf16
 # c, narrowed as its sums leave the tiles, cannot be summed into again.
 MAX_BF16_OUTPUT_DEPTH = 2048
-# The float32 kernel's blocks of k, its sub-panels' columns on AVX-512 (the library says, where
-# built: `_sub_panel`) and its groups of them (kF32Depth, kGemmVecs * kLanes and kF32GroupBytes
-# in the C++), for `transposed_a_pays`.
+# The float32 kernel's blocks of k, its sub-panels' columns on AVX-512 and its groups of them on
+# an Intel Xeon (kF32Depth, kGemmVecs * kLanes and F32GroupBytes() in the C++; the library says,
+# where built: `_sub_panel`), for `transposed_a_pays`.
 _F32_DEPTH, _F32_SUB_PANEL, _F32_GROUP_BYTES = 1280, 64, 512 << 10
 
 
@@ -93,9 +93,9 @@ def transposed_a_pays(k: int, n: int) -> bool:
   0.27 against 0.26 alone and no faster in its step; decoder-125m's, [32000, 2560] x [2560, 768]
   in 12 groups, 0.20 against 0.29)."""
   depth = -(-k // -(-k // _F32_DEPTH))
-  sub_panel = _sub_panel()
+  sub_panel, group_bytes = _sub_panel()
   subs = -(-n // sub_panel)
-  group = min(max(_F32_GROUP_BYTES // (depth * sub_panel * 4), 1), subs)
+  group = min(max(group_bytes // (depth * sub_panel * 4), 1), subs)
   return subs <= group
 
 
@@ -112,10 +112,13 @@ def _lanes() -> int:
   return 0 if library is None else cpu_attention.lanes(library)
 
 
-def _sub_panel() -> int:
-  """The columns of b one tile of the float32 kernel spans (64 on AVX-512, 16 on AVX2)."""
+def _sub_panel() -> tuple:
+  """(The columns of b one tile of the float32 kernel spans, 64 on AVX-512 and 16 on AVX2; the
+  most bytes of them a work item packs, a quarter of a core's L2) as the library has them."""
   library = cpu_attention.library()
-  return _F32_SUB_PANEL if library is None else library.T5liteCpuMatmulF32SubPanel()
+  if library is None:
+    return _F32_SUB_PANEL, _F32_GROUP_BYTES
+  return library.T5liteCpuMatmulF32SubPanel(), library.T5liteCpuMatmulF32GroupBytes()
 
 
 def available() -> bool:
