@@ -1065,15 +1065,17 @@ constexpr int kGemmRows = 6;
 constexpr int kGemmVecs = kWide ? 4 : 2;
 constexpr int64_t kF32Depth = 1280;
 constexpr int64_t kF32ItemsPerThread = 4;
-// A group is at most a quarter of a core's L2 (F32GroupBytes: 512 KB of an Intel Xeon's 2 MB;
-// 128 KB of AMD Zen 3's 512 KB, where 512 KB groups ran [512, 512] x [512, 384] at half the
-// speed: 0.06 against 0.13 TFLOP/s, [2048, 512] x [512, 2048] 0.14 against 0.17).
-constexpr int64_t kF32GroupBytes = 512 << 10;  // where the L2's size is not known
+// A group is at most a quarter of a core's L2, and at most kF32GroupBytes (F32GroupBytes: 512 KB
+// of an Intel Xeon's 2 MB; 128 KB of AMD Zen 3's 512 KB, where a 512 KB group fills the L2 that
+// also holds a's rows and c's tiles: against XLA's speed in the same runs, [2048, 512] x
+// [512, 2048] 1.02-1.04x -> 1.18-1.25x, [2048, 512] x [512, 384] 1.11-1.29x -> 1.32-1.36x; a
+// host whose timings drift by a third, so alternated runs and their best).
+constexpr int64_t kF32GroupBytes = 512 << 10;  // also where the L2's size is not known
 int64_t F32GroupBytes() {
   static const int64_t bytes = [] {
 #if defined(_SC_LEVEL2_CACHE_SIZE)
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    if (l2 >= (64 << 10)) return static_cast<int64_t>(l2) / 4;
+    if (l2 >= (128 << 10)) return std::min<int64_t>(l2 / 4, kF32GroupBytes);
 #endif
     return kF32GroupBytes;
   }();

@@ -75,10 +75,10 @@ def pays(a, b, *, a_transposed: bool = False, b_transposed: bool = False) -> boo
   """Whether `matmul` (where it `supports` these operands) is worth running rather than XLA's
   matmul: always for bf16 and on AVX-512; a float32 product on a build for 8-float vectors (AVX2
   with FMA) only at least 256 rows and 256 deep with at most 8192 columns. On 2 cores of an AMD
-  EPYC (Zen 3, 512 KB of L2 a core) the kernel ran T5-small's and decoder-125m's layer products
-  at 1.1-1.3x XLA's speed, but the output head's forward ([512, 512] x [512, 32128], b stored
-  transposed) at 0.85-0.95x, shallow products (k = 128: T5-tiny's layers) and weight gradients
-  of 128 outputs at 0.6-0.95x."""
+  EPYC (Zen 3, 512 KB of L2 a core; best of alternated runs on a host whose timings drift) the
+  kernel ran T5-small's and decoder-125m's layer products at 1.1-1.3x XLA's speed, but the
+  output head's forward ([512, 512] x [512, 32128], b stored transposed) at 0.85-0.95x, shallow
+  products (k = 128: T5-tiny's layers) and weight gradients of 128 outputs at 0.6-0.95x."""
   if a.dtype != jnp.float32 or _lanes() != 8:
     return True
   (m, k), n = a.shape[::-1] if a_transposed else a.shape, b.shape[0 if b_transposed else 1]
@@ -114,7 +114,8 @@ def _lanes() -> int:
 
 def _sub_panel() -> tuple:
   """(The columns of b one tile of the float32 kernel spans, 64 on AVX-512 and 16 on AVX2; the
-  most bytes of them a work item packs, a quarter of a core's L2) as the library has them."""
+  most bytes of them a work item packs, a quarter of a core's L2 up to 512 KB) as the library
+  has them."""
   library = cpu_attention.library()
   if library is None:
     return _F32_SUB_PANEL, _F32_GROUP_BYTES
