@@ -153,9 +153,9 @@ def cpu_execution(cfg):
   with AMX a bf16 model's other projections (the prompts' forward pass) by the AMX matmul kernel
   (`float32_dot_outputs` and `matmul_kernel`; T5-small's encoder over 8 x 512 tokens, 2 cores:
   716 -> 290 ms), on CPUs with AVX-512 or AVX2 a float32 model's by the float32 one
-  (`matmul_kernel`; the same encoder on AVX-512: 670-682 -> 657-658 ms). How the model runs, not what it computes: the same
-  outputs up to float rounding (a checkpoint's gin settings are training's, and a converted one
-  has none)."""
+  (`matmul_kernel`; the same encoder on AVX-512: 670-682 -> 657-658 ms). How the model runs,
+  not what it computes: the same outputs up to float rounding (a checkpoint's gin settings are
+  training's, and a converted one has none)."""
   from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
   from t5lite.kernels import cpu_matvec  # pylint: disable=import-outside-toplevel
   attention = "cpu_kernel" if cfg.attention_impl in (None, "xla", "chunked") else (

@@ -25,6 +25,14 @@ def cache_dir(tmp_path_factory):
   return path
 
 
+@pytest.fixture
+def kernel_pays(monkeypatch):
+  """The float32 matmul kernel run wherever it takes the operands (a build for AVX2 runs float32
+  products only where they are large enough to pay, `cpu_matmul.pays`; the tests' are small)."""
+  from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(cpu_matmul, "pays", lambda *args, **kwargs: True)
+
+
 def float64_product(x, w, transposed: bool = False):
   """(x @ w, |x| @ |w|) in float64 over the values of x and w (w.T with `transposed`; bf16 or
   float32 arrays): a product's reference and the scale of its float32 sums' rounding error."""

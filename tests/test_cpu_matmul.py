@@ -20,13 +20,6 @@ F32_KERNEL = cpu_matmul.available() and cpu_matmul.float32_kernel()
 needs_f32_kernel = pytest.mark.skipif(not F32_KERNEL,
                                       reason="no float32 kernel here (AVX-512 or AVX2 with FMA)")
 
-
-@pytest.fixture
-def kernel_pays(monkeypatch):
-  """The kernel run wherever it takes the operands (a build for AVX2 runs float32 products only
-  where they are large enough to pay, `cpu_matmul.pays`; the tests' are small)."""
-  monkeypatch.setattr(cpu_matmul, "pays", lambda *args, **kwargs: True)
-
 # (m, k, n): one tile of rows and a panel narrower than 256 columns; row tails of 13 (one row
 # tile) and 18 (16 + 2) rows; k past 2048 in two blocks (c's tiles loaded back); a deep k whose
 # stripes of a are copied (k >= 2048) with panels of 128 columns and a 32-column tail; several

@@ -317,13 +317,12 @@ def test_session_keeps_weights_in_the_compute_dtype(tmp_path):
       np.testing.assert_array_equal(scores, want_scores)
 
 
-def test_float32_session_runs_its_prompts_on_the_float32_matmul_kernel(tmp_path, monkeypatch):
+def test_float32_session_runs_its_prompts_on_the_float32_matmul_kernel(tmp_path, kernel_pays):
   """A float32 model's session on a CPU with AVX-512 or AVX2 runs its prompts' projections on
   the float32 matmul kernel (none without the CPU kernels or such a CPU), decoding the same
   tokens as the model under XLA. (The kernel run wherever it takes the operands: on AVX2 it
   runs only products large enough to pay, `cpu_matmul.pays`.)"""
   from t5lite.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(cpu_matmul, "pays", lambda *args, **kwargs: True)
   _, model, params = _tiny_checkpoint(tmp_path, "float32", 1)
   prompts = [[5, 6, 7, 8], [9, 10]]
   want = model.predict_batch(params, {"prompt_tokens": serving.pad(prompts, 40)},

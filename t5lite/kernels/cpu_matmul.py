@@ -56,12 +56,12 @@ def supports(a, b, *, a_transposed: bool = False, b_transposed: bool = False,
   """Whether `matmul` takes these operands: matrices a [m, k] and b [k, n] ([n, k] with
   `b_transposed`), either bf16, k and n multiples of 32, a float32 output or a bf16 one with k
   at most MAX_BF16_OUTPUT_DEPTH, on a CPU and process with AMX; or float32 with a float32
-  output, n a multiple of 16, a stored [k, m] with `a_transposed`, on a CPU with AVX-512
-  (builds the kernel to ask)."""
+  output, n a multiple of 16, a stored [k, m] with `a_transposed`, on a CPU with AVX-512 or
+  AVX2 with FMA (builds the kernel to ask)."""
   if not (a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype
           and (jnp.dtype(a.dtype), jnp.dtype(out_dtype)) in _TARGETS):
     return False
-  (m, k), n = a.shape[::-1] if a_transposed else a.shape, b.shape[0 if b_transposed else 1]
+  m, k, n = _dims(a, b, a_transposed, b_transposed)
   if b.shape[1 if b_transposed else 0] != k or k < 1 or m < 1:
     return False
   if a.dtype == jnp.float32:
@@ -81,8 +81,15 @@ def pays(a, b, *, a_transposed: bool = False, b_transposed: bool = False) -> boo
   products (k = 128: T5-tiny's layers) and weight gradients of 128 outputs at 0.6-0.95x."""
   if a.dtype != jnp.float32 or _lanes() != 8:
     return True
-  (m, k), n = a.shape[::-1] if a_transposed else a.shape, b.shape[0 if b_transposed else 1]
+  m, k, n = _dims(a, b, a_transposed, b_transposed)
   return m >= 256 and k >= 256 and n <= 8192
+
+
+def _dims(a, b, a_transposed: bool, b_transposed: bool) -> tuple:
+  """(m, k, n) of a @ b for a stored [m, k] ([k, m] with a_transposed) and b's n columns (its
+  rows with b_transposed)."""
+  (m, k), n = a.shape[::-1] if a_transposed else a.shape, b.shape[0 if b_transposed else 1]
+  return m, k, n
 
 
 def transposed_a_pays(k: int, n: int) -> bool:

@@ -36,15 +36,15 @@ it refuses): the forward and the input gradient read the kernel as stored ([in, 
 [out, in] for the head, packed transposed by the kernel) and write bf16 straight from their
 float32 sums (for contractions up to 2048 deep; float32 then a cast beyond), the weight gradient
 x^T g is float32 from the transposed copy above. Float32 projections run their forward and input
-gradient on the kernel's float32 path (1.1-1.25x XLA's speed on CPUs with AVX-512; with AVX2
-only the products where it pays, `cpu_matmul.pays`), and the
-weight gradient of an [in, out] kernel from a transposed copy of x written by the transpose
-kernel (reading x as stored, [tokens, in], the kernel ran 0.75-0.85x XLA's speed; with the copy
-decoder-125m's layers' weight gradients take ~1,130 ms + 77 ms of copies against XLA's ~1,390,
-its step 5,447 -> 5,274 ms). The head's [vocab, embed] gradient g^T x runs on the kernel reading
-g as stored where that pays (few tokens and a narrow embedding: T5-tiny's, 0.15 -> 0.25 TFLOP/s,
-its step 155 -> 142 ms; `cpu_matmul.transposed_a_pays`); elsewhere it stays XLA's (the kernel's
-[embed, vocab] product would need a transpose that costs what the kernel saves).
+gradient on the kernel's float32 path (1.1-1.25x XLA's speed on CPUs with AVX-512; with AVX2 only
+the products where it pays, `cpu_matmul.pays`), and the weight gradient of an [in, out] kernel from
+a transposed copy of x written by the transpose kernel (reading x as stored, [tokens, in], the
+kernel ran 0.75-0.85x XLA's speed; with the copy decoder-125m's layers' weight gradients take ~1,130
+ms + 77 ms of copies against XLA's ~1,390, its step 5,447 -> 5,274 ms). The head's [vocab, embed]
+gradient g^T x runs on the kernel reading g as stored where that pays (few tokens and a narrow
+embedding: T5-tiny's, 0.15 -> 0.25 TFLOP/s, its step 155 -> 142 ms; `cpu_matmul.transposed_a_pays`);
+elsewhere it stays XLA's (the kernel's [embed, vocab] product would need a transpose that costs what
+the kernel saves).
 
 `matvec_kernel=True` runs a projection of a few tokens (a decoding step at batch <= 32 in float32;
 in bf16 at batch <= 4, <= 32 on CPUs with AMX: `cpu_matvec.supports`) by t5lite's CPU kernel
