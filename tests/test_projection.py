@@ -156,7 +156,7 @@ def test_cpu_transpose_kernel_and_its_use_by_the_bf16_weight_gradient(monkeypatc
   if not cpu_transpose.available():
     pytest.skip("no C++ compiler here")
   for dtype in (jnp.bfloat16, jnp.float32):
-    for shape in ((1, 1), (7, 13), (64, 64), (130, 65), (2048, 96)):
+    for shape in ((1, 1), (7, 13), (64, 64), (130, 65), (2048, 96), (50, 1040), (17, 33)):
       x = jax.random.normal(jax.random.key(sum(shape)), shape).astype(dtype)
       t = jax.jit(cpu_transpose.transpose)(x)
       assert t.dtype == dtype
