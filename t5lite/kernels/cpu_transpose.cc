@@ -37,7 +37,7 @@ void TransposeScalar(const T* in, T* out, int64_t rows, int64_t cols, int64_t r0
 // line each, 4 x 4 pieces transposed in registers) into a 1 KB buffer, and whose 16 rows out are
 // then written whole from it. The element-at-a-time loop read 64 rows of a tile down a column:
 // at a power-of-two row stride those rows share a few of L1's sets and evict each other (AMD Zen
-// 3, 32 KB of L1 a core, 2 cores: [2048, 512] at 7 GB/s, [2048, 1024] at 4, against 16-24 for
+// 3, 32 KB of L1 a core, 2 cores: [2048, 512] at 7 GB/s, [2048, 1024] at 4, against 17 for
 // [2048, 384]).
 void TransposeBlock16(const uint32_t* in, int64_t cols, uint32_t* out, int64_t rows) {
   alignas(64) uint32_t buf[16][16];  // buf[c][r] = in[r][c]
