@@ -150,8 +150,7 @@ def matmul(a, b, *, a_transposed: bool = False, b_transposed: bool = False,
                      f"n a multiple of 16, on a CPU with AVX-512; got {a.dtype} {a.shape} "
                      f"(a_transposed={a_transposed}) and {b.dtype} {b.shape} -> "
                      f"{jnp.dtype(out_dtype)}")
-  m = a.shape[1] if a_transposed else a.shape[0]
-  n = b.shape[0] if b_transposed else b.shape[1]
+  m, _, n = _dims(a, b, a_transposed, b_transposed)
   attrs = {"b_transposed": bool(b_transposed)}
   if a.dtype == jnp.float32:
     attrs["a_transposed"] = bool(a_transposed)
