@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["t5lite", "t5lite.*"]),
     # Compiled on first use (t5lite/kernels/cpu_attention.py).
-    package_data={"t5lite.kernels": ["*.cc", "*.h"]},
+    package_data={"t5lite": ["*.c"], "t5lite.kernels": ["*.cc", "*.h"]},
     python_requires=">=3.10",
     install_requires=[
         # jax 0.10.x is the newest that installs on CPU/Python 3.11; the GPU machines run 0.11.

@@ -663,6 +663,7 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
             "peak_tflops": peak, "peak_tflops_before_after": peaks,
             "peak_dtype": "bf16" if on_gpu or bf16 else "fp32",
             "host_malloc": host_malloc.active_allocator(os.environ),
+            "host_block_cache": host_malloc.block_cache_preloaded(os.environ),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "malloc_conf": os.environ.get("MALLOC_CONF", ""),
             "results": rows, "decode": decode_rows}
@@ -674,6 +675,7 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
         f"({args.inputs}+{args.targets}){f', {args.pack} examples a row' if args.pack > 1 else ''}"
         f"; model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "
         f"host malloc {result['host_malloc']}"
+        f"{' + t5lite block cache' if result['host_block_cache'] else ''}"
         f"{'; HF in its own process' if result.get('hf_process') == 'child' else ''}")
   print(head)
   for r in rows:

@@ -5,7 +5,7 @@ step (decoder-125m at batch 8 x 320: one 4.45 GB buffer). glibc serves an alloca
 with a fresh mmap and unmaps it on free, so every step the kernel faults the whole buffer back
 in and zeroes it (`clear_page_erms` was 17% of all CPU samples in a decoder-125m run).
 
-Three remedies, picked by `T5LITE_HOST_MALLOC`:
+Remedies, picked by `T5LITE_HOST_MALLOC`:
 
 * `jemalloc` (taken by `auto`, the default, when a system libjemalloc is installed, e.g. Debian's
   `libjemalloc2`): preload jemalloc with `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`, so
@@ -45,6 +45,19 @@ Measured on 2 cores (fp32, b8 x (256+64), runs/cpu.gin):
   a run (24 GB). mimalloc with its default options unmaps allocations over 2 GiB on free (a
   decoder-125m step buffer). jemalloc itself is not on PyPI.
 
+In front of mimalloc and of glibc's huge pages goes t5lite's host block cache
+(`host_block_cache.c`, built with the C compiler on the first run, left out without one or with
+`T5LITE_HOST_CACHE_MB=0`). XLA:CPU frees a step's buffer from another thread a little after the
+step's outputs are ready, so the next step sometimes asks for its buffer before the last one is
+back; mimalloc then took fresh memory, more than once (T5-small, b8 x (256+64), a 1.37 GB
+buffer: faulted in again at 3-4 of the first 15 steps in each of six processes, and at steps 1,
+11 and 14 of a 40-step run; on this session's VM such a step ran 8-17 s instead of ~4, at up to
+45 us a fault). The cache serves requests of 16 MiB and more from address space of its own,
+keeps a freed block resident for the next request it fits (at least half its size, from any
+thread), and returns kept blocks over its limit (default a quarter of physical memory) to the
+kernel, oldest first: with it the same runs faulted their step buffer in twice, in the first 4
+steps (the second for the overlap), and never again (three processes).
+
 The loader reads `LD_PRELOAD` and glibc reads its tunables only when a process starts, so the
 step-heavy entry points (`t5lite.train`, `t5lite.eval`, `scripts/benchmark.py`) call
 `reexec_with_tuned_malloc()` first: it restarts the same command line (same PID, before any
@@ -54,9 +67,16 @@ In a notebook, export the variables before the kernel starts.
 """
 
 import ctypes.util
+import hashlib
 import importlib.metadata
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from typing import Optional
+
+from t5lite.kernels import cpu_build
 
 MODE_VAR = "T5LITE_HOST_MALLOC"
 MODES = ("auto", "jemalloc", "mimalloc", "hugepages", "system")
@@ -68,6 +88,10 @@ JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 MIMALLOC_OPTIONS = {"MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB", "MIMALLOC_PURGE_DELAY": "-1",
                     "MIMALLOC_ALLOW_THP": "0"}
 MIMALLOC_DISTRIBUTION = "cmeel-mimalloc"
+BLOCK_CACHE_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "host_block_cache.c")
+# The most bytes of freed large blocks the block cache keeps, in MiB (default: a quarter of
+# physical memory); 0 leaves the cache out.
+BLOCK_CACHE_VAR = "T5LITE_HOST_CACHE_MB"
 
 
 def is_glibc() -> bool:
@@ -96,6 +120,43 @@ def find_mimalloc():
       if os.path.isfile(path):
         return path
   return None
+
+
+def build_block_cache(folder: Optional[str] = None) -> Optional[str]:
+  """The path of t5lite's host block cache (host_block_cache.c) built as a shared library for
+  `LD_PRELOAD`, compiled once per source and compiler into `folder` (default the kernels'
+  `cpu_build.cache_dir()`); None off Linux, without a C compiler ($CC, `cc`, `gcc`) or where it
+  fails to build (the process then runs without it)."""
+  cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+  if not cc or not sys.platform.startswith("linux"):
+    return None
+  with open(BLOCK_CACHE_SOURCE, "rb") as f:
+    text = f.read()
+  flags = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden")
+  key = hashlib.sha256(text + " ".join(flags + (cc,)).encode()).hexdigest()[:16]
+  folder = folder or cpu_build.cache_dir()
+  path = os.path.join(folder, f"host_block_cache-{key}.so")
+  if os.path.exists(path):
+    return path
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+  except OSError:
+    return None
+  done = subprocess.run([cc, *flags, BLOCK_CACHE_SOURCE, "-o", tmp, "-ldl", "-lpthread"],
+                        capture_output=True, check=False)
+  if done.returncode:
+    os.unlink(tmp)
+    return None
+  os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
+  return path
+
+
+def block_cache_preloaded(environ) -> bool:
+  """Whether `environ` preloads t5lite's host block cache."""
+  return any(os.path.basename(lib).startswith("host_block_cache")
+             for lib in environ.get("LD_PRELOAD", "").replace(" ", ":").split(":"))
 
 
 def _mode(environ) -> str:
@@ -129,7 +190,7 @@ def _user_chose(environ) -> bool:
 
 
 def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None,
-                  find_mimalloc=lambda: None):
+                  find_mimalloc=lambda: None, find_block_cache=lambda: None):
   """`environ` set up for the allocator `T5LITE_HOST_MALLOC` picks, or None to change nothing.
 
   Args:
@@ -140,8 +201,12 @@ def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None,
       take jemalloc, as the search may run ldconfig.
     find_mimalloc: the same for libmimalloc (entry points pass `find_mimalloc`). Called only
       where the mode could take mimalloc.
+    find_block_cache: returns t5lite's host block cache for `LD_PRELOAD`, or None (entry points
+      pass `build_block_cache`). Called only where it goes in front of mimalloc or glibc's huge
+      pages, and `T5LITE_HOST_CACHE_MB` is not 0.
 
-  `auto` takes a system jemalloc, else the mimalloc wheel, else glibc's huge pages. Returns None
+  `auto` takes a system jemalloc, else the mimalloc wheel, else glibc's huge pages, and on glibc
+  puts the block cache in front of mimalloc and of the huge pages. Returns None
   for `system`, where the environment already preloads an allocator or sets the
   `glibc.malloc.hugetlb` tunable (the user's choice wins, and a re-executed process does not
   re-execute again), and for `hugepages` (or `auto` without either allocator) off glibc. Other
@@ -164,7 +229,8 @@ def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None,
   if mode in ("auto", "mimalloc"):
     mimalloc = find_mimalloc()
     if mimalloc:
-      return _preload(environ, mimalloc, MIMALLOC_OPTIONS)
+      return _with_block_cache(_preload(environ, mimalloc, MIMALLOC_OPTIONS), glibc,
+                               find_block_cache)
     if mode == "mimalloc":
       raise ValueError(f"{MODE_VAR}=mimalloc, but the {MIMALLOC_DISTRIBUTION} wheel is not "
                        f"installed (pip install {MIMALLOC_DISTRIBUTION}); use {MODE_VAR}=auto "
@@ -172,7 +238,18 @@ def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None,
   if not glibc:
     return None
   current = environ.get("GLIBC_TUNABLES", "")
-  return dict(environ, GLIBC_TUNABLES=f"{current}:{TUNABLE}" if current else TUNABLE)
+  return _with_block_cache(
+      dict(environ, GLIBC_TUNABLES=f"{current}:{TUNABLE}" if current else TUNABLE), glibc,
+      find_block_cache)
+
+
+def _with_block_cache(environ, glibc: bool, find_block_cache) -> dict:
+  """`environ` with the block cache first in `LD_PRELOAD`, where glibc runs, the user has not
+  set `T5LITE_HOST_CACHE_MB` to 0 and it is built."""
+  if not glibc or environ.get(BLOCK_CACHE_VAR, "").strip() == "0":
+    return environ
+  library = find_block_cache()
+  return _preload(environ, library, {}) if library else environ
 
 
 def _preload(environ, library: str, options) -> dict:
@@ -193,7 +270,7 @@ def reexec_with_tuned_malloc():
   """
   try:
     environ = tuned_environ(os.environ, glibc=is_glibc(), find_jemalloc=find_jemalloc,
-                            find_mimalloc=find_mimalloc)
+                            find_mimalloc=find_mimalloc, find_block_cache=build_block_cache)
   except ValueError as e:
     print(f"t5lite: {e}", file=sys.stderr)
     sys.exit(2)

@@ -16,8 +16,6 @@ import subprocess
 import tempfile
 from typing import Optional
 
-import jax
-
 FLAGS = ("-O3", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
 
 
@@ -69,6 +67,7 @@ def build(source: str, march: Optional[str], folder: Optional[str] = None) -> st
   headers beside it), compiler, flags, JAX version and CPU into `folder` (default
   `cache_dir()`), and returns the path of the shared library. Raises RuntimeError (with the
   compiler's message) when it cannot."""
+  import jax  # here, not above: t5lite.host_malloc takes cache_dir() before JAX may be imported
   cxx = compiler()
   if not cxx:
     raise RuntimeError("no C++ compiler found (set $CXX)")

@@ -1,0 +1,409 @@
+// t5lite's host block cache: an LD_PRELOAD layer over the process's malloc (mimalloc, glibc)
+// that keeps large freed buffers, already faulted in, for the next request of their size.
+//
+// XLA:CPU allocates each execution's temporaries as one large buffer (T5-small at b8 x (256 +
+// 64): 1.37 GB) and frees it after the step, from another thread and a little after the step's
+// outputs are ready, so the next step's buffer is sometimes asked for before the last one is
+// back. mimalloc then maps fresh memory for it, and it did so again and again (1-3 of every 14
+// steps faulted 360,000 pages back in; in a VM each fault cost up to 45 us, and such a step took
+// 8-17 s instead of 4). See t5lite/host_malloc.py.
+//
+// Requests of at least kThreshold bytes are served from one reservation of address space, cut
+// into 2 MiB-aligned segments: a freed block is kept as it is (its pages resident), and the
+// next large request takes the smallest kept block that holds it (splitting off the rest), else
+// fresh space. Neighbouring free segments merge. Kept bytes above a limit ($T5LITE_HOST_CACHE_MB,
+// default a quarter of physical memory; 0 turns the cache off) are returned to the kernel,
+// least recently freed first. Everything else, and every request the reservation cannot serve,
+// goes to the next allocator. free() tells our blocks by address, with no lock.
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+static const size_t kThreshold = (size_t)16 << 20;  // smallest request served here
+static const size_t kUnit = (size_t)2 << 20;        // blocks start and end on 2 MiB
+enum { kMaxSegments = 1024 };
+
+typedef struct {
+  size_t offset, bytes;
+  int live, dirty;  // dirty: free, with pages that may be resident (they are not zero)
+  uint64_t used;    // when it was last freed, for eviction
+} Segment;
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static Segment segs[kMaxSegments];  // sorted by offset, covering [0, top)
+static int nsegs;
+static size_t top, cached, limit;  // cached: bytes of dirty free segments
+static uint64_t tick;
+static int disabled;  // no reservation, or a limit of 0
+static _Atomic(uintptr_t) base;
+static _Atomic(size_t) span;
+
+static void* (*next_malloc)(size_t);
+static void (*next_free)(void*);
+static void* (*next_calloc)(size_t, size_t);
+static void* (*next_realloc)(void*, size_t);
+static int (*next_posix_memalign)(void**, size_t, size_t);
+static void* (*next_aligned_alloc)(size_t, size_t);
+static void* (*next_memalign)(size_t, size_t);
+static void* (*next_valloc)(size_t);
+static void* (*next_pvalloc)(size_t);
+static size_t (*next_malloc_usable_size)(void*);
+
+// dlsym may allocate while the next allocator's functions are being looked up.
+static char boot[1 << 16] __attribute__((aligned(64)));
+static size_t boot_used;
+static int resolving;
+
+static void* boot_alloc(size_t n) {
+  n = (n + 63) & ~(size_t)63;
+  if (n > sizeof(boot) - boot_used) return NULL;
+  void* p = boot + boot_used;
+  boot_used += n;
+  return p;
+}
+
+static int in_boot(const void* p) {
+  return (const char*)p >= boot && (const char*)p < boot + sizeof(boot);
+}
+
+static void die(const char* message) {
+  ssize_t ignored = write(2, message, strlen(message));
+  (void)ignored;
+  abort();
+}
+
+static void lock(void) { pthread_mutex_lock(&mu); }
+static void unlock(void) { pthread_mutex_unlock(&mu); }
+
+static void resolve(void) {
+  if (next_malloc) return;
+  resolving = 1;
+  next_free = dlsym(RTLD_NEXT, "free");
+  next_calloc = dlsym(RTLD_NEXT, "calloc");
+  next_realloc = dlsym(RTLD_NEXT, "realloc");
+  next_posix_memalign = dlsym(RTLD_NEXT, "posix_memalign");
+  next_aligned_alloc = dlsym(RTLD_NEXT, "aligned_alloc");
+  next_memalign = dlsym(RTLD_NEXT, "memalign");
+  next_valloc = dlsym(RTLD_NEXT, "valloc");
+  next_pvalloc = dlsym(RTLD_NEXT, "pvalloc");
+  next_malloc_usable_size = dlsym(RTLD_NEXT, "malloc_usable_size");
+  void* (*found)(size_t) = dlsym(RTLD_NEXT, "malloc");
+  if (!found || !next_free || !next_calloc || !next_realloc || !next_posix_memalign)
+    die("t5lite host block cache: no allocator after it to forward to\n");
+  const char* mb = getenv("T5LITE_HOST_CACHE_MB");
+  if (mb && *mb) {
+    char* end;
+    unsigned long long value = strtoull(mb, &end, 10);
+    limit = *end ? 0 : (size_t)value << 20;
+  } else {
+    limit = (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE) / 4;
+  }
+  disabled = limit == 0;
+  next_malloc = found;
+  resolving = 0;
+}
+
+static void prepare_fork(void) { lock(); }
+
+__attribute__((constructor)) static void init(void) {
+  resolve();
+  pthread_atfork(prepare_fork, unlock, unlock);
+}
+
+// Reserves the address space blocks are cut from, once. Called with the lock held.
+static int reserve(void) {
+  if (atomic_load_explicit(&base, memory_order_relaxed)) return 1;
+  if (disabled) return 0;
+  for (size_t bytes = (size_t)1 << 40; bytes >= (size_t)1 << 34; bytes >>= 1) {
+    void* p = mmap(NULL, bytes + kUnit, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) continue;
+    uintptr_t start = ((uintptr_t)p + kUnit - 1) & ~(uintptr_t)(kUnit - 1);
+    // Huge pages would be faulted once anyway; the kernel's compaction for them is not.
+    madvise((void*)start, bytes, MADV_NOHUGEPAGE);
+    atomic_store_explicit(&span, bytes, memory_order_release);
+    atomic_store_explicit(&base, start, memory_order_release);
+    return 1;
+  }
+  disabled = 1;
+  return 0;
+}
+
+static int ours(const void* p) {
+  uintptr_t b = atomic_load_explicit(&base, memory_order_acquire);
+  return b && (uintptr_t)p - b < atomic_load_explicit(&span, memory_order_acquire);
+}
+
+static int insert(int at, Segment s) {  // the lock held
+  if (nsegs == kMaxSegments) return 0;
+  memmove(&segs[at + 1], &segs[at], (size_t)(nsegs - at) * sizeof(Segment));
+  segs[at] = s;
+  ++nsegs;
+  return 1;
+}
+
+static void erase(int at) {  // the lock held
+  memmove(&segs[at], &segs[at + 1], (size_t)(nsegs - at - 1) * sizeof(Segment));
+  --nsegs;
+}
+
+// A block of at least `size` bytes from the reservation, or NULL; *dirty says whether it may
+// hold old data. A kept block is taken only for a request of at least half its size, so that a
+// smaller one does not split it and leave it too small for the request it was kept for.
+static void* take(size_t size, int* dirty) {
+  if (size > ((size_t)1 << 40)) return NULL;
+  size_t need = (size + kUnit - 1) & ~(kUnit - 1);
+  lock();
+  if (!reserve()) {
+    unlock();
+    return NULL;
+  }
+  int best = -1;
+  for (int pass = 1; pass >= 0 && best < 0; --pass) {  // kept (resident) blocks first
+    for (int i = 0; i < nsegs; ++i) {
+      const Segment* s = &segs[i];
+      if (!s->live && s->dirty == pass && s->bytes >= need && (!pass || s->bytes / 2 <= need) &&
+          (best < 0 || s->bytes < segs[best].bytes))
+        best = i;
+    }
+  }
+  if (best < 0) {  // fresh space at the top, taking in a free segment that ends there
+    int extend = nsegs > 0 && !segs[nsegs - 1].live;
+    size_t start = extend ? segs[nsegs - 1].offset : top;
+    if (start + need > atomic_load_explicit(&span, memory_order_relaxed) ||
+        (!extend && !insert(nsegs, (Segment){start, 0, 0, 0, 0}))) {
+      unlock();
+      return NULL;
+    }
+    best = nsegs - 1;
+    if (segs[best].dirty) cached += need - segs[best].bytes;
+    segs[best].bytes = need;
+    top = start + need;
+  }
+  Segment* s = &segs[best];
+  if (s->bytes > need) {  // the rest stays free (without a free slot, the block takes it all)
+    Segment rest = {s->offset + need, s->bytes - need, 0, s->dirty, s->used};
+    if (insert(best + 1, rest)) segs[best].bytes = need;
+    s = &segs[best];
+  }
+  if (s->dirty) cached -= s->bytes;
+  *dirty = s->dirty;
+  s->live = 1;
+  s->dirty = 0;
+  void* p = (void*)(atomic_load_explicit(&base, memory_order_relaxed) + s->offset);
+  unlock();
+  return p;
+}
+
+// Frees a block from `take`, keeping its pages.
+static void give_back(void* p) {
+  size_t offset = (uintptr_t)p - atomic_load_explicit(&base, memory_order_relaxed);
+  lock();
+  int i = 0;
+  while (i < nsegs && segs[i].offset < offset) ++i;
+  if (i == nsegs || segs[i].offset != offset || !segs[i].live)
+    die("t5lite host block cache: free() of a pointer it did not allocate\n");
+  segs[i].live = 0;
+  segs[i].dirty = 1;
+  segs[i].used = ++tick;
+  cached += segs[i].bytes;
+  for (int j = i; j >= i - 1 && j >= 0; --j) {  // merge with the free neighbours
+    if (j + 1 < nsegs && !segs[j].live && !segs[j + 1].live) {
+      if (!segs[j].dirty && segs[j + 1].dirty) cached += segs[j].bytes;
+      if (segs[j].dirty && !segs[j + 1].dirty) cached += segs[j + 1].bytes;
+      segs[j].bytes += segs[j + 1].bytes;
+      segs[j].dirty = segs[j].dirty || segs[j + 1].dirty;
+      segs[j].used = segs[j].used > segs[j + 1].used ? segs[j].used : segs[j + 1].used;
+      erase(j + 1);
+    }
+  }
+  while (cached > limit) {  // return the least recently freed kept blocks to the kernel
+    int oldest = -1;
+    for (int j = 0; j < nsegs; ++j) {
+      if (!segs[j].live && segs[j].dirty && (oldest < 0 || segs[j].used < segs[oldest].used))
+        oldest = j;
+    }
+    if (oldest < 0) break;
+    madvise((void*)(atomic_load_explicit(&base, memory_order_relaxed) + segs[oldest].offset),
+            segs[oldest].bytes, MADV_DONTNEED);
+    segs[oldest].dirty = 0;
+    cached -= segs[oldest].bytes;
+  }
+  unlock();
+}
+
+static size_t block_size(const void* p) {
+  size_t offset = (uintptr_t)p - atomic_load_explicit(&base, memory_order_relaxed), bytes = 0;
+  lock();
+  for (int i = 0; i < nsegs; ++i) {
+    if (segs[i].offset == offset && segs[i].live) bytes = segs[i].bytes;
+  }
+  unlock();
+  return bytes;
+}
+
+static void* big(size_t size, int zero) {
+  int dirty = 0;
+  void* p = take(size, &dirty);
+  if (p && zero && dirty) memset(p, 0, size);
+  return p;
+}
+
+EXPORT void* malloc(size_t size) {
+  if (!next_malloc) {
+    if (resolving) return boot_alloc(size);
+    resolve();
+  }
+  if (size >= kThreshold) {
+    void* p = big(size, 0);
+    if (p) return p;
+  }
+  return next_malloc(size);
+}
+
+EXPORT void free(void* p) {
+  if (!p || in_boot(p)) return;
+  if (ours(p)) {
+    give_back(p);
+    return;
+  }
+  if (!next_free) resolve();
+  next_free(p);
+}
+
+EXPORT void* calloc(size_t count, size_t size) {
+  if (!next_calloc) {
+    if (resolving) return boot_alloc(count * size);
+    resolve();
+  }
+  size_t total;
+  if (__builtin_mul_overflow(count, size, &total)) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (total >= kThreshold) {
+    void* p = big(total, 1);
+    if (p) return p;
+  }
+  return next_calloc(count, size);
+}
+
+EXPORT void* realloc(void* p, size_t size) {
+  if (!p) return malloc(size);
+  if (in_boot(p)) {
+    size_t held = (size_t)(boot + sizeof(boot) - (char*)p);
+    void* moved = malloc(size);
+    if (moved) memcpy(moved, p, size < held ? size : held);
+    return moved;
+  }
+  if (!ours(p)) {
+    if (!next_realloc) resolve();
+    return next_realloc(p, size);
+  }
+  size_t bytes = block_size(p);
+  if (size <= bytes) return p;
+  void* moved = malloc(size);
+  if (!moved) return NULL;
+  memcpy(moved, p, bytes);
+  give_back(p);
+  return moved;
+}
+
+EXPORT void* reallocarray(void* p, size_t count, size_t size) {
+  size_t total;
+  if (__builtin_mul_overflow(count, size, &total)) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  return realloc(p, total);
+}
+
+static int valid_alignment(size_t alignment) {
+  return alignment && !(alignment & (alignment - 1));
+}
+
+EXPORT int posix_memalign(void** out, size_t alignment, size_t size) {
+  if (!next_posix_memalign) resolve();
+  if (size >= kThreshold && valid_alignment(alignment) && alignment % sizeof(void*) == 0 &&
+      alignment <= kUnit) {
+    void* p = big(size, 0);
+    if (p) {
+      *out = p;
+      return 0;
+    }
+  }
+  return next_posix_memalign(out, alignment, size);
+}
+
+EXPORT void* aligned_alloc(size_t alignment, size_t size) {
+  if (!next_aligned_alloc) resolve();
+  if (size >= kThreshold && valid_alignment(alignment) && alignment <= kUnit) {
+    void* p = big(size, 0);
+    if (p) return p;
+  }
+  return next_aligned_alloc(alignment, size);
+}
+
+EXPORT void* memalign(size_t alignment, size_t size) {
+  if (!next_memalign) resolve();
+  if (size >= kThreshold && valid_alignment(alignment) && alignment <= kUnit) {
+    void* p = big(size, 0);
+    if (p) return p;
+  }
+  return next_memalign(alignment, size);
+}
+
+EXPORT void* valloc(size_t size) {
+  if (!next_valloc) resolve();
+  if (size >= kThreshold) {
+    void* p = big(size, 0);
+    if (p) return p;
+  }
+  return next_valloc(size);
+}
+
+EXPORT void* pvalloc(size_t size) {
+  if (!next_pvalloc) resolve();
+  if (size >= kThreshold) {
+    void* p = big(size, 0);
+    if (p) return p;
+  }
+  return next_pvalloc(size);
+}
+
+EXPORT size_t malloc_usable_size(void* p) {
+  if (!p) return 0;
+  if (ours(p)) return block_size(p);
+  if (!next_malloc_usable_size) resolve();
+  return next_malloc_usable_size ? next_malloc_usable_size(p) : 0;
+}
+
+// C23's sized frees, where the C library has them.
+EXPORT void free_sized(void* p, size_t size) {
+  (void)size;
+  free(p);
+}
+
+EXPORT void free_aligned_sized(void* p, size_t alignment, size_t size) {
+  (void)alignment;
+  (void)size;
+  free(p);
+}
+
+// Bytes of freed blocks kept resident, for tests and diagnostics.
+EXPORT size_t t5lite_host_block_cache_kept(void) {
+  lock();
+  size_t bytes = cached;
+  unlock();
+  return bytes;
+}
