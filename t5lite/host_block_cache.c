@@ -177,8 +177,8 @@ static void* take(size_t size, int* dirty) {
         best = i;
     }
   }
-  if (best < 0) {  // fresh space at the top, taking in a free segment that ends there
-    int extend = nsegs > 0 && !segs[nsegs - 1].live;
+  if (best < 0) {  // fresh space at the top, taking in a smaller free segment that ends there
+    int extend = nsegs > 0 && !segs[nsegs - 1].live && segs[nsegs - 1].bytes < need;
     size_t start = extend ? segs[nsegs - 1].offset : top;
     if (start + need > atomic_load_explicit(&span, memory_order_relaxed) ||
         (!extend && !insert(nsegs, (Segment){start, 0, 0, 0, 0}))) {
@@ -382,7 +382,7 @@ EXPORT void* pvalloc(size_t size) {
 }
 
 EXPORT size_t malloc_usable_size(void* p) {
-  if (!p) return 0;
+  if (!p || in_boot(p)) return 0;
   if (ours(p)) return block_size(p);
   if (!next_malloc_usable_size) resolve();
   return next_malloc_usable_size ? next_malloc_usable_size(p) : 0;

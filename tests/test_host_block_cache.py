@@ -141,6 +141,24 @@ libc.free(small)
                    "shrunk_in_place": True, "aligned": True, "small_usable": True}, found
 
 
+def test_a_kept_block_serves_requests_of_at_least_half_its_size():
+  found = _probe("""
+big = libc.malloc(200 * MB)
+view(big, 200 * MB)[:] = 7
+libc.free(big)
+small = libc.malloc(64 * MB)  # too small for it: fresh space, the kept block left whole
+view(small, 64 * MB)[:] = 7
+libc.free(small)
+found["small_elsewhere"] = small != big
+found["kept_mb"] = libc.t5lite_host_block_cache_kept() // MB
+again = libc.calloc(1, 150 * MB)
+found["big_again"] = again == big
+found["zero"] = not view(again, 150 * MB).any()
+libc.free(again)
+""")
+  assert found == {"small_elsewhere": True, "kept_mb": 264, "big_again": True, "zero": True}
+
+
 def test_threads_and_fork():
   found = _probe("""
 import random
