@@ -10,10 +10,10 @@
 //
 // Requests of at least kThreshold bytes are served from one reservation of address space, cut
 // into 2 MiB-aligned segments: a freed block is kept as it is (its pages resident), and the
-// next large request takes the smallest kept block that holds it (splitting off the rest), else
-// fresh space. Neighbouring free segments merge. Kept bytes above a limit ($T5LITE_HOST_CACHE_MB,
-// default a quarter of physical memory; 0 turns the cache off) are returned to the kernel,
-// least recently freed first. Everything else, and every request the reservation cannot serve,
+// next large request takes the smallest kept block that holds it and is at most twice its
+// size, else fresh space. Kept bytes above a limit ($T5LITE_HOST_CACHE_MB, default a quarter
+// of physical memory; 0 turns the cache off) are returned to the kernel, least recently freed
+// first. Everything else, and every request the reservation cannot serve,
 // goes to the next allocator. free() tells our blocks by address, with no lock.
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -158,8 +158,11 @@ static void erase(int at) {  // the lock held
 }
 
 // A block of at least `size` bytes from the reservation, or NULL; *dirty says whether it may
-// hold old data. A kept block is taken only for a request of at least half its size, so that a
-// smaller one does not split it and leave it too small for the request it was kept for.
+// hold old data. A kept block is taken whole, and only for a request of at least half its size:
+// kept blocks are never split or merged, so each stays whole for the request it was kept for
+// (merged with a small neighbour, a kept step buffer would be passed over by the small
+// requests and take fresh space for each). Fresh space (never touched, or returned to the
+// kernel) is split and merged.
 static void* take(size_t size, int* dirty) {
   if (size > ((size_t)1 << 40)) return NULL;
   size_t need = (size + kUnit - 1) & ~(kUnit - 1);
@@ -177,8 +180,8 @@ static void* take(size_t size, int* dirty) {
         best = i;
     }
   }
-  if (best < 0) {  // fresh space at the top, taking in a smaller free segment that ends there
-    int extend = nsegs > 0 && !segs[nsegs - 1].live && segs[nsegs - 1].bytes < need;
+  if (best < 0) {  // fresh space at the top, taking in a fresh free segment that ends there
+    int extend = nsegs > 0 && !segs[nsegs - 1].live && !segs[nsegs - 1].dirty;
     size_t start = extend ? segs[nsegs - 1].offset : top;
     if (start + need > atomic_load_explicit(&span, memory_order_relaxed) ||
         (!extend && !insert(nsegs, (Segment){start, 0, 0, 0, 0}))) {
@@ -186,13 +189,12 @@ static void* take(size_t size, int* dirty) {
       return NULL;
     }
     best = nsegs - 1;
-    if (segs[best].dirty) cached += need - segs[best].bytes;
     segs[best].bytes = need;
     top = start + need;
   }
   Segment* s = &segs[best];
-  if (s->bytes > need) {  // the rest stays free (without a free slot, the block takes it all)
-    Segment rest = {s->offset + need, s->bytes - need, 0, s->dirty, s->used};
+  if (!s->dirty && s->bytes > need) {  // the rest stays free (without a slot, all is taken)
+    Segment rest = {s->offset + need, s->bytes - need, 0, 0, 0};
     if (insert(best + 1, rest)) segs[best].bytes = need;
     s = &segs[best];
   }
@@ -205,7 +207,7 @@ static void* take(size_t size, int* dirty) {
   return p;
 }
 
-// Frees a block from `take`, keeping its pages.
+// Frees a block from `take`, keeping its pages (up to the limit).
 static void give_back(void* p) {
   size_t offset = (uintptr_t)p - atomic_load_explicit(&base, memory_order_relaxed);
   lock();
@@ -217,16 +219,6 @@ static void give_back(void* p) {
   segs[i].dirty = 1;
   segs[i].used = ++tick;
   cached += segs[i].bytes;
-  for (int j = i; j >= i - 1 && j >= 0; --j) {  // merge with the free neighbours
-    if (j + 1 < nsegs && !segs[j].live && !segs[j + 1].live) {
-      if (!segs[j].dirty && segs[j + 1].dirty) cached += segs[j].bytes;
-      if (segs[j].dirty && !segs[j + 1].dirty) cached += segs[j + 1].bytes;
-      segs[j].bytes += segs[j + 1].bytes;
-      segs[j].dirty = segs[j].dirty || segs[j + 1].dirty;
-      segs[j].used = segs[j].used > segs[j + 1].used ? segs[j].used : segs[j + 1].used;
-      erase(j + 1);
-    }
-  }
   while (cached > limit) {  // return the least recently freed kept blocks to the kernel
     int oldest = -1;
     for (int j = 0; j < nsegs; ++j) {
@@ -238,6 +230,15 @@ static void give_back(void* p) {
             segs[oldest].bytes, MADV_DONTNEED);
     segs[oldest].dirty = 0;
     cached -= segs[oldest].bytes;
+  }
+  for (int j = 0; j + 1 < nsegs;) {  // merge neighbouring fresh free segments
+    Segment* a = &segs[j];
+    if (!a->live && !a->dirty && !segs[j + 1].live && !segs[j + 1].dirty) {
+      a->bytes += segs[j + 1].bytes;
+      erase(j + 1);
+    } else {
+      ++j;
+    }
   }
   unlock();
 }
@@ -328,39 +329,32 @@ EXPORT void* reallocarray(void* p, size_t count, size_t size) {
   return realloc(p, total);
 }
 
-static int valid_alignment(size_t alignment) {
-  return alignment && !(alignment & (alignment - 1));
+// A block from the reservation for a large request whose alignment it meets (any power of two
+// up to 2 MiB), or NULL.
+static void* big_aligned(size_t alignment, size_t size) {
+  if (size < kThreshold || !alignment || (alignment & (alignment - 1)) || alignment > kUnit)
+    return NULL;
+  return big(size, 0);
 }
 
 EXPORT int posix_memalign(void** out, size_t alignment, size_t size) {
   if (!next_posix_memalign) resolve();
-  if (size >= kThreshold && valid_alignment(alignment) && alignment % sizeof(void*) == 0 &&
-      alignment <= kUnit) {
-    void* p = big(size, 0);
-    if (p) {
-      *out = p;
-      return 0;
-    }
-  }
-  return next_posix_memalign(out, alignment, size);
+  void* p = alignment % sizeof(void*) ? NULL : big_aligned(alignment, size);
+  if (!p) return next_posix_memalign(out, alignment, size);
+  *out = p;
+  return 0;
 }
 
 EXPORT void* aligned_alloc(size_t alignment, size_t size) {
   if (!next_aligned_alloc) resolve();
-  if (size >= kThreshold && valid_alignment(alignment) && alignment <= kUnit) {
-    void* p = big(size, 0);
-    if (p) return p;
-  }
-  return next_aligned_alloc(alignment, size);
+  void* p = big_aligned(alignment, size);
+  return p ? p : next_aligned_alloc(alignment, size);
 }
 
 EXPORT void* memalign(size_t alignment, size_t size) {
   if (!next_memalign) resolve();
-  if (size >= kThreshold && valid_alignment(alignment) && alignment <= kUnit) {
-    void* p = big(size, 0);
-    if (p) return p;
-  }
-  return next_memalign(alignment, size);
+  void* p = big_aligned(alignment, size);
+  return p ? p : next_memalign(alignment, size);
 }
 
 EXPORT void* valloc(size_t size) {

@@ -144,9 +144,12 @@ def build_block_cache(folder: Optional[str] = None) -> Optional[str]:
     os.close(fd)
   except OSError:
     return None
-  done = subprocess.run([cc, *flags, BLOCK_CACHE_SOURCE, "-o", tmp, "-ldl", "-lpthread"],
-                        capture_output=True, check=False)
-  if done.returncode:
+  try:
+    failed = subprocess.run([cc, *flags, BLOCK_CACHE_SOURCE, "-o", tmp, "-ldl", "-lpthread"],
+                            capture_output=True, check=False).returncode
+  except OSError:  # $CC names no program
+    failed = True
+  if failed:
     os.unlink(tmp)
     return None
   os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
