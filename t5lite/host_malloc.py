@@ -45,7 +45,7 @@ Measured on 2 cores (fp32, b8 x (256+64), runs/cpu.gin):
   a run (24 GB). mimalloc with its default options unmaps allocations over 2 GiB on free (a
   decoder-125m step buffer). jemalloc itself is not on PyPI.
 
-In front of mimalloc and of glibc's huge pages goes t5lite's host block cache
+In front of mimalloc goes t5lite's host block cache
 (`host_block_cache.c`, built with the C compiler on the first run, left out without one or with
 `T5LITE_HOST_CACHE_MB=0`). XLA:CPU frees a step's buffer from another thread a little after the
 step's outputs are ready, so the next step sometimes asks for its buffer before the last one is
@@ -53,8 +53,8 @@ back; mimalloc then took fresh memory, more than once (T5-small, b8 x (256+64), 
 buffer: faulted in again at 3-4 of the first 15 steps in each of six processes, and at steps 1,
 11 and 14 of a 40-step run; on this session's VM such a step ran 8-17 s instead of ~4, at up to
 45 us a fault). The cache serves requests of 16 MiB and more from address space of its own,
-keeps a freed block resident for the next request it fits (at least half its size, from any
-thread), and returns kept blocks over its limit (default a quarter of physical memory) to the
+keeps a freed block resident, whole, for the next request it fits (at least half its size, from
+any thread), and returns kept blocks over its limit (default a quarter of physical memory) to the
 kernel, oldest first: with it the same runs faulted their step buffer in twice, in the first 4
 steps (the second for the overlap), and never again (three processes).
 
@@ -205,11 +205,11 @@ def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None,
     find_mimalloc: the same for libmimalloc (entry points pass `find_mimalloc`). Called only
       where the mode could take mimalloc.
     find_block_cache: returns t5lite's host block cache for `LD_PRELOAD`, or None (entry points
-      pass `build_block_cache`). Called only where it goes in front of mimalloc or glibc's huge
-      pages, and `T5LITE_HOST_CACHE_MB` is not 0.
+      pass `build_block_cache`). Called only where it goes in front of mimalloc, on glibc, and
+      `T5LITE_HOST_CACHE_MB` is not 0.
 
   `auto` takes a system jemalloc, else the mimalloc wheel, else glibc's huge pages, and on glibc
-  puts the block cache in front of mimalloc and of the huge pages. Returns None
+  puts the block cache in front of mimalloc. Returns None
   for `system`, where the environment already preloads an allocator or sets the
   `glibc.malloc.hugetlb` tunable (the user's choice wins, and a re-executed process does not
   re-execute again), and for `hugepages` (or `auto` without either allocator) off glibc. Other
@@ -241,9 +241,9 @@ def tuned_environ(environ, *, glibc: bool = True, find_jemalloc=lambda: None,
   if not glibc:
     return None
   current = environ.get("GLIBC_TUNABLES", "")
-  return _with_block_cache(
-      dict(environ, GLIBC_TUNABLES=f"{current}:{TUNABLE}" if current else TUNABLE), glibc,
-      find_block_cache)
+  # Not in front of glibc: it kept glibc's mmap threshold low, so a 13 MB buffer of the
+  # tests' probe was mapped and faulted in every call (3,300 faults against <2,048).
+  return dict(environ, GLIBC_TUNABLES=f"{current}:{TUNABLE}" if current else TUNABLE)
 
 
 def _with_block_cache(environ, glibc: bool, find_block_cache) -> dict:

@@ -42,7 +42,7 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   if host_malloc.is_glibc():  # it re-executed itself under a tuned allocator (HF too)
     assert result["host_malloc"] == ("jemalloc" if host_malloc.find_jemalloc() else
                                      "mimalloc" if host_malloc.find_mimalloc() else "hugepages")
-    assert result["host_block_cache"] == (result["host_malloc"] != "jemalloc"
+    assert result["host_block_cache"] == (result["host_malloc"] == "mimalloc"
                                           and host_malloc.build_block_cache() is not None)
 
 

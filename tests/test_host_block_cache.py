@@ -232,14 +232,15 @@ def test_the_entry_points_preload_it_in_front_of_the_allocator():
   assert env["LD_PRELOAD"] == f"{lib}:{mimalloc}:libfoo.so"
   assert host_malloc.active_allocator(env) == "mimalloc"
   assert host_malloc.block_cache_preloaded(env)
-  env = host_malloc.tuned_environ({host_malloc.MODE_VAR: "hugepages"},
-                                  find_block_cache=lambda: lib)
-  assert env["LD_PRELOAD"] == lib and host_malloc.active_allocator(env) == "hugepages"
   off = host_malloc.tuned_environ({host_malloc.BLOCK_CACHE_VAR: "0"},
                                   find_mimalloc=lambda: mimalloc, find_block_cache=lambda: lib)
   assert off["LD_PRELOAD"] == mimalloc and not host_malloc.block_cache_preloaded(off)
-  # Not in front of jemalloc (its freed extents serve any thread), nor off glibc.
+  # Not in front of jemalloc (its freed extents serve any thread), glibc's huge pages (it kept
+  # glibc's mmap threshold low), nor off glibc.
   must_not_build = lambda: pytest.fail("the block cache built where it is not used")
+  env = host_malloc.tuned_environ({host_malloc.MODE_VAR: "hugepages"},
+                                  find_block_cache=must_not_build)
+  assert "LD_PRELOAD" not in env and host_malloc.active_allocator(env) == "hugepages"
   env = host_malloc.tuned_environ({}, find_jemalloc=lambda: "libjemalloc.so.2",
                                   find_block_cache=must_not_build)
   assert env["LD_PRELOAD"] == "libjemalloc.so.2"
