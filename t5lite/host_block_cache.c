@@ -260,16 +260,21 @@ static void* big(size_t size, int zero) {
   return p;
 }
 
+// A block from the reservation for a large request whose alignment it meets (any power of two
+// up to 2 MiB, which every block has), or NULL.
+static void* big_aligned(size_t alignment, size_t size) {
+  if (size < kThreshold || !alignment || (alignment & (alignment - 1)) || alignment > kUnit)
+    return NULL;
+  return big(size, 0);
+}
+
 EXPORT void* malloc(size_t size) {
   if (!next_malloc) {
     if (resolving) return boot_alloc(size);
     resolve();
   }
-  if (size >= kThreshold) {
-    void* p = big(size, 0);
-    if (p) return p;
-  }
-  return next_malloc(size);
+  void* p = big_aligned(kUnit, size);
+  return p ? p : next_malloc(size);
 }
 
 EXPORT void free(void* p) {
@@ -329,14 +334,6 @@ EXPORT void* reallocarray(void* p, size_t count, size_t size) {
   return realloc(p, total);
 }
 
-// A block from the reservation for a large request whose alignment it meets (any power of two
-// up to 2 MiB), or NULL.
-static void* big_aligned(size_t alignment, size_t size) {
-  if (size < kThreshold || !alignment || (alignment & (alignment - 1)) || alignment > kUnit)
-    return NULL;
-  return big(size, 0);
-}
-
 EXPORT int posix_memalign(void** out, size_t alignment, size_t size) {
   if (!next_posix_memalign) resolve();
   void* p = alignment % sizeof(void*) ? NULL : big_aligned(alignment, size);
@@ -359,20 +356,14 @@ EXPORT void* memalign(size_t alignment, size_t size) {
 
 EXPORT void* valloc(size_t size) {
   if (!next_valloc) resolve();
-  if (size >= kThreshold) {
-    void* p = big(size, 0);
-    if (p) return p;
-  }
-  return next_valloc(size);
+  void* p = big_aligned(kUnit, size);
+  return p ? p : next_valloc(size);
 }
 
 EXPORT void* pvalloc(size_t size) {
   if (!next_pvalloc) resolve();
-  if (size >= kThreshold) {
-    void* p = big(size, 0);
-    if (p) return p;
-  }
-  return next_pvalloc(size);
+  void* p = big_aligned(kUnit, size);
+  return p ? p : next_pvalloc(size);
 }
 
 EXPORT size_t malloc_usable_size(void* p) {
