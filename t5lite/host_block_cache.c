@@ -11,9 +11,9 @@
 // Requests of at least kThreshold bytes are served from one reservation of address space, cut
 // into 2 MiB-aligned segments: a freed block is kept as it is (its pages resident), and the
 // next large request takes the smallest kept block that holds it and is at most twice its
-// size, else fresh space. Kept bytes above a limit ($T5LITE_HOST_CACHE_MB, default a quarter
-// of physical memory; 0 turns the cache off) are returned to the kernel, least recently freed
-// first. Everything else, and every request the reservation cannot serve,
+// size, else fresh space. Before it takes fresh space, kept bytes above a limit
+// ($T5LITE_HOST_CACHE_MB, default a quarter of physical memory; 0 turns the cache off) are
+// returned to the kernel, least recently freed first. Everything else, and every request the reservation cannot serve,
 // goes to the next allocator. free() tells our blocks by address, with no lock.
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -157,6 +157,48 @@ static void erase(int at) {  // the lock held
   --nsegs;
 }
 
+// The free segment that best serves `need` bytes, or -1: with `kept`, the smallest kept
+// (resident) block that holds it and is at most twice its size; else the smallest fresh one.
+static int find(size_t need, int kept) {  // the lock held
+  int best = -1;
+  for (int i = 0; i < nsegs; ++i) {
+    const Segment* s = &segs[i];
+    if (!s->live && s->dirty == kept && s->bytes >= need && (!kept || s->bytes / 2 <= need) &&
+        (best < 0 || s->bytes < segs[best].bytes))
+      best = i;
+  }
+  return best;
+}
+
+// Returns kept blocks to the kernel, least recently freed first, until at most `limit` bytes
+// are kept, and merges neighbouring fresh segments. Called only when the cache is about to take
+// fresh space, so resident memory stays under the limit plus the most ever in use at once, and
+// blocks that keep being reused are never returned (evicting at free() did that: two
+// overlapping 4.45 GB step buffers over a 6 GB limit were faulted in again every step).
+static void evict(void) {  // the lock held
+  while (cached > limit) {
+    int oldest = -1;
+    for (int j = 0; j < nsegs; ++j) {
+      if (!segs[j].live && segs[j].dirty && (oldest < 0 || segs[j].used < segs[oldest].used))
+        oldest = j;
+    }
+    if (oldest < 0) break;
+    madvise((void*)(atomic_load_explicit(&base, memory_order_relaxed) + segs[oldest].offset),
+            segs[oldest].bytes, MADV_DONTNEED);
+    segs[oldest].dirty = 0;
+    cached -= segs[oldest].bytes;
+  }
+  for (int j = 0; j + 1 < nsegs;) {
+    Segment* a = &segs[j];
+    if (!a->live && !a->dirty && !segs[j + 1].live && !segs[j + 1].dirty) {
+      a->bytes += segs[j + 1].bytes;
+      erase(j + 1);
+    } else {
+      ++j;
+    }
+  }
+}
+
 // A block of at least `size` bytes from the reservation, or NULL; *dirty says whether it may
 // hold old data. A kept block is taken whole, and only for a request of at least half its size:
 // kept blocks are never split or merged, so each stays whole for the request it was kept for
@@ -171,14 +213,10 @@ static void* take(size_t size, int* dirty) {
     unlock();
     return NULL;
   }
-  int best = -1;
-  for (int pass = 1; pass >= 0 && best < 0; --pass) {  // kept (resident) blocks first
-    for (int i = 0; i < nsegs; ++i) {
-      const Segment* s = &segs[i];
-      if (!s->live && s->dirty == pass && s->bytes >= need && (!pass || s->bytes / 2 <= need) &&
-          (best < 0 || s->bytes < segs[best].bytes))
-        best = i;
-    }
+  int best = find(need, 1);
+  if (best < 0) {
+    evict();
+    best = find(need, 0);
   }
   if (best < 0) {  // fresh space at the top, taking in a fresh free segment that ends there
     int extend = nsegs > 0 && !segs[nsegs - 1].live && !segs[nsegs - 1].dirty;
@@ -207,7 +245,8 @@ static void* take(size_t size, int* dirty) {
   return p;
 }
 
-// Frees a block from `take`, keeping its pages (up to the limit).
+// Frees a block from `take`, keeping its pages (the limit applies when fresh space is next
+// taken, in evict()).
 static void give_back(void* p) {
   size_t offset = (uintptr_t)p - atomic_load_explicit(&base, memory_order_relaxed);
   lock();
@@ -219,27 +258,6 @@ static void give_back(void* p) {
   segs[i].dirty = 1;
   segs[i].used = ++tick;
   cached += segs[i].bytes;
-  while (cached > limit) {  // return the least recently freed kept blocks to the kernel
-    int oldest = -1;
-    for (int j = 0; j < nsegs; ++j) {
-      if (!segs[j].live && segs[j].dirty && (oldest < 0 || segs[j].used < segs[oldest].used))
-        oldest = j;
-    }
-    if (oldest < 0) break;
-    madvise((void*)(atomic_load_explicit(&base, memory_order_relaxed) + segs[oldest].offset),
-            segs[oldest].bytes, MADV_DONTNEED);
-    segs[oldest].dirty = 0;
-    cached -= segs[oldest].bytes;
-  }
-  for (int j = 0; j + 1 < nsegs;) {  // merge neighbouring fresh free segments
-    Segment* a = &segs[j];
-    if (!a->live && !a->dirty && !segs[j + 1].live && !segs[j + 1].dirty) {
-      a->bytes += segs[j + 1].bytes;
-      erase(j + 1);
-    } else {
-      ++j;
-    }
-  }
   unlock();
 }
 

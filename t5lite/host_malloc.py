@@ -67,13 +67,10 @@ In a notebook, export the variables before the kernel starts.
 """
 
 import ctypes.util
-import hashlib
 import importlib.metadata
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 from typing import Optional
 
 from t5lite.kernels import cpu_build
@@ -133,27 +130,12 @@ def build_block_cache(folder: Optional[str] = None) -> Optional[str]:
   with open(BLOCK_CACHE_SOURCE, "rb") as f:
     text = f.read()
   flags = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden")
-  key = hashlib.sha256(text + " ".join(flags + (cc,)).encode()).hexdigest()[:16]
-  folder = folder or cpu_build.cache_dir()
-  path = os.path.join(folder, f"host_block_cache-{key}.so")
-  if os.path.exists(path):
-    return path
   try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-    os.close(fd)
-  except OSError:
+    return cpu_build.build_once(
+        "host_block_cache", text + " ".join(flags + (cc,)).encode(),
+        lambda out: [cc, *flags, BLOCK_CACHE_SOURCE, "-o", out, "-ldl", "-lpthread"], folder)
+  except (RuntimeError, OSError):
     return None
-  try:
-    failed = subprocess.run([cc, *flags, BLOCK_CACHE_SOURCE, "-o", tmp, "-ldl", "-lpthread"],
-                            capture_output=True, check=False).returncode
-  except OSError:  # $CC names no program
-    failed = True
-  if failed:
-    os.unlink(tmp)
-    return None
-  os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
-  return path
 
 
 def block_cache_preloaded(environ) -> bool:

@@ -100,19 +100,44 @@ def test_without_the_cache_the_probe_faults_the_blocks_in_again():
   assert min(found["faults"]) > 20_000, found
 
 
-def test_the_limit_returns_kept_blocks_to_the_kernel():
+def test_the_limit_returns_kept_blocks_to_the_kernel_before_taking_fresh_space():
+  # A 32 MB limit: a freed 64 MB block stays kept and is reused; a request it cannot serve
+  # returns it to the kernel before taking fresh space, so the next 64 MB request faults.
   found = _probe("""
 p = libc.malloc(64 * MB)
 view(p, 64 * MB)[:] = 1
 libc.free(p)
 found["kept"] = libc.t5lite_host_block_cache_kept()
 before = faults()
+q = libc.malloc(64 * MB)
+view(q, 64 * MB)[:] = 1
+found["reuse_faults"] = faults() - before
+found["reused"] = q == p
+libc.free(q)
+big = libc.malloc(200 * MB)
+found["kept_after_fresh"] = libc.t5lite_host_block_cache_kept()
+libc.free(big)
+before = faults()
 p = libc.malloc(64 * MB)
 view(p, 64 * MB)[:] = 1
 found["faults"] = faults() - before
+found["kept_at_end"] = libc.t5lite_host_block_cache_kept()
 libc.free(p)
 """, **{host_malloc.BLOCK_CACHE_VAR: "32"})
-  assert found["kept"] == 0 and found["faults"] > 15_000, found
+  assert found["kept"] == 64 << 20 and found["reused"], found
+  assert found["reuse_faults"] < 200, found
+  assert found["kept_after_fresh"] == 0, found  # the 64 MB block went back to the kernel
+  assert found["faults"] > 15_000 and found["kept_at_end"] == 0, found  # and the 200 MB one
+
+
+def test_two_overlapping_buffers_over_the_limit_are_not_faulted_in_again():
+  # decoder-125m's case: the step buffer (4.45 GB) asked for before the last one is back, two of
+  # them over the limit (6 GB). Evicting at free() returned one of them every step, and the
+  # next overlapping step faulted it in again (917,000 faults a step, 2.3x the step time).
+  found = _probe(_REUSE, **{host_malloc.BLOCK_CACHE_VAR: "100"})
+  assert found["addresses"] == 2, found
+  assert max(found["faults"]) < 200, found
+  assert found["kept"] >= 96 << 20, found
 
 
 def test_calloc_zeroes_a_kept_block_and_realloc_keeps_contents():

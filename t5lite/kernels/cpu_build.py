@@ -62,6 +62,32 @@ def compiler() -> Optional[str]:
   return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def build_once(name: str, key: bytes, command, folder: Optional[str] = None) -> str:
+  """The shared library `name`-<hash of `key`>.so in `folder` (default `cache_dir()`), built
+  by running `command(out)` (the compiler's argument list, writing to `out`) unless it is
+  already there. The library appears atomically, so concurrent builders leave one complete
+  library. Raises RuntimeError (with the compiler's message) when the command fails or names
+  no program, OSError when the folder cannot be written."""
+  folder = folder or cache_dir()
+  path = os.path.join(folder, f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so")
+  if os.path.exists(path):
+    return path
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+  os.close(fd)
+  cmd = command(tmp)
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    error = done.stderr[-2000:] if done.returncode else None
+  except OSError as e:  # the compiler names no program
+    error = str(e)
+  if error is not None:
+    os.unlink(tmp)
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{error}")
+  os.replace(tmp, path)
+  return path
+
+
 def build(source: str, march: Optional[str], folder: Optional[str] = None) -> str:
   """Compiles the kernel `source` for `march` (None: no -march) once per source (with the
   headers beside it), compiler, flags, JAX version and CPU into `folder` (default
@@ -76,20 +102,7 @@ def build(source: str, march: Optional[str], folder: Optional[str] = None) -> st
     with open(path, "rb") as f:
       text += f.read()
   flags = compiler_flags(march)
-  key = hashlib.sha256(text + " ".join(
-      flags + (cxx, jax.__version__, cpu_features())).encode())
-  folder = folder or cache_dir()
+  key = text + " ".join(flags + (cxx, jax.__version__, cpu_features())).encode()
   name = os.path.splitext(os.path.basename(source))[0]
-  path = os.path.join(folder, f"{name}-{key.hexdigest()[:16]}.so")
-  if os.path.exists(path):
-    return path
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-  os.close(fd)
-  cmd = [cxx, *flags, "-isystem", jax.ffi.include_dir(), source, "-o", tmp]
-  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if done.returncode:
-    os.unlink(tmp)
-    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-  os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
-  return path
+  return build_once(name, key, lambda out: [
+      cxx, *flags, "-isystem", jax.ffi.include_dir(), source, "-o", out], folder)
