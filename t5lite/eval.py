@@ -8,8 +8,10 @@ import json
 import os
 import sys
 
-from t5lite import compilation_cache, gin_setup
-from t5lite import host_malloc
+from t5lite import compilation_cache, host_malloc
+
+# gin_setup (and with it JAX) is imported where it is used, so that cli() restarts the process
+# under the tuned host allocator before JAX loads.
 
 
 def eval_mesh_config(mesh_config):
@@ -24,6 +26,7 @@ def eval_mesh_config(mesh_config):
 
 def main(argv=None) -> int:
   """Parses flags and gin, evaluates, and returns the process exit code."""
+  from t5lite import gin_setup  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv[1:] if argv is None else argv)
   bindings, rest = gin_setup.split_gin_bindings(argv)
   parser = gin_setup.make_parser("Evaluate a t5lite checkpoint.")

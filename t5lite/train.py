@@ -7,15 +7,21 @@ Exit codes: 0 done; 2 bad configuration; 3 unusable checkpoint; 4 too many non-f
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from t5lite import compilation_cache, gin_setup
-from t5lite import host_malloc
+from t5lite import compilation_cache, host_malloc
+
+# gin_setup (and with it JAX) is imported where it is used, so that cli() restarts the process
+# under the tuned host allocator before JAX loads.
+if TYPE_CHECKING:
+  from t5lite import gin_setup
 
 
-def build_run(exp: gin_setup.Experiment, shard_index: int = 0, num_shards: int = 1):
+def build_run(exp: "gin_setup.Experiment", shard_index: int = 0, num_shards: int = 1):
   """Model, optimizer, schedule and data streams for an Experiment. XLA options XLA rejects are
   a ValueError before any data is read."""
-  from t5lite import optimizers, schedules, trainer  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from t5lite import gin_setup, optimizers, schedules, trainer
   from t5lite.data import pipeline  # pylint: disable=import-outside-toplevel
   from t5lite.models import model as model_lib  # pylint: disable=import-outside-toplevel
   trainer.check_compiler_options(exp.train.compiler_options)
@@ -36,7 +42,7 @@ def _autoplan(exp, run):
   """Replaces the mesh (and remat / microbatches) by the planner's choice; writes plan.gin."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from t5lite import autoparallel  # pylint: disable=import-outside-toplevel
+  from t5lite import autoparallel, gin_setup  # pylint: disable=import-outside-toplevel
   from t5lite.models import model as model_lib  # pylint: disable=import-outside-toplevel
   stats = jax.local_devices()[0].memory_stats() or {}
   memory_gb = stats.get("bytes_limit", 0) / 2 ** 30 or (
@@ -76,6 +82,7 @@ def _store_vocabulary(model_file: str, model_dir: str):
 
 def main(argv=None) -> int:
   """Parses flags and gin, trains, and returns the process exit code."""
+  from t5lite import gin_setup  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv[1:] if argv is None else argv)
   bindings, rest = gin_setup.split_gin_bindings(argv)
   parser = gin_setup.make_parser("Train a t5lite model.")
