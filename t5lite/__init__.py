@@ -45,6 +45,7 @@ def __getattr__(name: str):
 
 
 def __dir__():
+  """The module's names, the re-exported ones included before their first use."""
   return sorted(set(globals()) | set(__all__))
 
 

@@ -13,8 +13,9 @@
 // next large request takes the smallest kept block that holds it and is at most twice its
 // size, else fresh space. Before it takes fresh space, kept bytes above a limit
 // ($T5LITE_HOST_CACHE_MB, default a quarter of physical memory; 0 turns the cache off) are
-// returned to the kernel, least recently freed first. Everything else, and every request the reservation cannot serve,
-// goes to the next allocator. free() tells our blocks by address, with no lock.
+// returned to the kernel, least recently freed first. Everything else, and every request the
+// reservation cannot serve, goes to the next allocator. free() tells our blocks by address,
+// with no lock.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
