@@ -54,9 +54,11 @@ buffer: faulted in again at 3-4 of the first 15 steps in each of six processes, 
 11 and 14 of a 40-step run; on this session's VM such a step ran 8-17 s instead of ~4, at up to
 45 us a fault). The cache serves requests of 16 MiB and more from address space of its own,
 keeps a freed block resident, whole, for the next request it fits (at least half its size, from
-any thread), and returns kept blocks over its limit (default a quarter of physical memory) to the
-kernel, oldest first: with it the same runs faulted their step buffer in twice, in the first 4
-steps (the second for the overlap), and never again (three processes).
+any thread), and, before it takes fresh memory, returns kept blocks over its limit (default a
+quarter of physical memory) to the kernel, oldest first (returning them at free() returned one
+of decoder-125m's two overlapping 4.45 GB step buffers every step): with it the same runs
+faulted their step buffer in twice, in the first 4 steps (the second for the overlap), and
+never again (three processes).
 
 The loader reads `LD_PRELOAD` and glibc reads its tunables only when a process starts, so the
 step-heavy entry points (`t5lite.train`, `t5lite.eval`, `scripts/benchmark.py`) call
