@@ -24,7 +24,6 @@ setup(
         "seqio>=0.0.20,<0.1",
         "numpy>=1.26,<3",
         "tqdm>=4.66,<5",
-        "tensorboardX>=2.6,<3",
         "sacrebleu>=2.4,<3",
         # tensorflow-datasets needs it to prepare a dataset but does not declare it.
         "importlib-resources>=6,<8",

@@ -7,6 +7,8 @@ from typing import Dict
 
 import jax
 
+from t5lite import event_files
+
 
 class MetricsWriter:
   """Writes scalar metrics from process 0; other processes write nothing.
@@ -21,28 +23,22 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(model_dir, "metrics.jsonl" if split == "train"
                              else f"metrics_{split}.jsonl")
-    self._tb = None
-    if self.enabled and tensorboard:
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(os.path.join(model_dir, "tensorboard", split))
-      except ImportError:
-        self._tb = None
+    self._tb = (event_files.ScalarWriter(os.path.join(model_dir, "tensorboard", split))
+                if self.enabled and tensorboard else None)
 
   def write(self, step: int, metrics: Dict[str, float]):
     """Appends one record {step, **metrics}; non-finite values are written as strings."""
     if not self.enabled:
       return
+    values = {k: float(v) for k, v in metrics.items()}
     record = {"step": int(step)}
-    for k, v in metrics.items():
-      v = float(v)
-      record[k] = v if math.isfinite(v) else str(v)
-      if self._tb is not None:
-        self._tb.add_scalar(k, v, step)
+    record.update((k, v if math.isfinite(v) else str(v)) for k, v in values.items())
+    if self._tb is not None:
+      self._tb.write(step, values)
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
 
   def close(self):
-    """Flushes TensorBoard."""
+    """Closes the TensorBoard event file."""
     if self._tb is not None:
       self._tb.close()

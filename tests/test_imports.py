@@ -43,3 +43,14 @@ def test_package_names_load_on_first_use():
       "except AttributeError as e:",
       "  print(e)")
   assert "no attribute 'no_such_name'" in out
+
+
+def test_metrics_load_no_torch():
+  # tensorboardX imported torch when it was installed: 2.7 s of every training launch here.
+  _python("import sys, tempfile",
+          "from t5lite.summaries import MetricsWriter",
+          "w = MetricsWriter(tempfile.mkdtemp())",
+          "w.write(1, {'loss': 1.0})",
+          "w.close()",
+          "loaded = {m.split('.')[0] for m in sys.modules} & {'torch', 'tensorboardX'}",
+          "assert not loaded, sorted(loaded)")
