@@ -33,6 +33,16 @@ def kernel_pays(monkeypatch):
   monkeypatch.setattr(cpu_matmul, "pays", lambda *args, **kwargs: True)
 
 
+def skip_if_native_kernels_are_avx2():
+  """Skips a test that builds the CPU kernels for AVX2 and reruns kernel tests on that build,
+  where this host's own build (-march=native) already is the AVX2 one (8 lanes): every kernel
+  test of the suite ran the AVX2 code then, and the rerun would repeat it (about 100 s of
+  compiling and testing on 2 cores). Hosts with AVX-512 still run it."""
+  from t5lite.kernels import cpu_attention  # pylint: disable=import-outside-toplevel
+  if cpu_attention.available() and cpu_attention.lanes(cpu_attention.library()) == 8:
+    pytest.skip("this host's own kernel build is the AVX2 one; the suite's kernel tests ran it")
+
+
 def float64_product(x, w, transposed: bool = False):
   """(x @ w, |x| @ |w|) in float64 over the values of x and w (w.T with `transposed`; bf16 or
   float32 arrays): a product's reference and the scale of its float32 sums' rounding error."""

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_float32_product, float64_product, tiny_config
+from conftest import (assert_float32_product, float64_product, skip_if_native_kernels_are_avx2,
+                      tiny_config)
 from t5lite.kernels import cpu_build, cpu_matvec
 from t5lite.models import projection
 from t5lite.models.model import Model
@@ -204,6 +205,7 @@ def test_decoding_with_the_kernel_gives_xla_s_tokens(variant, dtype):
 def test_avx2_build_passes_the_value_tests(tmp_path):
   """The kernel built for AVX2 (8-float vectors, 8 sums in registers; float32 tiles of 2 rows)
   passes the value tests."""
+  skip_if_native_kernels_are_avx2()
   env = dict(os.environ, T5LITE_CPU_ATTENTION_MARCH="haswell", T5LITE_CACHE_DIR=str(tmp_path))
   done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                          "-p", "no:xdist", "-k", "matches_a_float64_product", __file__],

@@ -64,17 +64,17 @@ def test_shapes_and_finite_loss(variant):
   model = Model(cfg)
   params = model.init(jax.random.key(0))
   batch = random_batch(cfg)
-  logits, aux = model.apply(params, batch, jax.random.key(1))
+  logits, aux = jax.jit(model.apply)(params, batch, jax.random.key(1))
   out_len = batch["decoder_target_tokens"].shape[1]
   assert logits.shape == (2, out_len, cfg.vocab_size)
   assert logits.dtype == jnp.float32
-  loss, metrics = model.loss(params, batch)
+  loss, metrics = jax.jit(model.loss)(params, batch)
   assert np.isfinite(float(loss))
   # A fresh model is close to uniform: loss near log(vocab).
   assert abs(float(metrics["nll_sum"] / metrics["token_count"]) - np.log(cfg.vocab_size)) < 2.0
   if cfg.num_experts:
     assert float(aux) > 0
-  scores = model.score_batch(params, batch)
+  scores = jax.jit(model.score_batch)(params, batch)
   assert scores.shape == (2,)
   assert np.all(np.asarray(scores) < 0)
 
@@ -114,8 +114,9 @@ def test_packing_never_crosses_segments(variant):
     if "decoder_loss_weights" in b:
       b["decoder_loss_weights"] = np.ones_like(b["decoder_loss_weights"])
     examples.append(b)
-  alone = [np.asarray(model.apply(params, e)[0][0]) for e in examples]
-  packed = np.asarray(model.apply(params, _pack(examples, cfg.arch))[0][0])
+  apply = jax.jit(model.apply)
+  alone = [np.asarray(apply(params, e)[0][0]) for e in examples]
+  packed = np.asarray(apply(params, _pack(examples, cfg.arch))[0][0])
   np.testing.assert_allclose(packed, np.concatenate(alone), atol=2e-5, rtol=2e-5)
 
 
@@ -151,7 +152,7 @@ def test_scan_unrolled_and_remat_agree(arch, remat):
 
   def loss_and_grad(cfg):
     model = Model(cfg)
-    return jax.value_and_grad(lambda p: model.loss(p, batch)[0])(params)
+    return jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch)[0]))(params)
 
   ref_loss, ref_grad = loss_and_grad(base_cfg)
   for cfg in (tiny_config(arch=arch, scan_layers=False), tiny_config(arch=arch, remat_policy=remat)):
@@ -224,7 +225,7 @@ def _assert_same_loss_and_grads(variant, batch, reference, other, *, loss_rtol, 
   results = []
   for overrides in (reference, other):
     model = Model(tiny_config(**overrides, **variant))
-    results.append(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0])(params))
+    results.append(jax.jit(jax.value_and_grad(lambda p, m=model: m.loss(p, batch)[0]))(params))
   np.testing.assert_allclose(results[1][0], results[0][0], rtol=loss_rtol)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=rtol),
                results[1][1], results[0][1])
@@ -333,13 +334,13 @@ def test_chunked_attention_matches_jax_attention(masking, streams):
       key_value_seq_lengths=mask.kv_lengths)
   chunked = lambda q, k, v, bias=bias: attention.chunked_attention(  # noqa: E731
       q, k, v, mask, bias, scale=0.3, streams=streams)
-  np.testing.assert_allclose(np.where(real, chunked(q, k, v), 0), np.where(real, ref(q, k, v), 0),
-                             atol=2e-6)
+  np.testing.assert_allclose(np.where(real, jax.jit(chunked)(q, k, v), 0),
+                             np.where(real, jax.jit(ref)(q, k, v), 0), atol=2e-6)
   # The gradients of q, k, v and (where there is one) the bias, which chunked_attention's
   # blocks compute by hand (flash attention's backward), not by autodiff.
   args, argnums = ((q, k, v), (0, 1, 2)) if bias is None else ((q, k, v, bias), (0, 1, 2, 3))
-  for got, want in zip(jax.grad(objective(chunked), argnums=argnums)(*args),
-                       jax.grad(objective(ref), argnums=argnums)(*args)):
+  for got, want in zip(jax.jit(jax.grad(objective(chunked), argnums=argnums))(*args),
+                       jax.jit(jax.grad(objective(ref), argnums=argnums))(*args)):
     np.testing.assert_allclose(got, want, atol=5e-5)
 
 
