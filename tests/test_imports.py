@@ -46,7 +46,7 @@ def test_package_names_load_on_first_use():
 
 
 def test_metrics_load_no_torch():
-  # tensorboardX imported torch when it was installed: 2.7 s of every training launch here.
+  # tensorboardX imported torch when it was installed: ~4 s of every training launch here.
   _python("import sys, tempfile",
           "from t5lite.summaries import MetricsWriter",
           "w = MetricsWriter(tempfile.mkdtemp())",
