@@ -12,20 +12,23 @@ def _python(*lines: str) -> str:
   return r.stdout
 
 
+def _python_loads_none_of(packages, *lines: str):
+  """Runs `lines` in a fresh Python and asserts none of the top-level `packages` got imported."""
+  _python("import sys", *lines,
+          f"loaded = {{m.split('.')[0] for m in sys.modules}} & {set(packages)!r}",
+          "assert not loaded, sorted(loaded)")
+
+
 def test_core_imports_without_tensorflow_or_gin():
-  _python("import sys, t5lite, t5lite.trainer, t5lite.partitioning, t5lite.checkpoints",
-          "import t5lite.data.pipeline, t5lite.models",
-          "heavy = {m.split('.')[0] for m in sys.modules}",
-          "heavy &= {'tensorflow', 'seqio', 'gin', 'tensorflow_datasets'}",
-          "assert not heavy, sorted(heavy)")
+  _python_loads_none_of(("tensorflow", "seqio", "gin", "tensorflow_datasets"),
+                        "import t5lite, t5lite.trainer, t5lite.partitioning, t5lite.checkpoints",
+                        "import t5lite.data.pipeline, t5lite.models")
 
 
 def test_entry_points_restart_before_jax_loads():
   # `python -m t5lite.train` (and eval, and the benchmark) restart themselves under the tuned
   # host allocator; what they import before that restart is paid twice (JAX: ~3 s).
-  _python("import sys, t5lite, t5lite.train, t5lite.eval",
-          "loaded = {m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'gin', 'numpy'}",
-          "assert not loaded, sorted(loaded)")
+  _python_loads_none_of(("jax", "flax", "gin", "numpy"), "import t5lite, t5lite.train, t5lite.eval")
 
 
 def test_package_names_load_on_first_use():
@@ -47,10 +50,8 @@ def test_package_names_load_on_first_use():
 
 def test_metrics_load_no_torch():
   # tensorboardX imported torch when it was installed: ~4 s of every training launch here.
-  _python("import sys, tempfile",
-          "from t5lite.summaries import MetricsWriter",
-          "w = MetricsWriter(tempfile.mkdtemp())",
-          "w.write(1, {'loss': 1.0})",
-          "w.close()",
-          "loaded = {m.split('.')[0] for m in sys.modules} & {'torch', 'tensorboardX'}",
-          "assert not loaded, sorted(loaded)")
+  _python_loads_none_of(("torch", "tensorboardX"), "import tempfile",
+                        "from t5lite.summaries import MetricsWriter",
+                        "w = MetricsWriter(tempfile.mkdtemp())",
+                        "w.write(1, {'loss': 1.0})",
+                        "w.close()")
