@@ -12,8 +12,44 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # is less optimized. Subprocesses inherit it (run_cli adds their own XLA_FLAGS after it).
 # T5LITE_TEST_LLVM_OPT=1 keeps XLA's default.
 LLVM_O0 = "--xla_backend_optimization_level=0"
+# And XLA:CPU's fusions by its LLVM IR emitters rather than its MLIR fusion emitters, whose pass
+# pipeline per fusion (not LLVM's) is then most of a compile: the tiny encoder-decoder's train
+# step compiles in 1.1-1.7 s against 3.5 s, and the suite on 2 cores took 19 minutes against 25.
+# The partitioning passes, and so the shardings and collectives, and the matmuls whose FLOPs the
+# tests count are the same; the fusion passes differ a little (the MLIR emitters' pipeline fuses
+# scatters and in-place updates that this one expands or leaves apart). Float results differ in
+# the last bits, and, with these emitters, between programs that differ only in buffer donation:
+# tests that compare two programs bit for bit compile them with USERS_CODEGEN, XLA's default.
+# Set where the flag is known (jaxlib 0.10: XLA aborts at a flag it does not know);
+# T5LITE_TEST_FUSION_EMITTERS=1 keeps XLA's default everywhere.
+LEGACY_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _jaxlib_knows_the_emitters_flag() -> bool:
+  """Whether the installed jaxlib is one whose XLA has `LEGACY_EMITTERS`' flag (checked: 0.10)."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return metadata.version("jaxlib").startswith("0.10.")
+  except metadata.PackageNotFoundError:
+    return False
+
+
+def _add_xla_flag(flag: str):
+  """Adds `flag` to XLA_FLAGS, once (xdist's workers load this file after the controller)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flag not in flags.split():
+    os.environ["XLA_FLAGS"] = (flags + " " + flag).strip()
+
+
 if os.environ.get("T5LITE_TEST_LLVM_OPT") != "1":
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + LLVM_O0).strip()
+  _add_xla_flag(LLVM_O0)
+LEGACY_FUSION = (os.environ.get("T5LITE_TEST_FUSION_EMITTERS") != "1"
+                 and _jaxlib_knows_the_emitters_flag())
+if LEGACY_FUSION:
+  _add_xla_flag(LEGACY_EMITTERS)
+# Compile options for XLA:CPU's default codegen, as users' programs are compiled
+# (`jax.jit(f).lower(...).compile(compiler_options=USERS_CODEGEN)`).
+USERS_CODEGEN = {"xla_cpu_use_fusion_emitters": True} if LEGACY_FUSION else {}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -94,14 +130,15 @@ def cli_env(env=None, optimized=False):
   """The environment for a t5lite subprocess: this one's, t5lite on PYTHONPATH, then `env`,
   whose XLA_FLAGS are added to the suite's rather than put in their place.
 
-  optimized: compile with XLA's default LLVM optimization, for a run whose time goes into
-  running many steps rather than compiling (the mixture CLI test, 30 steps of T5-tiny: 59 s
-  with it, 74 s at -O0, alone on 2 cores).
+  optimized: compile with XLA's default LLVM optimization and fusion emitters, for a run whose
+  time goes into running many steps rather than compiling (the mixture CLI test, 30 steps of
+  T5-tiny: 59 s with it, 74 s at -O0, alone on 2 cores).
   """
   full_env = dict(os.environ)
   full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
   if optimized:
-    full_env["XLA_FLAGS"] = full_env.get("XLA_FLAGS", "").replace(LLVM_O0, "").strip()
+    full_env["XLA_FLAGS"] = " ".join(f for f in full_env.get("XLA_FLAGS", "").split()
+                                     if f not in (LLVM_O0, LEGACY_EMITTERS))
   env = dict(env or {})
   if "XLA_FLAGS" in env:
     env["XLA_FLAGS"] = (full_env.get("XLA_FLAGS", "") + " " + env["XLA_FLAGS"]).strip()

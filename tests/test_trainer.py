@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import tiny_config
+from conftest import USERS_CODEGEN, tiny_config
 from test_models import random_batch
 from t5lite import gpu_aot, optimizers, schedules, trainer
 from t5lite.models.model import Model
@@ -18,6 +18,21 @@ from t5lite.models.model import Model
 def _step(model, opt, microbatches=1, seed=0):
   return jax.jit(functools.partial(trainer.train_step, model=model, optimizer=opt,
                                    schedule=lambda s: 1e-3, seed=seed, microbatches=microbatches))
+
+
+def _users_step(model, opt):
+  """`_step` compiled with XLA:CPU's default codegen (`USERS_CODEGEN`), once for each batch
+  structure it is called with: for comparisons between programs that hold bit for bit in the
+  programs users run."""
+  compiled = {}
+
+  def step(state, batch):
+    key = tuple(sorted(batch))
+    if key not in compiled:
+      compiled[key] = _step(model, opt).lower(state, batch).compile(
+          compiler_options=USERS_CODEGEN)
+    return compiled[key](state, batch)
+  return step
 
 
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
@@ -52,9 +67,9 @@ def test_jit_train_step_donates_the_state_unless_told_not_to(donate):
   opt = optax.adamw(1e-3)
   state = trainer.init_state(model, opt, jax.random.key(0))
   batch = random_batch(cfg)
-  want_state, want = _step(model, opt)(jax.tree.map(jnp.copy, state), batch)
-  train_cfg = trainer.TrainConfig(donate_state=donate,
-                                  compiler_options={"xla_cpu_enable_fast_math": False})
+  want_state, want = _users_step(model, opt)(jax.tree.map(jnp.copy, state), batch)
+  train_cfg = trainer.TrainConfig(donate_state=donate, compiler_options={
+      "xla_cpu_enable_fast_math": False, **USERS_CODEGEN})
   new_state, metrics = trainer.jit_train_step(model, opt, lambda s: 1e-3, train_cfg)(state, batch)
   assert all(x.is_deleted() == donate for x in jax.tree.leaves(state))
   np.testing.assert_array_equal(metrics["loss"], want["loss"])
@@ -88,11 +103,11 @@ def test_nonfinite_step_is_skipped_and_counted(form):
   opt = optax.adamw(1e-3)
   good = random_batch(cfg)
   kept = ("params", "opt_state")
-  reference = _step(model, opt)(trainer.init_state(model, opt, jax.random.key(0)), good)[0]
+  state = trainer.init_state(model, opt, jax.random.key(0))
+  reference = _users_step(model, opt)(state, good)[0]
   with gpu_aot.tracing_for("h100") if form == "select" else contextlib.nullcontext():
-    state = trainer.init_state(model, opt, jax.random.key(0))
-    step = _step(model, opt)
-    text = step.lower(state, good).as_text()
+    text = _step(model, opt).lower(state, good).as_text()
+    step = _users_step(model, opt)
     assert ("stablehlo.case" in text or "stablehlo.if" in text) == (form == "cond")
     state, _ = step(state, good)        # nonzero moments and count to keep
     before = jax.tree.map(np.asarray, {k: state[k] for k in kept})
