@@ -20,19 +20,21 @@ def _step(model, opt, microbatches=1, seed=0):
                                    schedule=lambda s: 1e-3, seed=seed, microbatches=microbatches))
 
 
-def _users_step(model, opt):
+class _UsersStep:
   """`_step` compiled with XLA:CPU's default codegen (`USERS_CODEGEN`), once for each batch
   structure it is called with: for comparisons between programs that hold bit for bit in the
-  programs users run."""
-  compiled = {}
+  programs users run. `jitted` is the jitted step it lowers (its traces are reused)."""
 
-  def step(state, batch):
+  def __init__(self, model, opt):
+    self.jitted = _step(model, opt)
+    self._compiled = {}
+
+  def __call__(self, state, batch):
     key = tuple(sorted(batch))
-    if key not in compiled:
-      compiled[key] = _step(model, opt).lower(state, batch).compile(
+    if key not in self._compiled:
+      self._compiled[key] = self.jitted.lower(state, batch).compile(
           compiler_options=USERS_CODEGEN)
-    return compiled[key](state, batch)
-  return step
+    return self._compiled[key](state, batch)
 
 
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
@@ -67,7 +69,7 @@ def test_jit_train_step_donates_the_state_unless_told_not_to(donate):
   opt = optax.adamw(1e-3)
   state = trainer.init_state(model, opt, jax.random.key(0))
   batch = random_batch(cfg)
-  want_state, want = _users_step(model, opt)(jax.tree.map(jnp.copy, state), batch)
+  want_state, want = _UsersStep(model, opt)(jax.tree.map(jnp.copy, state), batch)
   train_cfg = trainer.TrainConfig(donate_state=donate, compiler_options={
       "xla_cpu_enable_fast_math": False, **USERS_CODEGEN})
   new_state, metrics = trainer.jit_train_step(model, opt, lambda s: 1e-3, train_cfg)(state, batch)
@@ -104,10 +106,10 @@ def test_nonfinite_step_is_skipped_and_counted(form):
   good = random_batch(cfg)
   kept = ("params", "opt_state")
   state = trainer.init_state(model, opt, jax.random.key(0))
-  reference = _users_step(model, opt)(state, good)[0]
+  reference = _UsersStep(model, opt)(state, good)[0]
   with gpu_aot.tracing_for("h100") if form == "select" else contextlib.nullcontext():
-    text = _step(model, opt).lower(state, good).as_text()
-    step = _users_step(model, opt)
+    step = _UsersStep(model, opt)
+    text = step.jitted.lower(state, good).as_text()
     assert ("stablehlo.case" in text or "stablehlo.if" in text) == (form == "cond")
     state, _ = step(state, good)        # nonzero moments and count to keep
     before = jax.tree.map(np.asarray, {k: state[k] for k in kept})
