@@ -30,6 +30,9 @@ import numpy as np
 from t5lite.kernels import cpu_build
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
+# The library's sources: the attention's, and the matrix products' (cpu_matvec.py, cpu_matmul.py
+# call them), which share its vectors (cpu_vectors.h) and threads (cpu_threads.h).
+SOURCES = (SOURCE, os.path.join(os.path.dirname(SOURCE), "cpu_matmul.cc"))
 # The CPU features (Linux's names) a build of each vector width runs on.
 _NEEDS = {16: ("avx512f",), 8: ("avx2", "fma")}
 # The FFI targets (forward, backward, decoding step over a cache) for each operand dtype, and
@@ -62,7 +65,7 @@ def march() -> str:
 def build(folder: Optional[str] = None) -> str:
   """The path of the kernel's shared library for `march()`, built on the first call
   (`cpu_build.build`); RuntimeError, with the compiler's message, when it cannot be."""
-  return cpu_build.build(SOURCE, march(), folder)
+  return cpu_build.build(SOURCES, march(), folder)
 
 
 def available() -> bool:

@@ -1,4 +1,5 @@
-"""Compiles t5lite's C++ kernels for XLA:CPU (cpu_attention.cc, cpu_transpose.cc) and caches them.
+"""Compiles t5lite's C++ kernels for XLA:CPU and caches them: cpu_attention.cc with cpu_matmul.cc
+(one library), cpu_transpose.cc.
 
 A kernel's source is compiled on first use (~3 s) with the host's C++ compiler (`g++`, or $CXX)
 against JAX's XLA FFI headers into `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR,
@@ -88,21 +89,23 @@ def build_once(name: str, key: bytes, command, folder: Optional[str] = None) -> 
   return path
 
 
-def build(source: str, march: Optional[str], folder: Optional[str] = None) -> str:
-  """Compiles the kernel `source` for `march` (None: no -march) once per source (with the
-  headers beside it), compiler, flags, JAX version and CPU into `folder` (default
-  `cache_dir()`), and returns the path of the shared library. Raises RuntimeError (with the
-  compiler's message) when it cannot."""
+def build(sources, march: Optional[str], folder: Optional[str] = None) -> str:
+  """Compiles a kernel's C++ `sources` (one path, or several linked into one library named for
+  the first) for `march` (None: no -march) once per sources (with the headers beside the first),
+  compiler, flags, JAX version and CPU into `folder` (default `cache_dir()`), and returns the
+  path of the shared library. Raises RuntimeError (with the compiler's message) when it
+  cannot."""
   import jax  # here, not above: t5lite.host_malloc takes cache_dir() before JAX may be imported
+  sources = [sources] if isinstance(sources, str) else list(sources)
   cxx = compiler()
   if not cxx:
     raise RuntimeError("no C++ compiler found (set $CXX)")
   text = b""
-  for path in [source] + headers(source):
+  for path in sources + headers(sources[0]):
     with open(path, "rb") as f:
       text += f.read()
   flags = compiler_flags(march)
   key = text + " ".join(flags + (cxx, jax.__version__, cpu_features())).encode()
-  name = os.path.splitext(os.path.basename(source))[0]
+  name = os.path.splitext(os.path.basename(sources[0]))[0]
   return build_once(name, key, lambda out: [
-      cxx, *flags, "-isystem", jax.ffi.include_dir(), source, "-o", out], folder)
+      cxx, *flags, "-isystem", jax.ffi.include_dir(), *sources, "-o", out], folder)

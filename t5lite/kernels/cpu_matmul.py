@@ -1,6 +1,6 @@
 """Training's matmuls on CPUs as XLA FFI handlers: bf16 with float32 sums on AMX tiles (`Matmul`
-in cpu_attention.cc, built into the attention kernel's library beside the matvec's AMX code),
-and float32 with AVX-512 or AVX2 FMAs (`F32Matmul`, beside the matvec's float32 tiles).
+in cpu_matmul.cc, built into the attention kernel's library, beside the matvec's AMX code), and
+float32 with AVX-512 or AVX2 FMAs (`F32Matmul`, beside the matvec's float32 tiles).
 
 Under `ModelConfig.float32_dot_outputs` every projection of a bf16 model is a bf16 x bf16
 matmul with a float32 output, which XLA:CPU (jaxlib 0.10) hands to YNNPACK's AMX kernels. Those

@@ -1,6 +1,6 @@
 """A decoding step's projections on CPUs: products of a few rows (at most `MAX_ROWS`; up to 32
 in float32, or in bf16 on CPUs with AMX) with a weight matrix, as an XLA FFI handler (`Matvec`
-in cpu_attention.cc, built into the attention kernel's library, whose vectors and threads it
+in cpu_matmul.cc, built into the attention kernel's library, whose vectors and threads it
 shares).
 
 Such a product reads each weight once for a few multiply-adds: it is bound by the bytes of the

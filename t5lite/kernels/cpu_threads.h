@@ -1,5 +1,5 @@
 // Work spread over XLA's intra-op threads, for t5lite's XLA FFI kernels (cpu_attention.cc,
-// cpu_transpose.cc).
+// cpu_matmul.cc, cpu_transpose.cc).
 #ifndef T5LITE_KERNELS_CPU_THREADS_H_
 #define T5LITE_KERNELS_CPU_THREADS_H_
 
