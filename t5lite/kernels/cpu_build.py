@@ -4,9 +4,10 @@
 A kernel's sources are compiled on first use (the attention and matmul library in ~20 s on 2
 cores) with the host's C++ compiler (`g++`, or $CXX) against JAX's XLA FFI headers into
 `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR, else ~/.cache/t5lite), keyed by the
-sources, the compiler, its flags, the JAX version and the CPU's features, so that a cache directory shared by different CPUs (a home folder on NFS) holds
-one library each. The library in the cache is loaded and run: like JAX's compilation cache, a
-cache directory others can write to lets them run code as you.
+sources, the compiler, its flags, the JAX version and the CPU's features, so that a cache
+directory shared by different CPUs (a home folder on NFS) holds one library each. The library in
+the cache is loaded and run: like JAX's compilation cache, a cache directory others can write to
+lets them run code as you.
 """
 
 import hashlib
