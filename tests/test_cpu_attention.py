@@ -536,6 +536,26 @@ def test_build_is_keyed_by_the_headers_beside_the_source(tmp_path):
   assert ctypes.cdll.LoadLibrary(second).T5liteCpuTranspose
 
 
+def test_build_links_several_sources_into_one_library_keyed_by_each(tmp_path):
+  """Sources built together (the attention's and the matrix products') make one library named
+  for the first, holding the symbols of all; changing any one of them rebuilds it."""
+  if not cpu_build.compiler():
+    pytest.skip("no C++ compiler here")
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "first.cc").write_text('extern "C" int First() { return 1; }\n')
+  (src / "second.cc").write_text('extern "C" int Second() { return 2; }\n')
+  sources = [str(src / "first.cc"), str(src / "second.cc")]
+  path = cpu_build.build(sources, None, str(tmp_path / "out"))
+  assert os.path.basename(path).startswith("first-")
+  library = ctypes.cdll.LoadLibrary(path)
+  assert (library.First(), library.Second()) == (1, 2)
+  assert cpu_build.build(sources, None, str(tmp_path / "out")) == path
+  (src / "second.cc").write_text('extern "C" int Second() { return 3; }\n')
+  changed = cpu_build.build(sources, None, str(tmp_path / "out"))
+  assert changed != path and ctypes.cdll.LoadLibrary(changed).Second() == 3
+
+
 @needs_kernel
 @pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
                                      dict(arch="decoder_only", num_kv_heads=2),
