@@ -97,7 +97,7 @@ inline V LoadWide(const Bf16* p) {
   return out;
 }
 
-// XLA FFI's element type of a handler's q, k, v, out, d_out (fp32 or bf16) and the kernel's.
+// The type a handler reads an FFI buffer's elements as (F32: float, BF16: Bf16), and its data.
 template <xla::ffi::DataType kType>
 using Kernel = std::conditional_t<kType == xla::ffi::DataType::F32, float, Bf16>;
 
