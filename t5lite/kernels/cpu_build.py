@@ -1,8 +1,8 @@
 """Compiles t5lite's C++ kernels for XLA:CPU and caches them: cpu_attention.cc with cpu_matmul.cc
 (one library), cpu_transpose.cc.
 
-A kernel's sources are compiled on first use (the attention and matmul library in ~20 s on 2
-cores) with the host's C++ compiler (`g++`, or $CXX) against JAX's XLA FFI headers into
+A kernel's sources are compiled on first use (the attention and matmul library in 11-13 s on
+2 cores) with the host's C++ compiler (`g++`, or $CXX) against JAX's XLA FFI headers into
 `kernels/` of t5lite's cache directory ($T5LITE_CACHE_DIR, else ~/.cache/t5lite), keyed by the
 sources, the compiler, its flags, the JAX version and the CPU's features, so that a cache
 directory shared by different CPUs (a home folder on NFS) holds one library each. The library in
@@ -125,8 +125,9 @@ def build(sources, march: Optional[str], folder: Optional[str] = None) -> str:
   flags = compiler_flags(march)
   key = text + " ".join(flags + (cxx, jax.__version__, cpu_features())).encode()
   name = os.path.splitext(os.path.basename(sources[0]))[0]
-  # Each source compiled to an object file at once (the attention's and the matmul's: ~20 s
-  # one after the other on 2 cores, ~14 s side by side), then linked.
+  # Each source compiled to an object file at once, then linked: the attention's and the
+  # matmul's take 11-13 s side by side on 2 cores, 18-22 s one after the other (16-19 s as one
+  # file).
   with tempfile.TemporaryDirectory() as scratch:
     objects = [os.path.join(scratch, f"{i}.o") for i in range(len(sources))]
     compiles = [[cxx, *flags, "-isystem", jax.ffi.include_dir(), "-c", source, "-o", obj]
