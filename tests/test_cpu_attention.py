@@ -5,6 +5,7 @@ import ctypes
 import functools
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -439,11 +440,12 @@ def test_kernel_attention_falls_back_where_the_kernel_does_not_apply():
                                 np.asarray(attend(mask, *wide).astype(jnp.bfloat16), np.float32))
 
 
-def test_build_reports_the_compiler_error(tmp_path, monkeypatch):
-  """A compiler that fails gives a RuntimeError with its command (no library left behind);
-  `available()` turns that into False and a fallback."""
-  monkeypatch.setenv("CXX", "false")
-  with pytest.raises(RuntimeError, match="failed"):
+@pytest.mark.parametrize("cxx", ["false", "/nonexistent/g++"])
+def test_build_reports_the_compiler_error(cxx, tmp_path, monkeypatch):
+  """A compiler that fails, or names no program, gives a RuntimeError with its command (no
+  library left behind); `available()` turns that into False and a fallback."""
+  monkeypatch.setenv("CXX", cxx)
+  with pytest.raises(RuntimeError, match=re.escape(cxx) + " .* failed"):
     cpu_attention.build(str(tmp_path))
   assert not list(tmp_path.iterdir())
 
