@@ -119,9 +119,9 @@ def build(sources, march: Optional[str], folder: Optional[str] = None) -> str:
   if not cxx:
     raise RuntimeError("no C++ compiler found (set $CXX)")
   text = b""
-  for path in sources + headers(sources[0]):
+  for path in sources + headers(sources[0]):  # each file's name, then its text
     with open(path, "rb") as f:
-      text += f.read()
+      text += os.path.basename(path).encode() + b"\0" + f.read() + b"\0"
   flags = compiler_flags(march)
   key = text + " ".join(flags + (cxx, jax.__version__, cpu_features())).encode()
   name = os.path.splitext(os.path.basename(sources[0]))[0]
