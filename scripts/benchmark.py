@@ -185,35 +185,98 @@ SETTINGS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_im
             "flat_weight_grads", "float32_dot_outputs", "matvec_kernel", "matmul_kernel")
 
 
-def measure_peak_tflops(on_gpu: bool, bf16: bool = False) -> float:
-  """Matmul peak on this device: bf16 8192^3 on GPU, 2048^3 on CPU, fp32 or (`bf16`: the
-  model computes in bf16) bf16 operands with an fp32 output, the form XLA:CPU runs on AMX where
-  the CPU has it; on a CPU the faster of XLA's and t5lite's kernel (`cpu_matmul`: AMX for bf16,
-  AVX-512 for fp32, which `ModelConfig.matmul_kernel` runs the projections on) where it runs,
-  so that MFU is against the best matmul at hand (random data; the fastest of repeated timings
-  after the clocks have ramped up, as a peak is a best case)."""
-  n, dtype = (8192, jnp.bfloat16) if on_gpu else (2048, jnp.bfloat16 if bf16 else jnp.float32)
+def chained_matmul_tflops(n: int, dtype, chain: int = 8, reps: int = 10) -> float:
+  """TFLOP/s of XLA's n x n x n product, `chain` of them back to back in one jitted program (each
+  product the next one's left factor; the right one scaled by 1/sqrt(n), so that random values
+  stay near unit scale), the best of `reps` timed calls after warm-up. One dispatch and one
+  synchronization per `chain` products: timed one by one, an 8192^3 bf16 product (~1.4 ms on an
+  H100) lost 13-22% of its rate to them on an H200."""
+  a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  b = (jax.random.normal(jax.random.key(2), (n, n), jnp.float32) / np.sqrt(n)).astype(dtype)
+
+  def products(x, y):
+    for _ in range(chain):
+      x = x @ y
+    return x
+
+  run = jax.jit(products)
+  for _ in range(3):
+    run(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    run(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 * chain / min(times) / 1e12
+
+
+def torch_matmul_tflops(n: int, device: str = "cuda", chain: int = 8, reps: int = 10):
+  """The same chain of bf16 products through torch's matmul (cuBLAS on a GPU) on `device`;
+  None where torch is not installed or does not see the device. Its memory is handed back to
+  the device after."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  if device == "cuda" and not torch.cuda.is_available():
+    return None
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  gen = torch.Generator(device=device).manual_seed(0)
+  a = torch.randn(n, n, device=device, generator=gen).to(torch.bfloat16)
+  b = (torch.randn(n, n, device=device, generator=gen) / n ** 0.5).to(torch.bfloat16)
+
+  def products():
+    x = a
+    for _ in range(chain):
+      x = x @ b
+    sync()
+
+  for _ in range(3):
+    products()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    products()
+    times.append(time.perf_counter() - t)
+  del a, b
+  hf_reference.release_torch_gpu_memory()
+  return 2 * n ** 3 * chain / min(times) / 1e12
+
+
+def measure_peak_tflops(on_gpu: bool, bf16: bool = False, with_torch: bool = False) -> dict:
+  """Matmul peaks on this device, TFLOP/s by the matmul that reached them; MFU is against the
+  highest, the best matmul at hand (random data; the fastest of repeated timings after the clocks
+  have ramped up, as a peak is a best case). On a GPU: bf16 8192^3 through XLA, chained in one
+  program (`chained_matmul_tflops`), and (`with_torch`: HF's side is loaded anyway) through
+  torch's cuBLAS. On a CPU: 2048^3, fp32 or (`bf16`: the model computes in bf16) bf16 operands
+  with an fp32 output, the form XLA:CPU runs on AMX where the CPU has it, through XLA and through
+  t5lite's kernel (`cpu_matmul`: AMX for bf16, AVX-512 for fp32, which
+  `ModelConfig.matmul_kernel` runs the projections on) where it runs."""
+  if on_gpu:
+    peaks = {"xla": chained_matmul_tflops(8192, jnp.bfloat16)}
+    cublas = torch_matmul_tflops(8192) if with_torch else None
+    if cublas is not None:
+      peaks["torch"] = cublas
+    return peaks
+  n, dtype = 2048, jnp.bfloat16 if bf16 else jnp.float32
   a = jax.random.normal(jax.random.key(1), (n, n), dtype)
   b = jax.random.normal(jax.random.key(2), (n, n), dtype)
-  if on_gpu or not bf16:
-    matmuls = [jax.jit(lambda x, y: x @ y)]
-  else:
-    matmuls = [jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))]
-  if not on_gpu:
-    from t5lite.kernels import cpu_matmul
-    if cpu_matmul.supports(a, b) and cpu_matmul.available():
-      matmuls.append(jax.jit(cpu_matmul.matmul))
-  best = []
-  for f in matmuls:
-    for _ in range(20 if on_gpu else 2):
+  matmuls = {"xla": jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+             if bf16 else jax.jit(lambda x, y: x @ y)}
+  from t5lite.kernels import cpu_matmul
+  if cpu_matmul.supports(a, b) and cpu_matmul.available():
+    matmuls["t5lite"] = jax.jit(cpu_matmul.matmul)
+  peaks = {}
+  for name, f in matmuls.items():
+    for _ in range(2):
       f(a, b).block_until_ready()
     times = []
-    for _ in range(30 if on_gpu else 8):
+    for _ in range(8):
       t = time.perf_counter()
       f(a, b).block_until_ready()
       times.append(time.perf_counter() - t)
-    best.append(min(times))
-  return 2 * n ** 3 / min(best) / 1e12
+    peaks[name] = 2 * n ** 3 / min(times) / 1e12
+  return peaks
 
 
 def t5lite_step(cfg, args):
@@ -450,13 +513,22 @@ def time_side_by_side(runners, args, flops: float):
   return rows
 
 
-def time_one_at_a_time(makers, args, flops: float):
+def time_one_at_a_time(makers, args, flops: float, failed=None):
   """The GPU way: each runner built, timed and dropped in turn, so it has the device's memory
-  to itself. HF's (makers[1:]) go first and torch's cache is emptied after each, so JAX's step
-  (makers[0], allocating on demand) comes last and finds the memory free. Rows in makers' order."""
+  to itself. `makers` are (impl, make) pairs, t5lite's first. HF's (makers[1:]) go first and
+  torch's cache is emptied after each, so JAX's step (makers[0], allocating on demand) comes
+  last and finds the memory free. An HF runner that raises (torch.compile on a new torch, out
+  of memory) is left out of the rows and its error kept in `failed` (impl -> message), so that
+  t5lite's row is still measured; t5lite's own errors propagate. Rows in makers' order."""
   rows = []
-  for make in makers[1:] + makers[:1]:
-    rows += time_side_by_side([make()], args, flops)
+  for impl, make in makers[1:] + makers[:1]:
+    try:
+      rows += time_side_by_side([make()], args, flops)
+    except Exception as e:  # pylint: disable=broad-except
+      if impl == makers[0][0] or failed is None:
+        raise
+      failed[impl] = f"{type(e).__name__}: {e}"[:2000]
+      print(f"{impl} failed, left out: {failed[impl]}", flush=True)
     hf_reference.release_torch_gpu_memory()
   return rows[-1:] + rows[:-1]
 
@@ -623,7 +695,7 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
   runner = hf.runner if hf is not None else hf_reference.hf_runner
   hf_facts = {"hf_process": "child" if hf is not None else "same"} if args.vs_hf else {}
   bf16 = cfg.dtype == "bfloat16"
-  peaks = [measure_peak_tflops(on_gpu, bf16)]
+  peaks = [measure_peak_tflops(on_gpu, bf16, with_torch=args.vs_hf)]
   decode_rows = []
   for b in (int(b) for b in args.decode_batches.split(",") if b):
     ours = bench_decode(cfg, args, b)
@@ -644,19 +716,22 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
                   host_malloc=host_malloc.active_allocator(os.environ), decode=decode_rows)
     write_json(args.json, result)
     return result
-  makers = [lambda: t5lite_runner(cfg, args)]
+  makers = [("t5lite", lambda: t5lite_runner(cfg, args))]
   if args.vs_hf:
-    makers += [lambda mode=mode: runner(cfg, run_batch(cfg, args), compiled=mode == "compiled")
+    makers += [(f"hf-{mode}", lambda mode=mode: runner(cfg, run_batch(cfg, args),
+                                                       compiled=mode == "compiled"))
                for mode in args.hf_modes.split(",")]
   flops = step_flops(cfg, args)
+  hf_failed = {}
   if on_gpu:
-    rows = time_one_at_a_time(makers, args, flops)
+    rows = time_one_at_a_time(makers, args, flops, hf_failed)
   else:       # in alternating rounds: CPU speed drifts with clocks and neighbours
-    rows = time_side_by_side([make() for make in makers], args, flops)
+    rows = time_side_by_side([make() for _, make in makers], args, flops)
   # The peak again after the steps, and the higher one counts: a peak measured while the
   # machine was slowed for a moment would inflate MFU (on a busy CPU, past 100%).
-  peaks.append(measure_peak_tflops(on_gpu, bf16))
-  peak = max(peaks)
+  peaks.append(measure_peak_tflops(on_gpu, bf16, with_torch=args.vs_hf))
+  peak_by = max(((tflops, name) for p in peaks for name, tflops in p.items()))
+  peak = peak_by[0]
   for r in rows:
     r["mfu"] = r["tflops"] / peak
   if args.vs_hf:
@@ -664,17 +739,19 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
       r["vs_t5lite"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
   result = {**run_facts(cfg, args, bindings), **hf_facts, "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "pack": args.pack, "dtype": cfg.dtype,
-            "peak_tflops": peak, "peak_tflops_before_after": peaks,
+            "peak_tflops": peak, "peak_tflops_before_after": [max(p.values()) for p in peaks],
+            "peak_by_matmul": peaks, "peak_matmul": peak_by[1],
             "peak_dtype": "bf16" if on_gpu or bf16 else "fp32",
             "host_malloc": host_malloc.active_allocator(os.environ),
             "host_block_cache": host_malloc.block_cache_preloaded(os.environ),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "malloc_conf": os.environ.get("MALLOC_CONF", ""),
-            "results": rows, "decode": decode_rows}
+            "results": rows, "hf_failed": hf_failed, "decode": decode_rows}
   head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
   settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
                                                  **result["optimizer"], **result["train"]}.items())
-  print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({result['peak_dtype']} matmul); "
+  print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({result['peak_dtype']} matmul, "
+        f"{result['peak_matmul']}'s); "
         f"{' '.join(args.gin_file + bindings)} ({settings}) batch {args.batch} x "
         f"({args.inputs}+{args.targets}){f', {args.pack} examples a row' if args.pack > 1 else ''}"
         f"; model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "

@@ -259,6 +259,8 @@ def _commands(results) -> list:
     if result["hf_error"]:
       last = result["hf_error"].strip().splitlines()[-1]
       notes.append(f"  - HF failed, t5lite re-run alone: {last}")
+    for impl, error in result.get("hf_failed", {}).items():
+      notes.append(f"  - {impl} failed, left out: {error.strip().splitlines()[-1]}")
   return ["", "Commands:"] + notes
 
 

@@ -39,11 +39,29 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   assert "dtype=float32" in r.stdout
   assert result["loss"]["head_chunks"] == 2 and "head_chunks=2" in r.stdout
   assert result["peak_tflops"] == max(result["peak_tflops_before_after"]) > 0
+  assert result["peak_tflops"] == max(result["peak_by_matmul"][0].values()) or \
+      result["peak_tflops"] == max(result["peak_by_matmul"][1].values())
+  assert result["peak_matmul"] in ("xla", "t5lite") and f"{result['peak_matmul']}'s" in r.stdout
   if host_malloc.is_glibc():  # it re-executed itself under a tuned allocator (HF too)
     assert result["host_malloc"] == ("jemalloc" if host_malloc.find_jemalloc() else
                                      "mimalloc" if host_malloc.find_mimalloc() else "hugepages")
     assert result["host_block_cache"] == (result["host_malloc"] == "mimalloc"
                                           and host_malloc.build_block_cache() is not None)
+
+
+def test_matmul_peaks_chained_through_xla_and_torch():
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import benchmark  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  xla = benchmark.chained_matmul_tflops(128, jnp.float32, chain=4, reps=2)
+  assert 0 < xla < 1e3
+  pytest.importorskip("torch")
+  assert 0 < benchmark.torch_matmul_tflops(128, device="cpu", chain=4, reps=2) < 1e3
+  import torch  # pylint: disable=import-outside-toplevel
+  if not torch.cuda.is_available():
+    assert benchmark.torch_matmul_tflops(128) is None   # no GPU: no cuBLAS peak, no error
+  peaks = benchmark.measure_peak_tflops(on_gpu=False)
+  assert "xla" in peaks and all(v > 0 for v in peaks.values())
 
 
 def test_gpu_order_times_hf_first_and_reports_t5lite_first():
@@ -58,10 +76,34 @@ def test_gpu_order_times_hf_first_and_reports_t5lite_first():
     return make
 
   args = argparse.Namespace(warmup=0, steps=2, rounds=3, batch=1, inputs=2, targets=2)
-  rows = benchmark.time_one_at_a_time([maker("t5lite"), maker("hf-eager"), maker("hf-compiled")],
-                                      args, flops=1e6)
+  rows = benchmark.time_one_at_a_time(
+      [(name, maker(name)) for name in ("t5lite", "hf-eager", "hf-compiled")], args, flops=1e6)
   assert order == ["hf-eager", "hf-compiled", "t5lite"]
   assert [r["impl"] for r in rows] == ["t5lite", "hf-eager", "hf-compiled"]
+
+
+def test_gpu_order_leaves_out_a_failing_hf_runner_but_not_a_failing_t5lite():
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import benchmark  # pylint: disable=import-outside-toplevel
+
+  def ok(name):
+    return lambda: ((lambda: 1.0), {"impl": name, "compile_s": 0.0, "peak_mem_gb": lambda: 0.0})
+
+  def broken():
+    def run():
+      raise RuntimeError("inductor: no C compiler")
+    return run, {"impl": "hf-compiled", "compile_s": 0.0, "peak_mem_gb": lambda: 0.0}
+
+  args = argparse.Namespace(warmup=1, steps=2, rounds=3, batch=1, inputs=2, targets=2)
+  failed = {}
+  rows = benchmark.time_one_at_a_time(
+      [("t5lite", ok("t5lite")), ("hf-eager", ok("hf-eager")), ("hf-compiled", broken)],
+      args, flops=1e6, failed=failed)
+  assert [r["impl"] for r in rows] == ["t5lite", "hf-eager"]
+  assert failed == {"hf-compiled": "RuntimeError: inductor: no C compiler"}
+  with pytest.raises(RuntimeError, match="no C compiler"):
+    benchmark.time_one_at_a_time([("t5lite", broken), ("hf-eager", ok("hf-eager"))], args,
+                                 flops=1e6, failed={})
 
 
 def test_compile_vs_depth_scanned_and_unrolled(tmp_path):
@@ -131,7 +173,7 @@ def test_benchmark_times_packed_rows(tmp_path):
   assert result["pack"] == 3 and result["results"][0]["tokens_per_s"] > 0
   assert "3 examples a row" in r.stdout
   assert result["model"]["dtype"] == "bfloat16" and result["model"]["float32_dot_outputs"]
-  assert result["peak_dtype"] == "bf16" and "(bf16 matmul)" in r.stdout
+  assert result["peak_dtype"] == "bf16" and "(bf16 matmul, " in r.stdout
   bad = run_cli(["scripts/benchmark.py", "--gin_file=models/prefix_lm_tiny.gin", "--batch=2",
                  "--inputs=2", "--targets=1", "--pack=4"])
   assert bad.returncode == 2 and "hold 1 to 3 examples" in bad.stderr
