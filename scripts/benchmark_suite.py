@@ -5,6 +5,7 @@
     python scripts/benchmark_suite.py --suite=cpu-bf16                  # bf16, CPUs with AMX
     python scripts/benchmark_suite.py --suite=cpu-packed                # packed rows (--pack=4)
     python scripts/benchmark_suite.py --suite=gpu --cases=t5_1_1/base   # one case per call
+    python scripts/benchmark_suite.py --suite=gpu-levers --budget=500   # what fits in 500 s
     python scripts/benchmark_suite.py --suite=cpu-decode                # or gpu-decode
     python scripts/benchmark_suite.py --suite=cpu-bf16-decode           # bf16 decoding, AMX
     python scripts/benchmark_suite.py --suite=gpu-levers                # or cpu-levers
@@ -29,6 +30,10 @@ instead (t5lite/gpu_aot.py; no GPU needed, nothing runs): for training, the tabl
 memory plan, checked against the memory targets, the cuDNN attention calls and the MFU the
 program's matmul FLOPs allow; for decoding (`gpu-decode`), the memory plan and a token step's
 device-memory traffic, which bounds new tokens/s at the GPU's bandwidth.
+`--budget=SECONDS` fits a suite into a device lease: no case starts with less than
+`--min_case_s` left, no run goes past the budget, and the JSON and markdown are rewritten after
+every case; the table lists the cases not run or failed (a failed case no longer stops the
+suite; the exit status says it failed).
 """
 
 import argparse
@@ -38,6 +43,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,21 +197,28 @@ def jax_backend() -> str:
   return proc.stdout.strip().splitlines()[-1]
 
 
-def run_case(case: Case, timeout_s: float, env=None, aot: str = "") -> dict:
+def run_case(case: Case, timeout_s: float, env=None, aot: str = "",
+             deadline: Optional[float] = None) -> dict:
   """Runs one case (with HF, else without; `aot`: compiled for that GPU, see --aot) with `env`
-  added to the environment; returns benchmark.py's JSON plus `command` and, where HF failed,
-  `hf_error` (its output's end)."""
+  added to the environment, each run stopped after `timeout_s` or at `deadline` (a
+  `time.monotonic()` time), whichever comes first; returns benchmark.py's JSON plus `command`
+  and, where HF failed, `hf_error` (its output's end). Raises RuntimeError if t5lite's run
+  fails or no time is left for it."""
   hf_error = ""
   for with_hf in (True, False) if case.hf_modes and not aot else (False,):
+    limit = timeout_s if deadline is None else min(timeout_s, deadline - time.monotonic())
+    if limit < 1:
+      raise RuntimeError(f"{case.label}: no time left to run it{' alone' if hf_error else ''} "
+                         f"(HF's run: {hf_error.strip().splitlines()[-1] if hf_error else '-'})")
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "result.json")
       argv = ["scripts/benchmark.py", *case.argv(with_hf, aot), f"--json={out}"]
       try:
         proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout_s, check=False, env=dict(os.environ, **(env or {})))
+                              timeout=limit, check=False, env=dict(os.environ, **(env or {})))
         failure = "" if proc.returncode == 0 else (proc.stdout + proc.stderr)[-1500:]
       except subprocess.TimeoutExpired:
-        failure = f"timed out after {timeout_s:.0f} s"
+        failure = f"timed out after {limit:.0f} s"
       if not failure:
         with open(out, encoding="utf-8") as f:
           result = json.load(f)
@@ -321,8 +334,16 @@ def aot_decode_markdown(cases, results) -> str:
   return "\n".join(lines + _commands(results)) + "\n"
 
 
-def markdown(cases, results) -> str:
-  """The suite as a markdown table (one row per case), commands and HF failures below it."""
+def markdown(cases, results, not_run=()) -> str:
+  """The suite as a markdown table (one row per case that ran), commands and HF failures below
+  it, then the cases that failed or were not run (`not_run`: a line each)."""
+  missing = ["", "Not measured:"] + [f"- {line}" for line in not_run] if not_run else []
+  if not results:
+    return "\n".join(["No case ran."] + missing) + "\n"
+  return _table(cases, results) + ("\n".join(missing) + "\n" if missing else "")
+
+
+def _table(cases, results) -> str:
   if "aot" in results[0]:
     return (aot_decode_markdown if cases[0].decode_tokens else aot_markdown)(cases, results)
   if cases[0].decode_tokens:
@@ -359,6 +380,10 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=0,
                       help="a quick look: this many timed steps per case, one warm-up step")
   parser.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark run")
+  parser.add_argument("--budget", type=float, default=0,
+                      help="seconds for the whole suite (e.g. a device lease's): no case starts "
+                           "with less than --min_case_s left, and none runs past it")
+  parser.add_argument("--min_case_s", type=float, default=60)
   parser.add_argument("--json", default="")
   parser.add_argument("--markdown", default="")
   parser.add_argument("--aot", default="", metavar="GPU",
@@ -384,20 +409,37 @@ def main(argv=None):
     parser.error(f"--suite={args.suite} needs a GPU; JAX's backend here is {backend}")
   if args.steps:
     cases = tuple(dataclasses.replace(c, steps=args.steps, warmup=1) for c in cases)
-  results = []
+  deadline = time.monotonic() + args.budget if args.budget else None
+  ran, results, skipped, failed = [], [], [], []
   for case in cases:
-    print(f"# {case.preset} ...", flush=True)
-    results.append(run_case(case, args.timeout, SUITE_ENV[platform], args.aot))
-  table = markdown(cases, results)
-  print(table)
+    left = deadline - time.monotonic() if deadline else args.timeout
+    if left < args.min_case_s:
+      skipped.append(f"{case.label}: not run ({left:.0f} s of --budget left)")
+    else:
+      print(f"# {case.preset} ...", flush=True)
+      try:
+        results.append(run_case(case, args.timeout, SUITE_ENV[platform], args.aot, deadline))
+        ran.append(case)
+      except RuntimeError as e:
+        failed.append(f"{case.label}: failed: {str(e).strip().splitlines()[-1][:300]}")
+        print(str(e), file=sys.stderr, flush=True)
+    # After every case, so that a suite killed with its device lease keeps what it measured.
+    write_outputs(args, ran, results, failed + skipped)
+  print(markdown(ran, results, failed + skipped))
+  if failed:
+    raise SystemExit(f"{len(failed)} case(s) failed: see above")
+  return results
+
+
+def write_outputs(args, cases, results, not_run):
+  """Writes --markdown and --json (where given) with what has been measured so far."""
   if args.markdown:
     with open(args.markdown, "w", encoding="utf-8") as f:
-      f.write(table)
+      f.write(markdown(cases, results, not_run))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"suite": args.suite, "cases": [dataclasses.asdict(c) for c in cases],
-                 "results": results}, f, indent=1)
-  return results
+                 "results": results, "not_run": not_run}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -135,3 +136,33 @@ def test_unknown_case_and_the_gpu_suite_without_a_gpu_are_clear_errors():
   if benchmark_suite.jax_backend() != "gpu":
     r = run_cli(["scripts/benchmark_suite.py", "--suite=gpu", "--cases=decoder/1b"])
     assert r.returncode == 2 and "--suite=gpu needs a GPU" in r.stderr
+
+
+def test_budget_runs_what_fits_and_lists_the_rest(tmp_path):
+  """--budget: the cases that fit are measured and written as they finish; one that fails does
+  not stop the next; those left when too little time remains are listed, not run."""
+  out, md = tmp_path / "b.json", tmp_path / "b.md"
+  r = run_cli(["scripts/benchmark_suite.py", "--suite=cpu-levers", "--cases=decoder/tiny",
+               "--steps=1", "--budget=1", "--min_case_s=5", f"--json={out}", f"--markdown={md}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["results"] == [] and len(result["not_run"]) == 3
+  assert all("not run (" in line for line in result["not_run"])
+  table = md.read_text()
+  assert table.startswith("No case ran.")
+  assert "decoder/tiny LossConfig.head_chunks=8: not run" in table
+  # A case that cannot finish before the deadline is stopped there and reported as failed.
+  case = benchmark_suite.Case("decoder/tiny", "cpu", 2, 8, 8, steps=1, warmup=1, hf_modes="")
+  start = time.monotonic()
+  with pytest.raises(RuntimeError, match="failed without HF too"):
+    benchmark_suite.run_case(case, timeout_s=600, env=benchmark_suite.SUITE_ENV["cpu"],
+                             deadline=time.monotonic() + 2)
+  assert time.monotonic() - start < 30
+  with pytest.raises(RuntimeError, match="no time left"):
+    benchmark_suite.run_case(case, timeout_s=600, deadline=time.monotonic() - 1)
+  row = {"results": [{"impl": "t5lite", "step_s": 0.1, "tokens_per_s": 1.0, "mfu": 0.5,
+                      "peak_mem_gb": 0.1}], "command": "c", "hf_error": "", "device": "cpu",
+         "platform": "cpu", "peak_tflops": 0.2, "host_malloc": "mimalloc"}
+  table = benchmark_suite.markdown([case], [row], ["decoder/1b: failed: out of memory"])
+  assert "| decoder/tiny | 2 x (8+8) |" in table
+  assert table.endswith("Not measured:\n- decoder/1b: failed: out of memory\n")
