@@ -433,6 +433,14 @@ def aot_train(cfg, args) -> dict:
         f"{bound['seconds'] * 1e3:.1f} ms ({bound['matmul_s'] * 1e3:.1f} in matmul-bound "
         f"kernels, {bound['memory_s'] * 1e3:.1f} in memory-bound ones): MFU at most "
         f"{result['roofline_mfu']:.1%}")
+  result["top_kernels"] = hlo_analysis.top_kernels(parsed, peak,
+                                                   gpu_aot.memory_bandwidth(args.aot))
+  result["kernels_per_step"] = hlo_analysis.memory_traffic(parsed)["kernels"]
+  print(f"{result['kernels_per_step']:.0f} kernels a step; the longest in that bound (all runs):")
+  for row in result["top_kernels"]:
+    print(f"  {row['seconds'] * 1e3:6.2f} ms {row['bound']:<6} x{row['runs']:<3} "
+          f"{row['bytes'] / 1e6:8.1f} MB {row['flops'] / 1e9:7.1f} GFLOP  "
+          f"{row['op_name'][-80:] or row['opcode'] + ' ' + row['shape'][:60]}")
   return result
 
 

@@ -450,3 +450,23 @@ def roofline(hlo: Union[str, Program], flops_per_s: float, bytes_per_s: float,
     bound["seconds"] += runs * max(compute, memory)
     bound["matmul_s" if compute > memory else "memory_s"] += runs * max(compute, memory)
   return bound
+
+
+def top_kernels(hlo: Union[str, Program], flops_per_s: float, bytes_per_s: float,
+                count: int = 10, loop: str = "") -> List[Dict]:
+  """The `count` kernels that take longest in `roofline`'s model (each at the longer of its
+  matmul FLOPs at `flops_per_s` and its device-memory traffic at `bytes_per_s`, times its runs
+  per step or per iteration of `loop`), longest first, each a dict: seconds (all its runs),
+  bound ("matmul" or "memory"), runs, bytes and flops (one run), opcode, shape, and the JAX
+  op_name of its metadata ("" where it has none). Where a step's time goes as far as the model
+  sees it: launch gaps and kernels below both roofs are not in it."""
+  rows = []
+  for inst, runs, moved, flops in _loop_kernel_costs(hlo, loop):
+    compute, memory = flops / flops_per_s, moved / bytes_per_s
+    name = re.search(r'op_name="([^"]*)"', inst.rest)
+    rows.append({"seconds": runs * max(compute, memory),
+                 "bound": "matmul" if compute > memory else "memory", "runs": runs,
+                 "bytes": moved, "flops": flops, "opcode": inst.opcode, "shape": inst.shape,
+                 "op_name": name.group(1) if name else ""})
+  rows.sort(key=lambda row: -row["seconds"])
+  return rows[:count]

@@ -58,6 +58,11 @@ def test_gpu_suite_meets_its_memory_targets_as_xla_plans_them_for_an_h100(tmp_pa
     assert 0.5 < result["mfu_ceiling"] < 1.0, (case["preset"], result["program_flops"])
     # The roofline adds the memory-bound kernels' time to the matmuls'.
     assert 0.3 < result["roofline_mfu"] < result["mfu_ceiling"], (case["preset"], result)
+    # Its longest kernels, named for the model's ops: the scanned layers' matmuls lead.
+    top = result["top_kernels"]
+    assert len(top) == 10 and top[0]["bound"] == "matmul" and "while/body" in top[0]["op_name"]
+    assert sum(row["seconds"] for row in top) < result["roofline"]["seconds"]
+    assert result["kernels_per_step"] > 100
     # The state (parameters and AdamW's two moments, float32) is at least in the plan.
     assert peak > result["memory_gb"]["arguments"] > 0
     if case["max_mem_gb"] is not None:

@@ -179,6 +179,22 @@ def test_a_conditional_runs_its_costlier_branch_and_the_roofline_takes_each_kern
        "memory_s": 2 * matrix / 1e9})
 
 
+def test_top_kernels_rank_the_roofline_by_kernel():
+  flops, matrix = 2 * 64 ** 3, 64 * 64 * 4
+  top = hlo_analysis.top_kernels(GUARD_HLO, 1e6, 1e9)
+  assert [(row["opcode"], row["bound"], row["runs"]) for row in top] == [
+      ("fusion", "matmul", 1), ("fusion", "memory", 1)]
+  assert top[0]["seconds"] == pytest.approx(flops / 1e6) and top[0]["flops"] == flops
+  assert top[1]["bytes"] == 2 * matrix and top[1]["shape"].startswith("f32[64,64]")
+  assert sum(row["seconds"] for row in top) == pytest.approx(
+      hlo_analysis.roofline(GUARD_HLO, 1e6, 1e9)["seconds"])
+  # At a fast enough peak the matmul is bandwidth-bound and the order follows the bytes.
+  assert [row["bytes"] for row in hlo_analysis.top_kernels(GUARD_HLO, 1e18, 1e9, count=1)] == [
+      3 * matrix]
+  named = GUARD_HLO.replace("calls=%fused_neg", 'calls=%fused_neg, metadata={op_name="jit(f)/neg"}')
+  assert hlo_analysis.top_kernels(named, 1e18, 1e9)[1]["op_name"] == "jit(f)/neg"
+
+
 # cuBLAS GEMMs, each returning a 4 MB workspace beside its [8, 16] result: one called directly,
 # one in XLA 0.11's dynamic-slice fusion, which writes its result into row 1 of a [4, 8, 16]
 # buffer in place and passes the workspace out; and a cuDNN call with an empty workspace.
