@@ -412,8 +412,8 @@ def main(argv=None):
   deadline = time.monotonic() + args.budget if args.budget else None
   ran, results, skipped, failed = [], [], [], []
   for case in cases:
-    left = deadline - time.monotonic() if deadline else args.timeout
-    if left < args.min_case_s:
+    left = deadline - time.monotonic() if deadline else None
+    if left is not None and left < args.min_case_s:
       skipped.append(f"{case.label}: not run ({left:.0f} s of --budget left)")
     else:
       print(f"# {case.preset} ...", flush=True)
