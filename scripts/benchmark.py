@@ -313,7 +313,8 @@ def t5lite_runner(cfg, args):
       mem = peak_bytes(compiled) if compiled.memory_analysis() else 0
     return mem / 2 ** 30
 
-  return run, {"impl": "t5lite", "compile_s": compile_s, "peak_mem_gb": peak_mem_gb}
+  return run, {"impl": "t5lite", "compile_s": compile_s, "peak_mem_gb": peak_mem_gb,
+               "hlo_text": compiled.as_text}
 
 
 def _on_gpu(target: str):
@@ -563,6 +564,27 @@ def bench_decode(cfg, args, batch: int):
           "new_tokens_per_s": batch * args.decode_tokens / step_s, "compile_s": compile_s}
 
 
+def profile_step(cfg, args) -> dict:
+  """--profile: t5lite's step built afresh (on a GPU, after HF's runs freed the memory), two
+  untimed steps, then --profile_steps traced; the ops that took longest per step, by kind (a
+  custom call by its target: t5lite's CPU kernels, cuBLAS, cuDNN) and by op, printed (the first
+  15 kinds) and returned (the first 40 of each)."""
+  from t5lite import profiling
+  run, facts = t5lite_runner(cfg, args)
+  for _ in range(2):
+    run()
+  trace = profiling.trace_steps(run, args.profile_steps, args.profile)
+  kinds = profiling.op_times(trace, args.profile_steps, by_kind=True,
+                             kinds=profiling.custom_call_targets(facts["hlo_text"]()))
+  ops = profiling.op_times(trace, args.profile_steps)
+  where = kinds[0]["where"] if kinds else "-"
+  print(f"# profile: {args.profile_steps} steps traced into {trace}; op time per step on "
+        f"{where}, by kind (ops run side by side add up to more than the step):")
+  for row in kinds[:15]:
+    print(f"  {row['ms_per_step']:9.2f} ms  x{row['runs_per_step']:<6g} {row['op']}")
+  return {"trace": trace, "steps": args.profile_steps, "by_kind": kinds[:40], "ops": ops[:40]}
+
+
 def load_config(args, bindings):
   """(ModelConfig, LossConfig, OptimizerConfig, TrainConfig) from gin presets plus bindings."""
   from t5lite import gin_setup
@@ -643,6 +665,11 @@ def main(argv=None):
   parser.add_argument("--compile_depths", default="",
                       help="e.g. 6,12,24: instead of timing steps, the train step's compile time "
                            "at these depths, layers scanned and unrolled (shapes only)")
+  parser.add_argument("--profile", default="", metavar="DIR",
+                      help="after the timed steps, trace --profile_steps more of t5lite's under "
+                           "the JAX profiler into DIR (Perfetto; TensorBoard reads it too) and "
+                           "report the ops that took longest per step (t5lite/profiling.py)")
+  parser.add_argument("--profile_steps", type=int, default=3)
   parser.add_argument("--aot", default="", metavar="GPU",
                       help="e.g. h100: instead of timing steps, compile the train step for one "
                            "such GPU with XLA's GPU compiler, on this host (no GPU needed), and "
@@ -772,6 +799,8 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
   if args.vs_hf:
     print("t5lite / HF tokens/s: " + ", ".join(
         f"{r['impl']} {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x" for r in rows[1:]))
+  if args.profile:
+    result["profile"] = profile_step(cfg, args)
   write_json(args.json, result)
   return result
 

@@ -20,7 +20,8 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
                "--gin.ModelConfig.dtype='float32'", "--gin.LossConfig.head_chunks=2", "--batch=2",
                "--inputs=16", "--targets=8", "--steps=1", "--warmup=1", "--decode_batches=1",
                "--decode_tokens=4", "--vs-hf",
-               "--hf-modes=eager", "--hf-generate-caches=dynamic,static", f"--json={out}"])
+               "--hf-modes=eager", "--hf-generate-caches=dynamic,static", f"--json={out}",
+               f"--profile={tmp_path / 'trace'}", "--profile_steps=2"])
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(out.read_text())
   impls = [row["impl"] for row in result["results"]]
@@ -34,6 +35,11 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   assert result["hf_process"] == "child" and "HF in its own process" in r.stdout
   assert t5["host_faults_per_step"] >= 0 and t5["host_kernel_s_per_step"] >= 0
   assert "page faults" in r.stdout
+  # --profile: t5lite's ops per step from a trace of two more steps.
+  profile = result["profile"]
+  assert profile["steps"] == 2 and profile["trace"].startswith(str(tmp_path / "trace"))
+  assert profile["by_kind"][0]["ms_per_step"] > 0 and profile["ops"][0]["where"] == "/host:CPU"
+  assert "# profile: 2 steps traced" in r.stdout
   # The report says what was measured: the settings gin resolved, and the higher of two peaks.
   assert result["model"]["dtype"] == "float32" and result["model"]["scan_layers"] is True
   assert "dtype=float32" in r.stdout
