@@ -706,6 +706,9 @@ def main(argv=None):
       parser.error(f"--aot: {e}")
     if args.vs_hf:
       parser.error("--aot compiles and runs nothing (no --vs-hf)")
+  if args.profile and (args.no_train or args.aot or args.compile_depths):
+    parser.error("--profile traces the train step: not with --no_train, --aot or "
+                 "--compile_depths")
   if args.compile_depths:
     return report_compile_vs_depth(cfg, args, bindings)
   if args.aot:

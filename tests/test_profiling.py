@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import run_cli
 from t5lite import profiling
 
 
@@ -65,3 +66,9 @@ def test_on_a_gpu_only_the_device_s_kernels_count(tmp_path):
                              kinds={"custom-call.3": "__cublas$lt$matmul"})
   assert [(r["op"], r["ms_per_step"], r["runs_per_step"]) for r in kinds] == [
       ("__cublas$lt$matmul", 0.3, 1.0), ("loop_add_fusion", pytest.approx(0.1), 2.0)]
+
+
+def test_benchmark_refuses_a_profile_with_no_train_step():
+  r = run_cli(["scripts/benchmark.py", "--gin_file=models/decoder/tiny.gin", "--no_train",
+               "--decode_batches=1", "--profile=/tmp/unused"])
+  assert r.returncode == 2 and "--profile traces the train step" in r.stderr
