@@ -57,16 +57,16 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
 
 def test_matmul_peaks_chained_through_xla_and_torch():
   sys.path.insert(0, os.path.join(REPO, "scripts"))
-  import benchmark  # pylint: disable=import-outside-toplevel
+  import matmul_peak  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  xla = benchmark.chained_matmul_tflops(128, jnp.float32, chain=4, reps=2)
+  xla = matmul_peak.chained_matmul_tflops(128, jnp.float32, chain=4, reps=2)
   assert 0 < xla < 1e3
   pytest.importorskip("torch")
-  assert 0 < benchmark.torch_matmul_tflops(128, device="cpu", chain=4, reps=2) < 1e3
+  assert 0 < matmul_peak.torch_matmul_tflops(128, device="cpu", chain=4, reps=2) < 1e3
   import torch  # pylint: disable=import-outside-toplevel
   if not torch.cuda.is_available():
-    assert benchmark.torch_matmul_tflops(128) is None   # no GPU: no cuBLAS peak, no error
-  peaks = benchmark.measure_peak_tflops(on_gpu=False)
+    assert matmul_peak.torch_matmul_tflops(128) is None   # no GPU: no cuBLAS peak, no error
+  peaks = matmul_peak.measure_peak_tflops(on_gpu=False)
   assert "xla" in peaks and all(v > 0 for v in peaks.values())
 
 

@@ -80,7 +80,7 @@ def build_once(name: str, key: bytes, command, folder: Optional[str] = None, *,
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
   os.close(fd)
   try:
-    _run_side_by_side([list(c) for c in before])
+    _run_side_by_side(before)
     _run_side_by_side([command(tmp)])
   except RuntimeError:
     os.unlink(tmp)
