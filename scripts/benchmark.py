@@ -475,15 +475,12 @@ def bench_decode(cfg, args, batch: int):
           "new_tokens_per_s": batch * args.decode_tokens / step_s, "compile_s": compile_s}
 
 
-def profile_step(cfg, args) -> dict:
-  """--profile: t5lite's step built afresh (on a GPU, after HF's runs freed the memory), two
-  untimed steps, then --profile_steps traced; the ops that took longest per step, by kind (a
-  custom call by its target: t5lite's CPU kernels, cuBLAS, cuDNN) and by op, printed (the first
-  15 kinds) and returned (the first 40 of each)."""
+def profile_step(run, facts, args) -> dict:
+  """--profile: --profile_steps more steps of t5lite's timed runner (`t5lite_runner`'s `run`
+  and `facts`, warm) traced; the ops that took longest per step, by kind (a custom call by its
+  target: t5lite's CPU kernels, cuBLAS, cuDNN) and by op, printed (the first 15 kinds) and
+  returned (the first 40 of each)."""
   from t5lite import profiling
-  run, facts = t5lite_runner(cfg, args)
-  for _ in range(2):
-    run()
   trace = profiling.trace_steps(run, args.profile_steps, args.profile)
   kinds = profiling.op_times(trace, args.profile_steps, by_kind=True,
                              kinds=profiling.custom_call_targets(facts["hlo_text"]()))
@@ -661,7 +658,15 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
                   host_malloc=host_malloc.active_allocator(os.environ), decode=decode_rows)
     write_json(args.json, result)
     return result
-  makers = [("t5lite", lambda: t5lite_runner(cfg, args))]
+  timed = {}   # with --profile, t5lite's runner is kept for it after the timed steps
+
+  def make_t5lite():
+    made = t5lite_runner(cfg, args)
+    if args.profile:
+      timed["t5lite"] = made
+    return made
+
+  makers = [("t5lite", make_t5lite)]
   if args.vs_hf:
     makers += [(f"hf-{mode}", lambda mode=mode: runner(cfg, run_batch(cfg, args),
                                                        compiled=mode == "compiled"))
@@ -714,7 +719,7 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
     print("t5lite / HF tokens/s: " + ", ".join(
         f"{r['impl']} {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x" for r in rows[1:]))
   if args.profile:
-    result["profile"] = profile_step(cfg, args)
+    result["profile"] = profile_step(*timed.pop("t5lite"), args)
   write_json(args.json, result)
   return result
 
