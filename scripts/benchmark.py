@@ -347,8 +347,10 @@ def aot_train(cfg, args) -> dict:
         f"{result['roofline_mfu']:.1%}")
   result["top_kernels"] = hlo_analysis.top_kernels(parsed, peak,
                                                    gpu_aot.memory_bandwidth(args.aot))
-  result["kernels_per_step"] = hlo_analysis.memory_traffic(parsed)["kernels"]
-  print(f"{result['kernels_per_step']:.0f} kernels a step; the longest in that bound (all runs):")
+  traffic = hlo_analysis.memory_traffic(parsed)
+  result["kernels_per_step"], result["step_gb"] = traffic["kernels"], traffic["bytes"] / 1e9
+  print(f"{result['kernels_per_step']:.0f} kernels a step moving {result['step_gb']:.1f} GB of "
+        "device memory; the longest in that bound (all runs):")
   for row in result["top_kernels"]:
     print(f"  {row['seconds'] * 1e3:6.2f} ms {row['bound']:<6} x{row['runs']:<3} "
           f"{row['bytes'] / 1e6:8.1f} MB {row['flops'] / 1e9:7.1f} GFLOP  "

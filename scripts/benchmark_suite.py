@@ -24,7 +24,7 @@ generate with its default and its static cache (GPU: >= 5x at batch 1, >= 1.5x t
 cache at batch 32; CPU: ahead of HF's default cache).
 The lever suites run t5lite alone, with the run config and then with each lever of `LEVERS`
 (on GPUs `GPU_LEVERS`) added in gin, so one call measures what each lever gains (3 runs per
-preset on CPU, 4 on GPUs; `--cases=PRESET` runs one preset, if a device call cannot hold both).
+preset on CPU, 7 on GPUs, lever by lever across the presets; `--cases=PRESET` runs one preset).
 `--aot=h100` compiles a GPU suite's cases for an H100 with XLA's GPU compiler on this host
 instead (t5lite/gpu_aot.py; no GPU needed, nothing runs): for training, the table has XLA's
 memory plan, checked against the memory targets, the cuDNN attention calls and the MFU the
@@ -111,19 +111,27 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
 # head and loss in blocks, and bfloat16 parameters on float32 masters.
 LEVERS = ((), ("LossConfig.head_chunks=8",),
           ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True"))
-# GPU only: keeping cuDNN attention's outputs under dots_no_batch, so that the backward pass does
-# not run flash attention's forward again (XLA:CPU has no fused attention to keep); and every GEMM
-# a cuBLAS call (the first session measured that slower, perhaps on a JAX whose XLA ran some
-# cuBLAS GEMMs twice: runs/gpu.gin now stops that, and this keeps it stopped).
-GPU_LEVERS = LEVERS + (("ModelConfig.remat_policy='dots_no_batch_attention'",),
-                       ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
-                        "'xla_gpu_enable_dynamic_slice_fusion': False}",))
+# GPU only: scanned layers (runs/gpu.gin unrolls them on the strength of XLA's H100 programs;
+# the H200 timed only scanned ones); keeping cuDNN attention's outputs under dots_no_batch, so
+# that the backward pass does not run flash attention's forward again (XLA:CPU has no fused
+# attention to keep), and the feed-forward block's gated product with them; and every GEMM a
+# cuBLAS call (the first session measured that slower, perhaps on a JAX whose XLA ran some
+# cuBLAS GEMMs twice: runs/gpu.gin now stops that, and this keeps it stopped). Scanned layers
+# first, then the rest as the roofline of XLA's H100 programs ranks them (docs/benchmarks.md):
+# a budget cuts the last.
+GPU_LEVERS = ((), ("ModelConfig.scan_layers=True",),
+              ("ModelConfig.remat_policy='dots_no_batch_attention_mlp'",),
+              ("ModelConfig.remat_policy='dots_no_batch_attention'",),
+              ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
+               "'xla_gpu_enable_dynamic_slice_fusion': False}",),
+              LEVERS[2], LEVERS[1])
 
 
 def _lever_cases(shapes, run: str, steps: int, warmup: int, levers=LEVERS):
+  # Lever by lever, each on every preset: a budget that cuts the suite short cuts whole levers.
   return tuple(Case(preset, run, batch, inputs, targets, steps=steps, warmup=warmup, hf_modes="",
                     bindings=lever)
-               for preset, batch, inputs, targets in shapes for lever in levers)
+               for lever in levers for preset, batch, inputs, targets in shapes)
 
 
 # The CPU presets, with the timed and warm-up steps each takes (b8 x (256+64), fp32).

@@ -11,6 +11,7 @@ CI installs the plugin (.ci/run) and sets T5LITE_REQUIRE_GPU_AOT=1, so there the
 fail; elsewhere they skip when the plugin is missing.
 """
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -58,9 +59,12 @@ def test_gpu_suite_meets_its_memory_targets_as_xla_plans_them_for_an_h100(tmp_pa
     assert 0.5 < result["mfu_ceiling"] < 1.0, (case["preset"], result["program_flops"])
     # The roofline adds the memory-bound kernels' time to the matmuls'.
     assert 0.3 < result["roofline_mfu"] < result["mfu_ceiling"], (case["preset"], result)
-    # Its longest kernels, named for the model's ops: the scanned layers' matmuls lead.
+    # Its longest kernels, named for the model's ops: matmuls among them (at the 1b preset the
+    # optimizer's update of the largest stacked weights, memory-bound, comes first), and the
+    # layers run unrolled (no while loop's body among them).
     top = result["top_kernels"]
-    assert len(top) == 10 and top[0]["bound"] == "matmul" and "while/body" in top[0]["op_name"]
+    assert len(top) == 10 and any(row["bound"] == "matmul" for row in top), top
+    assert not any("while/body" in row["op_name"] for row in top), top
     assert sum(row["seconds"] for row in top) < result["roofline"]["seconds"]
     assert result["kernels_per_step"] > 100
     # The state (parameters and AdamW's two moments, float32) is at least in the plan.
@@ -69,6 +73,54 @@ def test_gpu_suite_meets_its_memory_targets_as_xla_plans_them_for_an_h100(tmp_pa
       assert peak < case["max_mem_gb"], (case["preset"], peak)
   assert {c["preset"] for c in report["cases"] if c["max_mem_gb"]} == {"t5_1_1/large",
                                                                        "decoder/1b"}
+
+
+def test_unrolled_layers_move_less_device_memory_than_scanned_ones_on_an_h100():
+  """Why runs/gpu.gin unrolls the layers: XLA's H100 program of a scanned stack copies each
+  saved activation into its stacked buffer, fills those buffers first and slices them out again
+  in the backward pass; unrolled, those kernels are gone, with the same matmuls and memory."""
+  common = ["--gin_file=models/t5_1_1/small.gin", "--gin_file=runs/gpu.gin", "--batch=16",
+            "--inputs=256", "--targets=64", "--aot=h100"]
+  unrolled = benchmark.main(common)
+  scanned = benchmark.main(common + ["--gin.ModelConfig.scan_layers=True"])
+  assert (unrolled["model"]["scan_layers"], scanned["model"]["scan_layers"]) == (False, True)
+  assert unrolled["program_flops"]["total"] == pytest.approx(scanned["program_flops"]["total"])
+  assert unrolled["step_gb"] < 0.9 * scanned["step_gb"], (unrolled["step_gb"], scanned["step_gb"])
+  assert unrolled["roofline"]["memory_s"] < 0.9 * scanned["roofline"]["memory_s"]
+  assert unrolled["roofline_mfu"] > scanned["roofline_mfu"]
+  assert unrolled["memory_gb"]["peak"] < 1.1 * scanned["memory_gb"]["peak"]
+
+
+def _h100_step(preset: str, batch: int, inputs: int, targets: int, *bindings: str):
+  """(compiled, parsed program) of `preset`'s train step under runs/gpu.gin and `bindings`,
+  compiled for an H100 as `benchmark.py --aot=h100` compiles it."""
+  args = argparse.Namespace(gin_file=[f"models/{preset}.gin", "runs/gpu.gin"], batch=batch,
+                            inputs=inputs, targets=targets, pack=0, microbatches=1)
+  cfg, args.loss, args.optimizer, args.train = benchmark.load_config(args, list(bindings))
+  compiled, _, _ = benchmark.compile_abstract(cfg, args, "h100")
+  return compiled, hlo_analysis.Program(compiled.as_text())
+
+
+def test_mlp_remat_policy_keeps_the_gated_product_instead_of_computing_it_again():
+  """`remat_policy = "dots_no_batch_mlp"` on an H100: the backward pass no longer computes each
+  layer's gated product again for the output projection's kernel gradient (a kernel that reads
+  both input projections and writes [batch, length, mlp]); the step moves less device memory and
+  holds more, for the same matmuls."""
+  steps = {policy: _h100_step("t5_1_1/small", 16, 256, 64,
+                              f"ModelConfig.remat_policy = '{policy}'")
+           for policy in ("dots_no_batch", "dots_no_batch_mlp")}
+  recomputed, traffic, peak, flops = {}, {}, {}, {}
+  for policy, (compiled, program) in steps.items():
+    kernels = hlo_analysis.top_kernels(program, 780e12, 3.35e12, count=10 ** 6)
+    recomputed[policy] = [k for k in kernels if "rematted_computation/mul" in k["op_name"]]
+    traffic[policy] = hlo_analysis.memory_traffic(program)["bytes"]
+    peak[policy] = gpu_aot.memory_gb(compiled)["peak"]
+    flops[policy] = hlo_analysis.matmul_flops(program)["total"]
+  # T5-small: 8 encoder and 8 decoder layers, each computing its gated product once again.
+  assert len(recomputed["dots_no_batch"]) == 16 and not recomputed["dots_no_batch_mlp"]
+  assert traffic["dots_no_batch_mlp"] < 0.99 * traffic["dots_no_batch"], traffic
+  assert peak["dots_no_batch_mlp"] > peak["dots_no_batch"], peak
+  assert flops["dots_no_batch_mlp"] == pytest.approx(flops["dots_no_batch"])
 
 
 def test_decode_case_compiled_for_an_h100_reports_a_token_steps_traffic(tmp_path):
@@ -124,12 +176,15 @@ def test_sharded_train_step_compiles_for_eight_h100s(rules, mesh):
   assert memory["aliased"] > 0.99 * memory["arguments"] - 0.01   # the state is donated
   # ... and mostly updated in place: the NaN guard selects (`trainer._keep_if`), where a cond's
   # result would be copied into the donated buffers, the whole state every step (1.65 GB per GPU
-  # here). Under FSDP XLA still copies a few updates that a fusion also reads transposed (the
-  # embedding's and the head's, with their moments: 0.37 GB).
+  # here). Under FSDP XLA still copies the updates its fusions compute from gradients that
+  # arrive transposed: with scanned layers the embedding's and the head's, with their moments
+  # (0.37 GB); with runs/gpu.gin's unrolled layers also the MLP's and the attention's output
+  # projections, whose per-layer gradients the update gathers into their stacks (0.72 GB; on one
+  # GPU neither program copies any of the state).
   program = hlo_analysis.Program(text)
   copied = sum(hlo_analysis.shape_bytes(i.shape) for i in program.computations[program.entry]
                if i.opcode == "copy")
-  assert copied < 0.3 * state_gb / 8 * 2 ** 30, copied
+  assert copied < 0.5 * state_gb / 8 * 2 ** 30, copied
 
 
 def test_planner_prices_memory_with_the_gpu_compiler():

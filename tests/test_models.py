@@ -144,7 +144,8 @@ def test_causal_and_prefix_visibility(arch):
 
 
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "dots_no_batch_attention"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "dots_no_batch_attention",
+                                   "dots_no_batch_mlp", "dots_no_batch_attention_mlp"])
 def test_scan_unrolled_and_remat_agree(arch, remat):
   base_cfg = tiny_config(arch=arch)
   batch = random_batch(base_cfg)
@@ -155,7 +156,9 @@ def test_scan_unrolled_and_remat_agree(arch, remat):
     return jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch)[0]))(params)
 
   ref_loss, ref_grad = loss_and_grad(base_cfg)
-  for cfg in (tiny_config(arch=arch, scan_layers=False), tiny_config(arch=arch, remat_policy=remat)):
+  for cfg in (tiny_config(arch=arch, scan_layers=False),
+              tiny_config(arch=arch, remat_policy=remat),
+              tiny_config(arch=arch, remat_policy=remat, scan_layers=False)):
     loss, grad = loss_and_grad(cfg)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grad,

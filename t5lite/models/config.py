@@ -12,7 +12,8 @@ from typing import Any
 ARCHITECTURES = ("encoder_decoder", "decoder_only", "prefix_lm")
 POSITION_ENCODINGS = ("relative", "rope", "alibi", "learned", "none")
 NORMS = ("rms", "layer")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention",
+                  "dots_no_batch_mlp", "dots_no_batch_attention_mlp")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "cpu_kernel")
 
 
@@ -52,7 +53,9 @@ class ModelConfig:
       matmul's output, 'dots_no_batch' those without batch dimensions (not attention's scores),
       'dots_no_batch_attention' those and fused attention's outputs too (cuDNN's, or the CPU
       attention kernel's: so the backward pass does not run flash attention's forward again;
-      elsewhere the same as dots_no_batch).
+      elsewhere the same as dots_no_batch); 'dots_no_batch_mlp' and
+      'dots_no_batch_attention_mlp' keep the feed-forward block's activation as well (the
+      gated product, so the backward pass does not compute it again).
     attention_impl: None (auto), 'xla' or 'cudnn' for jax.nn.dot_product_attention, or
       'chunked' (attention in query blocks, causal ones skipping the keys past the
       diagonal, with a flash-attention backward; CPU), or 'cpu_kernel' (a compiled C++ kernel,

@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from t5lite.models import attention as attn_lib
 from t5lite.models import projection
@@ -252,6 +253,11 @@ def activation_fn(name: str):
   return fns[name]
 
 
+# The name of the feed-forward block's activation (the gated product, the wo projection's input)
+# for remat policies that keep it (`transformer._REMAT`).
+MLP_ACTIVATION = "mlp_activation"
+
+
 class MLP(nnx.Module):
   """Feed-forward block: gated (GeGLU / SwiGLU) or plain."""
 
@@ -288,6 +294,7 @@ class MLP(nnx.Module):
       if self.cfg.gated_mlp:
         h = h * _add_bias(project(self.cfg, "bld,df->blf", x, self.wi_1[...]), self,
                           "wi_1_bias")
+    h = checkpoint_name(h, MLP_ACTIVATION)
     h = dropout(h, self.cfg.dropout_rate, rng)
     out = project(self.cfg, "blf,fd->bld", h, self.wo[...])
     return _add_bias(out, self, "wo_bias"), jnp.zeros((), jnp.float32)

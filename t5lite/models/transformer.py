@@ -59,11 +59,25 @@ def _with_matmul_kernel(policy):
   return saveable
 
 
+def _and_mlp_activation(policy):
+  """`policy`, with the feed-forward block's activation (`layers.MLP_ACTIVATION`: the gated
+  product, the output projection's input) kept too. Under the dots policies the backward pass
+  computes it again from the saved input projections for the output projection's kernel
+  gradient: on an H100, T5-base's unrolled step at b64 x (512+128) reads and writes 0.54 GB a
+  layer for it. Keeping it costs [batch, length, mlp] per layer."""
+  return jax.checkpoint_policies.save_from_both_policies(
+      policy, jax.checkpoint_policies.save_only_these_names(layers.MLP_ACTIVATION))
+
+
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": _with_matmul_kernel(jax.checkpoint_policies.checkpoint_dots),
     "dots_no_batch": _with_matmul_kernel(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
     "dots_no_batch_attention": _with_matmul_kernel(_dots_no_batch_and_fused_attention),
+    "dots_no_batch_mlp": _with_matmul_kernel(_and_mlp_activation(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable)),
+    "dots_no_batch_attention_mlp": _with_matmul_kernel(_and_mlp_activation(
+        _dots_no_batch_and_fused_attention)),
 }
 
 
