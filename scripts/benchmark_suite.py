@@ -111,17 +111,16 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
 # head and loss in blocks, and bfloat16 parameters on float32 masters.
 LEVERS = ((), ("LossConfig.head_chunks=8",),
           ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True"))
-# GPU only: scanned layers (runs/gpu.gin unrolls them on the strength of XLA's H100 programs;
-# the H200 timed only scanned ones); keeping cuDNN attention's outputs under dots_no_batch, so
-# that the backward pass does not run flash attention's forward again (XLA:CPU has no fused
-# attention to keep), and the feed-forward block's gated product with them; and every GEMM a
-# cuBLAS call (the first session measured that slower, perhaps on a JAX whose XLA ran some
-# cuBLAS GEMMs twice: runs/gpu.gin now stops that, and this keeps it stopped). Scanned layers
-# first, then the rest as the roofline of XLA's H100 programs ranks them (docs/benchmarks.md):
-# a budget cuts the last.
-GPU_LEVERS = ((), ("ModelConfig.scan_layers=True",),
+# GPU only, first the steps from the H200's configuration to runs/gpu.gin's (which chose them
+# from the roofline of XLA's H100 programs, docs/benchmarks.md): scanned layers under
+# dots_no_batch (what the H200 timed), unrolled under dots_no_batch, unrolled keeping cuDNN
+# attention's outputs and the feed-forward block's gated product; then every GEMM a cuBLAS call
+# (the first session measured that slower, perhaps on a JAX whose XLA ran some cuBLAS GEMMs
+# twice: runs/gpu.gin now stops that, and this keeps it stopped) and the levers above. A budget
+# cuts the last.
+GPU_LEVERS = ((), ("ModelConfig.scan_layers=True", "ModelConfig.remat_policy='dots_no_batch'"),
+              ("ModelConfig.remat_policy='dots_no_batch'",),
               ("ModelConfig.remat_policy='dots_no_batch_attention_mlp'",),
-              ("ModelConfig.remat_policy='dots_no_batch_attention'",),
               ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
                "'xla_gpu_enable_dynamic_slice_fusion': False}",),
               LEVERS[2], LEVERS[1])
