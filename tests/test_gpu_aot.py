@@ -189,11 +189,11 @@ def test_sharded_train_step_compiles_for_eight_h100s(rules, mesh):
   assert memory["aliased"] > 0.99 * memory["arguments"] - 0.01   # the state is donated
   # ... and mostly updated in place: the NaN guard selects (`trainer._keep_if`), where a cond's
   # result would be copied into the donated buffers, the whole state every step (1.65 GB per GPU
-  # here). Under FSDP XLA still copies the updates its fusions compute from gradients that
-  # arrive transposed: with scanned layers the embedding's and the head's, with their moments
-  # (0.37 GB); with runs/gpu.gin's unrolled layers also the MLP's and the attention's output
-  # projections, whose per-layer gradients the update gathers into their stacks (0.72 GB; on one
-  # GPU neither program copies any of the state).
+  # here). Under FSDP XLA still copies updates that its fusions compute from gradients arriving
+  # transposed (the embedding's, the MLP's and the attention's output projections', with their
+  # moments): 0.37 GB with scanned layers, 0.72 GB with runs/gpu.gin's unrolled ones, whose
+  # per-layer gradients the update gathers into their stacks. On one GPU neither program copies
+  # any of the state.
   program = hlo_analysis.Program(text)
   copied = sum(hlo_analysis.shape_bytes(i.shape) for i in program.computations[program.entry]
                if i.opcode == "copy")

@@ -1,7 +1,7 @@
 """The GPU benchmark suites' programs lower for CUDA, on this CPU-only machine.
 
 No GPU runs these tests, and most sessions are lent none, so this is what guards the GPU run
-config (`runs/gpu.gin`: bfloat16, cuDNN flash attention, dots_no_batch remat, unrolled layers)
+config (`runs/gpu.gin`: bfloat16, cuDNN flash attention, unrolled layers, no remat)
 between GPU runs: every case of the `gpu`, `gpu-levers` and `gpu-decode` suites is traced at its
 real shapes (abstract: nothing is allocated) and lowered to StableHLO for CUDA, and the attention
 must reach cuDNN's fused kernels, forward and backward, with T5's position bias passed at batch 1
