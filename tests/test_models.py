@@ -165,6 +165,31 @@ def test_scan_unrolled_and_remat_agree(arch, remat):
                  ref_grad)
 
 
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_unrolled_layers_gradient_is_one_concatenation_per_stack(arch):
+  """Unrolled layers take their weights from one split of each stacked parameter, so a stack's
+  gradient is one concatenation of the layers' gradients; indexing each layer out of the stack
+  would have autodiff pad every layer's gradient to the stack's shape and add them up (on
+  XLA:CPU about 2% of T5-small's train step)."""
+  cfg = tiny_config(arch=arch, scan_layers=False)
+  model = Model(cfg)
+  params = model.init(jax.random.key(0))
+  batch = random_batch(cfg)
+  stacked = {leaf.shape for leaf in jax.tree.leaves(params)
+             if leaf.ndim > 1 and leaf.shape[0] == cfg.num_decoder_layers}
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: model.loss(p, batch)[0]))(params)
+
+  def outputs(jaxpr, primitive):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == primitive:
+        yield from (tuple(v.aval.shape) for v in eqn.outvars)
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        yield from outputs(sub, primitive)
+
+  assert stacked and stacked <= set(outputs(jaxpr.jaxpr, "concatenate")), stacked
+  assert not stacked & set(outputs(jaxpr.jaxpr, "pad"))
+
+
 @pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"), dict(arch="decoder_only"),
                                      dict(arch="prefix_lm", position_encoding="alibi")], ids=_ids)
 def test_gradient_matches_finite_differences(variant):

@@ -143,6 +143,16 @@ def _decoder_block_step(block, x, self_cache, cross_kv, index, *, mask, bias, po
   return x + h, self_cache
 
 
+def _split_layers(state, num_layers: int):
+  """The layers' slices of stacked parameters `state`, one tree per layer, from one split of
+  each stack: its gradient is one concatenation of the layers' gradients, where indexing each
+  layer out of the stack has autodiff pad every layer's gradient to the stack's shape and add
+  them up."""
+  leaves, treedef = jax.tree.flatten(state)
+  pieces = [jnp.split(leaf, num_layers) for leaf in leaves]
+  return [treedef.unflatten([jnp.squeeze(p[i], 0) for p in pieces]) for i in range(num_layers)]
+
+
 class LayerStack(nnx.Module):
   """`num_layers` copies of a block stored with a leading `layers` axis and run by scan."""
 
@@ -192,8 +202,8 @@ class LayerStack(nnx.Module):
       x, aux = jax.lax.scan(step, x, (state, rngs))
       return x, jnp.sum(aux)
     total = jnp.zeros((), jnp.float32)
-    for i in range(self.num_layers):
-      x, aux = step(x, jax.tree.map(lambda a, i=i: a[i], (state, rngs)))
+    for i, layer_state in enumerate(_split_layers(state, self.num_layers)):
+      x, aux = step(x, (layer_state, rngs[i]))
       total = total + aux
     return x, total
 
