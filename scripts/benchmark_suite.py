@@ -109,8 +109,9 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
 # The levers of the speed issue that no GPU has measured yet, each against the run config alone,
 # t5lite only (HF's runs, torch.compile above all, would take most of a device call): the output
 # head and loss in blocks, and bfloat16 parameters on float32 masters.
-LEVERS = ((), ("LossConfig.head_chunks=8",),
-          ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True"))
+HEAD_CHUNKS = ("LossConfig.head_chunks=8",)
+BF16_PARAMS = ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True")
+LEVERS = ((), HEAD_CHUNKS, BF16_PARAMS)
 # GPU only, first the steps from the H200's configuration to runs/gpu.gin's (which chose them
 # from the roofline of XLA's H100 programs, docs/benchmarks.md): scanned layers under
 # dots_no_batch (what the H200 timed), unrolled under dots_no_batch, unrolled keeping cuDNN
@@ -123,7 +124,7 @@ GPU_LEVERS = ((), ("ModelConfig.scan_layers=True", "ModelConfig.remat_policy='do
               ("ModelConfig.remat_policy='dots_no_batch_attention_mlp'",),
               ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
                "'xla_gpu_enable_dynamic_slice_fusion': False}",),
-              LEVERS[2], LEVERS[1])
+              BF16_PARAMS, HEAD_CHUNKS)
 
 
 def _lever_cases(shapes, run: str, steps: int, warmup: int, levers=LEVERS):

@@ -107,10 +107,10 @@ def test_unrolled_layers_move_less_device_memory_and_make_saving_activations_pay
 def _h100_step(preset: str, batch: int, inputs: int, targets: int, *bindings: str):
   """(compiled, parsed program) of `preset`'s train step under runs/gpu.gin and `bindings`,
   compiled for an H100 as `benchmark.py --aot=h100` compiles it."""
-  args = argparse.Namespace(gin_file=[f"models/{preset}.gin", "runs/gpu.gin"], batch=batch,
-                            inputs=inputs, targets=targets, pack=0, microbatches=1)
-  cfg, args.loss, args.optimizer, args.train = benchmark.load_config(args, list(bindings))
-  compiled, _, _ = benchmark.compile_abstract(cfg, args, "h100")
+  exp = _gpu_experiment(preset, *bindings)
+  args = argparse.Namespace(batch=batch, inputs=inputs, targets=targets, pack=0, microbatches=1,
+                            loss=exp.loss, optimizer=exp.optimizer, train=exp.train)
+  compiled, _, _ = benchmark.compile_abstract(exp.model, args, "h100")
   return compiled, hlo_analysis.Program(compiled.as_text())
 
 

@@ -216,8 +216,7 @@ class LayerStack(nnx.Module):
     without the copies).
     """
     graphdef, state = nnx.split(self.blocks)
-    return tuple(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-                 for i in range(self.num_layers))
+    return tuple(nnx.merge(graphdef, layer) for layer in _split_layers(state, self.num_layers))
 
   def decode_step(self, x, caches, index, *, blocks=None, **kwargs):
     """Runs every layer on new tokens with the KV caches; returns (x, new caches).
