@@ -492,7 +492,11 @@ def profile_step(run, facts, args) -> dict:
         f"{where}, by kind (ops run side by side add up to more than the step):")
   for row in kinds[:15]:
     print(f"  {row['ms_per_step']:9.2f} ms  x{row['runs_per_step']:<6g} {row['op']}")
-  return {"trace": trace, "steps": args.profile_steps, "by_kind": kinds[:40], "ops": ops[:40]}
+  note = profiling.command_buffer_note(kinds)
+  if note:
+    print(f"# profile: {note}")
+  return {"trace": trace, "steps": args.profile_steps, "by_kind": kinds[:40], "ops": ops[:40],
+          "note": note}
 
 
 def load_config(args, bindings):

@@ -112,19 +112,18 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
 HEAD_CHUNKS = ("LossConfig.head_chunks=8",)
 BF16_PARAMS = ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True")
 LEVERS = ((), HEAD_CHUNKS, BF16_PARAMS)
-# GPU only, first the steps from the H200's configuration to runs/gpu.gin's (which chose them
-# from the roofline of XLA's H100 programs, docs/benchmarks.md): scanned layers under
-# dots_no_batch (what the H200 timed), unrolled under dots_no_batch, unrolled keeping cuDNN
-# attention's outputs and the feed-forward block's gated product; then every GEMM a cuBLAS call
-# (the first session measured that slower, perhaps on a JAX whose XLA ran some cuBLAS GEMMs
-# twice: runs/gpu.gin now stops that, and this keeps it stopped) and the levers above. A budget
-# cuts the last.
+# GPU only: runs/gpu.gin, then the steps back to the configuration the forty-sixth session's H200
+# timed (scanned layers under dots_no_batch; unrolled under dots_no_batch; unrolled keeping cuDNN
+# attention's outputs and the feed-forward block's gated product), every GEMM a cuBLAS call,
+# bfloat16 parameters on float32 masters, and the whole logits (runs/gpu.gin has the head and loss
+# in 8 blocks). The forty-eighth session's H200 timed most of them on T5-base (runs/gpu.gin says
+# what each gave). A budget cuts the last.
 GPU_LEVERS = ((), ("ModelConfig.scan_layers=True", "ModelConfig.remat_policy='dots_no_batch'"),
               ("ModelConfig.remat_policy='dots_no_batch'",),
               ("ModelConfig.remat_policy='dots_no_batch_attention_mlp'",),
               ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
                "'xla_gpu_enable_dynamic_slice_fusion': False}",),
-              BF16_PARAMS, HEAD_CHUNKS)
+              BF16_PARAMS, ("LossConfig.head_chunks=0",))
 
 
 def _lever_cases(shapes, run: str, steps: int, warmup: int, levers=LEVERS):

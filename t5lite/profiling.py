@@ -75,3 +75,17 @@ def op_times(trace_path: str, steps: int, by_kind: bool = False,
   return [{"op": op, "where": where, "ms_per_step": us / 1e3 / steps,
            "runs_per_step": runs[(op, where)] / steps}
           for (op, where), us in time_us.most_common()]
+
+
+def command_buffer_note(kinds: List[Dict]) -> str:
+  """A warning for `op_times(..., by_kind=True)` rows where XLA:GPU's command buffers (CUDA
+  graphs: runs of kernels launched as one) hold most of the traced time, since the trace shows
+  each graph whole and not its kernels; "" otherwise."""
+  total = sum(row["ms_per_step"] for row in kinds)
+  graphs = sum(row["ms_per_step"] for row in kinds if row["op"] == "command_buffer")
+  if not total or graphs < total / 2:
+    return ""
+  return (f"{graphs / total:.0%} of the traced op time is in XLA's command buffers (CUDA graphs), "
+          "shown whole: to see their kernels, trace again under "
+          "XLA_FLAGS=--xla_gpu_enable_command_buffer= (which also brings back the launch "
+          "overhead the graphs save: time the step without it)")

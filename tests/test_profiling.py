@@ -68,6 +68,18 @@ def test_on_a_gpu_only_the_device_s_kernels_count(tmp_path):
       ("__cublas$lt$matmul", 0.3, 1.0), ("loop_add_fusion", pytest.approx(0.1), 2.0)]
 
 
+def test_command_buffers_that_hold_most_of_a_trace_are_called_out():
+  """An H200's T5-base profile came back as 77 ms a step of `command_buffer` (XLA:GPU's CUDA
+  graphs, traced whole): the report says how to see their kernels, and stays quiet otherwise."""
+  rows = [{"op": "command_buffer", "ms_per_step": 77.1}, {"op": "loop_slice_fusion",
+                                                          "ms_per_step": 0.2}]
+  note = profiling.command_buffer_note(rows)
+  assert note.startswith("100% of the traced op time") and "--xla_gpu_enable_command_buffer=" in note
+  rows[1]["ms_per_step"] = 80.0
+  assert profiling.command_buffer_note(rows) == ""
+  assert profiling.command_buffer_note([]) == ""
+
+
 def test_benchmark_refuses_a_profile_with_no_train_step():
   r = run_cli(["scripts/benchmark.py", "--gin_file=models/decoder/tiny.gin", "--no_train",
                "--decode_batches=1", "--profile=/tmp/unused"])
