@@ -28,6 +28,9 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   assert impls == ["t5lite", "hf-eager"]
   t5 = result["results"][0]
   assert t5["tokens_per_s"] > 0 and 0 < t5["mfu"] < 1.5 and t5["model_flops_per_token"] > 0
+  # The step's memory as XLA planned it; a CPU has no allocator statistics, so that is its peak.
+  assert t5["planned_mem_gb"] > 0 and t5["peak_mem_gb"] == t5["planned_mem_gb"]
+  assert "planned_mem_gb" not in result["results"][1]
   assert [row["impl"] for row in result["decode"]] == [
       "t5lite-decode-b1", "hf-generate-b1", "hf-generate-static-b1"]
   assert all(row["vs_t5lite"] > 0 for row in result["decode"][1:])
