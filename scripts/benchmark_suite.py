@@ -115,15 +115,16 @@ LEVERS = ((), HEAD_CHUNKS, BF16_PARAMS)
 # GPU only: runs/gpu.gin, then the steps back to the configuration the forty-sixth session's H200
 # timed (scanned layers under dots_no_batch; unrolled under dots_no_batch; unrolled keeping cuDNN
 # attention's outputs and the feed-forward block's gated product), every GEMM a cuBLAS call,
-# bfloat16 parameters on float32 masters, and the whole logits (runs/gpu.gin has the head and loss
-# in 8 blocks). The forty-eighth session's H200 timed most of them on T5-base (runs/gpu.gin says
-# what each gave). A budget cuts the last.
+# bfloat16 parameters on float32 masters, the whole logits (runs/gpu.gin has the head and loss
+# in 8 blocks), and the state not donated (its memory; measured on CPUs only). The forty-eighth
+# session's H200 timed most of them on T5-base (runs/gpu.gin says what each gave). A budget cuts
+# the last.
 GPU_LEVERS = ((), ("ModelConfig.scan_layers=True", "ModelConfig.remat_policy='dots_no_batch'"),
               ("ModelConfig.remat_policy='dots_no_batch'",),
               ("ModelConfig.remat_policy='dots_no_batch_attention_mlp'",),
               ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
                "'xla_gpu_enable_dynamic_slice_fusion': False}",),
-              BF16_PARAMS, ("LossConfig.head_chunks=0",))
+              BF16_PARAMS, ("LossConfig.head_chunks=0",), ("TrainConfig.donate_state=False",))
 
 
 def _lever_cases(shapes, run: str, steps: int, warmup: int, levers=LEVERS):

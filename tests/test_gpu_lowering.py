@@ -100,11 +100,13 @@ def test_train_step_lowers_for_cuda_with_cudnn_attention(case, cuda_host):
   backward = sum(len(v) for k, v in calls.items() if k.endswith("Backward"))
   recomputed = exp.model.remat_policy in ("full", "dots", "dots_no_batch", "dots_no_batch_mlp")
   assert (forward > backward) if recomputed else (forward == backward), (forward, backward)
-  # Parameters are stored as the case asks, and the state is donated to the step.
+  # Parameters are stored as the case asks, and the state is donated to the step unless the
+  # case turns that off.
   params = state["params"]
   want = jnp.dtype(exp.model.param_dtype)
   assert {x.dtype for x in jax.tree.leaves(params)} == {want}
-  assert "tf.aliasing_output" in text or "jax.buffer_donor" in text
+  donated = "tf.aliasing_output" in text or "jax.buffer_donor" in text
+  assert donated == exp.train.donate_state
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[f"{c.preset}-b{c.batch}" for c in DECODE_CASES])
