@@ -481,12 +481,32 @@ def bench_decode(cfg, args, batch: int):
           "new_tokens_per_s": batch * args.decode_tokens / step_s, "compile_s": compile_s}
 
 
-def profile_step(run, facts, args) -> dict:
+# XLA:GPU launches runs of kernels as command buffers (CUDA graphs), which a trace shows whole
+# (an H200's T5-base profile came back as 1,799 `command_buffer` ops); the step a GPU profile
+# traces is compiled again without them, so that the trace has each kernel.
+PROFILE_GPU_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def without_command_buffers(args):
+  """`args` with PROFILE_GPU_OPTIONS added to gin's TrainConfig.compiler_options."""
+  train = dataclasses.replace(args.train, compiler_options={**args.train.compiler_options,
+                                                           **PROFILE_GPU_OPTIONS})
+  return argparse.Namespace(**{**vars(args), "train": train})
+
+
+def profile_step(run, facts, args, remake=None) -> dict:
   """--profile: --profile_steps more steps of t5lite's timed runner (`t5lite_runner`'s `run`
   and `facts`, warm) traced; the ops that took longest per step, by kind (a custom call by its
   target: t5lite's CPU kernels, cuBLAS, cuDNN) and by op, printed (the first 15 kinds) and
-  returned (the first 40 of each)."""
+  returned (the first 40 of each). With `remake` (on a GPU: `args` -> a new runner), the traced
+  step is compiled again without command buffers (`without_command_buffers`) and run once
+  before the trace; its times then include the kernel launches the buffers save."""
   from t5lite import profiling
+  options = {}
+  if remake is not None:
+    run, facts = remake(without_command_buffers(args))
+    run()
+    options = PROFILE_GPU_OPTIONS
   trace = profiling.trace_steps(run, args.profile_steps, args.profile)
   kinds = profiling.op_times(trace, args.profile_steps, by_kind=True,
                              kinds=profiling.custom_call_targets(facts["hlo_text"]()))
@@ -499,8 +519,8 @@ def profile_step(run, facts, args) -> dict:
   note = profiling.command_buffer_note(kinds)
   if note:
     print(f"# profile: {note}")
-  return {"trace": trace, "steps": args.profile_steps, "by_kind": kinds[:40], "ops": ops[:40],
-          "note": note}
+  return {"trace": trace, "steps": args.profile_steps, "compiler_options": options,
+          "by_kind": kinds[:40], "ops": ops[:40], "note": note}
 
 
 def load_config(args, bindings):
@@ -586,7 +606,8 @@ def main(argv=None):
   parser.add_argument("--profile", default="", metavar="DIR",
                       help="after the timed steps, trace --profile_steps more of t5lite's under "
                            "the JAX profiler into DIR (Perfetto; TensorBoard reads it too) and "
-                           "report the ops that took longest per step (t5lite/profiling.py)")
+                           "report the ops that took longest per step (t5lite/profiling.py); "
+                           "on a GPU, of the step compiled again without command buffers")
   parser.add_argument("--profile_steps", type=int, default=3)
   parser.add_argument("--aot", default="", metavar="GPU",
                       help="e.g. h100: instead of timing steps, compile the train step for one "
@@ -732,7 +753,8 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
     print("t5lite / HF tokens/s: " + ", ".join(
         f"{r['impl']} {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x" for r in rows[1:]))
   if args.profile:
-    result["profile"] = profile_step(*timed.pop("t5lite"), args)
+    result["profile"] = profile_step(*timed.pop("t5lite"), args,
+                                     remake=(lambda a: t5lite_runner(cfg, a)) if on_gpu else None)
   write_json(args.json, result)
   return result
 

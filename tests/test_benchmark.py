@@ -238,3 +238,28 @@ def test_hf_reference_runs_bf16_where_t5lite_does():
   assert torch.bfloat16 in seen  # the projections ran in bf16
   row = hf_reference.bench_hf_generate(cfg, argparse.Namespace(inputs=8, decode_tokens=3), 2)
   assert row["new_tokens_per_s"] > 0
+
+
+def test_a_gpu_profile_traces_a_step_compiled_without_command_buffers(tmp_path):
+  """On a GPU, `--profile` compiles the traced step again without XLA's command buffers (CUDA
+  graphs, which a trace shows whole): the remade runner gets the option on top of gin's
+  compiler options, and the timed runner's arguments are left as they were. The option is one
+  XLA:CPU accepts too, so the path runs here."""
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import benchmark  # pylint: disable=import-outside-toplevel
+  args = argparse.Namespace(gin_file=["models/decoder/tiny.gin", "runs/cpu.gin"], batch=2,
+                            inputs=8, targets=8, pack=0, microbatches=1, aot="",
+                            profile=str(tmp_path / "trace"), profile_steps=1)
+  cfg, args.loss, args.optimizer, args.train = benchmark.load_config(args, [])
+  made = []
+
+  def remake(remade_args):
+    made.append(dict(remade_args.train.compiler_options))
+    return benchmark.t5lite_runner(cfg, remade_args)
+
+  before = dict(args.train.compiler_options)
+  out = benchmark.profile_step(*benchmark.t5lite_runner(cfg, args), args, remake=remake)
+  assert made == [{**before, "xla_gpu_enable_command_buffer": ""}]
+  assert dict(args.train.compiler_options) == before
+  assert out["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}
+  assert out["by_kind"] and out["by_kind"][0]["ms_per_step"] > 0
