@@ -88,4 +88,4 @@ def command_buffer_note(kinds: List[Dict]) -> str:
   return (f"{graphs / total:.0%} of the traced op time is in XLA's command buffers (CUDA graphs), "
           "shown whole: to see their kernels, compile the traced step with the XLA option "
           "xla_gpu_enable_command_buffer='' (or XLA_FLAGS=--xla_gpu_enable_command_buffer=), "
-          "which brings back the launches the graphs save: time the step with them)")
+          "which brings back the launches the graphs save: time the step with them")
