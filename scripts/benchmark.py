@@ -481,16 +481,13 @@ def bench_decode(cfg, args, batch: int):
           "new_tokens_per_s": batch * args.decode_tokens / step_s, "compile_s": compile_s}
 
 
-# XLA:GPU launches runs of kernels as command buffers (CUDA graphs), which a trace shows whole
-# (an H200's T5-base profile came back as 1,799 `command_buffer` ops); the step a GPU profile
-# traces is compiled again without them, so that the trace has each kernel.
-PROFILE_GPU_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
-
-
 def without_command_buffers(args):
-  """`args` with PROFILE_GPU_OPTIONS added to gin's TrainConfig.compiler_options."""
+  """`args` with `profiling.NO_COMMAND_BUFFERS` added to gin's TrainConfig.compiler_options: the
+  step a GPU profile traces (an H200's T5-base trace with command buffers came back as 1,799
+  `command_buffer` ops and no kernels)."""
+  from t5lite import profiling
   train = dataclasses.replace(args.train, compiler_options={**args.train.compiler_options,
-                                                           **PROFILE_GPU_OPTIONS})
+                                                           **profiling.NO_COMMAND_BUFFERS})
   return argparse.Namespace(**{**vars(args), "train": train})
 
 
@@ -506,7 +503,7 @@ def profile_step(run, facts, args, remake=None) -> dict:
   if remake is not None:
     run, facts = remake(without_command_buffers(args))
     run()
-    options = PROFILE_GPU_OPTIONS
+    options = dict(profiling.NO_COMMAND_BUFFERS)
   trace = profiling.trace_steps(run, args.profile_steps, args.profile)
   kinds = profiling.op_times(trace, args.profile_steps, by_kind=True,
                              kinds=profiling.custom_call_targets(facts["hlo_text"]()))

@@ -77,6 +77,11 @@ def op_times(trace_path: str, steps: int, by_kind: bool = False,
           for (op, where), us in time_us.most_common()]
 
 
+# The XLA:GPU option that compiles a step without command buffers (CUDA graphs: runs of kernels
+# launched as one, which a trace shows whole), so that its trace has each kernel.
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+
+
 def command_buffer_note(kinds: List[Dict]) -> str:
   """A warning for `op_times(..., by_kind=True)` rows where XLA:GPU's command buffers (CUDA
   graphs: runs of kernels launched as one) hold most of the traced time, since the trace shows
@@ -86,6 +91,6 @@ def command_buffer_note(kinds: List[Dict]) -> str:
   if not total or graphs < total / 2:
     return ""
   return (f"{graphs / total:.0%} of the traced op time is in XLA's command buffers (CUDA graphs), "
-          "shown whole: to see their kernels, compile the traced step with the XLA option "
-          "xla_gpu_enable_command_buffer='' (or XLA_FLAGS=--xla_gpu_enable_command_buffer=), "
+          "shown whole: to see their kernels, compile the traced step with the XLA options "
+          f"{NO_COMMAND_BUFFERS} (or XLA_FLAGS=--{next(iter(NO_COMMAND_BUFFERS))}=), "
           "which brings back the launches the graphs save: time the step with them")
