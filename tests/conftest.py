@@ -114,6 +114,16 @@ def assert_not_bf16_rounded(y):
   assert np.mean(rounded != np.asarray(y)) > 0.9
 
 
+def equations(jaxpr, primitive: str):
+  """The equations of `primitive` (e.g. "dot_general") in a jaxpr, its sub-jaxprs' too."""
+  import jax  # pylint: disable=import-outside-toplevel
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == primitive:
+      yield eqn
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      yield from equations(sub, primitive)
+
+
 def tiny_config(**overrides):
   """A tiny fp32 model config (encoder-decoder unless `arch` says otherwise)."""
   from t5lite.models.config import ModelConfig

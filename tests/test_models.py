@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import assert_not_bf16_rounded, tiny_config
+from conftest import assert_not_bf16_rounded, equations, tiny_config
 from t5lite import trainer
 from t5lite.models import layers
 from t5lite.models.model import LossConfig, Model
@@ -177,17 +177,11 @@ def test_unrolled_layers_gradient_is_one_concatenation_per_stack(arch):
   batch = random_batch(cfg)
   stacked = {leaf.shape for leaf in jax.tree.leaves(params)
              if leaf.ndim > 1 and leaf.shape[0] == cfg.num_decoder_layers}
-  jaxpr = jax.make_jaxpr(jax.grad(lambda p: model.loss(p, batch)[0]))(params)
-
-  def outputs(jaxpr, primitive):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == primitive:
-        yield from (tuple(v.aval.shape) for v in eqn.outvars)
-      for sub in jax.core.jaxprs_in_params(eqn.params):
-        yield from outputs(sub, primitive)
-
-  assert stacked and stacked <= set(outputs(jaxpr.jaxpr, "concatenate")), stacked
-  assert not stacked & set(outputs(jaxpr.jaxpr, "pad"))
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: model.loss(p, batch)[0]))(params).jaxpr
+  outputs = lambda primitive: {tuple(v.aval.shape) for eqn in equations(jaxpr, primitive)  # noqa
+                               for v in eqn.outvars}
+  assert stacked and stacked <= outputs("concatenate"), stacked
+  assert not stacked & outputs("pad")
 
 
 @pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"), dict(arch="decoder_only"),

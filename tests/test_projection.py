@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_not_bf16_rounded
+from conftest import assert_not_bf16_rounded, equations
 from t5lite.models import projection
 
 SPECS = {  # spec: (x shape, kernel shape), as the model's layers use them
@@ -72,15 +72,6 @@ def test_float32_outputs_match_the_float32_einsum_of_bf16_operands(spec, kernel_
       np.testing.assert_allclose(np.asarray(g, np.float32), w, **tol)
 
 
-def _dots(jaxpr):
-  """The dot_general equations of a closed jaxpr, in its sub-jaxprs too."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield eqn
-    for sub in jax.core.jaxprs_in_params(eqn.params):
-      yield from _dots(sub)
-
-
 @pytest.mark.parametrize("spec", ["bld,vd->blv", "bld,dhk->blhk"])
 @pytest.mark.parametrize("levers", [{}, {"flat_weight_grad": True}, {"float32_outputs": True},
                                     {"float32_outputs": True, "matmul_kernel": True}])
@@ -108,7 +99,7 @@ def test_float32_out_dtype_is_the_unrounded_sums_of_bf16_operands(spec, levers):
     assert got.dtype == ref.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
   grads = jax.make_jaxpr(lambda a, b, g: jax.vjp(ours, a, b)[1](g))(x, kernel, cot)
-  dots = list(_dots(grads.jaxpr))
+  dots = list(equations(grads.jaxpr, "dot_general"))
   assert dots and all(v.aval.dtype == jnp.bfloat16 for eqn in dots for v in eqn.invars)
 
 
