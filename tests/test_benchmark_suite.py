@@ -128,6 +128,10 @@ def test_decode_targets_are_checked_against_the_issue():
                        {"impl": "hf-generate-static-b32", "new_tokens_per_s": 4701.0}]}
   want, got, met = benchmark_suite.checks(case, result)["vs hf-generate-static-b32"]
   assert want == 1.5 and got == pytest.approx(6000 / 4701) and not met
+  # Each GPU case asks HF only for the cache its target names.
+  assert [(c.batch, c.hf_modes) for c in benchmark_suite.SUITES["gpu-decode"][:2]] == [
+      (1, "dynamic"), (32, "static")]
+  assert "--hf-generate-caches=static" in case.argv(with_hf=True)
 
 
 def test_unknown_case_and_the_gpu_suite_without_a_gpu_are_clear_errors():
