@@ -113,19 +113,30 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
 HEAD_CHUNKS = ("LossConfig.head_chunks=8",)
 BF16_PARAMS = ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True")
 LEVERS = ((), HEAD_CHUNKS, BF16_PARAMS)
-# GPU only: runs/gpu.gin, then the steps back to the configuration the forty-sixth session's H200
-# timed (scanned layers under dots_no_batch; unrolled under dots_no_batch; unrolled keeping cuDNN
-# attention's outputs and the feed-forward block's gated product), every GEMM a cuBLAS call,
-# bfloat16 parameters on float32 masters, the whole logits (runs/gpu.gin has the head and loss
-# in 8 blocks), and the state not donated (its memory; measured on CPUs only). The forty-eighth
-# session's H200 timed most of them on T5-base (runs/gpu.gin says what each gave). A budget cuts
-# the last.
-GPU_LEVERS = ((), ("ModelConfig.scan_layers=True", "ModelConfig.remat_policy='dots_no_batch'"),
-              ("ModelConfig.remat_policy='dots_no_batch'",),
-              ("ModelConfig.remat_policy='dots_no_batch_attention_mlp'",),
+# GPU only: runs/gpu.gin, then first what no GPU has timed: the gated MLP's input projections
+# as two matmuls (XLA:GPU writes their backward in one multi-output pass where the stacked
+# kernels' is a concatenation kernel, which an H200 ran at half the bandwidth of same-sized
+# passes: T5-base's 12 took 3.8 ms of its 82 ms step), with and without XLA's dot merger (which
+# joins matmuls that share an operand, the attention's query/key/value projections and the
+# gated MLP's, at the cost of concatenating their weights and gradients and slicing their
+# outputs: T5-base's concatenation and slice kernels took 10.1 ms of its step), the merger alone,
+# every GEMM a cuBLAS call (timed at T5-base only) and the state not donated (its memory). Then
+# the steps back to the configuration the forty-sixth session's H200 timed (scanned layers under
+# dots_no_batch; unrolled under dots_no_batch; unrolled keeping cuDNN attention's outputs and
+# the feed-forward block's gated product), bfloat16 parameters on float32 masters and the whole
+# logits (runs/gpu.gin has the head and loss in 8 blocks), which the forty-eighth session's H200
+# timed on T5-base (runs/gpu.gin says what each gave). A budget cuts the last.
+UNSTACKED_MLP = ("ModelConfig.stacked_mlp=False",)
+NO_DOT_MERGER = ("TrainConfig.compiler_options={'xla_gpu_enable_dynamic_slice_fusion': False, "
+                 "'xla_gpu_dot_merger_threshold_mb': 0}",)
+GPU_LEVERS = ((), UNSTACKED_MLP, UNSTACKED_MLP + NO_DOT_MERGER, NO_DOT_MERGER,
               ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
                "'xla_gpu_enable_dynamic_slice_fusion': False}",),
-              BF16_PARAMS, ("LossConfig.head_chunks=0",), ("TrainConfig.donate_state=False",))
+              ("TrainConfig.donate_state=False",),
+              ("ModelConfig.scan_layers=True", "ModelConfig.remat_policy='dots_no_batch'"),
+              ("ModelConfig.remat_policy='dots_no_batch'",),
+              ("ModelConfig.remat_policy='dots_no_batch_attention_mlp'",),
+              BF16_PARAMS, ("LossConfig.head_chunks=0",))
 
 
 def _lever_cases(shapes, run: str, steps: int, warmup: int, levers=LEVERS):
