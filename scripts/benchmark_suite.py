@@ -24,7 +24,7 @@ generate with its default and its static cache (GPU: >= 5x at batch 1, >= 1.5x t
 cache at batch 32; CPU: ahead of HF's default cache).
 The lever suites run t5lite alone, with the run config and then with each lever of `LEVERS`
 (on GPUs `GPU_LEVERS`) added in gin, so one call measures what each lever gains (3 runs per
-preset on CPU, 7 on GPUs, lever by lever across the presets; `--cases=PRESET` runs one preset).
+preset on CPU, 11 on GPUs, lever by lever across the presets; `--cases=PRESET` runs one preset).
 `--aot=h100` compiles a GPU suite's cases for an H100 with XLA's GPU compiler on this host
 instead (t5lite/gpu_aot.py; no GPU needed, nothing runs): for training, the table has XLA's
 memory plan, checked against the memory targets, the cuDNN attention calls and the MFU the
