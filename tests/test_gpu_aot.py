@@ -137,6 +137,33 @@ def test_mlp_remat_policy_keeps_the_gated_product_instead_of_computing_it_again(
   assert flops["dots_no_batch_mlp"] == pytest.approx(flops["dots_no_batch"])
 
 
+def test_unstacked_mlp_backward_is_one_multi_output_pass_not_a_concatenation():
+  """`ModelConfig.stacked_mlp = False` on an H100: the gated MLP's backward (the gate's and the
+  up projection's gradients) is one multi-output loop kernel per layer, where the stacked
+  kernels' custom gradient is a concatenation kernel (which XLA:GPU emits with one element a
+  thread, its loop kernels with four), and the stacked kernels' copies are gone; the matmuls
+  are the same."""
+  kernels, flops = {}, {}
+  for stacked in (True, False):
+    _, program = _h100_step("t5_1_1/small", 16, 256, 64, f"ModelConfig.stacked_mlp = {stacked}")
+    kernels[stacked] = [(inst.name, inst.shape) for inst, _, _, _ in
+                        program.kernel_costs(program.entry)]
+    flops[stacked] = hlo_analysis.matmul_flops(program)["total"]
+  stacked_shape = re.compile(r"bf16\[16,(256|64),2,1024\]")   # T5-small: d_ff 1024
+  gradients = re.compile(r"\(bf16\[16,(256|64),1024\]\S*, bf16\[16,(256|64),1024\]\S*\)$")
+
+  def count(stacked, name, shape):
+    return sum(1 for n, s in kernels[stacked] if n.startswith(name) and shape.match(s))
+
+  # 8 encoder and 8 decoder layers.
+  assert count(True, "input_concatenate_fusion", stacked_shape) == 16
+  assert count(False, "input_concatenate_fusion", stacked_shape) == 0
+  assert any(",2,1024]" in s for n, s in kernels[True] if "concatenate" in n)  # kernel stacks
+  assert not any(",2,1024]" in s for n, s in kernels[False] if "concatenate" in n)
+  assert count(False, "loop_", gradients) >= 16 + count(True, "loop_", gradients)
+  assert flops[False] == pytest.approx(flops[True])
+
+
 def test_decode_case_compiled_for_an_h100_reports_a_token_steps_traffic(tmp_path):
   """`benchmark_suite --suite=gpu-decode --aot=h100`, one case made small: greedy decoding
   compiles for an H100, and the table has XLA's memory plan, the token step's device-memory

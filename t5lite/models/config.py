@@ -36,9 +36,10 @@ class ModelConfig:
     stacked_mlp: a gated feed-forward's two input projections as one matmul over their kernels
       stacked [embed, 2, mlp], its gradient written as one stack (`layers.gated_activation`;
       XLA:CPU: T5-small's step 14% faster). False: two matmuls, whose backward XLA:GPU writes
-      in one multi-output pass over memory where the stack is a concatenation kernel (an H200
-      ran T5-base's at about half the memory bandwidth of same-sized multi-output passes). Same
-      values either way; one-token decode steps always take two matmuls.
+      in one multi-output loop kernel where the stack is a concatenation kernel, which it emits
+      with one element a thread (four in loop kernels): an H200 ran T5-base's at about half the
+      memory bandwidth of same-sized loop kernels. A GPU lever. Same values either way;
+      one-token decode steps always take two matmuls.
     position_encoding: one of POSITION_ENCODINGS ('learned': GPT-2's absolute position table of
       max_length rows, decoder-only).
     relative_buckets / relative_max_distance: T5 relative position bias buckets.
