@@ -374,13 +374,19 @@ def _table(cases, results) -> str:
   low, high = (f"{p:.3g}" for p in (min(r["peak_tflops"] for r in results),
                                      max(r["peak_tflops"] for r in results)))
   peak = low if low == high else f"{low}-{high}"
+  # A lever suite's rows also say how much faster each lever made the run config's step.
+  base = {(c.preset, c.batch, c.inputs, c.targets): measured(c, r)[0]["step_s"]
+          for c, r in zip(cases, results) if not c.bindings}
+  levers = any(c.bindings for c in cases)
   lines = [f"Device: {first['device']} ({first['platform']}), matmul peak {peak} TFLOP/s "
            f"(measured in each case's run), host malloc {first['host_malloc']}.", "",
            "| preset | shape | t5lite ms | tokens/s | MFU | peak GB | HF best | HF tokens/s "
-           "| t5lite / HF | targets |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| t5lite / HF | targets |" + (" vs the run config |" if levers else ""),
+           "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if levers else "")]
   for case, result in zip(cases, results):
     ours, rows, _ = measured(case, result)
+    run_config = base.get((case.preset, case.batch, case.inputs, case.targets))
+    speedup = (f" {run_config / ours['step_s']:.3f}x |" if run_config else " - |") if levers else ""
     best = max(rows.values(), key=lambda r: r["tokens_per_s"]) if rows else None
     hf = (f"{best['impl']} | {best['tokens_per_s']:,.0f} | "
           f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}x") if best else (
@@ -390,7 +396,7 @@ def _table(cases, results) -> str:
         f", {case.pack} a row" if case.pack else "")
     lines.append(f"| {case.label} | {shape} | {ours['step_s'] * 1e3:,.1f} | "
                  f"{ours['tokens_per_s']:,.0f} | {ours['mfu']:.1%} | {ours['peak_mem_gb']:.1f} | "
-                 f"{hf} | {targets} |")
+                 f"{hf} | {targets} |{speedup}")
   return "\n".join(lines + _commands(results)) + "\n"
 
 

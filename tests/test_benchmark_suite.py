@@ -87,6 +87,13 @@ def test_lever_suite_runs_each_lever_against_the_run_config(tmp_path):
   table = md.read_text()
   assert "| decoder/tiny | 8 x (256+64) |" in table
   assert "| decoder/tiny LossConfig.head_chunks=8 | 8 x (256+64) |" in table
+  # Each row's speed against the run config's row: the run config itself at 1x.
+  rows = [line for line in table.splitlines() if line.startswith("| decoder/tiny")]
+  assert rows[0].endswith("| 1.000x |") and all(line.endswith("x |") for line in rows)
+  base_ms = float(rows[0].split("|")[3].replace(",", ""))
+  lever_ms = float(rows[1].split("|")[3].replace(",", ""))
+  assert float(rows[1].split("|")[-2].strip()[:-1]) == pytest.approx(base_ms / lever_ms,
+                                                                     rel=0.02)
   assert "OptimizerConfig.master_weights=True | 8 x (256+64) |" in table
   assert "failed" not in table
   gpu = benchmark_suite.SUITES["gpu-levers"]
