@@ -24,7 +24,7 @@ generate with its default and its static cache (GPU: >= 5x at batch 1, >= 1.5x t
 cache at batch 32; CPU: ahead of HF's default cache).
 The lever suites run t5lite alone, with the run config and then with each lever of `LEVERS`
 (on GPUs `GPU_LEVERS`) added in gin, so one call measures what each lever gains (3 runs per
-preset on CPU, 11 on GPUs, lever by lever across the presets; `--cases=PRESET` runs one preset).
+preset on CPU, 12 on GPUs, lever by lever across the presets; `--cases=PRESET` runs one preset).
 `--aot=h100` compiles a GPU suite's cases for an H100 with XLA's GPU compiler on this host
 instead (t5lite/gpu_aot.py; no GPU needed, nothing runs): for training, the table has XLA's
 memory plan, checked against the memory targets, the cuDNN attention calls and the MFU the
@@ -113,23 +113,25 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
 HEAD_CHUNKS = ("LossConfig.head_chunks=8",)
 BF16_PARAMS = ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True")
 LEVERS = ((), HEAD_CHUNKS, BF16_PARAMS)
-# GPU only: runs/gpu.gin, then first what no GPU has timed: the gated MLP's input projections
-# as two matmuls (XLA:GPU writes their backward in one multi-output pass where the stacked
-# kernels' is a concatenation kernel, which an H200 ran at half the bandwidth of same-sized
-# passes: T5-base's 12 took 3.8 ms of its 82 ms step), with and without XLA's dot merger (which
-# joins matmuls that share an operand, the attention's query/key/value projections and the
-# gated MLP's, at the cost of concatenating their weights and gradients and slicing their
-# outputs: T5-base's concatenation and slice kernels took 10.1 ms of its step), the merger alone,
-# every GEMM a cuBLAS call (timed at T5-base only) and the state not donated (its memory). Then
-# the steps back to the configuration the forty-sixth session's H200 timed (scanned layers under
-# dots_no_batch; unrolled under dots_no_batch; unrolled keeping cuDNN attention's outputs and
-# the feed-forward block's gated product), bfloat16 parameters on float32 masters and the whole
-# logits (runs/gpu.gin has the head and loss in 8 blocks), which the forty-eighth session's H200
-# timed on T5-base (runs/gpu.gin says what each gave). A budget cuts the last.
-UNSTACKED_MLP = ("ModelConfig.stacked_mlp=False",)
+# GPU only: runs/gpu.gin, then first what no GPU has timed: the gated MLP's stacked matmul with
+# autodiff's gradient, and its input projections as two matmuls (XLA:GPU writes either backward
+# as a loop kernel where the hand-written stacked gradient is a concatenation kernel, which an
+# H200 ran at half the bandwidth of same-sized loop kernels: T5-base's 12 took 3.8 ms of its 82
+# ms step), the latter also without XLA's dot merger (which joins matmuls that share an operand,
+# the attention's query/key/value projections and the gated MLP's, at the cost of concatenating
+# their weights and gradients and slicing their outputs: T5-base's concatenation and slice
+# kernels took 10.1 ms of its step), the merger off alone, every GEMM a cuBLAS call (timed at
+# T5-base only) and the state not donated (its memory). Then the steps back to the configuration
+# the forty-sixth session's H200 timed (scanned layers under dots_no_batch; unrolled under
+# dots_no_batch; unrolled keeping cuDNN attention's outputs and the feed-forward block's gated
+# product), bfloat16 parameters on float32 masters and the whole logits (runs/gpu.gin has the
+# head and loss in 8 blocks), which the forty-eighth session's H200 timed on T5-base
+# (runs/gpu.gin says what each gave). A budget cuts the last.
+AUTODIFF_MLP = ("ModelConfig.gated_projection='stacked_autodiff'",)
+SPLIT_MLP = ("ModelConfig.gated_projection='split'",)
 NO_DOT_MERGER = ("TrainConfig.compiler_options={'xla_gpu_enable_dynamic_slice_fusion': False, "
                  "'xla_gpu_dot_merger_threshold_mb': 0}",)
-GPU_LEVERS = ((), UNSTACKED_MLP, UNSTACKED_MLP + NO_DOT_MERGER, NO_DOT_MERGER,
+GPU_LEVERS = ((), AUTODIFF_MLP, SPLIT_MLP, SPLIT_MLP + NO_DOT_MERGER, NO_DOT_MERGER,
               ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
                "'xla_gpu_enable_dynamic_slice_fusion': False}",),
               ("TrainConfig.donate_state=False",),

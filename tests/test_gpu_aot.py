@@ -137,31 +137,37 @@ def test_mlp_remat_policy_keeps_the_gated_product_instead_of_computing_it_again(
   assert flops["dots_no_batch_mlp"] == pytest.approx(flops["dots_no_batch"])
 
 
-def test_unstacked_mlp_backward_is_one_multi_output_pass_not_a_concatenation():
-  """`ModelConfig.stacked_mlp = False` on an H100: the gated MLP's backward (the gate's and the
-  up projection's gradients) is one multi-output loop kernel per layer, where the stacked
-  kernels' custom gradient is a concatenation kernel (which XLA:GPU emits with one element a
-  thread, its loop kernels with four), and the stacked kernels' copies are gone; the matmuls
-  are the same."""
+def test_gated_projection_levers_write_the_mlp_backward_as_loop_kernels():
+  """The gated MLP's backward on an H100 (T5-small: 8 encoder and 8 decoder layers). Under
+  `ModelConfig.gated_projection = "stacked"` (the hand-written stacked gradient) it is a
+  concatenation kernel per layer, which XLA:GPU emits with one element a thread (its loop
+  kernels with four); under "stacked_autodiff" one loop kernel writing the stacked gradient, and
+  under "split" one multi-output loop kernel writing the two gradients (and no stacked kernel
+  copies). The matmul FLOPs are the same."""
   kernels, flops = {}, {}
-  for stacked in (True, False):
-    _, program = _h100_step("t5_1_1/small", 16, 256, 64, f"ModelConfig.stacked_mlp = {stacked}")
-    kernels[stacked] = [(inst.name, inst.shape) for inst, _, _, _ in
-                        program.kernel_costs(program.entry)]
-    flops[stacked] = hlo_analysis.matmul_flops(program)["total"]
+  for projection in ("stacked", "stacked_autodiff", "split"):
+    _, program = _h100_step("t5_1_1/small", 16, 256, 64,
+                            f"ModelConfig.gated_projection = '{projection}'")
+    kernels[projection] = [(inst.name, inst.shape) for inst, _, _, _ in
+                           program.kernel_costs(program.entry)]
+    flops[projection] = hlo_analysis.matmul_flops(program)["total"]
   stacked_shape = re.compile(r"bf16\[16,(256|64),2,1024\]")   # T5-small: d_ff 1024
   gradients = re.compile(r"\(bf16\[16,(256|64),1024\]\S*, bf16\[16,(256|64),1024\]\S*\)$")
 
-  def count(stacked, name, shape):
-    return sum(1 for n, s in kernels[stacked] if n.startswith(name) and shape.match(s))
+  def count(projection, name, shape):
+    return sum(1 for n, s in kernels[projection] if n.startswith(name) and shape.match(s))
 
-  # 8 encoder and 8 decoder layers.
-  assert count(True, "input_concatenate_fusion", stacked_shape) == 16
-  assert count(False, "input_concatenate_fusion", stacked_shape) == 0
-  assert any(",2,1024]" in s for n, s in kernels[True] if "concatenate" in n)  # kernel stacks
-  assert not any(",2,1024]" in s for n, s in kernels[False] if "concatenate" in n)
-  assert count(False, "loop_", gradients) >= 16 + count(True, "loop_", gradients)
-  assert flops[False] == pytest.approx(flops[True])
+  assert count("stacked", "input_concatenate_fusion", stacked_shape) == 16
+  assert count("stacked", "loop_", stacked_shape) == 0
+  assert count("stacked_autodiff", "input_concatenate_fusion", stacked_shape) == 0
+  assert count("stacked_autodiff", "loop_", stacked_shape) == 16
+  assert count("split", "input_concatenate_fusion", stacked_shape) == 0
+  assert count("split", "loop_", gradients) >= 16 + count("stacked", "loop_", gradients)
+  weights = lambda projection: [n for n, s in kernels[projection]  # noqa: E731
+                                if "concatenate" in n and ",2,1024]" in s]
+  assert weights("stacked") and weights("stacked_autodiff") and not weights("split")
+  assert flops["split"] == pytest.approx(flops["stacked"])
+  assert flops["stacked_autodiff"] == pytest.approx(flops["stacked"])
 
 
 def test_decode_case_compiled_for_an_h100_reports_a_token_steps_traffic(tmp_path):

@@ -15,6 +15,7 @@ NORMS = ("rms", "layer")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention",
                   "dots_no_batch_mlp", "dots_no_batch_attention_mlp")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "cpu_kernel")
+GATED_PROJECTIONS = ("stacked", "stacked_autodiff", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +34,17 @@ class ModelConfig:
     num_decoder_layers: decoder depth.
     activation: 'gelu' or 'silu' (gated when `gated_mlp`), or 'relu'.
     gated_mlp: gated feed-forward (T5 v1.1 gated-GELU, LLaMA SwiGLU).
-    stacked_mlp: a gated feed-forward's two input projections as one matmul over their kernels
-      stacked [embed, 2, mlp], its gradient written as one stack (`layers.gated_activation`;
-      XLA:CPU: T5-small's step 14% faster). False: two matmuls, whose backward XLA:GPU writes
-      in one multi-output loop kernel where the stack is a concatenation kernel, which it emits
-      with one element a thread (four in loop kernels): an H200 ran T5-base's at about half the
-      memory bandwidth of same-sized loop kernels. A GPU lever. Same values either way;
-      one-token decode steps always take two matmuls.
+    gated_projection: how a gated feed-forward computes its two input projections (training
+      and prefill; one-token decode steps always take two matmuls), one of GATED_PROJECTIONS,
+      all giving the same values. 'stacked': one matmul over the kernels stacked [embed, 2,
+      mlp], its gradient written by hand as one stack (`layers.gated_activation`; XLA:CPU:
+      T5-small's step 14% faster than with two matmuls, and no three passes over the stack
+      as autodiff's gradient takes there). 'stacked_autodiff': the same
+      matmul, autodiff's gradient of its two halves, which XLA:GPU writes as one loop kernel.
+      'split': two matmuls, whose gradients XLA:GPU writes as one multi-output loop kernel.
+      The hand-written stack is a concatenation kernel on XLA:GPU, emitted with one element a
+      thread (four in loop kernels): an H200 ran T5-base's at about half the memory bandwidth
+      of same-sized loop kernels. The last two are GPU levers.
     position_encoding: one of POSITION_ENCODINGS ('learned': GPT-2's absolute position table of
       max_length rows, decoder-only).
     relative_buckets / relative_max_distance: T5 relative position bias buckets.
@@ -103,7 +108,7 @@ class ModelConfig:
   num_decoder_layers: int = 8
   activation: str = "gelu"
   gated_mlp: bool = True
-  stacked_mlp: bool = True
+  gated_projection: str = "stacked"
   position_encoding: str = "relative"
   relative_buckets: int = 32
   relative_max_distance: int = 128
@@ -139,6 +144,9 @@ class ModelConfig:
           f"position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}")
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    if self.gated_projection not in GATED_PROJECTIONS:
+      raise ValueError(f"gated_projection must be one of {GATED_PROJECTIONS}, "
+                       f"got {self.gated_projection!r}")
     if self.position_encoding == "learned" and self.arch == "encoder_decoder":
       raise ValueError("learned absolute positions are implemented for decoder-only models")
     if self.use_bias and self.num_experts:

@@ -277,17 +277,20 @@ class MLP(nnx.Module):
   def __call__(self, x, rng=None):
     """x: [batch, length, embed] -> ([batch, length, embed], aux_loss=0)."""
     dt = compute_dtype(self.cfg)
-    if self.cfg.gated_mlp and self.cfg.stacked_mlp and x.shape[1] > 1:
+    if self.cfg.gated_mlp and self.cfg.gated_projection != "split" and x.shape[1] > 1:
       # Both input projections as one matmul over stacked kernels [embed, 2, mlp]. XLA:CPU then
       # stops recomputing the gate's backward in a second, transposed layout: the train step of
       # T5-small is 14% faster there, decoder-tiny 7%. A tensor-sharded `mlp` axis stays sharded.
       # One-token decode steps skip it: they are bound by reading the weights, and the stacked
-      # copy would add a write and a read of both kernels. (ModelConfig.stacked_mlp: GPUs.)
+      # copy would add a write and a read of both kernels. (ModelConfig.gated_projection.)
       kernels = jnp.stack([self.wi_0[...], self.wi_1[...]], axis=1)
       both = project(self.cfg, "bld,dnf->blnf", x, kernels)
       if self.cfg.use_bias:
         both = both + jnp.stack([self.wi_0_bias[...], self.wi_1_bias[...]]).astype(dt)
-      h = gated_activation(both, self.cfg.activation)
+      if self.cfg.gated_projection == "stacked":
+        h = gated_activation(both, self.cfg.activation)
+      else:
+        h = activation_fn(self.cfg.activation)(both[..., 0, :]) * both[..., 1, :]
     else:
       gate = project(self.cfg, "bld,df->blf", x, self.wi_0[...])
       h = activation_fn(self.cfg.activation)(_add_bias(gate, self, "wi_0_bias"))
