@@ -287,10 +287,8 @@ class MLP(nnx.Module):
       both = project(self.cfg, "bld,dnf->blnf", x, kernels)
       if self.cfg.use_bias:
         both = both + jnp.stack([self.wi_0_bias[...], self.wi_1_bias[...]]).astype(dt)
-      if self.cfg.gated_projection == "stacked":
-        h = gated_activation(both, self.cfg.activation)
-      else:
-        h = activation_fn(self.cfg.activation)(both[..., 0, :]) * both[..., 1, :]
+      gated = gated_activation if self.cfg.gated_projection == "stacked" else gated_product
+      h = gated(both, self.cfg.activation)
     else:
       gate = project(self.cfg, "bld,df->blf", x, self.wi_0[...])
       h = activation_fn(self.cfg.activation)(_add_bias(gate, self, "wi_0_bias"))
@@ -303,6 +301,12 @@ class MLP(nnx.Module):
     return _add_bias(out, self, "wo_bias"), jnp.zeros((), jnp.float32)
 
 
+def gated_product(both, activation: str):
+  """act(gate) * up from the stacked projections `both` [..., 2, mlp] (gate first), with
+  autodiff's gradient of the two slices (`gated_activation` writes it by hand)."""
+  return activation_fn(activation)(both[..., 0, :]) * both[..., 1, :]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def gated_activation(both, activation: str):
   """act(gate) * up from the stacked projections `both` [..., 2, mlp] (gate first).
@@ -313,7 +317,7 @@ def gated_activation(both, activation: str):
   In-process A/B of the train step (fp32, 2 cores): decoder-125m 8,607 -> 8,502 ms, T5-small
   2,412 -> 2,370 ms, the tiny presets within noise.
   """
-  return activation_fn(activation)(both[..., 0, :]) * both[..., 1, :]
+  return gated_product(both, activation)
 
 
 def _gated_forward(both, activation: str):
