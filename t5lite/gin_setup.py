@@ -152,14 +152,63 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
     # where no file names the config (a file's own `experiment.loss = ...` comes later and wins).
     gin.parse_config([f"experiment.{field} = @{cls.__name__}()"
                       for field, cls in _EXPERIMENT_CONFIGS])
-    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
-    return experiment()
+    rebound = _parse_files(files)
+    gin.parse_config(list(bindings))
+    exp = experiment()
   except ConfigError:
     raise
   except (ValueError, TypeError, KeyError, RuntimeError, IOError) as e:
     raise ConfigError(_explain(e)) from e
   finally:
     root.setLevel(level)
+  for line in rebound:
+    logging.warning("gin: %s", line)
+  return exp
+
+
+def _parse_files(files: Sequence[str]):
+  """Parses the gin files in order (a later file's binding wins), and says where a file
+  rebinds a value that an earlier --gin_file bound to something else: one line each.
+
+  Later files winning is gin's rule (and T5X's), but a run config named before a model preset
+  that binds the same parameter is silently undone by it; the lines make that visible. A value
+  left `%gin.REQUIRED` by an earlier file is meant to be filled in, and is not reported.
+  """
+  rebound = []
+  bound_by = {}
+  for path in files:
+    before = _bindings()
+    gin.parse_config_file(path)
+    for key, value in _bindings().items():
+      old = before.get(key)
+      if old is not None and old != value and old != _REQUIRED:
+        rebound.append(f"{path} rebinds {key} = {value}, bound to {old} by the earlier "
+                       f"{bound_by[key]} (the later --gin_file wins)")
+      if old != value:
+        bound_by[key] = path
+  return rebound
+
+
+_REQUIRED = "%gin.REQUIRED"
+
+
+def _bindings():
+  """Every value gin holds now, as {"Configurable.param" or "MACRO": repr(value)}.
+
+  Read from gin's registry of bindings, which gin keeps private (empty where a gin version keeps
+  it elsewhere: the check in `_parse_files` then reports nothing)."""
+  registry = getattr(gin.config, "_CONFIG", None)
+  if not isinstance(registry, dict):
+    return {}
+  values = {}
+  for (scope, selector), params in registry.items():
+    for name, value in params.items():
+      if selector == "gin.macro":
+        key = scope
+      else:
+        key = f"{scope + '/' if scope else ''}{selector.rsplit('.', 1)[-1]}.{name}"
+      values[key] = repr(value)
+  return values
 
 
 def _explain(e: Exception) -> str:

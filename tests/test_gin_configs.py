@@ -85,3 +85,36 @@ def test_bindings_reach_configs_no_file_names():
   assert exp.loss.head_chunks == 4
   assert exp.optimizer.clip_norm == 0.5
   assert exp.mesh.tensor == 2
+
+
+@pytest.mark.parametrize("run", ["runs/cpu.gin", "runs/cpu_bf16.gin", "runs/gpu.gin"])
+@pytest.mark.parametrize("preset", ["models/t5_1_1/large.gin", "models/decoder/1b.gin"])
+def test_run_config_wins_before_or_after_a_preset(run, preset, caplog):
+  """Model presets bind the architecture only, so a run config's dtype and scanned layers hold
+  in either order (two GPU measurements once ran with scanned layers because runs/gpu.gin came
+  first and the preset's `scan_layers = True` undid it), and neither order rebinds anything."""
+  unused = ["experiment.model_dir = '/tmp/unused'"]
+  after = gin_setup.parse_gin([preset, run], unused)
+  before = gin_setup.parse_gin([run, preset], unused)
+  assert before.model == after.model
+  assert after.model.dtype == ("bfloat16" if run != "runs/cpu.gin" else "float32")
+  assert after.model.scan_layers is False or run == "runs/cpu_bf16.gin"
+  assert "rebinds" not in caplog.text
+
+
+def test_a_file_rebinding_an_earlier_files_value_is_reported(tmp_path, caplog):
+  """A later --gin_file still wins (gin's and T5X's rule), with a warning naming both files and
+  both values; filling in an earlier file's %gin.REQUIRED, rebinding to the same value and
+  command-line bindings are not reported."""
+  mine = tmp_path / "mine.gin"
+  mine.write_text("ModelConfig.scan_layers = True\nModelConfig.dtype = 'float32'\n"
+                  "MODEL_DIR = '/tmp/mine'\nTRAIN_STEPS = 5\n")
+  exp = gin_setup.parse_gin(["runs/gpu.gin", "runs/pretrain.gin", "models/t5_1_1/tiny.gin",
+                             str(mine)], ["ModelConfig.d_model = 64", "BATCH_SIZE = 4"])
+  assert exp.model.scan_layers and exp.model.dtype == "float32"
+  assert (exp.model_dir, exp.train.num_steps, exp.model.d_model) == ("/tmp/mine", 5, 64)
+  lines = [r.getMessage() for r in caplog.records if "rebinds" in r.getMessage()]
+  assert lines == [f"gin: {mine} rebinds ModelConfig.{name} = {new}, bound to {old} by the "
+                   f"earlier runs/gpu.gin (the later --gin_file wins)"
+                   for name, new, old in (("scan_layers", True, False),
+                                          ("dtype", "'float32'", "'bfloat16'"))], lines
