@@ -114,24 +114,27 @@ HEAD_CHUNKS = ("LossConfig.head_chunks=8",)
 BF16_PARAMS = ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True")
 LEVERS = ((), HEAD_CHUNKS, BF16_PARAMS)
 # GPU only: runs/gpu.gin, then first what no GPU has timed: the gated MLP's stacked matmul with
-# autodiff's gradient, and its input projections as two matmuls (XLA:GPU writes either backward
-# as a loop kernel where the hand-written stacked gradient is a concatenation kernel, which an
-# H200 ran at half the bandwidth of same-sized loop kernels: T5-base's 12 took 3.8 ms of its 82
-# ms step), the latter also without XLA's dot merger (which joins matmuls that share an operand,
-# the attention's query/key/value projections and the gated MLP's, at the cost of concatenating
-# their weights and gradients and slicing their outputs: T5-base's concatenation and slice
-# kernels took 10.1 ms of its step), the merger off alone, every GEMM a cuBLAS call (timed at
-# T5-base only) and the state not donated (its memory). Then the steps back to the configuration
-# the forty-sixth session's H200 timed (scanned layers under dots_no_batch; unrolled under
-# dots_no_batch; unrolled keeping cuDNN attention's outputs and the feed-forward block's gated
-# product), bfloat16 parameters on float32 masters and the whole logits (runs/gpu.gin has the
-# head and loss in 8 blocks), which the forty-eighth session's H200 timed on T5-base
-# (runs/gpu.gin says what each gave). A budget cuts the last.
+# autodiff's gradient, and its input projections as two matmuls (XLA:GPU writes either backward as a
+# loop kernel where the hand-written stacked gradient is a concatenation kernel, which an H200 ran
+# at half the bandwidth of same-sized loop kernels: T5-base's 12 took 3.8 ms of its 82 ms step),
+# each also without XLA's dot merger (which joins matmuls that share an operand, the attention's
+# query/key/value projections and the gated MLP's, at the cost of concatenating their weights and
+# gradients and slicing their outputs: T5-base's concatenation and slice kernels took 10.1 ms of its
+# step; XLA's H100 program of T5-base with the stacked matmul's autodiff gradient and no merger has
+# the fewest bytes of all: 127.9 GB against runs/gpu.gin's 128.2, its 88 slice kernels down to 16),
+# the merger off alone, every GEMM a cuBLAS call (timed at T5-base only) and the state not donated
+# (its memory). Then the steps back to the configuration the forty-sixth session's H200 timed
+# (scanned layers under dots_no_batch; unrolled under dots_no_batch; unrolled keeping cuDNN
+# attention's outputs and the feed-forward block's gated product), bfloat16 parameters on float32
+# masters and the whole logits (runs/gpu.gin has the head and loss in 8 blocks), which the
+# forty-eighth session's H200 timed on T5-base (runs/gpu.gin says what each gave). A budget cuts the
+# last.
 AUTODIFF_MLP = ("ModelConfig.gated_projection='stacked_autodiff'",)
 SPLIT_MLP = ("ModelConfig.gated_projection='split'",)
 NO_DOT_MERGER = ("TrainConfig.compiler_options={'xla_gpu_enable_dynamic_slice_fusion': False, "
                  "'xla_gpu_dot_merger_threshold_mb': 0}",)
-GPU_LEVERS = ((), AUTODIFF_MLP, SPLIT_MLP, SPLIT_MLP + NO_DOT_MERGER, NO_DOT_MERGER,
+GPU_LEVERS = ((), AUTODIFF_MLP, AUTODIFF_MLP + NO_DOT_MERGER, SPLIT_MLP,
+              SPLIT_MLP + NO_DOT_MERGER, NO_DOT_MERGER,
               ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
                "'xla_gpu_enable_dynamic_slice_fusion': False}",),
               ("TrainConfig.donate_state=False",),
