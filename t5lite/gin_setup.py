@@ -172,7 +172,9 @@ def _parse_files(files: Sequence[str]):
 
   Later files winning is gin's rule (and T5X's), but a run config named before a model preset
   that binds the same parameter is silently undone by it; the lines make that visible. A value
-  left `%gin.REQUIRED` by an earlier file is meant to be filled in, and is not reported.
+  left `%gin.REQUIRED` by an earlier file is meant to be filled in, and `parse_gin`'s own
+  defaults (`experiment.loss = @LossConfig()`, ...) are meant to be replaced: neither is
+  reported.
   """
   rebound = []
   bound_by = {}
@@ -181,11 +183,12 @@ def _parse_files(files: Sequence[str]):
     gin.parse_config_file(path)
     for key, value in _bindings().items():
       old = before.get(key)
-      if old is not None and old != value and old != _REQUIRED:
+      if old == value:
+        continue
+      if key in bound_by and old != _REQUIRED:
         rebound.append(f"{path} rebinds {key} = {value}, bound to {old} by the earlier "
                        f"{bound_by[key]} (the later --gin_file wins)")
-      if old != value:
-        bound_by[key] = path
+      bound_by[key] = path
   return rebound
 
 

@@ -104,15 +104,17 @@ def test_run_config_wins_before_or_after_a_preset(run, preset, caplog):
 
 def test_a_file_rebinding_an_earlier_files_value_is_reported(tmp_path, caplog):
   """A later --gin_file still wins (gin's and T5X's rule), with a warning naming both files and
-  both values; filling in an earlier file's %gin.REQUIRED, rebinding to the same value and
-  command-line bindings are not reported."""
+  both values; filling in an earlier file's %gin.REQUIRED, replacing parse_gin's default
+  configs, rebinding to the same value and command-line bindings are not reported."""
   mine = tmp_path / "mine.gin"
   mine.write_text("ModelConfig.scan_layers = True\nModelConfig.dtype = 'float32'\n"
-                  "MODEL_DIR = '/tmp/mine'\nTRAIN_STEPS = 5\n")
+                  "MODEL_DIR = '/tmp/mine'\nTRAIN_STEPS = 5\n"
+                  "experiment.loss = @mine/LossConfig()\nmine/LossConfig.z_loss = 0.5\n")
   exp = gin_setup.parse_gin(["runs/gpu.gin", "runs/pretrain.gin", "models/t5_1_1/tiny.gin",
                              str(mine)], ["ModelConfig.d_model = 64", "BATCH_SIZE = 4"])
   assert exp.model.scan_layers and exp.model.dtype == "float32"
   assert (exp.model_dir, exp.train.num_steps, exp.model.d_model) == ("/tmp/mine", 5, 64)
+  assert exp.loss.z_loss == 0.5
   lines = [r.getMessage() for r in caplog.records if "rebinds" in r.getMessage()]
   assert lines == [f"gin: {mine} rebinds ModelConfig.{name} = {new}, bound to {old} by the "
                    f"earlier runs/gpu.gin (the later --gin_file wins)"
