@@ -8,9 +8,10 @@ synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a 
 measured on the same device (bf16 on GPU; on CPU in the model's dtype, fp32 or bf16 with an
 fp32 output; before and after the steps, the higher counts), peak device memory and compile
 time. The header echoes the settings that decide speed (dtypes, scanned layers, remat,
-attention, flat weight grads, fp32 matmul outputs, the loss's head chunks, master weights):
-gin's last binding wins, so list runs/cpu.gin, runs/cpu_bf16.gin or runs/gpu.gin after the
-model preset. Where t5lite computes in bf16, HF does too (autocast; bf16 weights for decoding).
+attention, flat weight grads, fp32 matmul outputs, the loss's head chunks, master weights);
+runs/cpu.gin, runs/cpu_bf16.gin or runs/gpu.gin may come before or after the model preset
+(presets bind the architecture only; a file rebinding an earlier one's value is warned of).
+Where t5lite computes in bf16, HF does too (autocast; bf16 weights for decoding).
 On CPU, --vs-hf times the implementations in alternating rounds of consecutive steps
 (--rounds), since CPU speed drifts with clocks and neighbours; on GPU they run one after another
 (HF first, its memory released before t5lite's step; JAX allocates on demand with --vs-hf).
@@ -180,8 +181,8 @@ def synthetic_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0, p
   return out
 
 
-# The model settings that decide speed, echoed in the report: gin's last binding wins, so a
-# preset listed after runs/cpu.gin would silently undo it.
+# The model settings that decide speed, echoed in the report (gin's last binding wins: a file of
+# one's own listed after runs/cpu.gin may undo it, with a warning from gin_setup.parse_gin).
 SETTINGS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
             "flat_weight_grads", "float32_dot_outputs", "matvec_kernel", "matmul_kernel")
 

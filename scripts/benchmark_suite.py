@@ -79,7 +79,7 @@ class Case:
 
   @property
   def gin_files(self) -> Tuple[str, str]:
-    """The model preset, then the run config (gin's last binding wins)."""
+    """The model preset, then the run config."""
     return (f"models/{self.preset}.gin", f"runs/{self.run}.gin")
 
   def argv(self, with_hf: bool, aot: str = "") -> Tuple[str, ...]:
