@@ -26,9 +26,11 @@ from t5lite import trainer
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_SEARCH_PATHS = (os.getcwd(), REPO_ROOT, os.path.join(REPO_ROOT, "gin_configs"))
 
-for _cls in (model_config.ModelConfig, model_lib.LossConfig, optimizers.OptimizerConfig,
-             schedules.ScheduleConfig, trainer.TrainConfig, pipeline.DataConfig,
-             partitioning.MeshConfig):
+# The run's config dataclasses, each bindable by its class name (`ModelConfig.d_model = 512`).
+CONFIGS = (model_config.ModelConfig, model_lib.LossConfig, optimizers.OptimizerConfig,
+           schedules.ScheduleConfig, trainer.TrainConfig, pipeline.DataConfig,
+           partitioning.MeshConfig)
+for _cls in CONFIGS:
   gin.external_configurable(_cls, module="t5lite")
 for _cls in (task_specs.TextSource, task_specs.JsonlSource, task_specs.TfdsSource,
              task_specs.TaskSpec, task_specs.MixtureSpec):
@@ -178,10 +180,11 @@ def _parse_files(files: Sequence[str]):
   """
   rebound = []
   bound_by = {}
+  before = _bindings()
   for path in files:
-    before = _bindings()
     gin.parse_config_file(path)
-    for key, value in _bindings().items():
+    after = _bindings()
+    for key, value in after.items():
       old = before.get(key)
       if old == value:
         continue
@@ -189,6 +192,7 @@ def _parse_files(files: Sequence[str]):
         rebound.append(f"{path} rebinds {key} = {value}, bound to {old} by the earlier "
                        f"{bound_by[key]} (the later --gin_file wins)")
       bound_by[key] = path
+    before = after
   return rebound
 
 

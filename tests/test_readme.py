@@ -11,18 +11,16 @@ import shlex
 import subprocess
 import sys
 
-
 from conftest import REPO, cli_env
 from t5lite import gin_setup
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import benchmark_suite  # noqa: E402  pylint: disable=wrong-import-position
 
 README = os.path.join(REPO, "README.md")
 # Subcommands of the entry points that have them (their flags are the subcommand's).
 SUBCOMMANDS = {"inspect", "stats", "train", "merge", "report", "hf-to-t5lite", "t5lite-to-hf"}
-CONFIGS = {cls.__name__: cls for cls in (
-    gin_setup.model_config.ModelConfig, gin_setup.model_lib.LossConfig,
-    gin_setup.optimizers.OptimizerConfig, gin_setup.schedules.ScheduleConfig,
-    gin_setup.trainer.TrainConfig, gin_setup.pipeline.DataConfig,
-    gin_setup.partitioning.MeshConfig)}
+CONFIGS = {cls.__name__: cls for cls in gin_setup.CONFIGS}
 
 
 def readme_commands(text: str):
@@ -114,10 +112,5 @@ def _binding_problems(name: str, command: str):
 
 
 def _suite_problems(name: str, command: str):
-  sys.path.insert(0, os.path.join(REPO, "scripts"))
-  try:
-    import benchmark_suite  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.pop(0)
   return [] if name in benchmark_suite.SUITES else [f"{command}: no suite {name}"]
 
