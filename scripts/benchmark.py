@@ -613,6 +613,11 @@ def main(argv=None):
                            "report its memory plan (t5lite/gpu_aot.py); with --compile_depths, "
                            "its compile time; with --decode_batches, decoding's memory traffic")
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
+  if args.aot and not os.environ.get("JAX_PLATFORMS"):
+    # --aot runs nothing on a device. JAX's CUDA plugin checks the local CUDA libraries when a
+    # backend first starts unless the platforms asked for leave CUDA out; on a host without CUDA
+    # the check fails and takes XLA's GPU compiler with it.
+    jax.config.update("jax_platforms", "cpu")
   unknown = sorted(set(args.hf_modes.split(",")) - {"eager", "compiled"})
   if unknown:
     parser.error(f"--hf-modes: unknown {', '.join(unknown)} (expected eager, compiled)")

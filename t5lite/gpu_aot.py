@@ -18,7 +18,9 @@ What this buys on a CPU-only host (CI, a laptop, the planner's host):
 It needs JAX's CUDA PJRT plugin, without the CUDA libraries (about 180 MB):
     pip install "jax-cuda12-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)')"
 The plugin must match jaxlib's version. Nothing is allocated or run, so `JAX_PLATFORMS=cpu`
-(the tests' setting) may stay as it is.
+(the tests' setting) may stay as it is; on a host without CUDA it must be set (or CUDA left out
+of it) before JAX starts a backend, or the plugin fails its check of the CUDA libraries and
+takes XLA's GPU compiler with it (`benchmark.py --aot` sets it where it is unset).
 
 JAX checks cuDNN's version and the GPU's compute capability while tracing
 `jax.nn.dot_product_attention(implementation="cudnn")`, by asking the local GPU; there is none,
@@ -135,8 +137,14 @@ def devices(target: str = "h100", count: int = 1) -> List:
         "compiling for a GPU without one needs JAX's CUDA plugin: pip install "
         "\"jax-cuda12-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)')\"")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[check_target(
-      target)], topology=f"1x1x{count}")
+  config = TARGETS[check_target(target)]
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=config,
+                                            topology=f"1x1x{count}")
+  except NotImplementedError as e:
+    raise RuntimeError(
+        "JAX's CUDA plugin is installed but did not start: on a host without CUDA its version "
+        "check fails unless JAX_PLATFORMS leaves CUDA out; run with JAX_PLATFORMS=cpu") from e
   return list(topology.devices)
 
 

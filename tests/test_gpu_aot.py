@@ -17,12 +17,13 @@ import dataclasses
 import json
 import os
 import re
+import subprocess
 import sys
 
 import jax
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_env, run_cli
 from t5lite import autoparallel, gin_setup, gpu_aot, hlo_analysis
 from t5lite.models.model import Model
 
@@ -307,6 +308,31 @@ def test_benchmark_reports_the_gpu_compilers_compile_time_against_depth(tmp_path
   assert all(r["compile_s"] > 0 for r in rows)
   with pytest.raises(SystemExit):
     benchmark.main(["--gin_file=models/t5_1_1/tiny.gin", "--aot=a10"])
+
+
+def test_aot_compiles_without_jax_platforms_set_on_a_host_without_cuda():
+  """JAX's CUDA plugin checks the local CUDA libraries when a backend first starts, unless
+  JAX_PLATFORMS leaves CUDA out; on a host without CUDA (CI's) the check fails and takes XLA's GPU
+  compiler with it. `benchmark.py --aot` sets the platform itself, and `gpu_aot.devices`, where
+  the plugin did not start, says what to set instead of JAX's "topology not implemented"."""
+  env = cli_env()
+  env.pop("JAX_PLATFORMS", None)
+  proc = subprocess.run(
+      [sys.executable, "scripts/benchmark.py", "--gin_file=models/t5_1_1/tiny.gin",
+       "--gin_file=runs/gpu.gin", "--batch=2", "--inputs=16", "--targets=8", "--aot=h100"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "compiled for h100" in proc.stdout and "fmhaScaleBiasSoftmax" in proc.stdout
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+  if "Unable to load CUDA" not in probe.stderr:
+    return   # CUDA is here: the plugin starts under any platform setting
+  proc = subprocess.run([sys.executable, "-c", "from t5lite import gpu_aot; gpu_aot.devices()"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert proc.returncode != 0
+  assert ("JAX's CUDA plugin is installed but did not start" in proc.stderr
+          and "JAX_PLATFORMS=cpu" in proc.stderr), proc.stderr[-2000:]
 
 
 def test_pipelined_step_compiles_for_h100s_with_xla_attention_in_the_stages(caplog):
