@@ -102,6 +102,38 @@ def test_lever_suite_runs_each_lever_against_the_run_config(tmp_path):
   assert all(c.run == "gpu" and not c.hf_modes for c in gpu)
 
 
+def test_gin_bindings_and_no_hf_apply_to_every_case(tmp_path):
+  """`--gin.X=Y` adds a binding to every case (before a lever suite's levers, which then vary on
+  top of it and are compared with the cases that have it alone); `--no_hf` runs t5lite alone.
+  The next GPU session times a lever against the gpu suite's targets this way."""
+  out, md = tmp_path / "g.json", tmp_path / "g.md"
+  r = run_cli(["scripts/benchmark_suite.py", "--suite=cpu", "--cases=decoder/tiny", "--steps=1",
+               "--no_hf", "--gin.LossConfig.head_chunks=4", f"--json={out}", f"--markdown={md}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(out.read_text())["results"][0]
+  assert [row["impl"] for row in result["results"]] == ["t5lite"]
+  assert result["loss"]["head_chunks"] == 4
+  assert "--gin.LossConfig.head_chunks=4" in result["command"] and "--vs-hf" not in result["command"]
+  table = md.read_text()
+  assert "| decoder/tiny LossConfig.head_chunks=4 | 8 x (256+64) |" in table
+  assert "vs the run config" not in table and "| - | - | - |" in table
+  # A lever suite under --gin: the run config is the cases with the added bindings alone.
+  extra = ("ModelConfig.remat_policy='full'",)
+  cases = [benchmark_suite.Case("decoder/tiny", "cpu", 8, 256, 64, steps=1, warmup=1,
+                                hf_modes="", bindings=extra + lever)
+           for lever in benchmark_suite.LEVERS[:2]]
+  rows = [{"results": [{"impl": "t5lite", "step_s": step_s, "tokens_per_s": 1.0, "mfu": 0.5,
+                        "peak_mem_gb": 0.1}], "command": "c", "hf_error": "", "device": "cpu",
+           "platform": "cpu", "peak_tflops": 0.2, "host_malloc": "mimalloc"}
+          for step_s in (0.2, 0.1)]
+  lines = [line for line in benchmark_suite.markdown(cases, rows).splitlines()
+           if line.startswith("| decoder/tiny")]
+  assert lines[0].endswith("| 1.000x |") and lines[1].endswith("| 2.000x |")
+  with pytest.raises(SystemExit):
+    benchmark_suite.main(["--suite=cpu", "--cases=decoder/tiny", "--gin.Nope.field=1",
+                          "--steps=1", "--no_hf"])
+
+
 def test_targets_are_checked_against_the_issue():
   case = benchmark_suite.SUITES["gpu"][2]  # decoder/1b: >= 60% MFU, >= 1.3x compiled, < 40 GB
   result = {"results": [
