@@ -113,7 +113,8 @@ def test_gin_bindings_and_no_hf_apply_to_every_case(tmp_path):
   result = json.loads(out.read_text())["results"][0]
   assert [row["impl"] for row in result["results"]] == ["t5lite"]
   assert result["loss"]["head_chunks"] == 4
-  assert "--gin.LossConfig.head_chunks=4" in result["command"] and "--vs-hf" not in result["command"]
+  command = result["command"]
+  assert "--gin.LossConfig.head_chunks=4" in command and "--vs-hf" not in command
   table = md.read_text()
   assert "| decoder/tiny LossConfig.head_chunks=4 | 8 x (256+64) |" in table
   assert "vs the run config" not in table and "| - | - | - |" in table
