@@ -116,11 +116,12 @@ def assert_not_bf16_rounded(y):
 
 def equations(jaxpr, primitive: str):
   """The equations of `primitive` (e.g. "dot_general") in a jaxpr, its sub-jaxprs' too."""
-  import jax  # pylint: disable=import-outside-toplevel
+  # jax.extend.core: jax.core's copy was removed in jax 0.11.
+  from jax.extend.core import jaxprs_in_params  # pylint: disable=import-outside-toplevel
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == primitive:
       yield eqn
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jaxprs_in_params(eqn.params):
       yield from equations(sub, primitive)
 
 
