@@ -613,11 +613,15 @@ def main(argv=None):
                            "report its memory plan (t5lite/gpu_aot.py); with --compile_depths, "
                            "its compile time; with --decode_batches, decoding's memory traffic")
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
-  if args.aot and not os.environ.get("JAX_PLATFORMS"):
-    # --aot runs nothing on a device. JAX's CUDA plugin checks the local CUDA libraries when a
-    # backend first starts unless the platforms asked for leave CUDA out; on a host without CUDA
-    # the check fails and takes XLA's GPU compiler with it.
-    jax.config.update("jax_platforms", "cpu")
+  if args.aot:
+    from t5lite import gpu_aot
+    gpu_aot.start_jax_on_host()   # --aot runs nothing on a device
+    try:
+      gpu_aot.check_target(args.aot)
+    except ValueError as e:
+      parser.error(f"--aot: {e}")
+    if args.vs_hf:
+      parser.error("--aot compiles and runs nothing (no --vs-hf)")
   unknown = sorted(set(args.hf_modes.split(",")) - {"eager", "compiled"})
   if unknown:
     parser.error(f"--hf-modes: unknown {', '.join(unknown)} (expected eager, compiled)")
@@ -640,14 +644,6 @@ def main(argv=None):
   if args.pack < 0 or args.pack > min(rows):
     parser.error(f"--pack {args.pack}: rows of {' and '.join(map(str, rows))} tokens hold 1 to "
                  f"{min(rows)} examples")
-  if args.aot:
-    from t5lite import gpu_aot
-    try:
-      gpu_aot.check_target(args.aot)
-    except ValueError as e:
-      parser.error(f"--aot: {e}")
-    if args.vs_hf:
-      parser.error("--aot compiles and runs nothing (no --vs-hf)")
   if args.profile and (args.no_train or args.aot or args.compile_depths):
     parser.error("--profile traces the train step: not with --no_train, --aot or "
                  "--compile_depths")

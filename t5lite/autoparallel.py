@@ -435,9 +435,10 @@ def main(argv=None) -> int:
       env = dict(os.environ, T5LITE_PLANNER_CHILD="1", JAX_PLATFORMS="cpu",
                  XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={args.num_devices}")
       os.execve(sys.executable, [sys.executable, "-m", "t5lite.autoparallel"] + argv, env)
+  if args.target:
+    from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+    gpu_aot.start_jax_on_host()   # planning for GPUs runs nothing on a device
   import jax  # pylint: disable=import-outside-toplevel
-  if args.target and not os.environ.get("JAX_PLATFORMS"):
-    jax.config.update("jax_platforms", "cpu")   # as benchmark.py --aot: the plugin's CUDA check
   from t5lite import gin_setup  # pylint: disable=import-outside-toplevel
   bindings, _ = gin_setup.split_gin_bindings(rest)
   exp = gin_setup.parse_gin(args.gin_file, ["experiment.model_dir = '/tmp/unused'"] + bindings)

@@ -20,7 +20,8 @@ It needs JAX's CUDA PJRT plugin, without the CUDA libraries (about 180 MB):
 The plugin must match jaxlib's version. Nothing is allocated or run, so `JAX_PLATFORMS=cpu`
 (the tests' setting) may stay as it is; on a host without CUDA it must be set (or CUDA left out
 of it) before JAX starts a backend, or the plugin fails its check of the CUDA libraries and
-takes XLA's GPU compiler with it (`benchmark.py --aot` sets it where it is unset).
+takes XLA's GPU compiler with it (`start_jax_on_host`, which `benchmark.py --aot` and the
+planner's `--target` call, sets it where it is unset).
 
 JAX checks cuDNN's version and the GPU's compute capability while tracing
 `jax.nn.dot_product_attention(implementation="cudnn")`, by asking the local GPU; there is none,
@@ -128,6 +129,17 @@ def memory_gib(target: str) -> float:
 def memory_bandwidth(target: str) -> float:
   """The target GPU's device-memory bandwidth in bytes/s (3.35e12 for an H100 SXM)."""
   return float(re.search(r"memory_bandwidth:\s*(\d+)", TARGETS[check_target(target)]).group(1))
+
+
+def start_jax_on_host():
+  """For a process that only compiles for GPUs: JAX starts on the CPU where JAX_PLATFORMS is
+  unset (a setting of the user's own stays). Call it before JAX starts a backend: JAX's CUDA
+  plugin checks the local CUDA libraries then unless the platforms asked for leave CUDA out, and
+  on a host without CUDA the failed check takes XLA's GPU compiler with it."""
+  import os  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  if not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")
 
 
 def devices(target: str = "h100", count: int = 1) -> List:
