@@ -24,7 +24,9 @@ from t5lite.models import model as model_lib
 from t5lite import trainer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIN_SEARCH_PATHS = (os.getcwd(), REPO_ROOT, os.path.join(REPO_ROOT, "gin_configs"))
+# Where `--gin_file` names are looked up: the working directory (at import), then the repository's.
+REPO_GIN_PATHS = (REPO_ROOT, os.path.join(REPO_ROOT, "gin_configs"))
+GIN_SEARCH_PATHS = (os.getcwd(),) + REPO_GIN_PATHS
 
 # The run's config dataclasses, each bindable by its class name (`ModelConfig.d_model = 512`).
 CONFIGS = (model_config.ModelConfig, model_lib.LossConfig, optimizers.OptimizerConfig,

@@ -97,7 +97,7 @@ def test_the_check_fails_on_a_wrong_command():
 
 
 def _gin_file_exists(path: str) -> bool:
-  return any(os.path.exists(os.path.join(REPO, folder, path)) for folder in ("", "gin_configs"))
+  return any(os.path.exists(os.path.join(folder, path)) for folder in gin_setup.REPO_GIN_PATHS)
 
 
 def _binding_problems(name: str, command: str):
