@@ -334,34 +334,33 @@ def test_aot_compiles_without_jax_platforms_set_on_a_host_without_cuda():
           and "JAX_PLATFORMS=cpu" in proc.stderr), proc.stderr[-2000:]
 
 
+def _compile_pipelined_for_h100s():
+  """T5-tiny under runs/gpu.gin in two pipeline stages, compiled for 4 H100s."""
+  exp = _gpu_experiment("t5_1_1/tiny")
+  cand = autoparallel.Candidate(1, 2, 1, "fsdp", exp.model.remat_policy, 1, stage=2)
+  return autoparallel._compile_for_target(  # pylint: disable=protected-access
+      "h100", exp.model, cand, 16, 64, 16, 4, exp.optimizer, exp.loss, exp.train)[0]
+
+
 def test_pipelined_step_compiles_for_h100s_with_xla_attention_in_the_stages(caplog):
   """Pipeline stages with runs/gpu.gin: JAX's cuDNN attention partitioner cannot read the
   shardings it gets inside the stages' partially manual shard_map, so the XLA compile would fail;
   the stages run XLA's attention instead (and say so), and the step compiles for 4 H100s."""
-  exp = _gpu_experiment("t5_1_1/tiny")
-  cand = autoparallel.Candidate(1, 2, 1, "fsdp", exp.model.remat_policy, 1, stage=2)
-
-  def compile_for_h100s():
-    return autoparallel._compile_for_target(  # pylint: disable=protected-access
-        "h100", exp.model, cand, 16, 64, 16, 4, exp.optimizer, exp.loss, exp.train)[0]
-
   with caplog.at_level("WARNING"):
-    compiled = compile_for_h100s()
+    compiled = _compile_pipelined_for_h100s()
   assert "attention runs as 'xla'" in caplog.text
   assert not gpu_aot.cudnn_attention_calls(compiled.as_text())
   # Without the fallback the compile fails: jax 0.10's cuDNN partitioner raises (its error names
   # the spec it cannot read), jax 0.11.2's XLA crashes the process (SIGSEGV), hence a process
   # of its own. When a JAX release compiles it, this fails: drop `attention.without_cudnn` then.
   script = """
+import sys
 from contextlib import nullcontext
-from t5lite import autoparallel, gin_setup
 from t5lite.models import attention
 attention.without_cudnn = nullcontext
-exp = gin_setup.parse_gin(["models/t5_1_1/tiny.gin", "runs/gpu.gin"],
-                          ["experiment.model_dir = '/tmp/unused'"])
-cand = autoparallel.Candidate(1, 2, 1, "fsdp", exp.model.remat_policy, 1, stage=2)
-autoparallel._compile_for_target("h100", exp.model, cand, 16, 64, 16, 4, exp.optimizer,
-                                 exp.loss, exp.train)
+sys.path.insert(0, "tests")
+import test_gpu_aot
+test_gpu_aot._compile_pipelined_for_h100s()
 print("compiled")
 """
   proc = run_cli(["-c", script], timeout=600)
