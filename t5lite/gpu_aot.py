@@ -32,6 +32,7 @@ traced and lowered.
 import contextlib
 import contextvars
 import importlib.util
+import os
 import re
 from typing import Dict, List, Tuple
 
@@ -136,7 +137,6 @@ def start_jax_on_host():
   unset (a setting of the user's own stays). Call it before JAX starts a backend: JAX's CUDA
   plugin checks the local CUDA libraries then unless the platforms asked for leave CUDA out, and
   on a host without CUDA the failed check takes XLA's GPU compiler with it."""
-  import os  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")
