@@ -633,7 +633,7 @@ def main(argv=None):
     # (torch) the rest; on demand, each side gets what it uses (no effect on CPU).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from t5lite import gin_setup
-  parsed = [gin_setup._binding(b) for b in bindings]  # pylint: disable=protected-access
+  parsed = [gin_setup.parse_binding(b) for b in bindings]
   cfg, args.loss, args.optimizer, args.train = load_config(args, parsed)
   from t5lite import trainer
   try:

@@ -88,7 +88,7 @@ def _check_required(values):
 _LITERAL = re.compile(r"""^(['"\[\(\{@%]|-?\d|True$|False$|None$)""")
 
 
-def _binding(arg: str) -> str:
+def parse_binding(arg: str) -> str:
   """`--gin.NAME=VALUE` -> gin binding; bare words become strings (`--gin.MODEL_DIR=/tmp/x`)."""
   name, _, value = arg[len("--gin."):].partition("=")
   if not _LITERAL.match(value):
@@ -107,7 +107,7 @@ def make_parser(description: str) -> argparse.ArgumentParser:
 
 def split_gin_bindings(argv: Sequence[str]):
   """Separates `--gin.NAME=VALUE` arguments from the rest."""
-  bindings = [_binding(a) for a in argv if a.startswith("--gin.")]
+  bindings = [parse_binding(a) for a in argv if a.startswith("--gin.")]
   rest = [a for a in argv if not a.startswith("--gin.")]
   return bindings, rest
 

@@ -79,7 +79,8 @@ class EncDecFeatureConverter:
     self.lengths = lengths
     self.pack = pack
 
-  def _parts(self, ex: Example):
+  def parts(self, ex: Example) -> Dict[str, np.ndarray]:
+    """An example's arrays as a row holds them, each cut to its row length."""
     inputs = np.asarray(ex["inputs"], np.int32)[: self.lengths.inputs]
     targets = np.asarray(ex["targets"], np.int32)[: self.lengths.targets]
     return {"inputs": inputs, "targets": targets}
@@ -116,7 +117,8 @@ class DecoderFeatureConverter:
     self.prefix_lm = prefix_lm
     self.loss_on_inputs = loss_on_inputs
 
-  def _parts(self, ex: Example):
+  def parts(self, ex: Example) -> Dict[str, np.ndarray]:
+    """An example's tokens (inputs ++ targets, cut to the row length) and its prefix marks."""
     inputs = np.asarray(ex["inputs"], np.int32)
     targets = np.asarray(ex["targets"], np.int32)
     tokens = np.concatenate([inputs, targets])[: self.lengths.targets]
@@ -160,7 +162,7 @@ def build_rows(converter, examples, num_rows: int):
   pending = None
   while len(rows) < num_rows:
     if pending is None:
-      pending = converter._parts(next(examples))  # pylint: disable=protected-access
+      pending = converter.parts(next(examples))
     sizes = {k: len(v) for k, v in pending.items()}
     if row.fits(sizes) and (converter.pack or row.empty()):
       row.add(pending)
