@@ -8,7 +8,8 @@ synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a 
 measured on the same device (bf16 on GPU; on CPU in the model's dtype, fp32 or bf16 with an
 fp32 output; before and after the steps, the higher counts), peak device memory and compile
 time. The header echoes the settings that decide speed (dtypes, scanned layers, remat,
-attention, flat weight grads, fp32 matmul outputs, the loss's head chunks, master weights);
+attention, flat weight grads, fp32 matmul outputs, the loss's head chunks, master weights) and
+the versions of jax, flax and optax (torch and transformers with --vs-hf);
 runs/cpu.gin, runs/cpu_bf16.gin or runs/gpu.gin may come before or after the model preset
 (presets bind the architecture only; a file rebinding an earlier one's value is warned of).
 Where t5lite computes in bf16, HF does too (autocast; bf16 weights for decoding).
@@ -45,6 +46,7 @@ length (its segment's keys), the attention each example needs, whatever a kernel
 
 import argparse
 import dataclasses
+from importlib import metadata
 import json
 import os
 import resource
@@ -529,10 +531,28 @@ def load_config(args, bindings):
   return exp.model, exp.loss, exp.optimizer, exp.train
 
 
+VERSIONED = ("jax", "jaxlib", "flax", "optax")
+HF_VERSIONED = ("torch", "transformers")
+
+
+def library_versions(with_hf: bool) -> dict:
+  """The installed versions of the libraries a timing depends on (HF's side, torch and
+  transformers, with --vs-hf): a rate means little without them. From the installed packages'
+  metadata, so nothing is imported; a package not installed is left out."""
+  versions = {}
+  for name in VERSIONED + (HF_VERSIONED if with_hf else ()):
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
 def run_facts(cfg, args, bindings, settings=SETTINGS) -> dict:
-  """What every report records first: the device, the gin files and bindings, and the model
-  settings that decide speed as gin resolved them."""
+  """What every report records first: the device, the library versions, the gin files and
+  bindings, and the model settings that decide speed as gin resolved them."""
   return {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+          "versions": library_versions(args.vs_hf),
           "gin_files": args.gin_file, "bindings": bindings,
           "model": {k: getattr(cfg, k) for k in settings},
           "loss": {"head_chunks": args.loss.head_chunks},
@@ -737,7 +757,8 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
         f"; model FLOPs/token {rows[0]['model_flops_per_token']:.3g}; "
         f"host malloc {result['host_malloc']}"
         f"{' + t5lite block cache' if result['host_block_cache'] else ''}"
-        f"{'; HF in its own process' if result.get('hf_process') == 'child' else ''}")
+        f"{'; HF in its own process' if result.get('hf_process') == 'child' else ''}; "
+        + ", ".join(f"{name} {version}" for name, version in result["versions"].items()))
   print(head)
   for r in rows:
     print(f"{r['impl']:<12}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>12.0f}{r['tflops']:>9.2f}"

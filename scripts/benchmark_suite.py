@@ -307,11 +307,21 @@ def _commands(results) -> list:
   return ["", "Commands:"] + notes
 
 
+def _versions(results) -> str:
+  """The library versions the cases' runs recorded, for a table's first line ("; jax 0.10.2,
+  torch 2.13.0, ..."), or "" where none did."""
+  versions = {}
+  for result in results:
+    versions.update(result.get("versions", {}))
+  text = ", ".join(f"{name} {version}" for name, version in versions.items())
+  return f"; {text}" if text else ""
+
+
 def decode_markdown(cases, results) -> str:
   """A decoding suite as a markdown table (new tokens/s, one row per case), commands below."""
   first = results[0]
   lines = [f"Device: {first['device']} ({first['platform']}), host malloc "
-           f"{first['host_malloc']}; greedy decoding, new tokens/s.", "",
+           f"{first['host_malloc']}{_versions(results)}; greedy decoding, new tokens/s.", "",
            "| preset | batch | prompt + new | t5lite | HF generate | HF static cache "
            "| targets |", "|---|---|---|---|---|---|---|"]
   for case, result in zip(cases, results):
@@ -389,7 +399,8 @@ def _table(cases, results) -> str:
           for c, r in zip(cases, results) if c.bindings == common}
   levers = any(c.bindings != common for c in cases)
   lines = [f"Device: {first['device']} ({first['platform']}), matmul peak {peak} TFLOP/s "
-           f"(measured in each case's run), host malloc {first['host_malloc']}.", "",
+           f"(measured in each case's run), host malloc {first['host_malloc']}"
+           f"{_versions(results)}.", "",
            "| preset | shape | t5lite ms | tokens/s | MFU | peak GB | HF best | HF tokens/s "
            "| t5lite / HF | targets |" + (" vs the run config |" if levers else ""),
            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if levers else "")]

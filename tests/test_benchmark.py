@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import jax
 import pytest
 
 from conftest import REPO, run_cli
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_benchmark_json_and_hf_side_by_side(tmp_path):
-  pytest.importorskip("transformers")
+  transformers = pytest.importorskip("transformers")
   out = tmp_path / "b.json"
   r = run_cli(["scripts/benchmark.py", "--gin_file=models/t5_1_1/tiny.gin",
                "--gin.ModelConfig.dtype='float32'", "--gin.LossConfig.head_chunks=2", "--batch=2",
@@ -35,6 +36,11 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
       "t5lite-decode-b1", "hf-generate-b1", "hf-generate-static-b1"]
   assert all(row["vs_t5lite"] > 0 for row in result["decode"][1:])
   assert "t5lite / HF tokens/s" in r.stdout
+  # The versions the times depend on, HF's side included.
+  assert result["versions"]["jax"] == jax.__version__
+  assert result["versions"]["transformers"] == transformers.__version__
+  assert f"jax {jax.__version__}" in r.stdout and f"transformers {transformers.__version__}" \
+      in r.stdout
   assert result["hf_process"] == "child" and "HF in its own process" in r.stdout
   assert t5["host_faults_per_step"] >= 0 and t5["host_kernel_s_per_step"] >= 0
   assert "page faults" in r.stdout

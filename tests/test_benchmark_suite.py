@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_cpu_case_with_hf_makes_the_table(tmp_path):
-  pytest.importorskip("transformers")
+  transformers = pytest.importorskip("transformers")
   out, md = tmp_path / "s.json", tmp_path / "s.md"
   r = run_cli(["scripts/benchmark_suite.py", "--suite=cpu", "--cases=decoder/tiny", "--steps=1",
                f"--json={out}", f"--markdown={md}"])
@@ -28,6 +28,9 @@ def test_cpu_case_with_hf_makes_the_table(tmp_path):
   assert "| decoder/tiny | 8 x (256+64) |" in table and "hf-eager" in table
   assert "vs hf-eager" in table  # the CPU target: ahead of HF eager
   assert "--gin_file=models/decoder/tiny.gin --gin_file=runs/cpu.gin" in table
+  # The table's first line names the library versions the run recorded.
+  assert f"transformers {transformers.__version__}." in table.splitlines()[0]
+  assert result["versions"]["transformers"] == transformers.__version__
 
 
 def test_cpu_compiled_case_times_hf_under_torch_compile(tmp_path):
