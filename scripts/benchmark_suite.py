@@ -12,7 +12,7 @@
     python scripts/benchmark_suite.py --suite=gpu --aot=h100   # on any host: XLA's memory plan
     python scripts/benchmark_suite.py --suite=gpu-decode --aot=h100  # decoding's memory traffic
     python scripts/benchmark_suite.py --suite=gpu --no_hf \
-        --gin.ModelConfig.gated_projection="'stacked_autodiff'"     # a lever against the targets
+        --gin.ModelConfig.remat_policy="'dots_no_batch'"     # a lever against the targets
 
 Each case runs in its own process (fresh device memory, its own host allocator restart) with
 `--vs-hf`; the CPU suite hides GPUs from both JAX and torch, and the GPU suite refuses to start
@@ -27,7 +27,7 @@ generate with its default and its static cache (GPU: >= 5x at batch 1, >= 1.5x t
 cache at batch 32; CPU: ahead of HF's default cache).
 The lever suites run t5lite alone, with the run config and then with each lever of `LEVERS`
 (on GPUs `GPU_LEVERS`) added in gin, so one call measures what each lever gains (3 runs per
-preset on CPU, 12 on GPUs, lever by lever across the presets; `--cases=PRESET` runs one preset).
+preset on CPU, 11 on GPUs, lever by lever across the presets; `--cases=PRESET` runs one preset).
 `--aot=h100` compiles a GPU suite's cases for an H100 with XLA's GPU compiler on this host
 instead (t5lite/gpu_aot.py; no GPU needed, nothing runs): for training, the table has XLA's
 memory plan, checked against the memory targets, the cuDNN attention calls and the MFU the
@@ -116,35 +116,27 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
 HEAD_CHUNKS = ("LossConfig.head_chunks=8",)
 BF16_PARAMS = ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_weights=True")
 LEVERS = ((), HEAD_CHUNKS, BF16_PARAMS)
-# GPU only: runs/gpu.gin, then first what no GPU has timed: the gated MLP's stacked matmul with
-# autodiff's gradient, and its input projections as two matmuls (XLA:GPU writes either backward as a
-# loop kernel where the hand-written stacked gradient is a concatenation kernel, which an H200 ran
-# at half the bandwidth of same-sized loop kernels: T5-base's 12 took 3.8 ms of its 82 ms step),
-# each also without XLA's dot merger (which joins matmuls that share an operand, the attention's
-# query/key/value projections and the gated MLP's, at the cost of concatenating their weights and
-# gradients and slicing their outputs: T5-base's concatenation and slice kernels took 10.1 ms of its
-# step; XLA's H100 program of T5-base with the stacked matmul's autodiff gradient and no merger has
-# the fewest bytes of all: 127.9 GB against runs/gpu.gin's 128.2, its 88 slice kernels down to 16),
-# the merger off alone, every GEMM a cuBLAS call (timed at T5-base only) and the state not donated
-# (its memory). Then the steps back to the configuration the forty-sixth session's H200 timed
-# (scanned layers under dots_no_batch; unrolled under dots_no_batch; unrolled keeping cuDNN
-# attention's outputs and the feed-forward block's gated product), bfloat16 parameters on float32
-# masters and the whole logits (runs/gpu.gin has the head and loss in 8 blocks), which the
-# forty-eighth session's H200 timed on T5-base (runs/gpu.gin says what each gave). A budget cuts the
-# last.
-AUTODIFF_MLP = ("ModelConfig.gated_projection='stacked_autodiff'",)
-SPLIT_MLP = ("ModelConfig.gated_projection='split'",)
-NO_DOT_MERGER = ("TrainConfig.compiler_options={'xla_gpu_enable_dynamic_slice_fusion': False, "
-                 "'xla_gpu_dot_merger_threshold_mb': 0}",)
-GPU_LEVERS = ((), AUTODIFF_MLP, AUTODIFF_MLP + NO_DOT_MERGER, SPLIT_MLP,
-              SPLIT_MLP + NO_DOT_MERGER, NO_DOT_MERGER,
-              ("TrainConfig.compiler_options={'xla_gpu_enable_triton_gemm': False, "
-               "'xla_gpu_enable_dynamic_slice_fusion': False}",),
-              ("TrainConfig.donate_state=False",),
-              ("ModelConfig.scan_layers=True", "ModelConfig.remat_policy='dots_no_batch'"),
-              ("ModelConfig.remat_policy='dots_no_batch'",),
-              ("ModelConfig.remat_policy='dots_no_batch_attention_mlp'",),
-              BF16_PARAMS, ("LossConfig.head_chunks=0",))
+# GPU only: runs/gpu.gin, then each of its choices undone or another added, as the seventy-first
+# session's H100 timed them on T5-base (runs/gpu.gin says what each gave): the gated MLP's stacked
+# matmul with the hand-written gradient and with autodiff's (runs/gpu.gin has two matmuls,
+# "split"), XLA's dot merger on (runs/gpu.gin turns it off: it joins matmuls that share an operand
+# at the cost of concatenating their weights and gradients and slicing their outputs), every GEMM
+# a cuBLAS call, the state not donated (its memory), the steps back to the configuration the
+# forty-sixth session's H200 timed (scanned layers under dots_no_batch; unrolled under
+# dots_no_batch; unrolled keeping cuDNN attention's outputs and the feed-forward block's gated
+# product), bfloat16 parameters on float32 masters and the whole logits (runs/gpu.gin has the head
+# and loss in 8 blocks). A budget cuts the last.
+GPU_OPTIONS = "'xla_gpu_enable_dynamic_slice_fusion': False, 'xla_gpu_dot_merger_threshold_mb': 0"
+GPU_LEVERS = (
+    (), ("ModelConfig.gated_projection='stacked'",),
+    ("ModelConfig.gated_projection='stacked_autodiff'",),
+    ("TrainConfig.compiler_options={'xla_gpu_enable_dynamic_slice_fusion': False}",),
+    (f"TrainConfig.compiler_options={{{GPU_OPTIONS}, 'xla_gpu_enable_triton_gemm': False}}",),
+    ("TrainConfig.donate_state=False",),
+    ("ModelConfig.scan_layers=True", "ModelConfig.remat_policy='dots_no_batch'"),
+    ("ModelConfig.remat_policy='dots_no_batch'",),
+    ("ModelConfig.remat_policy='dots_no_batch_attention_mlp'",),
+    BF16_PARAMS, ("LossConfig.head_chunks=0",))
 
 
 def _lever_cases(shapes, run: str, steps: int, warmup: int, levers=LEVERS):
@@ -205,7 +197,7 @@ SUITES = {
         for preset in ("t5_1_1/base", "t5_1_1/large", "decoder/1b")
         for batch, target, cache in ((1, ("hf-generate-b1", 5.0), "dynamic"),
                                      (32, ("hf-generate-static-b32", 1.5), "static"))),
-    # The untried levers against gpu.gin alone: T5-base b64 x (512+128), 1b b8 x 2048.
+    # runs/gpu.gin and each lever on top of it: T5-base b64 x (512+128), 1b b8 x 2048.
     "gpu-levers": _lever_cases((("t5_1_1/base", 64, 512, 128), ("decoder/1b", 8, 0, 2048)),
                                "gpu", steps=5, warmup=2, levers=GPU_LEVERS),
     # The same on CPU, float32 (bfloat16 parameters are cast up for every use there).
