@@ -173,6 +173,22 @@ def test_gated_projection_levers_write_the_mlp_backward_as_loop_kernels():
   assert flops["stacked_autodiff"] == pytest.approx(flops["stacked"])
 
 
+def test_pallas_attention_compiles_for_an_h100_as_triton_kernels():
+  """`attention_impl = "pallas"` (t5lite.kernels.gpu_attention) in T5-small's step under
+  runs/gpu.gin, compiled for an H100 by XLA's GPU compiler, which compiles each Pallas kernel
+  with Triton for the H100 here (so a kernel past the H100's shared memory or registers fails
+  this test): the self-attention with T5's bias is a Triton kernel forward and backward in each
+  of the 8 encoder and 8 decoder layers, the cross-attention (no bias) stays cuDNN's."""
+  compiled, _ = _h100_step("t5_1_1/small", 16, 256, 64, "ModelConfig.attention_impl = 'pallas'")
+  text = compiled.as_text()
+  triton = re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?op_name="([^"]+)"', text)
+  forward = [n for n in triton if "t5lite_attention_forward" in n]
+  backward = [n for n in triton if "t5lite_attention_backward" in n]
+  assert len(forward) == 16 and len(backward) == 16, (len(forward), len(backward))
+  assert gpu_aot.cudnn_attention_calls(text) == {"__cudnn$fmhaSoftmax": 8,
+                                                 "__cudnn$fmhaSoftmaxBackward": 8}
+
+
 def test_decode_case_compiled_for_an_h100_reports_a_token_steps_traffic(tmp_path):
   """`benchmark_suite --suite=gpu-decode --aot=h100`, one case made small: greedy decoding
   compiles for an H100, and the table has XLA's memory plan, the token step's device-memory

@@ -57,18 +57,23 @@ def _cudnn_calls(stablehlo: str):
   return calls
 
 
-def _check_training_attention(exp, calls):
-  """cuDNN's kernels, forward and backward, in bfloat16; T5's bias at batch 1."""
+def _check_training_attention(exp, calls, text):
+  """cuDNN's kernels, forward and backward, in bfloat16; T5's bias at batch 1. Under
+  `attention_impl = "pallas"` T5's biased self-attention is t5lite's Pallas kernel instead
+  (forward and backward) and the rest stays cuDNN's."""
   cfg = exp.model
-  assert cfg.attention_impl == "cudnn" and cfg.dtype == "bfloat16"
+  assert cfg.attention_impl in ("cudnn", "pallas") and cfg.dtype == "bfloat16"
   suffixes = ("", "Backward")
   if cfg.arch == "encoder_decoder":
     # Self-attention with the relative position bias, cross-attention without.
+    kernel = cfg.attention_impl == "pallas"
     for suffix in suffixes:
-      assert f"__cudnn$fmhaScaleBiasSoftmax{suffix}" in calls, sorted(calls)
+      assert (f"__cudnn$fmhaScaleBiasSoftmax{suffix}" in calls) != kernel, sorted(calls)
       assert f"__cudnn$fmhaSoftmax{suffix}" in calls, sorted(calls)
-    for operands in calls["__cudnn$fmhaScaleBiasSoftmax"]:
+    for operands in calls.get("__cudnn$fmhaScaleBiasSoftmax", []):
       assert f"tensor<1x{cfg.num_heads}x" in operands, operands  # the bias, at batch 1
+    for name in ("t5lite_attention_forward", "t5lite_attention_backward"):
+      assert (name in text) == kernel, name
   else:
     for suffix in suffixes:
       assert f"__cudnn$fmhaSoftmax{suffix}" in calls, sorted(calls)
@@ -93,7 +98,7 @@ def test_train_step_lowers_for_cuda_with_cudnn_attention(case, cuda_host):
   lowered = step.trace(state, batch).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
   calls = _cudnn_calls(text)
-  _check_training_attention(exp, calls)
+  _check_training_attention(exp, calls, text)
   # Flash attention's forward runs again in the backward pass where the remat policy drops its
   # outputs (dots_no_batch: they are no dot's), once per layer where it keeps them.
   forward = sum(len(v) for k, v in calls.items() if not k.endswith("Backward"))

@@ -228,8 +228,17 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
   q: [b, q_len, heads, d]; k, v: [b, k_len, kv_heads, d]; mask: a Mask;
   bias: [1 or b, heads, q_len, k_len]. Returns [b, q_len, heads, d].
   `implementation`: None (jax picks), 'xla' or 'cudnn' go to jax.nn.dot_product_attention;
-  'chunked' to `chunked_attention`, 'cpu_kernel' to `kernel_attention`.
+  'chunked' to `chunked_attention`, 'cpu_kernel' to `kernel_attention`, 'pallas' to
+  t5lite.kernels.gpu_attention (where `_pallas_applies`; else 'cudnn' on GPUs, jax's choice
+  elsewhere).
   """
+  if implementation == "pallas":
+    if _pallas_applies(q, k, mask, bias):
+      from t5lite.kernels import gpu_attention  # pylint: disable=import-outside-toplevel
+      return gpu_attention.attention(q, k, v, bias, mask.kv_lengths, mask.segments, scale=scale,
+                                     causal=mask.causal)
+    from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
+    implementation = "cudnn" if gpu_aot.tracing_platform() == "gpu" else None
   if implementation == "cudnn" and _WITHOUT_CUDNN.get():
     implementation = "xla"
   if bias is not None:
@@ -247,6 +256,20 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
   return jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=mask.dense, scale=scale, is_causal=mask.causal,
       key_value_seq_lengths=mask.kv_lengths, implementation=implementation)
+
+
+def _pallas_applies(q, k, mask: Mask, bias) -> bool:
+  """Whether t5lite.kernels.gpu_attention takes this call: attention with a bias (T5's; its
+  backward writes the score gradient, which only a bias gradient repays: cuDNN keeps the rest),
+  key lengths, causal and segment-id masks (not a prefix LM's or a bare dense mask), shapes that
+  tile, one device's program (a `pallas_call` has no partitioning rule), not inside pipeline
+  stages."""
+  from t5lite.kernels import gpu_attention  # pylint: disable=import-outside-toplevel
+  return (bias is not None and mask.prefix is None
+          and (mask.dense is None or mask.segments is not None)
+          and (not mask.causal or q.shape[1] == k.shape[1])
+          and gpu_attention.supported(q, k) and partitioning.one_device_program()
+          and not _WITHOUT_CUDNN.get())
 
 
 def _broadcast_batch(bias, batch: int):

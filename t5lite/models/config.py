@@ -14,7 +14,7 @@ POSITION_ENCODINGS = ("relative", "rope", "alibi", "learned", "none")
 NORMS = ("rms", "layer")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention",
                   "dots_no_batch_mlp", "dots_no_batch_attention_mlp")
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "cpu_kernel")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "cpu_kernel", "pallas")
 GATED_PROJECTIONS = ("stacked", "stacked_autodiff", "split")
 
 
@@ -71,7 +71,9 @@ class ModelConfig:
     attention_impl: None (auto), 'xla' or 'cudnn' for jax.nn.dot_product_attention, or
       'chunked' (attention in query blocks, causal ones skipping the keys past the
       diagonal, with a flash-attention backward; CPU), or 'cpu_kernel' (a compiled C++ kernel,
-      t5lite.kernels.cpu_attention, falling back to 'chunked' where it does not apply; CPU).
+      t5lite.kernels.cpu_attention, falling back to 'chunked' where it does not apply; CPU),
+      or 'pallas' (t5lite.kernels.gpu_attention: flash attention in Pallas for GPUs, with T5's
+      bias and its gradient; one device; 'cudnn' where its masks or shapes do not apply).
     flat_weight_grads: compute each projection's weight gradient as one matmul over flattened
       tokens (`t5lite.models.projection`; same values), which spares XLA:CPU a transposed copy
       of the gradient. A CPU lever.
