@@ -31,6 +31,10 @@ def reference(q, k, v, bias, lengths, segments, causal, scale):
   return jnp.einsum("bhqk,bkhd->bqhd", p, v, precision="highest")
 
 
+# Small tiles, several along each length, the backward's not the forward's (64 queries: 2 tiles
+# a forward program, 4 loop steps a backward one).
+TILES = gpu_attention.Tiling(forward_q=32, forward_k=16, backward_k=32, backward_q=16)
+
 CASES = {
     "lengths_and_shared_bias": dict(lengths=True, bias=(1, 4)),
     "causal_and_shared_bias": dict(causal=True, bias=(1, 4)),
@@ -45,7 +49,7 @@ CASES = {
 def test_matches_plain_attention_and_its_gradients(case):
   """Outputs on the queries that see a key, and the gradients of q, k, v and the bias (dS
   summed over the batch where the bias is shared), equal plain float32 attention's, over
-  several query and key blocks (blocks of 16: 4 x 2 or 4 x 4 tiles)."""
+  several query and key tiles."""
   c = CASES[case]
   b, q_len, k_len, heads, d = 2, 64, c.get("k_len", 64), 4, 16
   kv_heads = c.get("kv_heads", heads)
@@ -66,7 +70,7 @@ def test_matches_plain_attention_and_its_gradients(case):
     return lambda *args: jnp.sum(jnp.where(real, jnp.sin(fn(*args)), 0.0))
 
   kernel = lambda q, k, v, bias=bias: gpu_attention.attention(  # noqa: E731
-      q, k, v, bias, lengths, segments, scale=0.3, causal=causal, block_q=16, block_k=16)
+      q, k, v, bias, lengths, segments, scale=0.3, causal=causal, tiling=TILES)
   plain = lambda q, k, v, bias=bias: reference(  # noqa: E731
       q, k, v, bias, lengths, segments, causal, 0.3)
   out = jax.jit(kernel)(q, k, v)

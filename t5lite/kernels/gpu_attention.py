@@ -38,12 +38,24 @@ from jax.experimental import pallas as pl
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def supported(q, k, block_q: int = 64, block_k: int = 64) -> bool:
-  """Whether `attention` takes these shapes: query and key lengths multiples of the blocks (or
-  shorter than a block and a power of two), head_dim a power of two of at least 16."""
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Tile sizes of the two kernels and Triton's launch settings. The defaults are the sizes
+  Triton's flash attention commonly takes at head_dim 64 on Hopper GPUs; not yet tuned here."""
+  forward_q: int = 128    # queries a forward program holds
+  forward_k: int = 64     # keys a forward loop step reads
+  backward_k: int = 128   # keys a backward program holds
+  backward_q: int = 32    # queries a backward loop step reads
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+def supported(q, k, tiling: Tiling = Tiling()) -> bool:
+  """Whether `attention` takes these shapes: query and key lengths multiples of the tiles (or
+  shorter than a tile and a power of two), head_dim a power of two of at least 16."""
   d = q.shape[-1]
-  return (_block(q.shape[1], block_q) is not None and _block(k.shape[1], block_k) is not None
-          and d >= 16 and d & (d - 1) == 0)
+  return (_resolve(tiling, q.shape[1], k.shape[1]) is not None and d >= 16
+          and d & (d - 1) == 0)
 
 
 def _block(length: int, block: int) -> Optional[int]:
@@ -55,8 +67,18 @@ def _block(length: int, block: int) -> Optional[int]:
   return None
 
 
+def _resolve(tiling: Tiling, q_len: int, k_len: int) -> Optional[Tiling]:
+  """`tiling` with each tile cut to a length shorter than it, or None where one does not tile."""
+  sizes = dict(forward_q=_block(q_len, tiling.forward_q), forward_k=_block(k_len, tiling.forward_k),
+               backward_k=_block(k_len, tiling.backward_k),
+               backward_q=_block(q_len, tiling.backward_q))
+  if None in sizes.values():
+    return None
+  return dataclasses.replace(tiling, **sizes)
+
+
 def attention(q, k, v, bias=None, kv_lengths=None, segments=None, *, scale: float,
-              causal: bool = False, block_q: int = 64, block_k: int = 64,
+              causal: bool = False, tiling: Tiling = Tiling(),
               interpret: Optional[bool] = None):
   """Softmax(scale * q k^T + bias, masked) v.
 
@@ -67,10 +89,9 @@ def attention(q, k, v, bias=None, kv_lengths=None, segments=None, *, scale: floa
   interpreter. A `pallas_call` has no partitioning rule of its own: under a mesh, call it
   inside `shard_map`.
   """
-  if not supported(q, k, block_q, block_k):
-    raise ValueError(f"gpu_attention: q {q.shape}, k {k.shape} do not tile into blocks of "
-                     f"{block_q} x {block_k} (lengths multiples of the blocks, head_dim a power "
-                     f"of two >= 16)")
+  if not supported(q, k, tiling):
+    raise ValueError(f"gpu_attention: q {q.shape}, k {k.shape} do not tile as {tiling} "
+                     f"(lengths multiples of the tiles, head_dim a power of two >= 16)")
   if causal and q.shape[1] != k.shape[1]:
     raise ValueError(f"gpu_attention: causal needs q_len == k_len, got {q.shape[1]} and "
                      f"{k.shape[1]}")
@@ -81,7 +102,7 @@ def attention(q, k, v, bias=None, kv_lengths=None, segments=None, *, scale: floa
   if group > 1:   # grouped KV heads: each query head reads its group's (the gradient sums them)
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
   options = _Options(scale=float(scale), causal=causal,
-                     block_q=_block(q.shape[1], block_q), block_k=_block(k.shape[1], block_k),
+                     tiling=_resolve(tiling, q.shape[1], k.shape[1]),
                      interpret=bool(interpret), has_bias=bias is not None,
                      has_lengths=kv_lengths is not None, has_segments=segments is not None)
   # What a call does not have, the kernels do not read: one-element stand-ins keep one signature.
@@ -98,8 +119,7 @@ class _Options:
   """Static settings of one attention call (hashable: custom_vjp's nondiff argument)."""
   scale: float
   causal: bool
-  block_q: int
-  block_k: int
+  tiling: Tiling
   interpret: bool
   has_bias: bool
   has_lengths: bool
@@ -118,7 +138,7 @@ def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
 
 
 def _scores(options, q, k, bias_tile, q_start, k_start, length, q_seg, k_seg):
-  """scale * q k^T (+ bias) over one [block_q, block_k] tile, float32, MASKED where a pair may
+  """scale * q k^T (+ bias) over one tile [queries, keys], float32, MASKED where a pair may
   not attend (only the masks the call has are computed)."""
   s = _dot(q, k, trans_b=True) * options.scale
   if options.has_bias:
@@ -139,18 +159,18 @@ def _scores(options, q, k, bias_tile, q_start, k_start, length, q_seg, k_seg):
 
 
 def _key_blocks(options, q_block_index, length, k_len):
-  """How many key blocks a block of queries visits: up to the row's key length, and (causal)
-  its last row."""
-  bk = options.block_k
+  """How many key blocks a forward program's queries visit: up to the row's key length, and
+  (causal) its last row."""
+  bq, bk = options.tiling.forward_q, options.tiling.forward_k
   count = (length + bk - 1) // bk if options.has_lengths else k_len // bk
   if options.causal:
-    count = jnp.minimum(count, ((q_block_index + 1) * options.block_q + bk - 1) // bk)
+    count = jnp.minimum(count, ((q_block_index + 1) * bq + bk - 1) // bk)
   return count
 
 
 def _forward_kernel(options, lengths_ref, q_ref, k_ref, v_ref, bias_ref, q_seg_ref, k_seg_ref,
                     o_ref, lse_ref):
-  bq, bk = options.block_q, options.block_k
+  bq, bk = options.tiling.forward_q, options.tiling.forward_k
   i = pl.program_id(2)
   length = lengths_ref[0] if options.has_lengths else None
   q = q_ref[...]
@@ -178,16 +198,17 @@ def _forward_kernel(options, lengths_ref, q_ref, k_ref, v_ref, bias_ref, q_seg_r
   lse_ref[...] = jnp.where(seen, m + jnp.log(l), -MASKED)
 
 
-def _triton_params(num_warps: int, num_stages: int):
+def _triton_params(tiling: Tiling):
   """Triton's launch settings (ignored by the interpreter)."""
   from jax.experimental.pallas import triton as pl_triton  # pylint: disable=import-outside-toplevel
-  return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  return pl_triton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
 
 
-def _inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, q_block: int, k_block: int,
-                  by_keys: bool):
+def _inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, q_block: Optional[int],
+                  k_block: Optional[int], by_keys: bool):
   """BlockSpecs of (lengths, q, k, v, bias, q_seg, k_seg) for a grid (batch, head, block):
-  blocks of queries (forward) or of keys (`by_keys`: the backward), the other side whole."""
+  blocks of `q_block` queries (forward) or `k_block` keys (`by_keys`: the backward), the other
+  side whole."""
   batch, q_len, _, d = q.shape
   k_len = k.shape[1]
   b_bias, h_bias = bias.shape[0] > 1, bias.shape[1] > 1
@@ -215,11 +236,11 @@ def _inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, q_block: int, k_bl
 
 def _forward(options, q, k, v, bias, lengths, q_seg, k_seg):
   batch, q_len, heads, d = q.shape
-  bq = options.block_q
+  bq = options.tiling.forward_q
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, options),
       grid=(batch, heads, q_len // bq),
-      in_specs=_inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, bq, options.block_k,
+      in_specs=_inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, bq, None,
                              by_keys=False),
       out_specs=[
           pl.BlockSpec((None, bq, None, d), lambda b, h, i: (b, i, h, 0)),
@@ -227,7 +248,7 @@ def _forward(options, q, k, v, bias, lengths, q_seg, k_seg):
       ],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
-      compiler_params=_triton_params(num_warps=4, num_stages=2),
+      compiler_params=_triton_params(options.tiling),
       interpret=options.interpret,
       name="t5lite_attention_forward",
   )(lengths, q, k, v, bias, q_seg, k_seg)
@@ -236,7 +257,7 @@ def _forward(options, q, k, v, bias, lengths, q_seg, k_seg):
 
 def _backward_kernel(options, lengths_ref, q_ref, k_ref, v_ref, bias_ref, q_seg_ref, k_seg_ref,
                      do_ref, lse_ref, delta_ref, dk_ref, dv_ref, ds_ref):
-  bq, bk = options.block_q, options.block_k
+  bq, bk = options.tiling.backward_q, options.tiling.backward_k
   j = pl.program_id(2)
   length = lengths_ref[0] if options.has_lengths else None
   k = k_ref[...]
@@ -275,14 +296,14 @@ def _backward(options, residuals, do):
   q, k, v, bias, lengths, q_seg, k_seg, out, lse = residuals
   batch, q_len, heads, d = q.shape
   k_len = k.shape[1]
-  bk = options.block_k
+  bk = options.tiling.backward_k
   # Each query's sum of o * do (the softmax gradient's row term), [b, heads, q_len].
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
   rows = pl.BlockSpec((None, None, q_len), lambda b, h, j: (b, h, 0))
   dk, dv, ds = pl.pallas_call(
       functools.partial(_backward_kernel, options),
       grid=(batch, heads, k_len // bk),
-      in_specs=_inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, options.block_q, bk,
+      in_specs=_inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, None, bk,
                              by_keys=True) + [
           pl.BlockSpec((None, q_len, None, d), lambda b, h, j: (b, 0, h, 0)), rows, rows],
       out_specs=[
@@ -293,7 +314,7 @@ def _backward(options, residuals, do):
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct((batch, heads, q_len, k_len), q.dtype)],
-      compiler_params=_triton_params(num_warps=4, num_stages=2),
+      compiler_params=_triton_params(options.tiling),
       interpret=options.interpret,
       name="t5lite_attention_backward",
   )(lengths, q, k, v, bias, q_seg, k_seg, do, lse, delta)
