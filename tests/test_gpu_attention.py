@@ -172,3 +172,15 @@ def test_t5_decodes_the_same_with_the_kernel():
       params, {"encoder_input_tokens": inputs}, max_decode_len=8, eos_id=-1)["tokens"])
             for impl in ("xla", "pallas")}
   np.testing.assert_array_equal(tokens["pallas"], tokens["xla"])
+
+
+def test_tiling_from_the_environment():
+  """$T5LITE_PALLAS_ATTENTION_TILING sets the tiles and Triton settings (a GPU session varies
+  them without editing code); anything but six positive integers is refused by name."""
+  assert gpu_attention.tiling_from_env({}) == gpu_attention.Tiling()
+  assert gpu_attention.tiling_from_env(
+      {gpu_attention.TILING_ENV: "64, 32, 64, 16, 8, 2"}) == gpu_attention.Tiling(64, 32, 64, 16,
+                                                                                   8, 2)
+  for bad in ("64,32", "64,32,64,16,8,x", "64,32,64,16,8,0"):
+    with pytest.raises(ValueError, match="T5LITE_PALLAS_ATTENTION_TILING"):
+      gpu_attention.tiling_from_env({gpu_attention.TILING_ENV: bad})

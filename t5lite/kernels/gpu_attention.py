@@ -22,11 +22,13 @@ another way, so that a GPU session can time the two side by side:
 Masks: key lengths (`kv_lengths`, padding at the end), causal, and packed rows' segment ids (a
 query sees keys of its own segment; segment 0 is padding). A row that sees no key (padding) gets
 zeros (XLA's attention averages every value there). `interpret=True` runs the same kernels on
-any backend (Pallas's interpreter: the CPU tests check them against plain attention).
+any backend (Pallas's interpreter: the CPU tests check them against plain attention). The tile
+sizes and Triton's settings are a `Tiling`; `attend` takes $T5LITE_PALLAS_ATTENTION_TILING's.
 """
 
 import dataclasses
 import functools
+import os
 from typing import Optional
 
 import jax
@@ -48,6 +50,26 @@ class Tiling:
   backward_q: int = 32    # queries a backward loop step reads
   num_warps: int = 4
   num_stages: int = 3
+
+
+TILING_ENV = "T5LITE_PALLAS_ATTENTION_TILING"
+
+
+def tiling_from_env(environ=None) -> Tiling:
+  """The Tiling $T5LITE_PALLAS_ATTENTION_TILING names (six integers: forward_q, forward_k,
+  backward_k, backward_q, num_warps, num_stages, e.g. "128,64,128,32,4,3"), else the default:
+  so a GPU session can time other tiles without editing code."""
+  text = (os.environ if environ is None else environ).get(TILING_ENV, "").strip()
+  if not text:
+    return Tiling()
+  try:
+    values = [int(x) for x in text.split(",")]
+  except ValueError:
+    values = []
+  if len(values) != 6 or any(v <= 0 for v in values):
+    raise ValueError(f"${TILING_ENV}={text!r}: expected six positive integers (forward_q, "
+                     f"forward_k, backward_k, backward_q, num_warps, num_stages)")
+  return Tiling(*values)
 
 
 def supported(q, k, tiling: Tiling = Tiling()) -> bool:

@@ -236,7 +236,7 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
     if _pallas_applies(q, k, mask, bias):
       from t5lite.kernels import gpu_attention  # pylint: disable=import-outside-toplevel
       return gpu_attention.attention(q, k, v, bias, mask.kv_lengths, mask.segments, scale=scale,
-                                     causal=mask.causal)
+                                     causal=mask.causal, tiling=gpu_attention.tiling_from_env())
     from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
     implementation = "cudnn" if gpu_aot.tracing_platform() == "gpu" else None
   if implementation == "cudnn" and _WITHOUT_CUDNN.get():
@@ -268,7 +268,8 @@ def _pallas_applies(q, k, mask: Mask, bias) -> bool:
   return (bias is not None and mask.prefix is None
           and (mask.dense is None or mask.segments is not None)
           and (not mask.causal or q.shape[1] == k.shape[1])
-          and gpu_attention.supported(q, k) and partitioning.one_device_program()
+          and gpu_attention.supported(q, k, gpu_attention.tiling_from_env())
+          and partitioning.one_device_program()
           and not _WITHOUT_CUDNN.get())
 
 
