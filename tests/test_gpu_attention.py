@@ -1,5 +1,5 @@
 """t5lite.kernels.gpu_attention (Pallas flash attention with T5's bias), run by Pallas's
-interpreter on CPU against plain attention, and its lowering for GPUs."""
+interpreter on CPU against XLA's attention."""
 
 import jax
 import jax.numpy as jnp
@@ -10,25 +10,6 @@ from conftest import tiny_config
 from t5lite.kernels import gpu_attention
 from t5lite.models import attention
 from t5lite.models.model import Model
-
-
-def reference(q, k, v, bias, lengths, segments, causal, scale):
-  """Softmax attention written out in float32: [b, q, heads, d]."""
-  group = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") * scale
-  if bias is not None:
-    s = s + bias
-  rows, cols = np.arange(q.shape[1])[:, None], np.arange(k.shape[1])[None, :]
-  visible = jnp.ones((q.shape[0], 1, q.shape[1], k.shape[1]), bool)
-  if lengths is not None:
-    visible &= (cols < lengths[:, None, None])[:, None]
-  if segments is not None:
-    visible &= attention.padding_mask(*segments)
-  if causal:
-    visible &= rows >= cols
-  p = jax.nn.softmax(jnp.where(visible, s, -1e30), axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", p, v, precision="highest")
 
 
 # Small tiles, several along each length, the backward's not the forward's (64 queries: 2 tiles
@@ -48,8 +29,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_plain_attention_and_its_gradients(case):
   """Outputs on the queries that see a key, and the gradients of q, k, v and the bias (dS
-  summed over the batch where the bias is shared), equal plain float32 attention's, over
-  several query and key tiles."""
+  summed over the batch where the bias is shared), equal XLA's float32 attention's
+  (jax.nn.dot_product_attention), over several query and key tiles."""
   c = CASES[case]
   b, q_len, k_len, heads, d = 2, 64, c.get("k_len", 64), 4, 16
   kv_heads = c.get("kv_heads", heads)
@@ -71,8 +52,9 @@ def test_matches_plain_attention_and_its_gradients(case):
 
   kernel = lambda q, k, v, bias=bias: gpu_attention.attention(  # noqa: E731
       q, k, v, bias, lengths, segments, scale=0.3, causal=causal, tiling=TILES)
-  plain = lambda q, k, v, bias=bias: reference(  # noqa: E731
-      q, k, v, bias, lengths, segments, causal, 0.3)
+  plain = lambda q, k, v, bias=bias: jax.nn.dot_product_attention(  # noqa: E731
+      q, k, v, bias=bias, mask=None if segments is None else attention.padding_mask(*segments),
+      scale=0.3, is_causal=causal, key_value_seq_lengths=lengths, implementation="xla")
   out = jax.jit(kernel)(q, k, v)
   np.testing.assert_allclose(np.where(real, out, 0), np.where(real, plain(q, k, v), 0),
                              atol=2e-5)
@@ -110,15 +92,21 @@ def test_shapes_that_do_not_tile_are_refused_and_attend_falls_back():
   assert not gpu_attention.supported(q, q)
   with pytest.raises(ValueError, match="do not tile"):
     gpu_attention.attention(q, q, q, scale=1.0)
+  with pytest.raises(ValueError, match="causal only with as many queries as keys"):
+    gpu_attention.attention(q[:, :32], q[:, :32].repeat(2, axis=1), q[:, :32].repeat(2, axis=1),
+                            scale=1.0, causal=True)
   ok = jnp.ones((1, 64, 2, 16))
   bias = jnp.zeros((1, 2, 64, 64))
-  assert attention._pallas_applies(ok, ok, attention.Mask(causal=True), bias)
-  assert not attention._pallas_applies(q, q, attention.Mask(causal=True), bias[..., :40, :40])
-  assert not attention._pallas_applies(ok, ok, attention.Mask(causal=True), None)
-  assert not attention._pallas_applies(ok, ok, attention.Mask(
-      dense=jnp.ones((1, 1, 64, 64), bool), prefix=jnp.ones((1, 64), jnp.int32)), bias)
-  assert not attention._pallas_applies(
-      ok, ok, attention.Mask(dense=jnp.ones((1, 1, 64, 64), bool)), bias)
+  def applies(q, k, mask, bias):
+    return attention._pallas_applies(q, k, mask, bias, gpu_attention.Tiling())
+
+  assert applies(ok, ok, attention.Mask(causal=True), bias)
+  assert not applies(q, q, attention.Mask(causal=True), bias[..., :40, :40])
+  assert not applies(ok[:, :32], ok, attention.Mask(causal=True), bias[..., :32, :])
+  assert not applies(ok, ok, attention.Mask(causal=True), None)
+  assert not applies(ok, ok, attention.Mask(dense=jnp.ones((1, 1, 64, 64), bool),
+                                            prefix=jnp.ones((1, 64), jnp.int32)), bias)
+  assert not applies(ok, ok, attention.Mask(dense=jnp.ones((1, 1, 64, 64), bool)), bias)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])

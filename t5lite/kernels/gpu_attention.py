@@ -72,12 +72,13 @@ def tiling_from_env(environ=None) -> Tiling:
   return Tiling(*values)
 
 
-def supported(q, k, tiling: Tiling = Tiling()) -> bool:
+def supported(q, k, tiling: Tiling = Tiling(), causal: bool = False) -> bool:
   """Whether `attention` takes these shapes: query and key lengths multiples of the tiles (or
-  shorter than a tile and a power of two), head_dim a power of two of at least 16."""
+  shorter than a tile and a power of two), head_dim a power of two of at least 16, and (causal)
+  as many queries as keys."""
   d = q.shape[-1]
   return (_resolve(tiling, q.shape[1], k.shape[1]) is not None and d >= 16
-          and d & (d - 1) == 0)
+          and d & (d - 1) == 0 and (not causal or q.shape[1] == k.shape[1]))
 
 
 def _block(length: int, block: int) -> Optional[int]:
@@ -111,12 +112,10 @@ def attention(q, k, v, bias=None, kv_lengths=None, segments=None, *, scale: floa
   interpreter. A `pallas_call` has no partitioning rule of its own: under a mesh, call it
   inside `shard_map`.
   """
-  if not supported(q, k, tiling):
-    raise ValueError(f"gpu_attention: q {q.shape}, k {k.shape} do not tile as {tiling} "
-                     f"(lengths multiples of the tiles, head_dim a power of two >= 16)")
-  if causal and q.shape[1] != k.shape[1]:
-    raise ValueError(f"gpu_attention: causal needs q_len == k_len, got {q.shape[1]} and "
-                     f"{k.shape[1]}")
+  if not supported(q, k, tiling, causal):
+    raise ValueError(f"gpu_attention: q {q.shape}, k {k.shape}{' (causal)' if causal else ''} "
+                     f"do not tile as {tiling} (lengths multiples of the tiles, head_dim a power "
+                     f"of two >= 16, causal only with as many queries as keys)")
   if interpret is None:
     from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
     interpret = gpu_aot.tracing_platform() == "cpu"
@@ -168,14 +167,13 @@ def _scores(options, q, k, bias_tile, q_start, k_start, length, q_seg, k_seg):
   shape = s.shape
   visible = None
   both = lambda a, b: b if a is None else a & b  # noqa: E731
+  cols = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
   if options.has_lengths:
-    cols = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     visible = both(visible, cols < length)
   if options.has_segments:
     visible = both(visible, (q_seg[:, None] == k_seg[None, :]) & (q_seg[:, None] > 0))
   if options.causal:
     rows = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-    cols = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     visible = both(visible, rows >= cols)
   return s if visible is None else jnp.where(visible, s, MASKED)
 
@@ -226,19 +224,17 @@ def _triton_params(tiling: Tiling):
   return pl_triton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
 
 
-def _inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, q_block: Optional[int],
-                  k_block: Optional[int], by_keys: bool):
+def _inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, block: int, by_keys: bool):
   """BlockSpecs of (lengths, q, k, v, bias, q_seg, k_seg) for a grid (batch, head, block):
-  blocks of `q_block` queries (forward) or `k_block` keys (`by_keys`: the backward), the other
-  side whole."""
-  batch, q_len, _, d = q.shape
+  blocks of `block` queries (forward) or keys (`by_keys`: the backward), the other side whole."""
+  q_len, d = q.shape[1], q.shape[3]
   k_len = k.shape[1]
   b_bias, h_bias = bias.shape[0] > 1, bias.shape[1] > 1
   if by_keys:
     q_rows, q_at = q_len, lambda i: 0
-    k_rows, k_at = k_block, lambda i: i
+    k_rows, k_at = block, lambda i: i
   else:
-    q_rows, q_at = q_block, lambda i: i
+    q_rows, q_at = block, lambda i: i
     k_rows, k_at = k_len, lambda i: 0
   whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, i: (0,) * x.ndim)  # noqa: E731
   return [
@@ -262,8 +258,7 @@ def _forward(options, q, k, v, bias, lengths, q_seg, k_seg):
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, options),
       grid=(batch, heads, q_len // bq),
-      in_specs=_inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, bq, None,
-                             by_keys=False),
+      in_specs=_inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, bq, by_keys=False),
       out_specs=[
           pl.BlockSpec((None, bq, None, d), lambda b, h, i: (b, i, h, 0)),
           pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
@@ -325,8 +320,7 @@ def _backward(options, residuals, do):
   dk, dv, ds = pl.pallas_call(
       functools.partial(_backward_kernel, options),
       grid=(batch, heads, k_len // bk),
-      in_specs=_inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, None, bk,
-                             by_keys=True) + [
+      in_specs=_inputs_specs(options, q, k, bias, lengths, q_seg, k_seg, bk, by_keys=True) + [
           pl.BlockSpec((None, q_len, None, d), lambda b, h, j: (b, 0, h, 0)), rows, rows],
       out_specs=[
           pl.BlockSpec((None, bk, None, d), lambda b, h, j: (b, j, h, 0)),
