@@ -142,6 +142,8 @@ def test_matmul_refuses_what_it_does_not_take():
   assert not cpu_matmul.supports(s((5, 64)), s((64, 96)), out_dtype=jnp.float16)
   with pytest.raises(ValueError, match="bf16, k and n multiples of 32"):
     cpu_matmul.matmul(jnp.ones((5, 48), jnp.bfloat16), jnp.ones((48, 96), jnp.bfloat16))
+  with pytest.raises(ValueError, match="n a multiple of 16, on a CPU with AVX-512 or AVX2 with"):
+    cpu_matmul.matmul(jnp.ones((5, 64), jnp.float32), jnp.ones((64, 40), jnp.float32))
 
 
 SPECS = [("bld,vd->blv", (320, 64)), ("bld,dhk->blhk", (64, 4, 16)),

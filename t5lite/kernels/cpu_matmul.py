@@ -147,8 +147,8 @@ def matmul(a, b, *, a_transposed: bool = False, b_transposed: bool = False,
                      "bf16, k and n multiples of 32, a float32 or (k <= "
                      f"{MAX_BF16_OUTPUT_DEPTH}) bf16 output, on a CPU with AMX (amx_rows() = "
                      f"{cpu_matvec.amx_rows()}); or float32 (a stored [k, m] with a_transposed), "
-                     f"n a multiple of 16, on a CPU with AVX-512; got {a.dtype} {a.shape} "
-                     f"(a_transposed={a_transposed}) and {b.dtype} {b.shape} -> "
+                     f"n a multiple of 16, on a CPU with AVX-512 or AVX2 with FMA; got {a.dtype} "
+                     f"{a.shape} (a_transposed={a_transposed}) and {b.dtype} {b.shape} -> "
                      f"{jnp.dtype(out_dtype)}")
   m, _, n = _dims(a, b, a_transposed, b_transposed)
   attrs = {"b_transposed": bool(b_transposed)}
