@@ -90,11 +90,12 @@ class ModelConfig:
     matmul_kernel: the projections' matmuls by t5lite's CPU kernels
       (`t5lite.kernels.cpu_matmul`): in float32 the forward, the input gradient and (from a
       transposed copy of the activations) the weight gradient of [in, out] kernels (1.1-1.25x
-      XLA:CPU's speed, CPUs with AVX-512; the output head's where
-      `cpu_matmul.transposed_a_pays`), and with float32_dot_outputs in bfloat16 all three
-      (1.3-2.3x, CPUs with AMX); on one CPU device, where the kernel builds and the sizes suit
-      it; XLA's matmuls elsewhere (the dots remat policies keep its products as they keep
-      dots). Implies flat_weight_grads. A CPU lever (runs/cpu.gin).
+      XLA:CPU's speed on CPUs with AVX-512; on AVX2 with FMA 1.1-1.3x, taken where
+      `cpu_matmul.pays`; the output head's where `cpu_matmul.transposed_a_pays`), and with
+      float32_dot_outputs in bfloat16 all three (1.3-2.3x, CPUs with AMX); on one CPU device,
+      where the kernel builds and the sizes suit it; XLA's matmuls elsewhere (the dots remat
+      policies keep its products as they keep dots). Implies flat_weight_grads. A CPU lever
+      (runs/cpu.gin).
     max_length: longest sequence the model accepts (decoding and RoPE tables).
     pad_id / eos_id / decoder_start_id: special token ids (HF T5 convention: 0, 1, 0).
   """
