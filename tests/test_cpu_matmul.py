@@ -306,9 +306,9 @@ def test_project_runs_float32_matmuls_in_the_kernel(spec, k_shape, kernel_pays):
 
 def test_float32_products_of_an_avx2_build_run_where_they_pay(monkeypatch):
   """On a build for 8-float vectors (AVX2) a float32 product `pays` on the kernel only at least
-  256 rows by 256 deep with at most 8192 columns (a layer's products, not the output head's
-  forward, a shallow product or a narrow weight gradient); bf16 products and an AVX-512 build's
-  always."""
+  256 rows by 256 to 8192 deep with at most 8192 columns (a layer's products, not the output
+  head's forward or input gradient, a shallow product, a narrow weight gradient or one over more
+  than 8192 tokens); bf16 products and an AVX-512 build's always."""
   s = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
   monkeypatch.setattr(cpu_matmul, "_lanes", lambda: 8)
   assert cpu_matmul.pays(s((2048, 512)), s((512, 1152)))               # a layer's forward
@@ -316,7 +316,10 @@ def test_float32_products_of_an_avx2_build_run_where_they_pay(monkeypatch):
   assert cpu_matmul.pays(s((512, 2048)), s((2048, 1152)))              # its weight gradient
   assert cpu_matmul.pays(s((512, 256)), s((256, 8192)))
   assert cpu_matmul.pays(s((256, 512)), s((256, 1024)), a_transposed=True)  # m = 512, k = 256
+  assert cpu_matmul.pays(s((256, 8192)), s((8192, 512)))
   assert not cpu_matmul.pays(s((512, 512)), s((32128, 512)), b_transposed=True)  # the head
+  assert not cpu_matmul.pays(s((2560, 32000)), s((32000, 768)))       # its input gradient
+  assert not cpu_matmul.pays(s((768, 10240)), s((10240, 768)))        # 10240 tokens' weight grad
   assert not cpu_matmul.pays(s((2048, 128)), s((128, 384)))            # shallow
   assert not cpu_matmul.pays(s((128, 2048)), s((2048, 512)))           # few rows
   assert not cpu_matmul.pays(s((255, 512)), s((512, 512)))

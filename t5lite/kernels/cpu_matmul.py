@@ -74,15 +74,21 @@ def supports(a, b, *, a_transposed: bool = False, b_transposed: bool = False,
 def pays(a, b, *, a_transposed: bool = False, b_transposed: bool = False) -> bool:
   """Whether `matmul` (where it `supports` these operands) is worth running rather than XLA's
   matmul: always for bf16 and on AVX-512; a float32 product on a build for 8-float vectors (AVX2
-  with FMA) only at least 256 rows and 256 deep with at most 8192 columns. On 2 cores of an AMD
-  EPYC (Zen 3, 512 KB of L2 a core; best of alternated runs on a host whose timings drift) the
-  kernel ran T5-small's and decoder-125m's layer products at 1.1-1.3x XLA's speed, but the
+  with FMA) only at least 256 rows and 256 to 8192 deep with at most 8192 columns. On 2 cores of
+  an AMD EPYC (Zen 3, 512 KB of L2 a core; best of alternated runs on a host whose timings drift)
+  the kernel ran T5-small's and decoder-125m's layer products at 1.1-1.3x XLA's speed, but the
   output head's forward ([512, 512] x [512, 32128], b stored transposed) at 0.85-0.95x, shallow
-  products (k = 128: T5-tiny's layers) and weight gradients of 128 outputs at 0.6-0.95x."""
+  products (k = 128: T5-tiny's layers) and weight gradients of 128 outputs at 0.6-0.95x. Deeper
+  than 8192 (the head's input gradient, k the vocabulary; a weight gradient over more tokens), a
+  streams from memory once for every 16 of b's columns: the head's input gradient at
+  decoder-125m's and T5-small's shapes ran at 0.84-0.92x XLA's speed (median of alternated pairs,
+  jaxlib 0.10.2), weight gradients over 10240-16384 tokens at 0.84-0.96x (against 1.0-1.26x over
+  2048-2560); with the head's input gradient on XLA, T5-small's and decoder-125m's steps (one
+  process, alternated rounds) 1.04x and 1.03-1.07x as fast, T5-small's once 0.98x."""
   if a.dtype != jnp.float32 or _lanes() != 8:
     return True
   m, k, n = _dims(a, b, a_transposed, b_transposed)
-  return m >= 256 and k >= 256 and n <= 8192
+  return m >= 256 and 256 <= k <= 8192 and n <= 8192
 
 
 def _dims(a, b, a_transposed: bool, b_transposed: bool) -> tuple:
