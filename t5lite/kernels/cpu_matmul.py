@@ -82,7 +82,7 @@ def pays(a, b, *, a_transposed: bool = False, b_transposed: bool = False) -> boo
   than 8192 (the head's input gradient, k the vocabulary; a weight gradient over more tokens), a
   streams from memory once for every 16 of b's columns: the head's input gradient at
   decoder-125m's and T5-small's shapes ran at 0.84-0.92x XLA's speed (median of alternated pairs,
-  jaxlib 0.10.2), weight gradients over 10240-16384 tokens at 0.84-0.96x (against 1.0-1.26x over
+  jaxlib 0.10.2), weight gradients over 10240-16384 tokens at 0.84-0.96x (against 0.97-1.26x over
   2048-2560); with the head's input gradient on XLA, T5-small's and decoder-125m's steps (one
   process, alternated rounds) 1.04x and 1.03-1.07x as fast, T5-small's once 0.98x."""
   if a.dtype != jnp.float32 or _lanes() != 8:
