@@ -22,7 +22,9 @@ class Session:
 
   The weights the network reads only in its compute dtype are kept in it (bf16 over a float32
   checkpoint: half the memory, and no cast of every weight in each request's decoding), with the
-  same outputs (`transformer.cast_for_compute`). On a CPU, unsharded, it decodes and scores with
+  same outputs (`transformer.cast_for_compute`), and layer by layer (`Model.unroll`: no request
+  copies the layers' weights out of their stacks, so decoding needs about the weights' memory
+  plus its cache, not twice the weights). On a CPU, unsharded, it decodes and scores with
   t5lite's CPU kernels (`cpu_execution`) unless `cpu_kernels` is False.
 
   Args:
@@ -46,10 +48,11 @@ class Session:
     self.mesh = None if mesh_config is None else partitioning.make_mesh(mesh_config)
     self.cfg, params = convert.load_t5lite(
         checkpoint, step, self.mesh, None if mesh_config is None else mesh_config.rules)
-    self.params = transformer.cast_for_compute(params, self.cfg)
     if cpu_kernels and self.mesh is None and jax.default_backend() == "cpu":
       self.cfg = cpu_execution(self.cfg)
     self.model = Model(self.cfg, LossConfig(head_chunks=head_chunks))
+    with self._on_mesh():
+      self.params = self.model.unroll(transformer.cast_for_compute(params, self.cfg))
     self.vocab = None
     path = vocab_file or next((os.path.join(checkpoint, n) for n in VOCAB_FILES
                                if os.path.exists(os.path.join(checkpoint, n))), "")

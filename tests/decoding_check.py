@@ -3,7 +3,8 @@
 Decodes one batch of prompts on one device and again with the parameters sharded under each
 rule preset named (and the preset's activation rules), greedy and beam search, and reports
 whether the tokens agree, how far the scores are apart, the collectives of the compiled sharded
-greedy loop and the parameter bytes each device holds.
+greedy loop and the parameter bytes each device holds; and greedy decoding from the sharded
+parameters unrolled (`Model.unroll`).
 Usage: decoding_check.py ARCH PRESET[,PRESET...]. Prints one JSON object.
 """
 
@@ -65,6 +66,16 @@ def _sharded(model, cfg, mesh_cfg, prompts, key, methods, ref):
           "max_score_err": float(np.max(np.abs(np.asarray(out["scores"]) -
                                                np.asarray(ref[m]["scores"])))),
       }
+    # The parameters as serving.Session holds them (Model.unroll): still sharded, same tokens.
+    unrolled = model.unroll(sharded)
+    out = decoding.decode(model, unrolled, gfeed, max_decode_len=MAX_DECODE_LEN)
+    result["unrolled"] = {
+        "tokens_equal": bool(np.array_equal(np.asarray(out["tokens"]),
+                                            np.asarray(ref["greedy"]["tokens"]))),
+        "max_score_err": float(np.max(np.abs(np.asarray(out["scores"]) -
+                                             np.asarray(ref["greedy"]["scores"])))),
+        "param_bytes_per_device": sum(s.data.nbytes for x in jax.tree.leaves(unrolled)
+                                      for s in x.addressable_shards[:1])}
     hlo = decoding._sample_loop.lower(
         model, sharded, gfeed, jax.random.key(0), max_decode_len=MAX_DECODE_LEN,
         method="greedy", temperature=1.0, top_k=0, top_p=1.0, eos_id=cfg.eos_id,

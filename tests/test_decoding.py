@@ -106,6 +106,62 @@ def test_prompt_fill_runs_in_the_cpu_kernel(variant):
                                 _greedy_by_recompute(model, params, batch))
 
 
+@pytest.mark.parametrize("variant", [ARCHS[0], ARCHS[2], ARCHS[4]], ids=_ids)
+def test_unrolled_parameters_compute_what_stacked_ones_do(variant):
+  """`Model.unroll`: every layer's arrays on their own ({0: layer 0, 1: ...} where the stack
+  was), the same values; the forward pass, scoring, greedy and beam decoding give the stacked
+  parameters' results, and unrolling twice changes nothing."""
+  from t5lite.models import transformer
+  cfg = tiny_config(**variant)
+  model = Model(cfg)
+  params = model.init(jax.random.key(1))
+  unrolled = model.unroll(params)
+  assert transformer.is_unrolled(unrolled) and not transformer.is_unrolled(params)
+  assert model.unroll(unrolled) is unrolled
+  stacks = [params[name]["blocks"] for name in ("encoder", "decoder") if name in params]
+  assert len(jax.tree.leaves(unrolled)) == (
+      len(jax.tree.leaves(params)) + sum((cfg.num_decoder_layers - 1) * len(jax.tree.leaves(s))
+                                         for s in stacks))
+  for i in range(cfg.num_decoder_layers):
+    for a, b in zip(jax.tree.leaves(unrolled["decoder"]["blocks"][i]),
+                    jax.tree.leaves(params["decoder"]["blocks"])):
+      np.testing.assert_array_equal(a, b[i])
+  batch = _inputs(cfg)
+  for method in ("greedy", "beam"):
+    want, got = (model.predict_batch(p, batch, max_decode_len=STEPS, method=method,
+                                     beam_size=3, eos_id=-1) for p in (params, unrolled))
+    np.testing.assert_array_equal(np.asarray(got["tokens"]), np.asarray(want["tokens"]))
+    np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5, atol=1e-5)
+  targets = np.asarray(_greedy_by_recompute(model, params, batch))
+  if cfg.arch == "encoder_decoder":
+    feats = dict(batch, decoder_target_tokens=targets, decoder_input_tokens=np.concatenate(
+        [np.zeros((targets.shape[0], 1), np.int32), targets[:, :-1]], axis=1))
+  else:
+    feats = {"decoder_input_tokens": targets, "decoder_target_tokens": targets}
+  np.testing.assert_allclose(model.score_batch(unrolled, feats), model.score_batch(params, feats),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_unrolled_parameters_copies_no_layer_weights():
+  """A decoding call compiled for stacked parameters copies every layer's weights out of the
+  stacks (XLA gives a slice a buffer of its own): temporaries of at least the layers' bytes.
+  For `Model.unroll`'s, none: its temporaries are the cache and activations, under a tenth of
+  them. (`gated_projection="split"`: the stacked one copies the MLP's input kernels into one for
+  the prompt's pass, as it does in training.)"""
+  cfg = tiny_config(arch="decoder_only", d_model=256, d_ff=1024, num_heads=4, head_dim=64,
+                    num_decoder_layers=4, vocab_size=512, gated_projection="split")
+  model = Model(cfg)
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["decoder"]))
+  feed = {"prompt_tokens": jax.ShapeDtypeStruct((1, 16), jnp.int32)}
+  temps = {}
+  for form, p in (("stacked", params), ("unrolled", jax.eval_shape(model.unroll, params))):
+    decode = jax.jit(lambda p, f: model.predict_batch(p, f, max_decode_len=8, eos_id=-1))
+    temps[form] = decode.lower(p, feed).compile().memory_analysis().temp_size_in_bytes
+  assert temps["stacked"] >= layer_bytes, (temps, layer_bytes)
+  assert temps["unrolled"] < 0.1 * layer_bytes, (temps, layer_bytes)
+
+
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
 def test_beam_one_is_greedy_and_sampling_is_reproducible(arch):
   cfg = tiny_config(arch=arch)
@@ -202,7 +258,8 @@ def test_bad_requests_are_clear_errors():
 def test_sharded_decoding_matches_single_device_on_8_devices(arch):
   """Greedy and beam decoding with parameters sharded (FSDP+tensor, and tensor with data
   parallel batches) on 8 fake CPU devices: the tokens of one device, scores to float rounding,
-  with the parameters really split and the tensor-parallel all-reduces in the compiled loop."""
+  with the parameters really split and the tensor-parallel all-reduces in the compiled loop;
+  unrolled (`Model.unroll`), as split and with the same tokens."""
   r = run_cli(["tests/decoding_check.py", arch, "fsdp_tensor,tensor_parallel"])
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -213,6 +270,9 @@ def test_sharded_decoding_matches_single_device_on_8_devices(arch):
       assert res[method]["max_score_err"] < 1e-4, (name, method, res[method])
     assert res["param_bytes_per_device"] < 0.5 * res["param_bytes_total"], name
     assert res["collectives"]["all-reduce"] > 0, name
+    assert res["unrolled"]["tokens_equal"], name
+    assert res["unrolled"]["max_score_err"] < 1e-4, (name, res["unrolled"])
+    assert res["unrolled"]["param_bytes_per_device"] == res["param_bytes_per_device"], name
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -1,5 +1,6 @@
 """`t5lite.infer` and `t5lite.chat` on a checkpoint trained here by the quickstart."""
 
+import dataclasses
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from conftest import REPO, run_cli, tiny_config
 from test_train import QUICK
 from t5lite import checkpoints, serving
 from t5lite.kernels import cpu_matvec
+from t5lite.models import transformer
 from t5lite.models.model import Model
 
 pytestmark = pytest.mark.slow
@@ -281,9 +283,11 @@ def _tiny_checkpoint(tmp_path, dtype, seed):
 
 
 def test_session_keeps_weights_in_the_compute_dtype(tmp_path):
-  """A bf16 model's session holds its matrices in bf16 (norm scales as stored, float32) and
-  decodes and scores exactly as the float32 checkpoint's parameters do; on a CPU, by default,
-  with t5lite's kernels, giving the same tokens and the scores within bf16 rounding."""
+  """A bf16 model's session holds its matrices in bf16 (norm scales as stored, float32), layer by
+  layer (`Model.unroll`), and decodes as the float32 checkpoint's parameters do and scores
+  exactly as they do with the layers run in order (`scan_layers=False`, as the session runs
+  them; scanned, within bf16 rounding); on a CPU, by default, with t5lite's kernels, giving the
+  same tokens and the scores within bf16 rounding."""
   cfg, model, params = _tiny_checkpoint(tmp_path, "bfloat16", 0)
   prompts = [[5, 6, 7, 8], [9, 10]]
   want = model.predict_batch(params, {"prompt_tokens": serving.pad(prompts, 40)},
@@ -295,8 +299,11 @@ def test_session_keeps_weights_in_the_compute_dtype(tmp_path):
   batch = {"decoder_input_tokens": np.concatenate([np.zeros((2, 1), np.int32), tgt[:, :-1]], 1),
            "decoder_target_tokens": tgt, "decoder_loss_weights": weights}
   want_scores = np.asarray(model.score_batch(params, batch))
+  in_order = np.asarray(
+      Model(dataclasses.replace(cfg, scan_layers=False)).score_batch(params, batch))
   for cpu_kernels in (False, True):
     session = serving.Session(str(tmp_path), cpu_kernels=cpu_kernels)
+    assert transformer.is_unrolled(session.params)
     dtypes = {str(x.dtype) for x in jax.tree.leaves(session.params)}
     assert dtypes == {"bfloat16", "float32"}, dtypes
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(session.params) if x.ndim == 1)
@@ -311,10 +318,9 @@ def test_session_keeps_weights_in_the_compute_dtype(tmp_path):
     got = session.predict(prompts, max_decode_len=6, eos_id=-1)
     assert got == [[int(t) for t in row if t != 0] for row in np.asarray(want)]
     scores = session.score([[5, 6], [7]], [[8, 9, 1], [10, 1]])
-    if cpu_kernels:
-      np.testing.assert_allclose(scores, want_scores, rtol=2e-2)
-    else:
-      np.testing.assert_array_equal(scores, want_scores)
+    np.testing.assert_allclose(scores, want_scores, rtol=2e-2)
+    if not cpu_kernels:
+      np.testing.assert_array_equal(scores, in_order)
 
 
 def test_float32_session_runs_its_prompts_on_the_float32_matmul_kernel(tmp_path, kernel_pays):

@@ -13,6 +13,7 @@ from flax import nnx
 
 from t5lite import losses
 from t5lite.models.config import ModelConfig
+from t5lite.models import transformer
 from t5lite.models.transformer import build_network
 
 
@@ -57,14 +58,30 @@ class Model:
     self.abstract_params = nnx.to_pure_dict(self.annotated_params)
     # Filled by t5lite.decoding when it is imported (keeps the model layer free of decoding).
     self.decode_fn: Optional[Callable] = None
+    self._unrolled_graphdef = None  # the graph of `unroll`'s parameters, built on first use
 
   def init(self, rng) -> dict:
     """Fresh parameters (a nested dict of arrays) from a PRNG key."""
     return nnx.to_pure_dict(nnx.split(build_network(self.cfg, nnx.Rngs(params=rng)))[1])
 
   def network(self, params) -> nnx.Module:
-    """The live network module for `params`."""
+    """The live network module for `params`, stacked or unrolled (`unroll`)."""
+    if transformer.is_unrolled(params):
+      if self._unrolled_graphdef is None:
+        self._unrolled_graphdef = nnx.split(nnx.eval_shape(
+            lambda: _unrolled(build_network(self.cfg, nnx.Rngs(0)))))[0]
+      return nnx.merge(self._unrolled_graphdef, params)
     return nnx.merge(self.graphdef, params)
+
+  def unroll(self, params) -> dict:
+    """`params` with each layer stack held layer by layer (`LayerStack.unroll`): what inference
+    reads from a fixed set of weights (`serving.Session` holds them so). Every method takes them
+    and computes the same; decoding then copies no layer's weights out of a stack per call (peak
+    memory about the weights plus the KV cache, not twice the weights). Sharded arrays stay
+    sharded. Training and checkpoints keep the stacked form."""
+    if transformer.is_unrolled(params):
+      return params
+    return jax.jit(lambda p: nnx.to_pure_dict(nnx.split(_unrolled(self.network(p)))[1]))(params)
 
   def apply(self, params, batch, rng=None):
     """Forward pass: (logits [batch, len, vocab] float32, aux_loss). rng=None disables dropout."""
@@ -156,6 +173,13 @@ class Model:
       from t5lite import decoding  # pylint: disable=import-outside-toplevel
       self.decode_fn = decoding.decode
     return self.decode_fn(self, params, batch, **decode_kwargs)
+
+
+def _unrolled(net):
+  """`net` with its layer stacks unrolled in place (`LayerStack.unroll`)."""
+  for stack in transformer.layer_stacks(net):
+    stack.unroll()
+  return net
 
 
 def build_model(cfg: ModelConfig, loss_cfg: LossConfig = LossConfig()) -> Model:
