@@ -118,10 +118,10 @@ def test_unrolled_parameters_compute_what_stacked_ones_do(variant):
   unrolled = model.unroll(params)
   assert transformer.is_unrolled(unrolled) and not transformer.is_unrolled(params)
   assert model.unroll(unrolled) is unrolled
-  stacks = [params[name]["blocks"] for name in ("encoder", "decoder") if name in params]
-  assert len(jax.tree.leaves(unrolled)) == (
-      len(jax.tree.leaves(params)) + sum((cfg.num_decoder_layers - 1) * len(jax.tree.leaves(s))
-                                         for s in stacks))
+  depths = {"encoder": cfg.num_encoder_layers, "decoder": cfg.num_decoder_layers}
+  assert len(jax.tree.leaves(unrolled)) == len(jax.tree.leaves(params)) + sum(
+      (depth - 1) * len(jax.tree.leaves(params[name]["blocks"]))
+      for name, depth in depths.items() if name in params)
   for i in range(cfg.num_decoder_layers):
     for a, b in zip(jax.tree.leaves(unrolled["decoder"]["blocks"][i]),
                     jax.tree.leaves(params["decoder"]["blocks"])):

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5lite import losses
-from t5lite.models.config import ModelConfig
 from t5lite.models import transformer
+from t5lite.models.config import ModelConfig
 from t5lite.models.transformer import build_network
 
 
@@ -76,9 +76,10 @@ class Model:
   def unroll(self, params) -> dict:
     """`params` with each layer stack held layer by layer (`LayerStack.unroll`): what inference
     reads from a fixed set of weights (`serving.Session` holds them so). Every method takes them
-    and computes the same; decoding then copies no layer's weights out of a stack per call (peak
-    memory about the weights plus the KV cache, not twice the weights). Sharded arrays stay
-    sharded. Training and checkpoints keep the stacked form."""
+    and computes what the stacked ones do, the layers run in order (as with `scan_layers=False`:
+    the same values, in bf16 to rounding against a scan); decoding then copies no layer's weights
+    out of a stack per call (peak memory about the weights plus the KV cache, not twice the
+    weights). Sharded arrays stay sharded. Training and checkpoints keep the stacked form."""
     if transformer.is_unrolled(params):
       return params
     return jax.jit(lambda p: nnx.to_pure_dict(nnx.split(_unrolled(self.network(p)))[1]))(params)
