@@ -264,20 +264,14 @@ def compile_abstract(cfg, args, target: str = ""):
   return compiled, lower_s, time.perf_counter() - t
 
 
-def session_params(model, params):
-  """`params` as `serving.Session` holds them for decoding: the weights in the compute dtype (as
-  HF's side gets bf16 weights) and the layers unrolled (`Model.unroll`)."""
-  from t5lite.models import transformer
-  return model.unroll(transformer.cast_for_compute(params, model.cfg))
-
-
 def compile_decode_abstract(cfg, args, batch: int, target: str):
   """(compiled greedy decode, seconds to compile) of `batch` prompts of --inputs tokens and
   --decode_tokens new tokens (EOS off, as bench_decode runs it), from shapes alone, for one
   `target` GPU."""
+  from t5lite import serving
   from t5lite.models.model import Model
   model = Model(cfg)
-  params = jax.eval_shape(lambda: session_params(model, model.init(jax.random.key(0))))
+  params = jax.eval_shape(lambda: serving.session_params(model, model.init(jax.random.key(0))))
   key = "encoder_input_tokens" if cfg.arch == "encoder_decoder" else "prompt_tokens"
   feed = {key: jax.ShapeDtypeStruct((batch, args.inputs), jnp.int32)}
   decode = jax.jit(lambda p, f: model.predict_batch(p, f, max_decode_len=args.decode_tokens,
@@ -467,10 +461,12 @@ def time_one_at_a_time(makers, args, flops: float, failed=None):
 
 def bench_decode(cfg, args, batch: int):
   """Greedy KV-cache decode: `--inputs` prompt tokens, `--decode_tokens` new tokens (EOS off),
-  on the parameters as `serving.Session` holds them (`session_params`)."""
+  on the parameters as `serving.Session` holds them (`serving.session_params`: the weights in
+  the compute dtype, as HF's side gets bf16 weights)."""
+  from t5lite import serving
   from t5lite.models.model import Model
   model = Model(cfg)
-  params = session_params(model, jax.jit(model.init)(jax.random.key(0)))
+  params = serving.session_params(model, jax.jit(model.init)(jax.random.key(0)))
   rng = np.random.default_rng(0)
   prompts = rng.integers(2, cfg.vocab_size, (batch, args.inputs)).astype(np.int32)
   key = "encoder_input_tokens" if cfg.arch == "encoder_decoder" else "prompt_tokens"

@@ -52,7 +52,7 @@ class Session:
       self.cfg = cpu_execution(self.cfg)
     self.model = Model(self.cfg, LossConfig(head_chunks=head_chunks))
     with self._on_mesh():
-      self.params = self.model.unroll(transformer.cast_for_compute(params, self.cfg))
+      self.params = session_params(self.model, params)
     self.vocab = None
     path = vocab_file or next((os.path.join(checkpoint, n) for n in VOCAB_FILES
                                if os.path.exists(os.path.join(checkpoint, n))), "")
@@ -133,6 +133,12 @@ class Session:
       return
     with jax.set_mesh(self.mesh), partitioning.activation_rules(self.mesh, self.mesh_config.rules):
       yield
+
+
+def session_params(model: Model, params):
+  """`params` as a `Session` holds them: the weights the network reads only in the compute dtype
+  cast to it (`transformer.cast_for_compute`), the layers unrolled (`Model.unroll`)."""
+  return model.unroll(transformer.cast_for_compute(params, model.cfg))
 
 
 def pad(rows: List[List[int]], limit: Optional[int] = None) -> np.ndarray:
