@@ -7,7 +7,8 @@ Synthetic batches, no TensorFlow. Reports the median step time after warm-up (de
 synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a matmul peak
 measured on the same device (bf16 on GPU; on CPU in the model's dtype, fp32 or bf16 with an
 fp32 output; before and after the steps, the higher counts), peak device memory and compile
-time. The header echoes the settings that decide speed (dtypes, scanned layers, remat,
+time. Memory is in GiB (2^30 bytes, as JAX and XLA count it; the JSON's `*mem_gb` and
+`memory_gb` keys), data moved in GB (10^9 bytes, `*step_gb`, `prompt_gb`). The header echoes the settings that decide speed (dtypes, scanned layers, remat,
 attention, flat weight grads, fp32 matmul outputs, the loss's head chunks, master weights) and
 the versions of jax, flax and optax (torch and transformers with --vs-hf);
 runs/cpu.gin, runs/cpu_bf16.gin or runs/gpu.gin may come before or after the model preset
@@ -339,7 +340,7 @@ def aot_train(cfg, args) -> dict:
                 program_flops=program, mfu_ceiling=model / program["total"],
                 roofline=bound, roofline_mfu=model / peak / bound["seconds"])
   print(f"train step, batch {args.batch} x ({args.inputs}+{args.targets}): lower {lower_s:.1f} s, "
-        f"compile {compile_s:.1f} s; memory per device (GB): "
+        f"compile {compile_s:.1f} s; memory per device (GiB): "
         + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
   print("cuDNN attention calls: " + (", ".join(f"{k} x{v}" for k, v in
                                               result["cudnn_calls"].items()) or "none"))
@@ -387,7 +388,7 @@ def aot_decode(cfg, args, batch: int) -> dict:
          "bandwidth_tb_s": bandwidth / 1e12, "step_roofline": bound,
          "ceiling_new_tokens_per_s": batch / bound["seconds"]}
   print(f"greedy decode, batch {batch}, {args.inputs}-token prompts, {args.decode_tokens} new "
-        f"tokens: compile {compile_s:.1f} s, peak {row['memory_gb']['peak']:.2f} GB; a token "
+        f"tokens: compile {compile_s:.1f} s, peak {row['memory_gb']['peak']:.2f} GiB; a token "
         f"step moves {row['step_gb']:.3g} GB in {step['kernels']:.0f} kernels (the prompt "
         f"{row['prompt_gb']:.3g} GB) and takes at least {bound['seconds'] * 1e3:.2f} ms at "
         f"{row['bandwidth_tb_s']:.2f} TB/s: at most {row['ceiling_new_tokens_per_s']:,.0f} new "
@@ -748,7 +749,7 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "malloc_conf": os.environ.get("MALLOC_CONF", ""),
             "results": rows, "hf_failed": hf_failed, "decode": decode_rows}
-  head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'compile s':>10}"
+  head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}{'compile s':>10}"
   settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
                                                  **result["optimizer"], **result["train"]}.items())
   print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({result['peak_dtype']} matmul, "
@@ -765,8 +766,8 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
     print(f"{r['impl']:<12}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>12.0f}{r['tflops']:>9.2f}"
           f"{r['mfu'] * 100:>6.1f}%{r['peak_mem_gb']:>8.2f}{r['compile_s']:>10.1f}")
   if on_gpu and rows[0].get("planned_mem_gb"):
-    print(f"t5lite's step as XLA planned it: {rows[0]['planned_mem_gb']:.2f} GB (the device's "
-          f"measured peak above: {rows[0]['peak_mem_gb']:.2f} GB)")
+    print(f"t5lite's step as XLA planned it: {rows[0]['planned_mem_gb']:.2f} GiB (the device's "
+          f"measured peak above: {rows[0]['peak_mem_gb']:.2f} GiB)")
   if not on_gpu:
     print(f"t5lite's process a step: {rows[0]['host_faults_per_step']:,.0f} page faults, "
           f"{rows[0]['host_kernel_s_per_step']:.2f} s in the kernel")

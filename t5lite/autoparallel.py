@@ -43,7 +43,7 @@ from typing import List, Optional, Sequence
 class Hardware:
   """Per-device peak FLOP/s, memory and the alpha-beta link model."""
   peak_tflops: float = 800.0
-  memory_gb: float = 80.0
+  memory_gb: float = 80.0       # GiB (2^30 bytes), as XLA's memory plans are counted
   link_gbps: float = 300.0      # per-device collective bandwidth, GB/s (NVLink-class)
   alpha_us: float = 10.0        # per-collective latency
 
@@ -76,9 +76,9 @@ class Candidate:
 class Estimate:
   """What XLA says about a candidate."""
   candidate: Candidate
-  peak_gb: float = float("nan")
+  peak_gb: float = float("nan")   # GiB
   flops: float = float("nan")
-  comm_gb: float = float("nan")
+  comm_gb: float = float("nan")   # GB (10^9 bytes)
   compute_s: float = float("nan")
   comm_s: float = float("nan")
   step_s: float = float("inf")
@@ -372,7 +372,7 @@ def describe(c: Candidate) -> str:
 def table(ranked: Sequence[Estimate]) -> str:
   """The ranked plans as a text table."""
   lines = [f"{'#':>2} {'mesh (s,d,f,t)':<15}{'rules':<16}{'remat':<14}{'micro':>5}"
-           f"{'est step s':>11}{'compute s':>10}{'comm s':>9}{'comm GB':>9}{'peak GB':>9}  fits"]
+           f"{'est step s':>11}{'compute s':>10}{'comm s':>9}{'comm GB':>9}{'peak GiB':>9}  fits"]
   for i, e in enumerate(ranked):
     c = e.candidate
     mesh = f"({c.stage},{c.data},{c.fsdp},{c.tensor})"
@@ -391,7 +391,7 @@ def plan_gin(est: Estimate) -> str:
   """The chosen plan as gin bindings."""
   c = est.candidate
   return (f"# Plan chosen by t5lite.autoparallel: {describe(c)}\n"
-          f"# estimated step {est.step_s:.4f}s, peak {est.peak_gb:.2f} GB per device\n"
+          f"# estimated step {est.step_s:.4f}s, peak {est.peak_gb:.2f} GiB per device\n"
           f"experiment.mesh = @MeshConfig()\n"
           f"MeshConfig.data = {c.data}\nMeshConfig.fsdp = {c.fsdp}\nMeshConfig.tensor = {c.tensor}\n"
           f"MeshConfig.rules = \"{c.rules}\"\nMeshConfig.stage = {c.stage}\n"
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
                       help="plan for GPUs of this kind (e.g. h100) from this host: memory from "
                            "XLA's GPU compiler (t5lite/gpu_aot.py), no GPU needed")
   parser.add_argument("--device_memory_gb", type=float, default=0.0,
-                      help="default: the --target GPU's memory, else 80")
+                      help="GiB; default: the --target GPU's memory, else 80")
   parser.add_argument("--peak_tflops", type=float, default=800.0)
   parser.add_argument("--link_gbps", type=float, default=300.0)
   parser.add_argument("--batch", type=int, default=32)
@@ -457,7 +457,7 @@ def main(argv=None) -> int:
   where = f"{args.target} GPUs (XLA's GPU compiler on this host)" if args.target else "devices"
   print(f"planning {exp.model.arch} (d_model {exp.model.d_model}) batch {args.batch} x "
         f"({args.inputs}+{args.targets}{', packed' if packed else ''}) on {len(devices)} {where} "
-        f"of {hw.memory_gb:.1f} GB, "
+        f"of {hw.memory_gb:.1f} GiB, "
         f"{hw.peak_tflops} TFLOP/s, {hw.link_gbps} GB/s links", flush=True)
   ranked = plan(exp.model, batch=args.batch, inputs=args.inputs, targets=args.targets,
                 devices=devices, hw=hw, optimizer_cfg=exp.optimizer, loss_cfg=exp.loss,

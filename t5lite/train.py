@@ -58,7 +58,7 @@ def _autoplan(exp, run):
   best = ranked[0]
   print(autoparallel.table(ranked[:5]), flush=True)
   if not best.fits:
-    raise gin_setup.ConfigError(f"no parallel plan fits {memory_gb:.1f} GB per device")
+    raise gin_setup.ConfigError(f"no parallel plan fits {memory_gb:.1f} GiB per device")
   c = best.candidate
   exp = dataclasses.replace(
       exp, mesh=c.mesh_config(), model=dataclasses.replace(exp.model, remat_policy=c.remat),

@@ -146,6 +146,10 @@ def test_targets_are_checked_against_the_issue():
   got = benchmark_suite.checks(case, result)
   assert got["MFU"][2] and got["peak GB"][2]
   assert got["vs hf-compiled"][1] == pytest.approx(1.25) and not got["vs hf-compiled"][2]
+  # Memory is measured in GiB, the target is in GB: 37.5 GiB is 40.27 GB, over 40.
+  result["results"][0]["peak_mem_gb"] = 37.5
+  assert benchmark_suite.checks(case, result)["peak GB"] == (40.0, pytest.approx(40.27, abs=0.01),
+                                                             False)
   del result["results"][1]  # HF failed: no ratio to judge
   assert "vs hf-compiled" not in benchmark_suite.checks(case, result)
 

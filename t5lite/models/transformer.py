@@ -171,9 +171,9 @@ class LayerStack(nnx.Module):
     Under a mesh with pipeline stages (`partitioning.stage_pipeline`), a stacked (not `unroll`ed)
     stack runs as a GPipe pipeline, each stage holding its own consecutive layers.
     """
-    if self.unrolled:
-      graphdef, _ = nnx.split(self.blocks[0])
-      layer_states = [nnx.split(block)[1] for block in self.blocks]
+    if self.unrolled:   # the blocks share one graph: the first's
+      splits = [nnx.split(block) for block in self.blocks]
+      graphdef, layer_states = splits[0][0], [state for _, state in splits]
     else:
       graphdef, state = nnx.split(self.blocks)
     rngs = (jax.random.split(rng, self.num_layers) if rng is not None
