@@ -8,9 +8,10 @@ synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a 
 measured on the same device (bf16 on GPU; on CPU in the model's dtype, fp32 or bf16 with an
 fp32 output; before and after the steps, the higher counts), peak device memory and compile
 time. Memory is in GiB (2^30 bytes, as JAX and XLA count it; the JSON's `*mem_gb` and
-`memory_gb` keys), data moved in GB (10^9 bytes, `*step_gb`, `prompt_gb`). The header echoes the settings that decide speed (dtypes, scanned layers, remat,
-attention, flat weight grads, fp32 matmul outputs, the loss's head chunks, master weights) and
-the versions of jax, flax and optax (torch and transformers with --vs-hf);
+`memory_gb` keys), data moved in GB (10^9 bytes, `*step_gb`, `prompt_gb`). The header echoes
+the settings that decide speed (dtypes, scanned layers, remat, attention, flat weight grads,
+fp32 matmul outputs, the loss's head chunks, master weights) and the versions of jax, flax and
+optax (torch and transformers with --vs-hf);
 runs/cpu.gin, runs/cpu_bf16.gin or runs/gpu.gin may come before or after the model preset
 (presets bind the architecture only; a file rebinding an earlier one's value is warned of).
 Where t5lite computes in bf16, HF does too (autocast; bf16 weights for decoding).
@@ -749,7 +750,8 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "malloc_conf": os.environ.get("MALLOC_CONF", ""),
             "results": rows, "hf_failed": hf_failed, "decode": decode_rows}
-  head = f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}{'compile s':>10}"
+  head = (f"{'impl':<12}{'step ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}"
+          f"{'compile s':>10}")
   settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
                                                  **result["optimizer"], **result["train"]}.items())
   print(f"# {result['device']} peak {peak:.3g} TFLOP/s ({result['peak_dtype']} matmul, "
