@@ -402,14 +402,16 @@ def time_side_by_side(runners, args, flops: float):
   then steps/rounds timed ones, per runner and round; one round for a single runner). Rounds
   spread drift in the machine's speed (clocks, neighbours) over every implementation alike;
   runs of consecutive steps keep the caches and allocator state a real training loop has.
-  Median per runner. The first runner's row (t5lite's) also gets this process's minor page
-  faults and kernel time per step (medians; `getrusage`): XLA:CPU's step buffer faulted in
-  again every step shows there (what t5lite/host_malloc.py's allocator choice is about)."""
+  Median per runner; each row also has every timed step, round by round (`round_step_s`), so a
+  reader sees the spread a median hides. The first runner's row (t5lite's) also gets this
+  process's minor page faults and kernel time per step (medians; `getrusage`): XLA:CPU's step
+  buffer faulted in again every step shows there (what t5lite/host_malloc.py's allocator
+  choice is about)."""
   for run, _ in runners:
     for _ in range(args.warmup):
       run()
   rounds = max(1, min(args.rounds, args.steps)) if len(runners) > 1 else 1
-  times = [[] for _ in runners]
+  times = [[[] for _ in range(rounds)] for _ in runners]   # [runner][round] -> step seconds
   faults, kernel_s = [], []
   losses = [0.0] * len(runners)
   for r in range(rounds):
@@ -421,16 +423,17 @@ def time_side_by_side(runners, args, flops: float):
         before = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         losses[i] = run()
-        times[i].append(time.perf_counter() - t)
+        times[i][r].append(time.perf_counter() - t)
         if i == 0:
           after = resource.getrusage(resource.RUSAGE_SELF)
           faults.append(after.ru_minflt - before.ru_minflt)
           kernel_s.append(after.ru_stime - before.ru_stime)
   tokens = args.batch * (args.inputs + args.targets)
   rows = []
-  for (_, facts), ts, loss in zip(runners, times, losses):
-    step_s = statistics.median(ts)
+  for (_, facts), by_round, loss in zip(runners, times, losses):
+    step_s = statistics.median(t for ts in by_round for t in ts)
     rows.append({"impl": facts["impl"], "step_s": step_s, "tokens_per_s": tokens / step_s,
+                 "round_step_s": by_round,
                  "model_flops_per_token": flops / tokens, "tflops": flops / step_s / 1e12,
                  "peak_mem_gb": facts["peak_mem_gb"](),
                  "compile_s": facts["compile_s"], "loss": loss,

@@ -79,6 +79,26 @@ def test_matmul_peaks_chained_through_xla_and_torch():
   assert "xla" in peaks and all(v > 0 for v in peaks.values())
 
 
+def test_cpu_order_alternates_rounds_and_keeps_every_step():
+  """On CPU the runners take turns, a round each (its first step untimed after the first
+  round), and each row keeps its timed steps round by round beside their median."""
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import benchmark  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def runner(name):
+    return (lambda: calls.append(name) or 1.0), {"impl": name, "compile_s": 0.0,
+                                                "peak_mem_gb": lambda: 0.0}
+
+  args = argparse.Namespace(warmup=1, steps=5, rounds=2, batch=1, inputs=2, targets=2)
+  rows = benchmark.time_side_by_side([runner("t5lite"), runner("hf")], args, flops=1e6)
+  assert "".join(c[0] for c in calls) == "th" + "ttt" + "hhh" + "ttt" + "hhh"
+  for row in rows:
+    assert [len(steps) for steps in row["round_step_s"]] == [3, 2]
+    every = sorted(t for steps in row["round_step_s"] for t in steps)
+    assert row["step_s"] == every[2] and every[0] > 0
+
+
 def test_gpu_order_times_hf_first_and_reports_t5lite_first():
   sys.path.insert(0, os.path.join(REPO, "scripts"))
   import benchmark  # pylint: disable=import-outside-toplevel
