@@ -193,21 +193,21 @@ class LayerStack(nnx.Module):
                               prevent_cse=not self.cfg.scan_layers)
       return step
 
-    pipe = partitioning.stage_pipeline()
-    if pipe is not None and not self.unrolled:
-      mesh, microbatches = pipe
-      if self.cfg.attention_impl == "cudnn":
-        log.warning("pipeline stages: attention runs as 'xla', not 'cudnn' (JAX's cuDNN "
-                    "attention cannot be partitioned inside pipeline stages)")
-      with partitioning.no_activation_rules(), attn_lib.without_cudnn():
-        return pipeline_parallel.pipelined_stack(make_step, x, (state, rngs), kwargs, mesh,
-                                                 microbatches)
-    step = make_step(kwargs)
-    if self.cfg.scan_layers and not self.unrolled:
-      x, aux = jax.lax.scan(step, x, (state, rngs))
-      return x, jnp.sum(aux)
-    if not self.unrolled:
+    if not self.unrolled:   # the stacked form: a pipeline, a scan, or its layers in order
+      pipe = partitioning.stage_pipeline()
+      if pipe is not None:
+        mesh, microbatches = pipe
+        if self.cfg.attention_impl == "cudnn":
+          log.warning("pipeline stages: attention runs as 'xla', not 'cudnn' (JAX's cuDNN "
+                      "attention cannot be partitioned inside pipeline stages)")
+        with partitioning.no_activation_rules(), attn_lib.without_cudnn():
+          return pipeline_parallel.pipelined_stack(make_step, x, (state, rngs), kwargs, mesh,
+                                                   microbatches)
+      if self.cfg.scan_layers:
+        x, aux = jax.lax.scan(make_step(kwargs), x, (state, rngs))
+        return x, jnp.sum(aux)
       layer_states = _split_layers(state, self.num_layers)
+    step = make_step(kwargs)
     total = jnp.zeros((), jnp.float32)
     for i, layer_state in enumerate(layer_states):
       x, aux = step(x, (layer_state, rngs[i]))
