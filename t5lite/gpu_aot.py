@@ -7,12 +7,12 @@ custom calls, buffer assignment, scheduling), and says how much memory the progr
 Autotuning is the one pass that needs the device; without it XLA takes its default GEMM
 configurations, which changes speed and may change GEMM workspaces, not the program's buffers.
 A GPU's measured peak also holds what XLA does not plan (allocator fragmentation, cuDNN and
-cuBLAS handles): for T5-base b64 XLA plans 13.0 GB where an H100 measured 16 GB.
+cuBLAS handles): for T5-base b64 XLA plans 13.0 GiB where an H100 measured 16 GiB.
 
 What this buys on a CPU-only host (CI, a laptop, the planner's host):
   * the memory a train step needs on an H100, from the compiler that will run it (XLA:CPU's
     own memory analysis is no stand-in: it has no fused attention and assigns buffers its own
-    way; for the 1b preset it says 60 GB where an H100 measured 29 GB, this says 29.5 GB);
+    way; for the 1b preset it says 60 GiB where an H100 measured 29 GiB, this says 29.5 GiB);
   * that a sharded program compiles for 8 GPUs, cuDNN attention's custom partitioning included.
 
 It needs JAX's CUDA PJRT plugin, without the CUDA libraries (about 180 MB):

@@ -136,7 +136,7 @@ def _keep_if(finite, update, grads, grad_norm, params, opt_state):
   own buffers, so XLA's GPU compiler copies every parameter and moment from them into the
   donated state's after it: in the programs it compiles for an H100, 13.2 GB of copies per step
   at the 1b preset (8 ms at 3.35 TB/s, ~4% of its step) and 3.0 GB at T5 v1.1 base b64, gone
-  with selects (peak memory 29.5 -> 29.0 and 13.0 -> 12.9 GB)."""
+  with selects (peak memory 29.5 -> 29.0 and 13.0 -> 12.9 GiB)."""
   if gpu_aot.tracing_platform() == "cpu":
     return jax.lax.cond(finite, update, _skip_update, grads, grad_norm, params, opt_state)
   return jax.tree.map(lambda new, old: jnp.where(finite, new, old),
