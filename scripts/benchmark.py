@@ -406,13 +406,16 @@ def time_side_by_side(runners, args, flops: float):
   reader sees the spread a median hides. The first runner's row (t5lite's) also gets this
   process's minor page faults and kernel time per step (medians; `getrusage`): XLA:CPU's step
   buffer faulted in again every step shows there (what t5lite/host_malloc.py's allocator
-  choice is about)."""
+  choice is about). Its per-step faults and CPU seconds (user and kernel, all threads) are
+  kept round by round too (`round_host_faults`, `round_host_cpu_s`), which tells a slow step's
+  cause: faults where the allocator mapped fresh memory, more CPU seconds for the same work
+  where the machine ran slower (a VM's neighbours), neither where the step waited."""
   for run, _ in runners:
     for _ in range(args.warmup):
       run()
   rounds = max(1, min(args.rounds, args.steps)) if len(runners) > 1 else 1
   times = [[[] for _ in range(rounds)] for _ in runners]   # [runner][round] -> step seconds
-  faults, kernel_s = [], []
+  faults, kernel_s, cpu_s = ([[] for _ in range(rounds)] for _ in range(3))  # t5lite's, by round
   losses = [0.0] * len(runners)
   for r in range(rounds):
     per_round = args.steps // rounds + (r < args.steps % rounds)
@@ -426,12 +429,14 @@ def time_side_by_side(runners, args, flops: float):
         times[i][r].append(time.perf_counter() - t)
         if i == 0:
           after = resource.getrusage(resource.RUSAGE_SELF)
-          faults.append(after.ru_minflt - before.ru_minflt)
-          kernel_s.append(after.ru_stime - before.ru_stime)
+          faults[r].append(after.ru_minflt - before.ru_minflt)
+          kernel_s[r].append(after.ru_stime - before.ru_stime)
+          cpu_s[r].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
   tokens = args.batch * (args.inputs + args.targets)
+  every = lambda by_round: [x for xs in by_round for x in xs]  # noqa: E731
   rows = []
   for (_, facts), by_round, loss in zip(runners, times, losses):
-    step_s = statistics.median(t for ts in by_round for t in ts)
+    step_s = statistics.median(every(by_round))
     rows.append({"impl": facts["impl"], "step_s": step_s, "tokens_per_s": tokens / step_s,
                  "round_step_s": by_round,
                  "model_flops_per_token": flops / tokens, "tflops": flops / step_s / 1e12,
@@ -439,8 +444,9 @@ def time_side_by_side(runners, args, flops: float):
                  "compile_s": facts["compile_s"], "loss": loss,
                  **({"planned_mem_gb": facts["planned_mem_gb"]} if "planned_mem_gb" in facts
                     else {})})
-  rows[0].update(host_faults_per_step=statistics.median(faults),
-                 host_kernel_s_per_step=statistics.median(kernel_s))
+  rows[0].update(host_faults_per_step=statistics.median(every(faults)),
+                 host_kernel_s_per_step=statistics.median(every(kernel_s)),
+                 round_host_faults=faults, round_host_cpu_s=cpu_s)
   return rows
 
 

@@ -16,6 +16,14 @@
 // returned to the kernel, least recently freed first. Everything else, and every request the
 // reservation cannot serve, goes to the next allocator. free() tells our blocks by address,
 // with no lock.
+//
+// The first time a block is taken again (its size recurs, as a step buffer's does) and it is
+// the only block of its size, the cache also faults in a spare of that size and keeps it, where
+// the limit allows: the overlap above then finds the spare rather than fresh space. Without it
+// the overlap came once a process, at a step of its own choosing (T5-small: 372,037 faults and
+// 5.4 s in place of ~3.4, at the third to eighth timed step of four benchmark runs); with it
+// the cost falls on the second step, while the program warms up, and is smaller (the kernel
+// faults the pages in one call, MADV_POPULATE_WRITE, rather than one fault at a time).
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -200,6 +208,47 @@ static void evict(void) {  // the lock held
   }
 }
 
+// A fresh (never touched, or returned to the kernel) free segment of at least `need` bytes, cut
+// to `need`, or -1: the smallest free one, else new space at the top (taking in a fresh free
+// segment that ends there).
+static int fresh(size_t need) {  // the lock held
+  int best = find(need, 0);
+  if (best < 0) {
+    int extend = nsegs > 0 && !segs[nsegs - 1].live && !segs[nsegs - 1].dirty;
+    size_t start = extend ? segs[nsegs - 1].offset : top;
+    if (start + need > atomic_load_explicit(&span, memory_order_relaxed) ||
+        (!extend && !insert(nsegs, (Segment){start, 0, 0, 0, 0})))
+      return -1;
+    best = nsegs - 1;
+    segs[best].bytes = need;
+    top = start + need;
+  }
+  if (segs[best].bytes > need) {  // the rest stays free (without a slot, all is taken)
+    Segment rest = {segs[best].offset + need, segs[best].bytes - need, 0, 0, 0};
+    if (insert(best + 1, rest)) segs[best].bytes = need;
+  }
+  return best;
+}
+
+// Whether segs[i] is the only block, in use or kept, of its size.
+static int only_of_its_size(int i) {  // the lock held
+  for (int j = 0; j < nsegs; ++j) {
+    if (j != i && (segs[j].live || segs[j].dirty) && segs[j].bytes == segs[i].bytes) return 0;
+  }
+  return 1;
+}
+
+// Faults in [p, p + bytes) in one call where the kernel can (Linux 5.14), else a write a page.
+static void populate(char* p, size_t bytes) {
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+  if (madvise(p, bytes, MADV_POPULATE_WRITE) == 0) return;
+  for (size_t i = 0; i < bytes; i += 4096) ((volatile char*)p)[i] = 0;
+}
+
+static void give_back(void* p);
+
 // A block of at least `size` bytes from the reservation, or NULL; *dirty says whether it may
 // hold old data. A kept block is taken whole, and only for a request of at least half its size:
 // kept blocks are never split or merged, so each stays whole for the request it was kept for
@@ -217,32 +266,33 @@ static void* take(size_t size, int* dirty) {
   int best = find(need, 1);
   if (best < 0) {
     evict();
-    best = find(need, 0);
-  }
-  if (best < 0) {  // fresh space at the top, taking in a fresh free segment that ends there
-    int extend = nsegs > 0 && !segs[nsegs - 1].live && !segs[nsegs - 1].dirty;
-    size_t start = extend ? segs[nsegs - 1].offset : top;
-    if (start + need > atomic_load_explicit(&span, memory_order_relaxed) ||
-        (!extend && !insert(nsegs, (Segment){start, 0, 0, 0, 0}))) {
+    best = fresh(need);
+    if (best < 0) {
       unlock();
       return NULL;
     }
-    best = nsegs - 1;
-    segs[best].bytes = need;
-    top = start + need;
   }
   Segment* s = &segs[best];
-  if (!s->dirty && s->bytes > need) {  // the rest stays free (without a slot, all is taken)
-    Segment rest = {s->offset + need, s->bytes - need, 0, 0, 0};
-    if (insert(best + 1, rest)) segs[best].bytes = need;
-    s = &segs[best];
-  }
   if (s->dirty) cached -= s->bytes;
   *dirty = s->dirty;
   s->live = 1;
   s->dirty = 0;
-  void* p = (void*)(atomic_load_explicit(&base, memory_order_relaxed) + s->offset);
+  uintptr_t at = atomic_load_explicit(&base, memory_order_relaxed);
+  void* p = (void*)(at + s->offset);
+  char* spare = NULL;  // taken as in use (so no one takes it) and faulted in outside the lock
+  size_t spare_bytes = s->bytes;
+  if (*dirty && only_of_its_size(best) && cached + spare_bytes <= limit) {
+    int i = fresh(spare_bytes);
+    if (i >= 0) {
+      segs[i].live = 1;
+      spare = (char*)(at + segs[i].offset);
+    }
+  }
   unlock();
+  if (spare) {
+    populate(spare, spare_bytes);
+    give_back(spare);  // kept, resident, for the next request of this size
+  }
   return p;
 }
 

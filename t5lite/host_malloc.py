@@ -58,7 +58,14 @@ any thread), and, before it takes fresh memory, returns kept blocks over its lim
 quarter of physical memory) to the kernel, oldest first (returning them at free() returned one
 of decoder-125m's two overlapping 4.45 GB step buffers every step): with it the same runs
 faulted their step buffer in twice, in the first 4 steps (the second for the overlap), and
-never again (three processes).
+never again (three processes). That second time came at a step of its own choosing (the
+eighty-seventh session's benchmark runs: T5-small's third to eighth timed step, 372,037 faults
+and 5.4 s in place of ~3.4), so the cache now makes it at the second step: the first time a
+block is taken again while it is the only one of its size, it faults in a spare of that size
+(one `madvise` call) and keeps it, within the limit, for the overlap to take. T5-small's
+second warm-up step faults 381,209 pages, then none of 12 timed steps did; decoder-125m's the
+same (857,944, then none of 6). Resident memory holds one more step buffer from the second step
+on, as it did from the overlap on before.
 
 The loader reads `LD_PRELOAD` and glibc reads its tunables only when a process starts, so the
 step-heavy entry points (`t5lite.train`, `t5lite.eval`, `scripts/benchmark.py`) call

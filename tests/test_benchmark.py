@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import jax
 import pytest
@@ -97,6 +98,35 @@ def test_cpu_order_alternates_rounds_and_keeps_every_step():
     assert [len(steps) for steps in row["round_step_s"]] == [3, 2]
     every = sorted(t for steps in row["round_step_s"] for t in steps)
     assert row["step_s"] == every[2] and every[0] > 0
+  # t5lite's row (this process's) also has its steps' page faults and CPU seconds, by round.
+  for key in ("round_host_faults", "round_host_cpu_s"):
+    assert [len(steps) for steps in rows[0][key]] == [3, 2]
+    assert all(x >= 0 for steps in rows[0][key] for x in steps)
+  assert "round_host_faults" not in rows[1]
+
+
+def test_host_cpu_seconds_tell_a_slow_steps_cause():
+  """A step that computes on this process's threads shows its CPU seconds; one that waits
+  (as a step does on a machine that ran it slower only in wall time) does not."""
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import benchmark  # pylint: disable=import-outside-toplevel
+  work = iter([0.0, 0.3, 0.0])   # the warm-up step, then a computing step and a waiting one
+
+  def step():
+    seconds, start = next(work), time.process_time()
+    if seconds:
+      while time.process_time() - start < seconds:
+        pass
+    else:
+      time.sleep(0.3)
+    return 1.0
+
+  args = argparse.Namespace(warmup=1, steps=2, rounds=1, batch=1, inputs=2, targets=2)
+  facts = {"impl": "t5lite", "compile_s": 0.0, "peak_mem_gb": lambda: 0.0}
+  row, = benchmark.time_side_by_side([(step, facts)], args, flops=1e6)
+  (busy, idle), = row["round_host_cpu_s"]
+  assert busy >= 0.25 and idle < 0.1
+  assert min(row["round_step_s"][0]) >= 0.29
 
 
 def test_gpu_order_times_hf_first_and_reports_t5lite_first():
