@@ -20,8 +20,8 @@
 // The first time a block is taken again (its size recurs, as a step buffer's does) and it is
 // the only block of its size, the cache also faults in a spare of that size and keeps it, where
 // the limit allows: the overlap above then finds the spare rather than fresh space. Without it
-// the overlap came once a process, at a step of its own choosing (T5-small: 372,037 faults and
-// 5.4 s in place of ~3.4, at the third to eighth timed step of four benchmark runs); with it
+// the overlap came once a process, at a step of its own choosing (T5-small: 368,598 and 372,037
+// faults, steps of 4.5 and 5.4 s in place of ~3.4, the 4th and 6th of 6 timed steps); with it
 // the cost falls on the second step, while the program warms up, and is smaller (the kernel
 // faults the pages in one call, MADV_POPULATE_WRITE, rather than one fault at a time).
 #define _GNU_SOURCE

@@ -59,10 +59,10 @@ quarter of physical memory) to the kernel, oldest first (returning them at free(
 of decoder-125m's two overlapping 4.45 GB step buffers every step): with it the same runs
 faulted their step buffer in twice, in the first 4 steps (the second for the overlap), and
 never again (three processes). That second time came at a step of its own choosing (the
-eighty-seventh session's benchmark runs: T5-small's third to eighth timed step, 372,037 faults
-and 5.4 s in place of ~3.4), so the cache now makes it at the second step: the first time a
-block is taken again while it is the only one of its size, it faults in a spare of that size
-(one `madvise` call) and keeps it, within the limit, for the overlap to take. T5-small's
+eighty-seventh session, T5-small: 368,598 and 372,037 faults, steps of 4.5 and 5.4 s in place of
+~3.4, the 4th and 6th of 6 timed steps), so the cache now makes it at the second step: the first
+time a block is taken again while it is the only one of its size, it faults in a spare of that
+size (one `madvise` call) and keeps it, within the limit, for the overlap to take. T5-small's
 second warm-up step faults 381,209 pages, then none of 12 timed steps did; decoder-125m's the
 same (857,944, then none of 6). Resident memory holds one more step buffer from the second step
 on, as it did from the overlap on before.
