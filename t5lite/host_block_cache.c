@@ -238,13 +238,17 @@ static int only_of_its_size(int i) {  // the lock held
   return 1;
 }
 
-// Faults in [p, p + bytes) in one call where the kernel can (Linux 5.14), else a write a page.
+// Faults in [p, p + bytes) in one call where the kernel can (Linux 5.14), else a write a page
+// where it does not know the call (not where memory ran short), keeping the caller's errno.
 static void populate(char* p, size_t bytes) {
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
-  if (madvise(p, bytes, MADV_POPULATE_WRITE) == 0) return;
-  for (size_t i = 0; i < bytes; i += 4096) ((volatile char*)p)[i] = 0;
+  int saved = errno;
+  if (madvise(p, bytes, MADV_POPULATE_WRITE) != 0 && errno == EINVAL) {
+    for (size_t i = 0; i < bytes; i += 4096) ((volatile char*)p)[i] = 0;
+  }
+  errno = saved;
 }
 
 static void give_back(void* p);
