@@ -106,8 +106,8 @@ def test_cpu_order_alternates_rounds_and_keeps_every_step():
 
 
 def test_host_cpu_seconds_tell_a_slow_steps_cause():
-  """A step that computes on this process's threads shows its CPU seconds; one that waits
-  (as a step does on a machine that ran it slower only in wall time) does not."""
+  """A step that computes on this process's threads counts its CPU seconds; one that waits (on
+  another process, a lock, I/O) counts none, though both take the same wall time."""
   sys.path.insert(0, os.path.join(REPO, "scripts"))
   import benchmark  # pylint: disable=import-outside-toplevel
   work = iter([0.0, 0.3, 0.0])   # the warm-up step, then a computing step and a waiting one
