@@ -92,9 +92,9 @@ def test_shapes_that_do_not_tile_are_refused_and_attend_falls_back():
   assert not gpu_attention.supported(q, q)
   with pytest.raises(ValueError, match="do not tile"):
     gpu_attention.attention(q, q, q, scale=1.0)
+  keys = q[:, :32].repeat(2, axis=1)   # 64 keys for 32 queries
   with pytest.raises(ValueError, match="causal only with as many queries as keys"):
-    gpu_attention.attention(q[:, :32], q[:, :32].repeat(2, axis=1), q[:, :32].repeat(2, axis=1),
-                            scale=1.0, causal=True)
+    gpu_attention.attention(q[:, :32], keys, keys, scale=1.0, causal=True)
   ok = jnp.ones((1, 64, 2, 16))
   bias = jnp.zeros((1, 2, 64, 64))
   def applies(q, k, mask, bias):
