@@ -121,8 +121,8 @@ def test_mlp_remat_policy_keeps_the_gated_product_instead_of_computing_it_again(
   layer's gated product again for the output projection's kernel gradient (a kernel that reads
   both input projections and writes [batch, length, mlp]); the step moves less device memory and
   holds more, for the same matmuls. With the stacked projection, whose recomputed product XLA
-  writes as a kernel of its own (under runs/gpu.gin's "split" it joins the backward's kernels
-  that read both projections anyway, and the policy saves 0.6% of the traffic, not 1.2%)."""
+  writes as a kernel of its own (under "split" it joins the backward's kernels that read both
+  projections anyway, and the policy saves 0.6% of the traffic, not 1.2%)."""
   steps = {policy: _h100_step("t5_1_1/small", 16, 256, 64,
                               f"ModelConfig.remat_policy = '{policy}'",
                               "ModelConfig.gated_projection = 'stacked'")
@@ -147,31 +147,46 @@ def test_gated_projection_levers_write_the_mlp_backward_as_loop_kernels():
   concatenation kernel per layer, which XLA:GPU emits with one element a thread (its loop
   kernels with four); under "stacked_autodiff" one loop kernel writing the stacked gradient, and
   under "split" one multi-output loop kernel writing the two gradients (and no stacked kernel
-  copies). The matmul FLOPs are the same."""
-  kernels, flops = {}, {}
-  for projection in ("stacked", "stacked_autodiff", "split"):
-    _, program = _h100_step("t5_1_1/small", 16, 256, 64,
-                            f"ModelConfig.gated_projection = '{projection}'")
-    kernels[projection] = [(inst.name, inst.shape) for inst, _, _, _ in
+  copies). Under "split_recompute" the same, but the forward's gated product, which under
+  "split" writes GELU's tanh term beside the product for that kernel, writes the product alone:
+  a [batch, length, mlp] array less written and read per layer, and less memory held. The
+  matmul FLOPs are the same."""
+  kernels, flops, traffic, peak = {}, {}, {}, {}
+  for projection in ("stacked", "stacked_autodiff", "split", "split_recompute"):
+    compiled, program = _h100_step("t5_1_1/small", 16, 256, 64,
+                                   f"ModelConfig.gated_projection = '{projection}'")
+    kernels[projection] = [(inst.name, inst.shape, inst.rest) for inst, _, _, _ in
                            program.kernel_costs(program.entry)]
     flops[projection] = hlo_analysis.matmul_flops(program)["total"]
+    traffic[projection] = hlo_analysis.memory_traffic(program)["bytes"]
+    peak[projection] = gpu_aot.memory_gb(compiled)["peak"]
   stacked_shape = re.compile(r"bf16\[16,(256|64),2,1024\]")   # T5-small: d_ff 1024
   gradients = re.compile(r"\(bf16\[16,(256|64),1024\]\S*, bf16\[16,(256|64),1024\]\S*\)$")
 
-  def count(projection, name, shape):
-    return sum(1 for n, s in kernels[projection] if n.startswith(name) and shape.match(s))
+  def count(projection, name, shape, op_name=""):
+    return sum(1 for n, s, rest in kernels[projection]
+               if n.startswith(name) and shape.match(s) and f'op_name="{op_name}' in rest)
 
   assert count("stacked", "input_concatenate_fusion", stacked_shape) == 16
   assert count("stacked", "loop_", stacked_shape) == 0
   assert count("stacked_autodiff", "input_concatenate_fusion", stacked_shape) == 0
   assert count("stacked_autodiff", "loop_", stacked_shape) == 16
-  assert count("split", "input_concatenate_fusion", stacked_shape) == 0
   assert count("split", "loop_", gradients) >= 16 + count("stacked", "loop_", gradients)
-  weights = lambda projection: [n for n, s in kernels[projection]  # noqa: E731
+  for split in ("split", "split_recompute"):
+    assert count(split, "input_concatenate_fusion", stacked_shape) == 0
+    assert count(split, "loop_", gradients, "jit(train_step)/transpose(jvp())/mul") == 16
+  weights = lambda projection: [n for n, s, _ in kernels[projection]  # noqa: E731
                                 if "concatenate" in n and ",2,1024]" in s]
   assert weights("stacked") and weights("stacked_autodiff") and not weights("split")
-  assert flops["split"] == pytest.approx(flops["stacked"])
-  assert flops["stacked_autodiff"] == pytest.approx(flops["stacked"])
+  # The forward's product with a second output, one a layer, under "split" (and "stacked").
+  forward = "jit(train_step)/jvp()/mul"
+  assert count("split", "loop_", gradients, forward) == 16
+  assert count("split_recompute", "loop_", gradients, forward) == 0
+  saved = 8 * 16 * 256 * 1024 * 2 + 8 * 16 * 64 * 1024 * 2   # bytes of the arrays saved
+  assert traffic["split"] - traffic["split_recompute"] >= 2 * saved * 0.99, traffic
+  assert peak["split_recompute"] < peak["split"], peak
+  for projection in ("stacked_autodiff", "split", "split_recompute"):
+    assert flops[projection] == pytest.approx(flops["stacked"])
 
 
 def test_pallas_attention_compiles_for_an_h100_as_triton_kernels():

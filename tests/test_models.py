@@ -309,16 +309,17 @@ def test_bf16_with_float32_dot_outputs_tracks_float32(variant):
   assert errors["lever"] < 0.05 and errors["lever"] <= 1.2 * errors["plain"], errors
 
 
-@pytest.mark.parametrize("projection", ["stacked_autodiff", "split"])
+@pytest.mark.parametrize("projection", ["stacked_autodiff", "split", "split_recompute"])
 @pytest.mark.parametrize("variant", [dict(arch="encoder_decoder"),
                                      dict(arch="decoder_only", num_kv_heads=2, activation="silu",
                                           scan_layers=False),
                                      dict(arch="decoder_only", use_bias=True, activation="silu")],
                          ids=_ids)
 def test_gated_projections_match_the_stacked_one(variant, projection):
-  """gated_projection 'stacked_autodiff' (autodiff's gradient of the stacked matmul) and 'split'
-  (two matmuls) give the hand-written stacked gradient's loss and gradients; 'split' has no
-  [.., 2, mlp] product, the stacked ones have."""
+  """gated_projection 'stacked_autodiff' (autodiff's gradient of the stacked matmul), 'split'
+  (two matmuls) and 'split_recompute' (two, the gradient by hand) give the hand-written stacked
+  gradient's loss and gradients; the split ones have no [.., 2, mlp] product, the stacked ones
+  have."""
   batch = random_batch(tiny_config(**variant), seed=6)
   _assert_same_loss_and_grads(variant, batch, dict(gated_projection="stacked"),
                               dict(gated_projection=projection), loss_rtol=1e-6, atol=1e-6,
@@ -328,7 +329,7 @@ def test_gated_projections_match_the_stacked_one(variant, projection):
   jaxpr = jax.make_jaxpr(jax.grad(lambda p: Model(cfg).loss(p, batch)[0]))(params).jaxpr
   stacked = [v.aval.shape for eqn in equations(jaxpr, "dot_general") for v in eqn.outvars
              if v.aval.shape[-2:] == (2, cfg.d_ff)]
-  assert bool(stacked) == (projection != "split")
+  assert bool(stacked) == projection.startswith("stacked")
   with pytest.raises(ValueError, match="gated_projection must be one of"):
     tiny_config(gated_projection="stacked_by_hand")
 

@@ -15,7 +15,7 @@ NORMS = ("rms", "layer")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention",
                   "dots_no_batch_mlp", "dots_no_batch_attention_mlp")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "cpu_kernel", "pallas")
-GATED_PROJECTIONS = ("stacked", "stacked_autodiff", "split")
+GATED_PROJECTIONS = ("stacked", "stacked_autodiff", "split", "split_recompute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +42,12 @@ class ModelConfig:
       as autodiff's gradient takes there). 'stacked_autodiff': the same
       matmul, autodiff's gradient of its two halves, which XLA:GPU writes as one loop kernel.
       'split': two matmuls, whose gradients XLA:GPU writes as one multi-output loop kernel.
-      The hand-written stack is a concatenation kernel on XLA:GPU, emitted with one element a
-      thread (four in loop kernels): an H200 ran T5-base's at about half the memory bandwidth
-      of same-sized loop kernels. The last two are GPU levers.
+      'split_recompute': the same, its gradient written by hand to compute the activation again
+      in that kernel rather than have the forward pass save part of it (`layers.gated_pair`:
+      less memory moved and held). The hand-written stack is a concatenation kernel on
+      XLA:GPU, emitted with one element a thread (four in loop kernels): an H200 ran T5-base's
+      at about half the memory bandwidth of same-sized loop kernels. The last three are GPU
+      levers.
     position_encoding: one of POSITION_ENCODINGS ('learned': GPT-2's absolute position table of
       max_length rows, decoder-only).
     relative_buckets / relative_max_distance: T5 relative position bias buckets.
