@@ -118,10 +118,11 @@ BF16_PARAMS = ("ModelConfig.param_dtype='bfloat16'", "OptimizerConfig.master_wei
 LEVERS = ((), HEAD_CHUNKS, BF16_PARAMS)
 # GPU only: runs/gpu.gin, then first what no GPU has timed: T5's biased attention through t5lite's
 # Pallas kernel (t5lite/kernels/gpu_attention.py; cuDNN's biased backward took 18.1 of T5-base's
-# 84.1 ms on the H100), and the gated MLP's two matmuls with autodiff's gradient ("split", which
-# the H100 timed; runs/gpu.gin has "split_recompute", from XLA's H100 programs alone). Then each
-# of runs/gpu.gin's choices undone or another added, as the seventy-first session's H100 timed
-# them on T5-base (runs/gpu.gin says what each gave): the gated MLP's stacked matmul with the
+# 84.1 ms on the H100), the gated MLP's two matmuls with autodiff's gradient ("split", which the
+# H100 timed; runs/gpu.gin has "split_recompute", from XLA's H100 programs alone), and AdamW's
+# first moment in bfloat16 (0.3-0.4 ms and 0.5-2.0 GiB less in those programs). Then each of
+# runs/gpu.gin's choices undone or another added, as the seventy-first session's H100 timed them
+# on T5-base (runs/gpu.gin says what each gave): the gated MLP's stacked matmul with the
 # hand-written gradient and with autodiff's, XLA's dot merger on (runs/gpu.gin turns it off: it
 # joins matmuls that share an operand at the cost of concatenating their weights and gradients
 # and slicing their outputs), every GEMM a cuBLAS call, the state not donated (its memory), the
@@ -132,7 +133,7 @@ LEVERS = ((), HEAD_CHUNKS, BF16_PARAMS)
 GPU_OPTIONS = "'xla_gpu_enable_dynamic_slice_fusion': False, 'xla_gpu_dot_merger_threshold_mb': 0"
 GPU_LEVERS = (
     (), ("ModelConfig.attention_impl='pallas'",), ("ModelConfig.gated_projection='split'",),
-    ("ModelConfig.gated_projection='stacked'",),
+    ("OptimizerConfig.mu_dtype='bfloat16'",), ("ModelConfig.gated_projection='stacked'",),
     ("ModelConfig.gated_projection='stacked_autodiff'",),
     ("TrainConfig.compiler_options={'xla_gpu_enable_dynamic_slice_fusion': False}",),
     (f"TrainConfig.compiler_options={{{GPU_OPTIONS}, 'xla_gpu_enable_triton_gemm': False}}",),

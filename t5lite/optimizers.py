@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("adamw", "adafactor")
+MU_DTYPES = ("", "float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,10 @@ class OptimizerConfig:
       update those; the parameters themselves (`ModelConfig.param_dtype`, e.g. bfloat16) are
       their rounded copies (`with_master_weights`). Without it, updates smaller than a
       low-precision parameter's rounding step are lost.
+    mu_dtype: the dtype AdamW keeps its first moment in, one of MU_DTYPES ("": the parameters';
+      "bfloat16" halves the moment's bytes, held and read and written each step, for its
+      rounding: a GPU lever, as MaxText's `mu_dtype`). The second moment keeps the
+      parameters' dtype.
   """
   name: str = "adamw"
   b1: float = 0.9
@@ -35,15 +40,20 @@ class OptimizerConfig:
   adafactor_decay_rate: float = 0.8
   multiply_by_parameter_scale: bool = False
   master_weights: bool = False
+  mu_dtype: str = ""
 
 
 def make_optimizer(cfg: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
   """The optimizer chain: clip by global norm, then the update rule at `learning_rate`."""
   if cfg.name not in OPTIMIZERS:
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.name!r}")
+  if cfg.mu_dtype and cfg.name != "adamw":
+    raise ValueError(f"mu_dtype is AdamW's first moment; optimizer {cfg.name!r} has none")
+  if cfg.mu_dtype not in MU_DTYPES:
+    raise ValueError(f"mu_dtype must be one of {MU_DTYPES}, got {cfg.mu_dtype!r}")
   if cfg.name == "adamw":
     rule = optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                       weight_decay=cfg.weight_decay)
+                       weight_decay=cfg.weight_decay, mu_dtype=cfg.mu_dtype or None)
   else:
     rule = optax.adafactor(learning_rate, decay_rate=cfg.adafactor_decay_rate,
                            multiply_by_parameter_scale=cfg.multiply_by_parameter_scale,

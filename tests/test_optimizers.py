@@ -63,6 +63,39 @@ def test_adamw_chain_matches_optax_chain():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p_a, p_b)
 
 
+def test_adamw_first_moment_in_bfloat16():
+  """mu_dtype='bfloat16': AdamW's first moment is held in bfloat16 and its second in float32;
+  the steps are optax's adamw with that mu_dtype, within bfloat16's rounding of the float32
+  moments' steps. Adafactor, which has no first moment, and unknown dtypes are refused."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.zeros((3,))}
+  make = lambda mu: optimizers.make_optimizer(  # noqa: E731
+      optimizers.OptimizerConfig("adamw", weight_decay=0.1, mu_dtype=mu), 1e-2)
+  theirs = optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+                                   mu_dtype=jnp.bfloat16))
+  runs = {}
+  for name, opt in (("bf16", make("bfloat16")), ("optax", theirs), ("fp32", make(""))):
+    state, p = opt.init(params), params
+    for step in range(3):
+      grads = jax.tree.map(lambda x, s=step: (s + 1) * 3.0 * jnp.cos(x + s), p)
+      updates, state = opt.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    runs[name] = p, state
+  adam = runs["bf16"][1][1][0]
+  assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(runs["fp32"][1][1][0].mu)} == {jnp.dtype(jnp.float32)}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), runs["bf16"][0],
+               runs["optax"][0])
+  moved = lambda run: jax.tree.map(lambda a, b: a - b, runs[run][0], params)  # noqa: E731
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-4),
+               moved("bf16"), moved("fp32"))
+  with pytest.raises(ValueError, match="first moment"):
+    optimizers.make_optimizer(optimizers.OptimizerConfig("adafactor", mu_dtype="bfloat16"), 1e-2)
+  with pytest.raises(ValueError, match="mu_dtype must be one of"):
+    make("bf16")
+
+
 def test_master_weights_keep_updates_below_the_parameters_rounding():
   """bfloat16 parameters lose SGD steps of +1e-3 (below half their rounding step above 0.5 and
   1); with float32 masters the steps add up and the parameters are the masters rounded."""
