@@ -304,10 +304,15 @@ class MLP(nnx.Module):
     return _add_bias(out, self, "wo_bias"), jnp.zeros((), jnp.float32)
 
 
+def _gated_pair(gate, up, activation: str):
+  """act(gate) * up, with autodiff's gradient."""
+  return activation_fn(activation)(gate) * up
+
+
 def gated_product(both, activation: str):
   """act(gate) * up from the stacked projections `both` [..., 2, mlp] (gate first), with
   autodiff's gradient of the two slices (`gated_activation` writes it by hand)."""
-  return activation_fn(activation)(both[..., 0, :]) * both[..., 1, :]
+  return _gated_pair(both[..., 0, :], both[..., 1, :], activation)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -339,11 +344,6 @@ def _gated_grads(activation: str, gate, up, d_h):
   activated, act_vjp = jax.vjp(activation_fn(activation), gate)
   d_gate, = act_vjp(d_h * up)
   return d_gate, d_h * activated
-
-
-def _gated_pair(gate, up, activation: str):
-  """act(gate) * up, with autodiff's gradient."""
-  return activation_fn(activation)(gate) * up
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
