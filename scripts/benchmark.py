@@ -6,9 +6,10 @@
 Synthetic batches, no TensorFlow. Reports the median step time after warm-up (device
 synchronized), tokens/s, model FLOPs per token, achieved TFLOP/s, MFU against a matmul peak
 measured on the same device (bf16 on GPU; on CPU in the model's dtype, fp32 or bf16 with an
-fp32 output; before and after the steps, the higher counts), peak device memory and compile
-time. Memory is in GiB (2^30 bytes, as JAX and XLA count it; the JSON's `*mem_gb` and
-`memory_gb` keys), data moved in GB (10^9 bytes, `*step_gb`, `prompt_gb`). The header echoes
+fp32 output; before and after the steps, on CPU also between rounds, the highest counts),
+peak device memory and compile time. Memory is in GiB (2^30 bytes, as JAX and XLA count it;
+the JSON's `*mem_gb` and `memory_gb` keys), data moved in GB (10^9 bytes, `*step_gb`,
+`prompt_gb`). The header echoes
 the settings that decide speed (dtypes, scanned layers, remat, attention, flat weight grads,
 fp32 matmul outputs, the loss's head chunks, master weights) and the versions of jax, flax and
 optax (torch and transformers with --vs-hf);
@@ -397,7 +398,7 @@ def aot_decode(cfg, args, batch: int) -> dict:
   return row
 
 
-def time_side_by_side(runners, args, flops: float):
+def time_side_by_side(runners, args, flops: float, between_rounds=None):
   """Times the runners in `args.rounds` rounds of consecutive steps (an untimed settling step,
   then steps/rounds timed ones, per runner and round; one round for a single runner). Rounds
   spread drift in the machine's speed (clocks, neighbours) over every implementation alike;
@@ -409,7 +410,8 @@ def time_side_by_side(runners, args, flops: float):
   choice is about). Its per-step faults and CPU seconds (user and kernel, all threads) are
   kept round by round too (`round_host_faults`, `round_host_cpu_s`), which tells a slow step's
   cause: faults where the allocator mapped fresh memory, more CPU seconds for the same work
-  where the machine ran slower (a VM's neighbours), neither where the step waited."""
+  where the machine ran slower (a VM's neighbours), neither where the step waited.
+  `between_rounds`, where given, is called between one round and the next (the matmul probe)."""
   for run, _ in runners:
     for _ in range(args.warmup):
       run()
@@ -419,6 +421,8 @@ def time_side_by_side(runners, args, flops: float):
   losses = [0.0] * len(runners)
   for r in range(rounds):
     per_round = args.steps // rounds + (r < args.steps % rounds)
+    if r and between_rounds is not None:
+      between_rounds()
     for i, (run, _) in enumerate(runners):
       if r:
         run()
@@ -738,12 +742,16 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
   if on_gpu:
     rows = time_one_at_a_time(makers, args, flops, hf_failed)
   else:       # in alternating rounds: CPU speed drifts with clocks and neighbours
-    rows = time_side_by_side([make() for _, make in makers], args, flops)
-  # The peak again after the steps, and the higher one counts: a peak measured while the
-  # machine was slowed for a moment would inflate MFU (on a busy CPU, past 100%).
+    rows = time_side_by_side([make() for _, make in makers], args, flops, between_rounds=lambda:
+                             peaks.append(measure_peak_tflops(on_gpu, bf16)))
+  # The peak again after the steps (on a CPU also between rounds), and the highest counts: a
+  # peak measured while the machine was slowed for a moment would inflate MFU (on a VM whose
+  # speed drifts, past 100%: decoder/125m's step once read 0.156 TFLOP/s where probes before and
+  # after it read 0.151 and 0.141).
   peaks.append(measure_peak_tflops(on_gpu, bf16, with_torch=args.vs_hf))
   peak_by = max(((tflops, name) for p in peaks for name, tflops in p.items()))
   peak = peak_by[0]
+  readings = [max(p.values()) for p in peaks]
   for r in rows:
     r["mfu"] = r["tflops"] / peak
   if args.vs_hf:
@@ -751,7 +759,8 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
       r["vs_t5lite"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
   result = {**run_facts(cfg, args, bindings), **hf_facts, "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "pack": args.pack, "dtype": cfg.dtype,
-            "peak_tflops": peak, "peak_tflops_before_after": [max(p.values()) for p in peaks],
+            "peak_tflops": peak, "peak_tflops_before_after": [readings[0], readings[-1]],
+            "peak_tflops_between_rounds": readings[1:-1],
             "peak_by_matmul": peaks, "peak_matmul": peak_by[1],
             "peak_dtype": "bf16" if on_gpu or bf16 else "fp32",
             "host_malloc": host_malloc.active_allocator(os.environ),
@@ -776,6 +785,9 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
   for r in rows:
     print(f"{r['impl']:<12}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>12.0f}{r['tflops']:>9.2f}"
           f"{r['mfu'] * 100:>6.1f}%{r['peak_mem_gb']:>8.2f}{r['compile_s']:>10.1f}")
+  if max(r["mfu"] for r in rows) > 1:
+    print(f"MFU over 100%: a step ran faster than any of the {len(peaks)} matmul probes (the "
+          f"host's speed drifted while they ran; more --rounds probe it more often)")
   if on_gpu and rows[0].get("planned_mem_gb"):
     print(f"t5lite's step as XLA planned it: {rows[0]['planned_mem_gb']:.2f} GiB (the device's "
           f"measured peak above: {rows[0]['peak_mem_gb']:.2f} GiB)")

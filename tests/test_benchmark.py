@@ -20,7 +20,8 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   out = tmp_path / "b.json"
   r = run_cli(["scripts/benchmark.py", "--gin_file=models/t5_1_1/tiny.gin",
                "--gin.ModelConfig.dtype='float32'", "--gin.LossConfig.head_chunks=2", "--batch=2",
-               "--inputs=16", "--targets=8", "--steps=1", "--warmup=1", "--decode_batches=1",
+               "--inputs=16", "--targets=8", "--steps=2", "--rounds=2", "--warmup=1",
+               "--decode_batches=1",
                "--decode_tokens=4", "--vs-hf",
                "--hf-modes=eager", "--hf-generate-caches=dynamic,static", f"--json={out}",
                f"--profile={tmp_path / 'trace'}", "--profile_steps=2"])
@@ -50,13 +51,16 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   assert profile["steps"] == 2 and profile["trace"].startswith(str(tmp_path / "trace"))
   assert profile["by_kind"][0]["ms_per_step"] > 0 and profile["ops"][0]["where"] == "/host:CPU"
   assert "# profile: 2 steps traced" in r.stdout
-  # The report says what was measured: the settings gin resolved, and the higher of two peaks.
+  # The report says what was measured: the settings gin resolved, and the highest of the peaks
+  # probed before the steps, between their two rounds and after them.
   assert result["model"]["dtype"] == "float32" and result["model"]["scan_layers"] is True
   assert "dtype=float32" in r.stdout
   assert result["loss"]["head_chunks"] == 2 and "head_chunks=2" in r.stdout
-  assert result["peak_tflops"] == max(result["peak_tflops_before_after"]) > 0
-  assert result["peak_tflops"] == max(result["peak_by_matmul"][0].values()) or \
-      result["peak_tflops"] == max(result["peak_by_matmul"][1].values())
+  assert len(t5["round_step_s"]) == 2 and len(result["peak_tflops_between_rounds"]) == 1
+  readings = result["peak_tflops_before_after"] + result["peak_tflops_between_rounds"]
+  assert result["peak_tflops"] == max(readings) > 0
+  assert len(result["peak_by_matmul"]) == 3 and result["peak_tflops"] in [
+      max(p.values()) for p in result["peak_by_matmul"]]
   assert result["peak_matmul"] in ("xla", "t5lite") and f"{result['peak_matmul']}'s" in r.stdout
   if host_malloc.is_glibc():  # it re-executed itself under a tuned allocator (HF too)
     assert result["host_malloc"] == ("jemalloc" if host_malloc.find_jemalloc() else

@@ -114,6 +114,19 @@ def test_train_step_lowers_for_cuda_with_cudnn_attention(case, cuda_host):
   assert donated == exp.train.donate_state
 
 
+def test_gpu_levers_setting_compiler_options_keep_the_run_configs():
+  """A lever that sets TrainConfig.compiler_options replaces runs/gpu.gin's whole dict, so
+  benchmark_suite.py writes runs/gpu.gin's options out again: they must stay the same as the
+  file's, but for the one option each lever is about (the dot merger back on; cuBLAS GEMMs)."""
+  cases = [c for c in benchmark_suite.SUITES["gpu-levers"] if c.preset == "t5_1_1/base"]
+  run = _experiment(cases[0]).train.compiler_options
+  assert not cases[0].bindings and "xla_gpu_dot_merger_threshold_mb" in run
+  options = [_experiment(c).train.compiler_options for c in cases
+             if any(b.startswith("TrainConfig.compiler_options") for b in c.bindings)]
+  merger_on = {k: v for k, v in run.items() if k != "xla_gpu_dot_merger_threshold_mb"}
+  assert options == [merger_on, {**run, "xla_gpu_enable_triton_gemm": False}]
+
+
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[f"{c.preset}-b{c.batch}" for c in DECODE_CASES])
 def test_decode_lowers_for_cuda_with_cudnn_prefill(case, cuda_host):
   del cuda_host

@@ -76,9 +76,15 @@ def supported(q, k, tiling: Tiling = Tiling(), causal: bool = False) -> bool:
   """Whether `attention` takes these shapes: query and key lengths multiples of the tiles (or
   shorter than a tile and a power of two), head_dim a power of two of at least 16, and (causal)
   as many queries as keys."""
+  return _tiles(q, k, tiling, causal) is not None
+
+
+def _tiles(q, k, tiling: Tiling, causal: bool) -> Optional[Tiling]:
+  """`tiling` cut to these shapes (`_resolve`), or None where `attention` does not take them."""
   d = q.shape[-1]
-  return (_resolve(tiling, q.shape[1], k.shape[1]) is not None and d >= 16
-          and d & (d - 1) == 0 and (not causal or q.shape[1] == k.shape[1]))
+  if d < 16 or d & (d - 1) or (causal and q.shape[1] != k.shape[1]):
+    return None
+  return _resolve(tiling, q.shape[1], k.shape[1])
 
 
 def _block(length: int, block: int) -> Optional[int]:
@@ -112,7 +118,8 @@ def attention(q, k, v, bias=None, kv_lengths=None, segments=None, *, scale: floa
   interpreter. A `pallas_call` has no partitioning rule of its own: under a mesh, call it
   inside `shard_map`.
   """
-  if not supported(q, k, tiling, causal):
+  tiles = _tiles(q, k, tiling, causal)
+  if tiles is None:
     raise ValueError(f"gpu_attention: q {q.shape}, k {k.shape}{' (causal)' if causal else ''} "
                      f"do not tile as {tiling} (lengths multiples of the tiles, head_dim a power "
                      f"of two >= 16, causal only with as many queries as keys)")
@@ -122,10 +129,9 @@ def attention(q, k, v, bias=None, kv_lengths=None, segments=None, *, scale: floa
   group = q.shape[2] // k.shape[2]
   if group > 1:   # grouped KV heads: each query head reads its group's (the gradient sums them)
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  options = _Options(scale=float(scale), causal=causal,
-                     tiling=_resolve(tiling, q.shape[1], k.shape[1]),
-                     interpret=bool(interpret), has_bias=bias is not None,
-                     has_lengths=kv_lengths is not None, has_segments=segments is not None)
+  options = _Options(scale=float(scale), causal=causal, tiling=tiles, interpret=bool(interpret),
+                     has_bias=bias is not None, has_lengths=kv_lengths is not None,
+                     has_segments=segments is not None)
   # What a call does not have, the kernels do not read: one-element stand-ins keep one signature.
   one = lambda dtype: jnp.zeros((1,) * 2, dtype)  # noqa: E731
   bias = one(q.dtype)[None, None] if bias is None else bias.astype(q.dtype)
@@ -167,7 +173,8 @@ def _scores(options, q, k, bias_tile, q_start, k_start, length, q_seg, k_seg):
   shape = s.shape
   visible = None
   both = lambda a, b: b if a is None else a & b  # noqa: E731
-  cols = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  if options.has_lengths or options.causal:
+    cols = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
   if options.has_lengths:
     visible = both(visible, cols < length)
   if options.has_segments:
