@@ -9,10 +9,9 @@ measured on the same device (bf16 on GPU; on CPU in the model's dtype, fp32 or b
 fp32 output; before and after the steps, on CPU also between rounds, the highest counts),
 peak device memory and compile time. Memory is in GiB (2^30 bytes, as JAX and XLA count it;
 the JSON's `*mem_gb` and `memory_gb` keys), data moved in GB (10^9 bytes, `*step_gb`,
-`prompt_gb`). The header echoes
-the settings that decide speed (dtypes, scanned layers, remat, attention, flat weight grads,
-fp32 matmul outputs, the loss's head chunks, master weights) and the versions of jax, flax and
-optax (torch and transformers with --vs-hf);
+`prompt_gb`). The header echoes the settings that decide speed (dtypes, scanned layers, remat,
+attention, flat weight grads, fp32 matmul outputs, the loss's head chunks, master weights) and
+the versions of jax, flax and optax (torch and transformers with --vs-hf);
 runs/cpu.gin, runs/cpu_bf16.gin or runs/gpu.gin may come before or after the model preset
 (presets bind the architecture only; a file rebinding an earlier one's value is warned of).
 Where t5lite computes in bf16, HF does too (autocast; bf16 weights for decoding).

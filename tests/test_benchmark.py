@@ -21,9 +21,8 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   r = run_cli(["scripts/benchmark.py", "--gin_file=models/t5_1_1/tiny.gin",
                "--gin.ModelConfig.dtype='float32'", "--gin.LossConfig.head_chunks=2", "--batch=2",
                "--inputs=16", "--targets=8", "--steps=2", "--rounds=2", "--warmup=1",
-               "--decode_batches=1",
-               "--decode_tokens=4", "--vs-hf",
-               "--hf-modes=eager", "--hf-generate-caches=dynamic,static", f"--json={out}",
+               "--decode_batches=1", "--decode_tokens=4", "--vs-hf", "--hf-modes=eager",
+               "--hf-generate-caches=dynamic,static", f"--json={out}",
                f"--profile={tmp_path / 'trace'}", "--profile_steps=2"])
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(out.read_text())
