@@ -44,12 +44,13 @@ attention counted in full, causal masks not halved). Forward multiply-adds count
   output head 2*d*V per target token.
 With --pack N (rows of N examples, T5X's pretraining layout) S is the query's own example's
 length (its segment's keys), the attention each example needs, whatever a kernel skips.
+
+The batches, the FLOPs and the jitted step are in scripts/benchmark_step.py; --aot and
+--compile_depths in scripts/benchmark_aot.py.
 """
 
 import argparse
 import dataclasses
-from importlib import metadata
-import json
 import os
 import resource
 import statistics
@@ -64,147 +65,13 @@ if __name__ == "__main__":  # restart under the tuned host allocator before JAX 
   host_malloc.reexec_with_tuned_malloc()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import hf_reference  # noqa: E402  (scripts/, beside this file)
-from matmul_peak import measure_peak_tflops  # noqa: E402  (scripts/, beside this file)
-
-
-def model_flops_per_step(cfg, batch: int, inputs: int, targets: int, pairs=None) -> float:
-  """Training FLOPs of one step (see the module docstring for the formula). `pairs`: the
-  (query, key) pairs each attention sees per step, from `attention_pairs` (packed rows); default:
-  every query with every key of its row."""
-  d, h, k, dh, f, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
-  mlp = 2 * d * f * (3 if cfg.gated_mlp else 2)
-  if cfg.num_experts:
-    mlp = mlp * cfg.experts_per_token + 2 * d * cfg.num_experts
-  proj = 2 * d * h * dh + 4 * d * k * dh + 2 * h * dh * d
-  if pairs is None:
-    pairs = {"encoder": batch * inputs ** 2, "decoder": batch * targets ** 2,
-             "cross": batch * inputs * targets}
-    if cfg.arch != "encoder_decoder":
-      pairs = {"decoder": batch * (inputs + targets) ** 2}
-  if cfg.arch == "encoder_decoder":
-    enc = batch * inputs * cfg.num_encoder_layers * (proj + mlp)
-    enc += cfg.num_encoder_layers * 4 * h * dh * pairs["encoder"]
-    cross_kv = batch * inputs * cfg.num_decoder_layers * 4 * d * k * dh
-    dec = batch * targets * cfg.num_decoder_layers * (proj + 4 * d * h * dh + mlp)
-    dec += cfg.num_decoder_layers * 4 * h * dh * (pairs["decoder"] + pairs["cross"])
-    fwd = enc + cross_kv + dec + batch * targets * 2 * d * v
-  else:
-    length = inputs + targets
-    fwd = (batch * length * cfg.num_decoder_layers * (proj + mlp)
-           + cfg.num_decoder_layers * 4 * h * dh * pairs["decoder"] + batch * length * 2 * d * v)
-  return 3.0 * fwd
-
-
-def attention_pairs(batch) -> dict:
-  """The (query, key) pairs of a batch of packed rows (its *_segment_ids): per attention
-  ("encoder", "decoder", "cross"), the sum over rows and examples of the example's query count
-  times its key count; segment 0 (padding) sees nothing."""
-  def per_segment(segments):
-    rows = np.asarray(segments)
-    return [np.bincount(row, minlength=rows.max() + 1)[1:] for row in rows]
-
-  pairs = {}
-  if "decoder_segment_ids" in batch:
-    dec = per_segment(batch["decoder_segment_ids"])
-    pairs["decoder"] = float(sum(np.sum(c.astype(np.float64) ** 2) for c in dec))
-  if "encoder_segment_ids" in batch:
-    enc = per_segment(batch["encoder_segment_ids"])
-    pairs["encoder"] = float(sum(np.sum(c.astype(np.float64) ** 2) for c in enc))
-    pairs["cross"] = float(sum(np.sum(e[:min(len(e), len(t))].astype(np.float64)
-                                      * t[:min(len(e), len(t))]) for e, t in zip(enc, dec)))
-  return pairs
-
-
-def run_batch(cfg, args):
-  """The benchmark's synthetic batch for these flags (--batch, --inputs, --targets, --pack)."""
-  return synthetic_batch(cfg, args.batch, args.inputs, args.targets, pack=args.pack)
-
-
-def step_flops(cfg, args) -> float:
-  """Model FLOPs of one step on `run_batch` (packed rows: each example's own attention)."""
-  pairs = attention_pairs(run_batch(cfg, args)) if args.pack > 1 else None
-  return model_flops_per_step(cfg, args.batch, args.inputs, args.targets, pairs)
-
-
-def _packed_lengths(rng, length: int, examples: int):
-  """`examples` random lengths, each at least 1, that fill a row of `length`: 1 plus shares of
-  the rest by a Dirichlet(4) draw (most within 0.5-1.5x the mean)."""
-  if examples > length:
-    raise ValueError(f"cannot pack {examples} examples into a row of {length} tokens")
-  extra = np.floor(rng.dirichlet(np.full(examples, 4.0)) * (length - examples)).astype(int)
-  extra[-1] += length - examples - extra.sum()
-  return 1 + extra
-
-
-def _packed_fields(lengths_per_row, length: int):
-  """(segment ids, positions) [rows, length] of rows holding examples of these lengths."""
-  seg = np.zeros((len(lengths_per_row), length), np.int32)
-  pos = np.zeros_like(seg)
-  for r, lengths in enumerate(lengths_per_row):
-    seg[r] = np.repeat(np.arange(1, len(lengths) + 1), lengths)
-    pos[r] = np.concatenate([np.arange(n) for n in lengths])
-  return seg, pos
-
-
-def synthetic_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0, pack: int = 0):
-  """Random token batch of the model's features: every token real, one example per row, or with
-  `pack` > 1 that many examples of random lengths per row, packed as t5lite's data pipeline
-  packs them (segment ids, positions restarting in each example, decoder inputs shifted right
-  inside each example; the i-th inputs and i-th targets of a row make one T5 example)."""
-  rng = np.random.default_rng(seed)
-  length = targets if cfg.arch == "encoder_decoder" else inputs + targets
-  tgt = rng.integers(2, cfg.vocab_size, (batch, length)).astype(np.int32)
-  shifted = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1)
-  out = {"decoder_input_tokens": shifted, "decoder_target_tokens": tgt,
-         "decoder_loss_weights": np.ones((batch, length), np.float32)}
-  if pack > 1:
-    lengths = [_packed_lengths(rng, length, pack) for _ in range(batch)]
-    seg, pos = _packed_fields(lengths, length)
-    out.update(decoder_segment_ids=seg, decoder_positions=pos,
-               decoder_input_tokens=np.where(pos == 0, 0, shifted).astype(np.int32))
-  if cfg.arch == "encoder_decoder":
-    out["encoder_input_tokens"] = rng.integers(2, cfg.vocab_size, (batch, inputs)).astype(np.int32)
-    if pack > 1:
-      seg, pos = _packed_fields([_packed_lengths(rng, inputs, pack) for _ in range(batch)],
-                                inputs)
-      out.update(encoder_segment_ids=seg, encoder_positions=pos)
-    return out
-  if cfg.arch == "prefix_lm":
-    # The first inputs / (inputs + targets) of each example is its prefix; the loss is on the
-    # rest.
-    pos = out.get("decoder_positions", np.arange(length)[None].repeat(batch, 0))
-    size = (np.repeat(np.concatenate(lengths), np.concatenate(lengths)).reshape(batch, length)
-            if pack > 1 else np.full((batch, length), length))
-    prefix = pos < size * inputs // length
-    out["decoder_causal_attention"] = prefix.astype(np.int32)
-    out["decoder_loss_weights"] = (~prefix).astype(np.float32)
-  return out
-
-
-# The model settings that decide speed, echoed in the report (gin's last binding wins: a file of
-# one's own listed after runs/cpu.gin may undo it, with a warning from gin_setup.parse_gin).
-SETTINGS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-            "flat_weight_grads", "float32_dot_outputs", "matvec_kernel", "matmul_kernel")
-
-
-def t5lite_step(cfg, args):
-  """(jitted train step, jitted state init) for the real t5lite step, compiled by
-  `trainer.jit_train_step` as `t5lite.train` compiles it (the state donated unless gin's
-  `TrainConfig.donate_state` is off, its `compiler_options` passed to XLA), with the loss and
-  optimizer settings as gin configures them (z-loss 1e-4 by default), always AdamW (as HF's
-  side), at a constant learning rate."""
-  import functools
-  from t5lite import optimizers, trainer
-  from t5lite.models.model import Model
-  model = Model(cfg, args.loss)
-  opt = optimizers.make_optimizer(dataclasses.replace(args.optimizer, name="adamw"), 1e-4)
-  init = jax.jit(functools.partial(trainer.init_state, model, opt))
-  train_cfg = dataclasses.replace(args.train, seed=0, microbatches=args.microbatches)
-  return trainer.jit_train_step(model, opt, lambda s: 1e-4, train_cfg), init
+import benchmark_aot  # noqa: E402  (scripts/, beside this file, as the next three)
+from benchmark_step import (load_config, run_batch, run_facts, step_flops,  # noqa: E402
+                            t5lite_step, write_json)
+import hf_reference  # noqa: E402
+from matmul_peak import measure_peak_tflops  # noqa: E402
 
 
 def t5lite_runner(cfg, args):
@@ -233,168 +100,6 @@ def t5lite_runner(cfg, args):
   # for a GPU it has not got), beside the device allocator's measured peak.
   return run, {"impl": "t5lite", "compile_s": compile_s, "peak_mem_gb": peak_mem_gb,
                "planned_mem_gb": planned, "hlo_text": compiled.as_text}
-
-
-def _on_gpu(target: str):
-  """(place, tracing): `place(tree)` puts abstract values on one `target` GPU (t5lite.gpu_aot)
-  and `tracing` is the context to trace them in; with no target, the host's as they are."""
-  import contextlib
-  if not target:
-    return (lambda tree: tree), contextlib.nullcontext()
-  from t5lite import gpu_aot
-  sharding = jax.sharding.SingleDeviceSharding(gpu_aot.devices(target, 1)[0])
-  place = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-  return place, gpu_aot.tracing_for(target)
-
-
-def compile_abstract(cfg, args, target: str = ""):
-  """(compiled train step, seconds to trace + lower, seconds to compile), from shapes alone:
-  nothing is allocated. With a GPU `target` (e.g. "h100", t5lite.gpu_aot) the shapes sit on one
-  of its devices and the step is traced as for it, so XLA's GPU compiler compiles it on this
-  host, GPU or not."""
-  step, init = t5lite_step(cfg, args)
-  state = jax.eval_shape(init, jax.random.key(0))
-  batch = jax.eval_shape(lambda: run_batch(cfg, args))
-  place, tracing = _on_gpu(target)
-  t = time.perf_counter()
-  with tracing:
-    lowered = step.lower(place(state), place(batch))
-  lower_s = time.perf_counter() - t
-  t = time.perf_counter()
-  compiled = lowered.compile()
-  return compiled, lower_s, time.perf_counter() - t
-
-
-def compile_decode_abstract(cfg, args, batch: int, target: str):
-  """(compiled greedy decode, seconds to compile) of `batch` prompts of --inputs tokens and
-  --decode_tokens new tokens (EOS off, as bench_decode runs it), from shapes alone, for one
-  `target` GPU."""
-  from t5lite import serving
-  from t5lite.models.model import Model
-  model = Model(cfg)
-  params = jax.eval_shape(lambda: serving.session_params(model, model.init(jax.random.key(0))))
-  key = "encoder_input_tokens" if cfg.arch == "encoder_decoder" else "prompt_tokens"
-  feed = {key: jax.ShapeDtypeStruct((batch, args.inputs), jnp.int32)}
-  decode = jax.jit(lambda p, f: model.predict_batch(p, f, max_decode_len=args.decode_tokens,
-                                                    eos_id=-1))
-  place, tracing = _on_gpu(target)
-  with tracing:
-    lowered = decode.lower(place(params), place(feed))
-  t = time.perf_counter()
-  compiled = lowered.compile()
-  return compiled, time.perf_counter() - t
-
-
-def compile_vs_depth(cfg, args, depths):
-  """Seconds to trace + lower and to compile the train step at each depth (every stack of the
-  model set to it), with layers scanned and unrolled. Shapes only: nothing is allocated or run,
-  so large presets are cheap to study. Scanned, the compile time should stay flat with depth.
-  With --aot, XLA's GPU compiler compiles for that GPU."""
-  rows = []
-  for depth in depths:
-    for scan in (True, False):
-      sized = dataclasses.replace(cfg, num_decoder_layers=depth, scan_layers=scan, **(
-          {"num_encoder_layers": depth} if cfg.arch == "encoder_decoder" else {}))
-      _, lower_s, compile_s = compile_abstract(sized, args, args.aot)
-      rows.append({"depth": depth, "scan_layers": scan, "lower_s": lower_s,
-                   "compile_s": compile_s})
-  return rows
-
-
-def report_aot(cfg, args, bindings):
-  """--aot: compiles for one GPU of that kind with XLA's GPU compiler, from shapes (no GPU
-  needed, nothing runs, so no time), and writes --json. The train step (unless --no_train):
-  XLA's memory plan, the cuDNN attention calls and the matmul FLOPs of the compiled program
-  (t5lite/hlo_analysis.py) against the model FLOPs; model FLOPs / program FLOPs bounds the MFU
-  the program can reach (the rest is rematerialization and flash attention's recomputed
-  scores); with the kernels' device-memory traffic too, the roofline (`hlo_analysis.roofline`)
-  bounds it lower. Greedy decoding at each of --decode_batches: see `aot_decode`."""
-  result = dict(run_facts(cfg, args, bindings), device=f"{args.aot} (compiled, not run)",
-                platform="gpu-aot", aot=args.aot, batch=args.batch, inputs=args.inputs,
-                targets=args.targets, dtype=cfg.dtype, decode=[])
-  settings = ", ".join(f"{k}={v}" for k, v in {**result["model"], **result["loss"],
-                                                 **result["optimizer"], **result["train"]}.items())
-  print(f"# compiled for {args.aot} by XLA's GPU compiler on this host (nothing run); "
-        f"{' '.join(args.gin_file + bindings)} ({settings})")
-  if not args.no_train:
-    result.update(aot_train(cfg, args))
-  for batch in (int(b) for b in args.decode_batches.split(",") if b):
-    result["decode"].append(aot_decode(cfg, args, batch))
-  write_json(args.json, result)
-  return result
-
-
-def aot_train(cfg, args) -> dict:
-  """The train step compiled for --aot's GPU (see `report_aot`), printed; its facts."""
-  from t5lite import gpu_aot, hlo_analysis
-  compiled, lower_s, compile_s = compile_abstract(cfg, args, args.aot)
-  text = compiled.as_text()
-  parsed = hlo_analysis.Program(text)
-  memory = gpu_aot.memory_gb(compiled)
-  program = hlo_analysis.matmul_flops(parsed)
-  model = step_flops(cfg, args)
-  peak = gpu_aot.MATMUL_TFLOPS[args.aot] * 1e12
-  bound = hlo_analysis.roofline(parsed, peak, gpu_aot.memory_bandwidth(args.aot))
-  result = dict(lower_s=lower_s, compile_s=compile_s, memory_gb=memory,
-                cudnn_calls=gpu_aot.cudnn_attention_calls(text), model_flops=model,
-                program_flops=program, mfu_ceiling=model / program["total"],
-                roofline=bound, roofline_mfu=model / peak / bound["seconds"])
-  print(f"train step, batch {args.batch} x ({args.inputs}+{args.targets}): lower {lower_s:.1f} s, "
-        f"compile {compile_s:.1f} s; memory per device (GiB): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
-  print("cuDNN attention calls: " + (", ".join(f"{k} x{v}" for k, v in
-                                              result["cudnn_calls"].items()) or "none"))
-  print(f"matmul FLOPs per step: program {program['total'] / 1e12:.3g} TFLOP ("
-        + ", ".join(f"{k} {program[k] / 1e12:.3g}" for k in ("dot", "gemm", "attention"))
-        + f"), model {model / 1e12:.3g} TFLOP: MFU can reach at most {result['mfu_ceiling']:.1%}")
-  print(f"roofline at {peak / 1e12:.0f} TFLOP/s and "
-        f"{gpu_aot.memory_bandwidth(args.aot) / 1e12:.2f} TB/s: a step takes at least "
-        f"{bound['seconds'] * 1e3:.1f} ms ({bound['matmul_s'] * 1e3:.1f} in matmul-bound "
-        f"kernels, {bound['memory_s'] * 1e3:.1f} in memory-bound ones): MFU at most "
-        f"{result['roofline_mfu']:.1%}")
-  result["top_kernels"] = hlo_analysis.top_kernels(parsed, peak,
-                                                   gpu_aot.memory_bandwidth(args.aot))
-  traffic = hlo_analysis.memory_traffic(parsed)
-  result["kernels_per_step"], result["step_gb"] = traffic["kernels"], traffic["bytes"] / 1e9
-  print(f"{result['kernels_per_step']:.0f} kernels a step moving {result['step_gb']:.1f} GB of "
-        "device memory; the longest in that bound (all runs):")
-  for row in result["top_kernels"]:
-    print(f"  {row['seconds'] * 1e3:6.2f} ms {row['bound']:<6} x{row['runs']:<3} "
-          f"{row['bytes'] / 1e6:8.1f} MB {row['flops'] / 1e9:7.1f} GFLOP  "
-          f"{row['op_name'][-80:] or row['opcode'] + ' ' + row['shape'][:60]}")
-  return result
-
-
-def aot_decode(cfg, args, batch: int) -> dict:
-  """Greedy decoding of `batch` prompts compiled for --aot's GPU, printed; its facts: XLA's
-  memory plan, and the device-memory traffic and kernels of one token step (the decode loop's
-  body) and of the rest (the prompt, once). A token step at batch 32 or less is bound by that
-  traffic (every weight and the KV cache are read, for a few FLOPs each): its roofline
-  (`hlo_analysis.roofline`) bounds the new tokens/s the program can reach."""
-  from t5lite import gpu_aot, hlo_analysis
-  compiled, compile_s = compile_decode_abstract(cfg, args, batch, args.aot)
-  program = hlo_analysis.Program(compiled.as_text())
-  loops = program.unknown_loops   # the token loop: it stops when every row has ended
-  if len(loops) != 1:
-    raise RuntimeError(f"expected one token loop without a known trip count, found {loops}")
-  step = hlo_analysis.memory_traffic(program, loops[0])
-  whole = hlo_analysis.memory_traffic(program)          # the prompt and one token step
-  bandwidth = gpu_aot.memory_bandwidth(args.aot)
-  bound = hlo_analysis.roofline(program, gpu_aot.MATMUL_TFLOPS[args.aot] * 1e12, bandwidth,
-                                loops[0])
-  row = {"impl": f"t5lite-decode-b{batch}", "batch": batch, "compile_s": compile_s,
-         "memory_gb": gpu_aot.memory_gb(compiled), "step_gb": step["bytes"] / 1e9,
-         "step_kernels": step["kernels"], "prompt_gb": (whole["bytes"] - step["bytes"]) / 1e9,
-         "bandwidth_tb_s": bandwidth / 1e12, "step_roofline": bound,
-         "ceiling_new_tokens_per_s": batch / bound["seconds"]}
-  print(f"greedy decode, batch {batch}, {args.inputs}-token prompts, {args.decode_tokens} new "
-        f"tokens: compile {compile_s:.1f} s, peak {row['memory_gb']['peak']:.2f} GiB; a token "
-        f"step moves {row['step_gb']:.3g} GB in {step['kernels']:.0f} kernels (the prompt "
-        f"{row['prompt_gb']:.3g} GB) and takes at least {bound['seconds'] * 1e3:.2f} ms at "
-        f"{row['bandwidth_tb_s']:.2f} TB/s: at most {row['ceiling_new_tokens_per_s']:,.0f} new "
-        "tokens/s")
-  return row
 
 
 def time_side_by_side(runners, args, flops: float, between_rounds=None):
@@ -538,72 +243,6 @@ def profile_step(run, facts, args, remake=None) -> dict:
           "by_kind": kinds[:40], "ops": ops[:40], "note": note}
 
 
-def load_config(args, bindings):
-  """(ModelConfig, LossConfig, OptimizerConfig, TrainConfig) from gin presets plus bindings."""
-  from t5lite import gin_setup
-  exp = gin_setup.parse_gin(args.gin_file, ["experiment.model_dir = '/tmp/benchmark'"]
-                            + bindings)
-  return exp.model, exp.loss, exp.optimizer, exp.train
-
-
-VERSIONED = ("jax", "jaxlib", "flax", "optax")
-HF_VERSIONED = ("torch", "transformers")
-
-
-def library_versions(with_hf: bool) -> dict:
-  """The installed versions of the libraries a timing depends on (HF's side, torch and
-  transformers, with --vs-hf): a rate means little without them. From the installed packages'
-  metadata, so nothing is imported; a package not installed is left out."""
-  versions = {}
-  for name in VERSIONED + (HF_VERSIONED if with_hf else ()):
-    try:
-      versions[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      pass
-  return versions
-
-
-def run_facts(cfg, args, bindings, settings=SETTINGS) -> dict:
-  """What every report records first: the device, the library versions, the gin files and
-  bindings, and the model settings that decide speed as gin resolved them."""
-  return {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
-          "versions": library_versions(args.vs_hf),
-          "gin_files": args.gin_file, "bindings": bindings,
-          "model": {k: getattr(cfg, k) for k in settings},
-          "loss": {"head_chunks": args.loss.head_chunks},
-          "optimizer": {"master_weights": args.optimizer.master_weights},
-          "train": {"donate_state": args.train.donate_state,
-                    "compiler_options": dict(args.train.compiler_options)}}
-
-
-def write_json(path: str, result: dict):
-  """Writes `result` to --json's path (nothing when it is empty)."""
-  if path:
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=1)
-
-
-def report_compile_vs_depth(cfg, args, bindings):
-  """Runs `compile_vs_depth` for --compile_depths, prints its table, writes --json."""
-  depths = [int(d) for d in args.compile_depths.split(",") if d]
-  rows = compile_vs_depth(cfg, args, depths)
-  result = dict(run_facts(cfg, args, bindings, [k for k in SETTINGS if k != "scan_layers"]),
-                batch=args.batch, inputs=args.inputs, targets=args.targets,
-                compile_vs_depth=rows)
-  if args.aot:
-    result.update(device=f"{args.aot} (XLA's GPU compiler on this host)", aot=args.aot)
-  settings = ", ".join(f"{k}={v}" for k, v in result["model"].items())
-  print(f"# train step compile time on {result['device']}; {' '.join(args.gin_file + bindings)} "
-        f"({settings}) batch {args.batch} x ({args.inputs}+{args.targets}); depth = layers per "
-        "stack")
-  print(f"{'depth':>6}{'scanned lower s':>17}{'compile s':>11}{'unrolled lower s':>18}{'compile s':>11}")
-  for scanned, unrolled in zip(rows[::2], rows[1::2]):
-    print(f"{scanned['depth']:>6}{scanned['lower_s']:>17.1f}{scanned['compile_s']:>11.1f}"
-          f"{unrolled['lower_s']:>18.1f}{unrolled['compile_s']:>11.1f}")
-  write_json(args.json, result)
-  return result
-
-
 def main(argv=None):
   """Parses the command line, runs the benchmark, prints the table; returns the result."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -683,9 +322,9 @@ def main(argv=None):
     parser.error("--profile traces the train step: not with --no_train, --aot or "
                  "--compile_depths")
   if args.compile_depths:
-    return report_compile_vs_depth(cfg, args, bindings)
+    return benchmark_aot.report_compile_vs_depth(cfg, args, bindings)
   if args.aot:
-    return report_aot(cfg, args, bindings)
+    return benchmark_aot.report_aot(cfg, args, bindings)
   on_gpu = jax.devices()[0].platform == "gpu"
   hf = hf_reference.HFProcess() if args.vs_hf and not on_gpu and not args.hf_in_process else None
   try:

@@ -190,8 +190,8 @@ def main(argv=None) -> int:
     return 2
   second.run()  # runs stage 1 first (depends)
   if args.executor != "local":
-    print(f"clean_data: submitted; when both stages finish, re-run with --executor local to "
-          f"print the summary (finished tasks are skipped)")
+    print("clean_data: submitted; when both stages finish, re-run with --executor local to "
+          "print the summary (finished tasks are skipped)")
     return 0
   counts = summarize(args.output_dir)
   total = sum(counts.values())

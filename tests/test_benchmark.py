@@ -193,12 +193,12 @@ def test_packed_synthetic_batches_and_their_model_flops(arch):
   start of each), and the model FLOPs count each example's own attention: `attention_pairs`
   equals a count of the same-segment (query, key) pairs."""
   sys.path.insert(0, os.path.join(REPO, "scripts"))
-  import benchmark  # pylint: disable=import-outside-toplevel
+  import benchmark_step  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from conftest import tiny_config  # pylint: disable=import-outside-toplevel
   cfg = tiny_config(arch=arch)
-  batch = benchmark.synthetic_batch(cfg, 4, 24, 16, pack=3)
-  unpacked = benchmark.synthetic_batch(cfg, 4, 24, 16)
+  batch = benchmark_step.synthetic_batch(cfg, 4, 24, 16, pack=3)
+  unpacked = benchmark_step.synthetic_batch(cfg, 4, 24, 16)
   assert set(unpacked) < set(batch)
   names = ("decoder", "encoder") if arch == "encoder_decoder" else ("decoder",)
   for name in names:
@@ -218,14 +218,14 @@ def test_packed_synthetic_batches_and_their_model_flops(arch):
   def same_segment(q, k):
     return sum(int(((a[:, None] == b[None, :]) & (a[:, None] > 0)).sum()) for a, b in zip(q, k))
 
-  pairs = benchmark.attention_pairs(batch)
+  pairs = benchmark_step.attention_pairs(batch)
   dec = batch["decoder_segment_ids"]
   assert pairs["decoder"] == same_segment(dec, dec)
   if arch == "encoder_decoder":
     enc = batch["encoder_segment_ids"]
     assert pairs["encoder"] == same_segment(enc, enc) and pairs["cross"] == same_segment(dec, enc)
-  packed = benchmark.model_flops_per_step(cfg, 4, 24, 16, pairs)
-  assert packed < benchmark.model_flops_per_step(cfg, 4, 24, 16)
+  packed = benchmark_step.model_flops_per_step(cfg, 4, 24, 16, pairs)
+  assert packed < benchmark_step.model_flops_per_step(cfg, 4, 24, 16)
 
 
 def test_benchmark_times_packed_rows(tmp_path):
@@ -254,14 +254,14 @@ def test_hf_process_runs_hf_apart_and_reports_its_failures():
   traceback; a child that dies is reported too, not waited on."""
   pytest.importorskip("transformers")
   sys.path.insert(0, os.path.join(REPO, "scripts"))
-  import benchmark  # pylint: disable=import-outside-toplevel
+  import benchmark_step  # pylint: disable=import-outside-toplevel
   import hf_reference  # pylint: disable=import-outside-toplevel
   from conftest import tiny_config  # pylint: disable=import-outside-toplevel
   cfg = tiny_config(arch="decoder_only")
   args = argparse.Namespace(inputs=8, decode_tokens=3)
   hf = hf_reference.HFProcess()
   try:
-    run, facts = hf.runner(cfg, benchmark.synthetic_batch(cfg, 2, 8, 4), compiled=False)
+    run, facts = hf.runner(cfg, benchmark_step.synthetic_batch(cfg, 2, 8, 4), compiled=False)
     assert facts["impl"] == "hf-eager" and facts["compile_s"] > 0
     losses = [run(), run()]
     assert all(isinstance(x, float) and 0 < x < 20 for x in losses) and losses[1] < losses[0]
@@ -284,13 +284,13 @@ def test_hf_reference_runs_bf16_where_t5lite_does():
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
   sys.path.insert(0, os.path.join(REPO, "scripts"))
-  import benchmark  # pylint: disable=import-outside-toplevel
+  import benchmark_step  # pylint: disable=import-outside-toplevel
   import hf_reference  # pylint: disable=import-outside-toplevel
   from conftest import tiny_config  # pylint: disable=import-outside-toplevel
   cfg = tiny_config(arch="decoder_only", dtype="bfloat16")
   seen = []
   hook = lambda module, inputs, output: seen.append(getattr(output, "dtype", None))  # noqa: E731
-  run, _ = hf_reference.hf_runner(cfg, benchmark.synthetic_batch(cfg, 2, 8, 4), compiled=False)
+  run, _ = hf_reference.hf_runner(cfg, benchmark_step.synthetic_batch(cfg, 2, 8, 4), compiled=False)
   with torch.nn.modules.module.register_module_forward_hook(hook):
     losses = [run(), run()]
   assert all(0 < x < 20 for x in losses) and losses[1] < losses[0]
@@ -306,10 +306,11 @@ def test_a_gpu_profile_traces_a_step_compiled_without_command_buffers(tmp_path):
   XLA:CPU accepts too, so the path runs here."""
   sys.path.insert(0, os.path.join(REPO, "scripts"))
   import benchmark  # pylint: disable=import-outside-toplevel
+  import benchmark_step  # pylint: disable=import-outside-toplevel
   args = argparse.Namespace(gin_file=["models/decoder/tiny.gin", "runs/cpu.gin"], batch=2,
                             inputs=8, targets=8, pack=0, microbatches=1, aot="",
                             profile=str(tmp_path / "trace"), profile_steps=1)
-  cfg, args.loss, args.optimizer, args.train = benchmark.load_config(args, [])
+  cfg, args.loss, args.optimizer, args.train = benchmark_step.load_config(args, [])
   made = []
 
   def remake(remade_args):

@@ -28,6 +28,7 @@ from t5lite.models.model import Model
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import benchmark  # pylint: disable=wrong-import-position
+import benchmark_aot  # pylint: disable=wrong-import-position
 import benchmark_suite  # pylint: disable=wrong-import-position
 
 if not gpu_aot.plugin_available():
@@ -112,7 +113,7 @@ def _h100_step(preset: str, batch: int, inputs: int, targets: int, *bindings: st
   exp = _gpu_experiment(preset, *bindings)
   args = argparse.Namespace(batch=batch, inputs=inputs, targets=targets, pack=0, microbatches=1,
                             loss=exp.loss, optimizer=exp.optimizer, train=exp.train)
-  compiled, _, _ = benchmark.compile_abstract(exp.model, args, "h100")
+  compiled, _, _ = benchmark_aot.compile_abstract(exp.model, args, "h100")
   return compiled, hlo_analysis.Program(compiled.as_text())
 
 

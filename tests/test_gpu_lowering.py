@@ -29,7 +29,7 @@ from t5lite.models import attention
 from t5lite.models.model import Model
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
-import benchmark  # pylint: disable=wrong-import-position
+import benchmark_step  # pylint: disable=wrong-import-position
 import benchmark_suite  # pylint: disable=wrong-import-position
 
 
@@ -94,7 +94,8 @@ def test_train_step_lowers_for_cuda_with_cudnn_attention(case, cuda_host):
   opt = optimizers.make_optimizer(exp.optimizer, 1e-4)
   step = trainer.jit_train_step(model, opt, lambda s: 1e-4, exp.train)
   state = jax.eval_shape(lambda: trainer.init_state(model, opt, jax.random.key(0)))
-  batch = _abstract(benchmark.synthetic_batch(exp.model, case.batch, case.inputs, case.targets))
+  batch = _abstract(benchmark_step.synthetic_batch(exp.model, case.batch, case.inputs,
+                                                  case.targets))
   lowered = step.trace(state, batch).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
   calls = _cudnn_calls(text)
@@ -195,7 +196,7 @@ def test_packed_rows_lower_for_cuda_with_cudnn_attention(preset, inputs, targets
   not (its prefix sees ahead)."""
   del cuda_host
   exp = gin_setup.parse_gin([preset, "runs/gpu.gin"], ["experiment.model_dir = '/tmp/unused'"])
-  batch = benchmark.synthetic_batch(exp.model, 2, inputs, targets)
+  batch = benchmark_step.synthetic_batch(exp.model, 2, inputs, targets)
   enc_dec = exp.model.arch == "encoder_decoder"
   batch = _packed(batch, {"encoder": inputs, "decoder": targets} if enc_dec
                   else {"decoder": inputs + targets})

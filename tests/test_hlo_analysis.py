@@ -4,6 +4,7 @@ scripts/benchmark.py for real train steps, XLA:CPU's and (with JAX's CUDA plugin
 and device-memory traffic, which for a decode step on an H100 must come to its weights and KV
 cache read once."""
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -16,7 +17,8 @@ from t5lite import autoparallel, gin_setup, gpu_aot, hlo_analysis, optimizers
 from t5lite.kernels import cpu_attention
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
-import benchmark  # pylint: disable=wrong-import-position
+import benchmark_aot  # pylint: disable=wrong-import-position
+import benchmark_step  # pylint: disable=wrong-import-position
 
 # Outer loop x2 around an inner loop x3 whose body calls a fusion holding a dot; an async
 # all-gather (start and done) at the top, an all-reduce in the inner body.
@@ -264,7 +266,7 @@ def test_cpu_train_step_matmul_flops_are_the_model_flops(arch):
       d_model=64, num_heads=4, head_dim=16, d_ff=128, vocab_size=256, num_encoder_layers=3,
       num_decoder_layers=2, remat_policy="none")
   batch, inputs, targets = 4, 32, 16
-  model = benchmark.model_flops_per_step(cfg, batch, inputs, targets)
+  model = benchmark_step.model_flops_per_step(cfg, batch, inputs, targets)
   scanned = _program_flops(cfg, batch, inputs, targets)
   assert scanned["total"] == pytest.approx(model, rel=1e-3), (scanned, model)
   unrolled = _program_flops(dataclasses.replace(cfg, scan_layers=False), batch, inputs, targets)
@@ -287,7 +289,7 @@ def test_cpu_kernel_attention_flops_are_counted():
   flops = _program_flops(cfg, batch, inputs, targets)
   one_matmul = cfg.num_decoder_layers * 2 * batch * cfg.num_heads * length ** 2 * cfg.head_dim
   assert flops["attention"] == pytest.approx(7 * one_matmul, rel=1e-9), flops
-  model = benchmark.model_flops_per_step(cfg, batch, inputs, targets)
+  model = benchmark_step.model_flops_per_step(cfg, batch, inputs, targets)
   assert flops["total"] == pytest.approx(model + one_matmul, rel=1e-3), (flops, model)
 
 
@@ -304,7 +306,7 @@ def _h100_flops(gemms: str, options):
   from t5lite import trainer  # pylint: disable=import-outside-toplevel
   cfg = _decoder(dtype="bfloat16", attention_impl="cudnn")
   batch, length = 16, 128
-  model = benchmark.model_flops_per_step(cfg, batch, 0, length)
+  model = benchmark_step.model_flops_per_step(cfg, batch, 0, length)
   attention_forward = batch * cfg.num_decoder_layers * 4 * length * length * (
       cfg.num_heads * cfg.head_dim)
   train_cfg = trainer.TrainConfig(compiler_options=dict(
@@ -354,10 +356,10 @@ def test_h100_decode_step_reads_its_weights_and_cache_once(batch, most):
   quarter), and writes the cache in place (a copy per token would double the cache's share).
   One row decodes as two (`decoding.doubles_single_rows`): as one, XLA writes out and reads
   back the products of the MLP's and the attention output's weights, 1.19x the traffic."""
-  args = benchmark.argparse.Namespace(inputs=512, decode_tokens=128)
+  args = argparse.Namespace(inputs=512, decode_tokens=128)
   cfg = gin_setup.parse_gin(["models/decoder/1b.gin", "runs/gpu.gin"],
                             ["experiment.model_dir = '/tmp/unused'"]).model
-  compiled, _ = benchmark.compile_decode_abstract(cfg, args, batch, "h100")
+  compiled, _ = benchmark_aot.compile_decode_abstract(cfg, args, batch, "h100")
   text = compiled.as_text()
   (loop,) = hlo_analysis.Program(text).unknown_loops
   step = hlo_analysis.memory_traffic(text, loop)
