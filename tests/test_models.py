@@ -10,7 +10,8 @@ import pytest
 
 from conftest import assert_not_bf16_rounded, equations, tiny_config
 from t5lite import trainer
-from t5lite.models import layers
+from t5lite.models import config, layers
+from t5lite.models import remat as remat_lib
 from t5lite.models.model import LossConfig, Model
 
 VARIANTS = [
@@ -143,9 +144,13 @@ def test_causal_and_prefix_visibility(arch):
   assert np.all(moved[:10] < 1e-6) and moved[10] > 1e-6
 
 
+def test_every_remat_policy_name_has_a_policy():
+  """ModelConfig's allowed names are the policies t5lite.models.remat defines, and "none"."""
+  assert set(config.REMAT_POLICIES) == {"none", *remat_lib.POLICIES}
+
+
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "dots_no_batch_attention",
-                                   "dots_no_batch_mlp", "dots_no_batch_attention_mlp"])
+@pytest.mark.parametrize("remat", [p for p in config.REMAT_POLICIES if p != "none"])
 def test_scan_unrolled_and_remat_agree(arch, remat):
   base_cfg = tiny_config(arch=arch)
   batch = random_batch(base_cfg)

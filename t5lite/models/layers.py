@@ -254,7 +254,7 @@ def activation_fn(name: str):
 
 
 # The name of the feed-forward block's activation (the gated product, the wo projection's input)
-# for remat policies that keep it (`transformer._REMAT`).
+# for remat policies that keep it (`remat.POLICIES`).
 MLP_ACTIVATION = "mlp_activation"
 
 
