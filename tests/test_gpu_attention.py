@@ -98,9 +98,7 @@ def test_shapes_that_do_not_tile_are_refused_and_attend_falls_back():
   ok = jnp.ones((1, 64, 2, 16))
   bias = jnp.zeros((1, 2, 64, 64))
   def applies(q, k, mask, bias):
-    # the two conditions attend checks
-    return (attention._pallas_applies(mask, bias)
-            and gpu_attention.supported(q, k, gpu_attention.Tiling(), mask.causal))
+    return attention._pallas_applies(q, k, mask, bias, gpu_attention.Tiling())
 
   assert applies(ok, ok, attention.Mask(causal=True), bias)
   assert not applies(q, q, attention.Mask(causal=True), bias[..., :40, :40])

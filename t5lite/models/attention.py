@@ -235,7 +235,7 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
   if implementation == "pallas":
     from t5lite.kernels import gpu_attention  # pylint: disable=import-outside-toplevel
     tiling = gpu_attention.tiling_from_env()
-    if _pallas_applies(mask, bias) and gpu_attention.supported(q, k, tiling, mask.causal):
+    if _pallas_applies(q, k, mask, bias, tiling):
       return gpu_attention.attention(q, k, v, bias, mask.kv_lengths, mask.segments, scale=scale,
                                      causal=mask.causal, tiling=tiling)
     from t5lite import gpu_aot  # pylint: disable=import-outside-toplevel
@@ -259,14 +259,16 @@ def attend(q, k, v, mask: Mask, bias=None, *, scale: float, implementation=None)
       key_value_seq_lengths=mask.kv_lengths, implementation=implementation)
 
 
-def _pallas_applies(mask: Mask, bias) -> bool:
-  """Whether t5lite.kernels.gpu_attention takes this call (`gpu_attention.supported` says so of
-  its shapes): attention with a bias (T5's; its backward writes the score gradient, which only
-  a bias gradient repays: cuDNN keeps the rest), key lengths, causal and segment-id masks (not a
-  prefix LM's or a bare dense mask), one device's program (a `pallas_call` has no partitioning
-  rule), not inside pipeline stages."""
+def _pallas_applies(q, k, mask: Mask, bias, tiling) -> bool:
+  """Whether t5lite.kernels.gpu_attention takes this call under `tiling`: attention with a bias
+  (T5's; its backward writes the score gradient, which only a bias gradient repays: cuDNN keeps
+  the rest), key lengths, causal and segment-id masks (not a prefix LM's or a bare dense mask),
+  shapes the kernel takes, one device's program (a `pallas_call` has no partitioning rule), not
+  inside pipeline stages."""
+  from t5lite.kernels import gpu_attention  # pylint: disable=import-outside-toplevel
   return (bias is not None and mask.prefix is None
           and (mask.dense is None or mask.segments is not None)
+          and gpu_attention.supported(q, k, tiling, mask.causal)
           and partitioning.one_device_program()
           and not _WITHOUT_CUDNN.get())
 
