@@ -235,13 +235,13 @@ def test_tiny_model_memorizes_a_batch(arch):
 def test_sequence_relative_bias_equals_the_per_position_bias(bidirectional, length):
   """The Toeplitz layout of `for_sequence` is the bias of positions 0..L-1, entry for entry."""
   from flax import nnx
-  from t5lite.models import attention
-  bias = attention.RelativePositionBias(32, 128, 3, bidirectional, rngs=nnx.Rngs(0))
+  from t5lite.models import positions
+  bias = positions.RelativePositionBias(32, 128, 3, bidirectional, rngs=nnx.Rngs(0))
   pos = jnp.arange(length)[None]
   np.testing.assert_array_equal(np.asarray(bias.for_sequence(length)), np.asarray(bias(pos, pos)))
   table = jnp.arange(2 * (2 * length - 1)).reshape(2, 2 * length - 1)
   offsets = np.arange(length)[None, :] - np.arange(length)[:, None] + length - 1
-  np.testing.assert_array_equal(np.asarray(attention.toeplitz(table, length)),
+  np.testing.assert_array_equal(np.asarray(positions.toeplitz(table, length)),
                                 np.asarray(table)[:, offsets])
 
 

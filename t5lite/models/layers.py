@@ -15,6 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5lite.models import attention as attn_lib
+from t5lite.models import positions as pos_lib
 from t5lite.models import projection
 from t5lite.models.config import ModelConfig
 
@@ -178,8 +179,8 @@ class Attention(nnx.Module):
     q = self.project_q(x)
     k, v = self.project_kv(kv_input)
     if cfg.position_encoding == "rope" and q_positions is not None:  # not for cross-attention
-      q = attn_lib.apply_rope(q, q_positions, cfg.rope_theta)
-      k = attn_lib.apply_rope(k, k_positions, cfg.rope_theta)
+      q = pos_lib.apply_rope(q, q_positions, cfg.rope_theta)
+      k = pos_lib.apply_rope(k, k_positions, cfg.rope_theta)
     y = attn_lib.attend(q, k, v, mask, bias, scale=self.scale(), implementation=cfg.attention_impl)
     return self.project_out(y)
 
@@ -199,8 +200,8 @@ class Attention(nnx.Module):
     q = self.project_q(x)
     k_new, v_new = self.project_kv(x)
     if cfg.position_encoding == "rope":
-      q = attn_lib.apply_rope(q, positions, cfg.rope_theta)
-      k_new = attn_lib.apply_rope(k_new, positions, cfg.rope_theta)
+      q = pos_lib.apply_rope(q, positions, cfg.rope_theta)
+      k_new = pos_lib.apply_rope(k_new, positions, cfg.rope_theta)
     new_cache = {name: write_slots(cache[name], new.transpose(0, 2, 1, 3), index)
                  for name, new in (("k", k_new), ("v", v_new))}
     q_len = x.shape[1]
