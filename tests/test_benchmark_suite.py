@@ -11,6 +11,7 @@ from conftest import REPO, run_cli
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import benchmark_suite  # noqa: E402  pylint: disable=wrong-import-position
+import benchmark_tables  # noqa: E402  pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +60,7 @@ def test_packed_suite_passes_its_rows_to_the_benchmark():
   row = {"results": [{"impl": "t5lite", "step_s": 0.1, "tokens_per_s": 1.0, "mfu": 0.5,
                       "peak_mem_gb": 0.1}], "command": "c", "hf_error": "", "device": "cpu",
          "platform": "cpu", "peak_tflops": 0.2, "host_malloc": "jemalloc"}
-  assert "| decoder/tiny | 8 x (256+64), 4 a row |" in benchmark_suite.markdown(cases[:1], [row])
+  assert "| decoder/tiny | 8 x (256+64), 4 a row |" in benchmark_tables.markdown(cases[:1], [row])
 
 
 def test_hf_failure_keeps_t5lite_numbers_and_says_why():
@@ -69,7 +70,7 @@ def test_hf_failure_keeps_t5lite_numbers_and_says_why():
   assert [row["impl"] for row in result["results"]] == ["t5lite"]
   assert "--hf-modes: unknown bogus" in result["hf_error"]
   assert "--vs-hf" not in result["command"]
-  table = benchmark_suite.markdown([case], [result])
+  table = benchmark_tables.markdown([case], [result])
   assert "failed" in table and "HF failed, t5lite re-run alone" in table
 
 
@@ -130,7 +131,7 @@ def test_gin_bindings_and_no_hf_apply_to_every_case(tmp_path):
                         "peak_mem_gb": 0.1}], "command": "c", "hf_error": "", "device": "cpu",
            "platform": "cpu", "peak_tflops": 0.2, "host_malloc": "mimalloc"}
           for step_s in (0.2, 0.1)]
-  lines = [line for line in benchmark_suite.markdown(cases, rows).splitlines()
+  lines = [line for line in benchmark_tables.markdown(cases, rows).splitlines()
            if line.startswith("| decoder/tiny")]
   assert lines[0].endswith("| 1.000x |") and lines[1].endswith("| 2.000x |")
   with pytest.raises(SystemExit):
@@ -143,15 +144,15 @@ def test_targets_are_checked_against_the_issue():
   result = {"results": [
       {"impl": "t5lite", "mfu": 0.62, "tokens_per_s": 70e3, "peak_mem_gb": 29.0},
       {"impl": "hf-compiled", "mfu": 0.48, "tokens_per_s": 56e3, "peak_mem_gb": 43.0}]}
-  got = benchmark_suite.checks(case, result)
+  got = benchmark_tables.checks(case, result)
   assert got["MFU"][2] and got["peak GB"][2]
   assert got["vs hf-compiled"][1] == pytest.approx(1.25) and not got["vs hf-compiled"][2]
   # Memory is measured in GiB, the target is in GB: 37.5 GiB is 40.27 GB, over 40.
   result["results"][0]["peak_mem_gb"] = 37.5
-  assert benchmark_suite.checks(case, result)["peak GB"] == (40.0, pytest.approx(40.27, abs=0.01),
-                                                             False)
+  assert benchmark_tables.checks(case, result)["peak GB"] == (40.0, pytest.approx(40.27, abs=0.01),
+                                                              False)
   del result["results"][1]  # HF failed: no ratio to judge
-  assert "vs hf-compiled" not in benchmark_suite.checks(case, result)
+  assert "vs hf-compiled" not in benchmark_tables.checks(case, result)
 
 
 def test_cpu_decode_cases_make_the_table(tmp_path):
@@ -173,7 +174,7 @@ def test_decode_targets_are_checked_against_the_issue():
   result = {"decode": [{"impl": "t5lite-decode-b32", "new_tokens_per_s": 6000.0},
                        {"impl": "hf-generate-b32", "new_tokens_per_s": 1444.0},
                        {"impl": "hf-generate-static-b32", "new_tokens_per_s": 4701.0}]}
-  want, got, met = benchmark_suite.checks(case, result)["vs hf-generate-static-b32"]
+  want, got, met = benchmark_tables.checks(case, result)["vs hf-generate-static-b32"]
   assert want == 1.5 and got == pytest.approx(6000 / 4701) and not met
   # Each GPU case asks HF only for the cache its target names.
   assert [(c.batch, c.hf_modes) for c in benchmark_suite.SUITES["gpu-decode"][:2]] == [
@@ -214,6 +215,6 @@ def test_budget_runs_what_fits_and_lists_the_rest(tmp_path):
   row = {"results": [{"impl": "t5lite", "step_s": 0.1, "tokens_per_s": 1.0, "mfu": 0.5,
                       "peak_mem_gb": 0.1}], "command": "c", "hf_error": "", "device": "cpu",
          "platform": "cpu", "peak_tflops": 0.2, "host_malloc": "mimalloc"}
-  table = benchmark_suite.markdown([case], [row], ["decoder/1b: failed: out of memory"])
+  table = benchmark_tables.markdown([case], [row], ["decoder/1b: failed: out of memory"])
   assert "| decoder/tiny | 2 x (8+8) |" in table
   assert table.endswith("Not measured:\n- decoder/1b: failed: out of memory\n")

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 import benchmark  # pylint: disable=wrong-import-position
 import benchmark_aot  # pylint: disable=wrong-import-position
 import benchmark_suite  # pylint: disable=wrong-import-position
+import benchmark_tables  # pylint: disable=wrong-import-position
 
 if not gpu_aot.plugin_available():
   if os.environ.get("T5LITE_REQUIRE_GPU_AOT") == "1":
@@ -73,7 +74,7 @@ def test_gpu_suite_meets_its_memory_targets_as_xla_plans_them_for_an_h100(tmp_pa
     # The state (parameters and AdamW's two moments, float32) is at least in the plan.
     assert peak > result["memory_gb"]["arguments"] > 0
     if case["max_mem_gb"] is not None:
-      assert benchmark_suite.gigabytes(peak) < case["max_mem_gb"], (case["preset"], peak)
+      assert benchmark_tables.gigabytes(peak) < case["max_mem_gb"], (case["preset"], peak)
   assert {c["preset"] for c in report["cases"] if c["max_mem_gb"]} == {"t5_1_1/large",
                                                                        "decoder/1b"}
 
@@ -231,9 +232,9 @@ def test_decode_case_compiled_for_an_h100_reports_a_token_steps_traffic(tmp_path
   # Its roofline: bound by the bytes (a few FLOPs each), and by nothing less.
   bytes_bound = 2 * gpu_aot.memory_bandwidth("h100") / (row["step_gb"] * 1e9)
   assert 0.9 * bytes_bound < row["ceiling_new_tokens_per_s"] <= bytes_bound * (1 + 1e-9)
-  table = benchmark_suite.markdown([case], [result])
+  table = benchmark_tables.markdown([case], [result])
   assert "| decoder/tiny | 2 | 16 + 4 |" in table and "token step GB" in table
-  assert benchmark_suite.checks(case, result) == {}
+  assert benchmark_tables.checks(case, result) == {}
 
 
 def _q_shapes(hlo_text: str):
