@@ -40,9 +40,11 @@ suite; the exit status says it failed).
 """
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -112,6 +114,21 @@ def _decode_case(preset: str, run: str, batch: int, inputs: int, new_tokens: int
               min_vs_hf=min_vs_hf, decode_tokens=new_tokens)
 
 
+def run_compiler_options(run: str) -> dict:
+  """The `TrainConfig.compiler_options` gin_configs/runs/<run>.gin binds (a flat dict literal),
+  {} where it binds none: a lever that sets the dict replaces the whole of it, so it starts
+  from these."""
+  with open(os.path.join(REPO, "gin_configs", "runs", f"{run}.gin"), encoding="utf-8") as f:
+    found = re.search(r"^TrainConfig\.compiler_options\s*=\s*(\{.*?\})", f.read(),
+                      re.MULTILINE | re.DOTALL)
+  return ast.literal_eval(found.group(1)) if found else {}
+
+
+def _compiler_options(options: dict) -> str:
+  """The gin binding of `TrainConfig.compiler_options` to `options`."""
+  return f"TrainConfig.compiler_options={options!r}"
+
+
 # The levers of the speed issue that no GPU has measured yet, each against the run config alone,
 # t5lite only (HF's runs, torch.compile above all, would take most of a device call): the output
 # head and loss in blocks, and bfloat16 parameters on float32 masters.
@@ -132,13 +149,14 @@ LEVERS = ((), HEAD_CHUNKS, BF16_PARAMS)
 # dots_no_batch; unrolled under dots_no_batch; unrolled keeping cuDNN attention's outputs and the
 # feed-forward block's gated product), bfloat16 parameters on float32 masters and the whole
 # logits (runs/gpu.gin has the head and loss in 8 blocks). A budget cuts the last.
-GPU_OPTIONS = "'xla_gpu_enable_dynamic_slice_fusion': False, 'xla_gpu_dot_merger_threshold_mb': 0"
+GPU_OPTIONS = run_compiler_options("gpu")
 GPU_LEVERS = (
     (), ("ModelConfig.attention_impl='pallas'",), ("ModelConfig.gated_projection='split'",),
     ("OptimizerConfig.mu_dtype='bfloat16'",), ("ModelConfig.gated_projection='stacked'",),
     ("ModelConfig.gated_projection='stacked_autodiff'",),
-    ("TrainConfig.compiler_options={'xla_gpu_enable_dynamic_slice_fusion': False}",),
-    (f"TrainConfig.compiler_options={{{GPU_OPTIONS}, 'xla_gpu_enable_triton_gemm': False}}",),
+    (_compiler_options({k: v for k, v in GPU_OPTIONS.items()
+                        if k != "xla_gpu_dot_merger_threshold_mb"}),),
+    (_compiler_options({**GPU_OPTIONS, "xla_gpu_enable_triton_gemm": False}),),
     ("TrainConfig.donate_state=False",),
     ("ModelConfig.scan_layers=True", "ModelConfig.remat_policy='dots_no_batch'"),
     ("ModelConfig.remat_policy='dots_no_batch'",),

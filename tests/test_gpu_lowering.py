@@ -117,8 +117,9 @@ def test_train_step_lowers_for_cuda_with_cudnn_attention(case, cuda_host):
 
 def test_gpu_levers_setting_compiler_options_keep_the_run_configs():
   """A lever that sets TrainConfig.compiler_options replaces runs/gpu.gin's whole dict, so
-  benchmark_suite.py writes runs/gpu.gin's options out again: they must stay the same as the
-  file's, but for the one option each lever is about (the dot merger back on; cuBLAS GEMMs)."""
+  benchmark_suite.py starts from the file's (`run_compiler_options`, read from its text): as gin
+  parses the file, the levers' options are its options but for the one each lever is about (the
+  dot merger back on; cuBLAS GEMMs)."""
   cases = [c for c in benchmark_suite.SUITES["gpu-levers"] if c.preset == "t5_1_1/base"]
   run = _experiment(cases[0]).train.compiler_options
   assert not cases[0].bindings and "xla_gpu_dot_merger_threshold_mb" in run
@@ -126,6 +127,8 @@ def test_gpu_levers_setting_compiler_options_keep_the_run_configs():
              if any(b.startswith("TrainConfig.compiler_options") for b in c.bindings)]
   merger_on = {k: v for k, v in run.items() if k != "xla_gpu_dot_merger_threshold_mb"}
   assert options == [merger_on, {**run, "xla_gpu_enable_triton_gemm": False}]
+  assert benchmark_suite.run_compiler_options("gpu") == run
+  assert benchmark_suite.run_compiler_options("cpu") == {}  # runs/cpu.gin binds none
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[f"{c.preset}-b{c.batch}" for c in DECODE_CASES])
