@@ -214,33 +214,38 @@ def without_command_buffers(args):
   return argparse.Namespace(**{**vars(args), "train": train})
 
 
-def profile_step(run, facts, args, remake=None) -> dict:
+def profile_step(run, facts, args, peak_tflops: float, remake=None) -> dict:
   """--profile: --profile_steps more steps of t5lite's timed runner (`t5lite_runner`'s `run`
   and `facts`, warm) traced; the ops that took longest per step, by kind (a custom call by its
   target: t5lite's CPU kernels, cuBLAS, cuDNN) and by op, printed (the first 15 kinds) and
   returned (the first 40 of each). With `remake` (on a GPU: `args` -> a new runner), the traced
   step is compiled again without command buffers (`without_command_buffers`) and run once
-  before the trace; its times then include the kernel launches the buffers save."""
-  from t5lite import profiling
+  before the trace; its times then include the kernel launches the buffers save. Ops traced
+  for less time than their matmul FLOPs take at `peak_tflops` (XLA:CPU's own dots, whose
+  events time their dispatch) are listed apart (`profiling.outrun_matmuls`)."""
+  from t5lite import hlo_analysis, profiling
   options = {}
   if remake is not None:
     run, facts = remake(without_command_buffers(args))
     run()
     options = dict(profiling.NO_COMMAND_BUFFERS)
   trace = profiling.trace_steps(run, args.profile_steps, args.profile)
+  hlo_text = facts["hlo_text"]()
   kinds = profiling.op_times(trace, args.profile_steps, by_kind=True,
-                             kinds=profiling.custom_call_targets(facts["hlo_text"]()))
+                             kinds=profiling.custom_call_targets(hlo_text))
   ops = profiling.op_times(trace, args.profile_steps)
+  outrun = profiling.outrun_matmuls(ops, hlo_analysis.matmul_flops_by_op(hlo_text), peak_tflops)
   where = kinds[0]["where"] if kinds else "-"
   print(f"# profile: {args.profile_steps} steps traced into {trace}; op time per step on "
         f"{where}, by kind (ops run side by side add up to more than the step):")
   for row in kinds[:15]:
     print(f"  {row['ms_per_step']:9.2f} ms  x{row['runs_per_step']:<6g} {row['op']}")
   note = profiling.command_buffer_note(kinds)
-  if note:
-    print(f"# profile: {note}")
+  for line in (note, profiling.outrun_note(outrun)):
+    if line:
+      print(f"# profile: {line}")
   return {"trace": trace, "steps": args.profile_steps, "compiler_options": options,
-          "by_kind": kinds[:40], "ops": ops[:40], "note": note}
+          "by_kind": kinds[:40], "ops": ops[:40], "note": note, "outrun_matmuls": outrun}
 
 
 def main(argv=None):
@@ -278,8 +283,10 @@ def main(argv=None):
   parser.add_argument("--profile", default="", metavar="DIR",
                       help="after the timed steps, trace --profile_steps more of t5lite's under "
                            "the JAX profiler into DIR (Perfetto; TensorBoard reads it too) and "
-                           "report the ops that took longest per step (t5lite/profiling.py); "
-                           "on a GPU, of the step compiled again without command buffers")
+                           "report the ops that took longest per step (t5lite/profiling.py), "
+                           "and apart those traced for less than their matmul FLOPs need (on "
+                           "a CPU, XLA's dots, whose events time their dispatch); on a GPU, of "
+                           "the step compiled again without command buffers")
   parser.add_argument("--profile_steps", type=int, default=3)
   parser.add_argument("--aot", default="", metavar="GPU",
                       help="e.g. h100: instead of timing steps, compile the train step for one "
@@ -436,7 +443,7 @@ def run_benchmarks(cfg, args, bindings, on_gpu: bool, hf: "hf_reference.HFProces
     print("t5lite / HF tokens/s: " + ", ".join(
         f"{r['impl']} {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x" for r in rows[1:]))
   if args.profile:
-    result["profile"] = profile_step(*timed.pop("t5lite"), args,
+    result["profile"] = profile_step(*timed.pop("t5lite"), args, peak,
                                      remake=(lambda a: t5lite_runner(cfg, a)) if on_gpu else None)
   write_json(args.json, result)
   return result

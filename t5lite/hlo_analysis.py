@@ -232,18 +232,32 @@ def _instruction_flops(inst: _Instruction, table) -> Tuple[str, float]:
   return "", 0.0
 
 
+def _matmuls(hlo: Union[str, Program]):
+  """(instruction name, kind, matmul FLOPs per step) of every instruction that runs and
+  multiplies matrices (`_instruction_flops`)."""
+  for inst, runs, table in _as_program(hlo).instructions():
+    kind, f = _instruction_flops(inst, table)
+    if kind:
+      yield inst.name, kind, runs * f
+
+
 def matmul_flops(hlo: Union[str, Program]) -> Dict[str, float]:
   """Matrix-multiply FLOPs per step of an optimized HLO module (its text or its `Program`), by
   kind ("dot", "gemm" for cuBLAS calls, "attention" for cuDNN fused attention and t5lite's CPU
   kernel) and in "total"
   (see the module docstring)."""
   flops = {"dot": 0.0, "gemm": 0.0, "attention": 0.0}
-  for inst, runs, table in _as_program(hlo).instructions():
-    kind, f = _instruction_flops(inst, table)
-    if kind:
-      flops[kind] += runs * f
+  for _, kind, f in _matmuls(hlo):
+    flops[kind] += f
   flops["total"] = sum(flops.values())
   return flops
+
+
+def matmul_flops_by_op(hlo: Union[str, Program]) -> Dict[str, float]:
+  """{instruction name: matrix-multiply FLOPs per step} of the instructions that multiply
+  matrices (as `matmul_flops` counts them; a dot inside a fusion under its own name, not the
+  fusion's): what a profile's ops should take at least, at the matmul peak."""
+  return {name: f for name, _, f in _matmuls(hlo)}
 
 
 def _group_size(rest: str, num_devices: int) -> int:

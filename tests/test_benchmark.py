@@ -50,6 +50,7 @@ def test_benchmark_json_and_hf_side_by_side(tmp_path):
   assert profile["steps"] == 2 and profile["trace"].startswith(str(tmp_path / "trace"))
   assert profile["by_kind"][0]["ms_per_step"] > 0 and profile["ops"][0]["where"] == "/host:CPU"
   assert "# profile: 2 steps traced" in r.stdout
+  assert all(row["ms_per_step"] < row["peak_ms"] for row in profile["outrun_matmuls"])
   # The report says what was measured: the settings gin resolved, and the highest of the peaks
   # probed before the steps, between their two rounds and after them.
   assert result["model"]["dtype"] == "float32" and result["model"]["scan_layers"] is True
@@ -318,7 +319,7 @@ def test_a_gpu_profile_traces_a_step_compiled_without_command_buffers(tmp_path):
     return benchmark.t5lite_runner(cfg, remade_args)
 
   before = dict(args.train.compiler_options)
-  out = benchmark.profile_step(*benchmark.t5lite_runner(cfg, args), args, remake=remake)
+  out = benchmark.profile_step(*benchmark.t5lite_runner(cfg, args), args, 0.1, remake=remake)
   assert made == [{**before, "xla_gpu_enable_command_buffer": ""}]
   assert dict(args.train.compiler_options) == before
   assert out["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}

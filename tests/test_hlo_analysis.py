@@ -55,6 +55,8 @@ def test_nested_loops_multiply_and_async_collectives_count_once():
   unknown = hlo_analysis.Program(HLO.replace(', backend_config={"known_trip_count":{"n":"2"}}', ""))
   assert unknown.unknown_loops == ["w"] and unknown.runs["inner_body"] == 3
   assert hlo_analysis.matmul_flops(HLO)["dot"] == 6 * 2 * 4 * 16 * 8
+  # By op: the dot under its own name (not its fusion's), six runs a step.
+  assert hlo_analysis.matmul_flops_by_op(HLO) == {"dot.1": 6 * 2 * 4 * 16 * 8}
   stats = hlo_analysis.collectives(HLO, 8)
   assert stats["all-reduce"]["count"] == 6
   assert stats["all-reduce"]["bytes"] == pytest.approx(6 * 2 * 3 / 4 * 256 * 4)
