@@ -220,9 +220,9 @@ def profile_step(run, facts, args, peak_tflops: float, remake=None) -> dict:
   target: t5lite's CPU kernels, cuBLAS, cuDNN) and by op, printed (the first 15 kinds) and
   returned (the first 40 of each). With `remake` (on a GPU: `args` -> a new runner), the traced
   step is compiled again without command buffers (`without_command_buffers`) and run once
-  before the trace; its times then include the kernel launches the buffers save. Ops traced
-  for less time than their matmul FLOPs take at `peak_tflops` (XLA:CPU's own dots, whose
-  events time their dispatch) are listed apart (`profiling.outrun_matmuls`)."""
+  before the trace; its times then include the kernel launches the buffers save. On a CPU, the
+  ops traced for less time than their matmul FLOPs take at `peak_tflops` (XLA:CPU's own dots,
+  whose events time their dispatch) are listed apart (`profiling.outrun_matmuls`)."""
   from t5lite import hlo_analysis, profiling
   options = {}
   if remake is not None:
@@ -234,8 +234,9 @@ def profile_step(run, facts, args, peak_tflops: float, remake=None) -> dict:
   kinds = profiling.op_times(trace, args.profile_steps, by_kind=True,
                              kinds=profiling.custom_call_targets(hlo_text))
   ops = profiling.op_times(trace, args.profile_steps)
-  outrun = profiling.outrun_matmuls(ops, hlo_analysis.matmul_flops_by_op(hlo_text), peak_tflops)
   where = kinds[0]["where"] if kinds else "-"
+  outrun = [] if where.startswith("/device:") else profiling.outrun_matmuls(
+      ops, hlo_analysis.matmul_flops_by_op(hlo_text), peak_tflops)
   print(f"# profile: {args.profile_steps} steps traced into {trace}; op time per step on "
         f"{where}, by kind (ops run side by side add up to more than the step):")
   for row in kinds[:15]:
