@@ -234,9 +234,8 @@ def profile_step(run, facts, args, peak_tflops: float, remake=None) -> dict:
   kinds = profiling.op_times(trace, args.profile_steps, by_kind=True,
                              kinds=profiling.custom_call_targets(hlo_text))
   ops = profiling.op_times(trace, args.profile_steps)
+  outrun = profiling.outrun_matmuls(ops, hlo_analysis.matmul_flops_by_op(hlo_text), peak_tflops)
   where = kinds[0]["where"] if kinds else "-"
-  outrun = [] if where.startswith("/device:") else profiling.outrun_matmuls(
-      ops, hlo_analysis.matmul_flops_by_op(hlo_text), peak_tflops)
   print(f"# profile: {args.profile_steps} steps traced into {trace}; op time per step on "
         f"{where}, by kind (ops run side by side add up to more than the step):")
   for row in kinds[:15]:

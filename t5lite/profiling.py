@@ -86,12 +86,14 @@ def outrun_matmuls(ops: List[Dict], flops_by_op: Dict[str, float],
   runs them on its intra-op threads after their event, which times their dispatch (a
   [2560, 32000] x [32000, 768] weight gradient, 0.75 s of decoder-125m's step at the peak, traced
   at 0.14 ms), so their time is in no row, or in the rows of the ops that ran meanwhile (the head's
-  input gradient beside it). (A GPU's trace times its kernels, but a causal attention kernel,
-  whose FLOPs count the blocks it skips, could read faster than the peak: ask on CPUs.) Dicts of
-  op, ms_per_step (traced), gflops_per_step and peak_ms (the least time its FLOPs take), the
-  longest at the peak first."""
+  input gradient beside it). A device's ops (a GPU trace's kernels) are left out: their events
+  are their time, and a causal attention kernel, whose FLOPs count the blocks it skips, could
+  read faster than the peak. Dicts of op, ms_per_step (traced), gflops_per_step and peak_ms (the
+  least time its FLOPs take), the longest at the peak first."""
   rows = []
   for row in ops:
+    if row["where"].startswith("/device:"):
+      continue
     flops = flops_by_op.get(row["op"], 0.0)
     peak_ms = flops / (peak_tflops * 1e12) * 1e3 if peak_tflops > 0 else 0.0
     if row["ms_per_step"] < peak_ms:

@@ -46,6 +46,9 @@ def test_ops_traced_for_less_than_their_matmul_flops_take_are_listed_apart(tmp_p
   (row,) = profiling.outrun_matmuls(ops, flops, peak_tflops=1e-9)
   assert row["op"] == dot and row["gflops_per_step"] == pytest.approx(2 * 256 * 64 * 128 / 1e9)
   assert row["peak_ms"] == pytest.approx(2 * 256 * 64 * 128 / 1e-9 / 1e12 * 1e3)
+  # A GPU trace's kernels are their time: never listed.
+  on_device = [dict(r, where="/device:GPU:0") for r in ops]
+  assert profiling.outrun_matmuls(on_device, flops, peak_tflops=1e-9) == []
   assert profiling.outrun_note([row]).startswith("1 op(s) traced for less time")
   assert dot in profiling.outrun_note([row]) and profiling.outrun_note([]) == ""
 
