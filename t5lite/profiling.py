@@ -50,6 +50,11 @@ def custom_call_targets(hlo_text: str) -> Dict[str, str]:
   return {m.group(1): m.group(2) for m in found}
 
 
+def _on_device(process: str) -> bool:
+  """Whether a profiler process name is a device's ("/device:GPU:0"), not the host's."""
+  return process.startswith("/device:")
+
+
 def op_times(trace_path: str, steps: int, by_kind: bool = False,
              kinds: Dict[str, str] = None) -> List[Dict]:
   """The XLA ops of a trace of `steps` steps (see the module docstring), longest first: dicts of
@@ -64,8 +69,8 @@ def op_times(trace_path: str, steps: int, by_kind: bool = False,
                if e.get("ph") == "M" and e.get("name") == "process_name"}
   ops = [e for e in events if e.get("ph") == "X" and "dur" in e
          and "hlo_op" in (e.get("args") or {})]
-  if any(processes.get(e.get("pid"), "").startswith("/device:") for e in ops):
-    ops = [e for e in ops if processes.get(e.get("pid"), "").startswith("/device:")]
+  if any(_on_device(processes.get(e.get("pid"), "")) for e in ops):
+    ops = [e for e in ops if _on_device(processes.get(e.get("pid"), ""))]
   time_us, runs = collections.Counter(), collections.Counter()
   for e in ops:
     name = e["args"]["hlo_op"]
@@ -92,7 +97,7 @@ def outrun_matmuls(ops: List[Dict], flops_by_op: Dict[str, float],
   least time its FLOPs take), the longest at the peak first."""
   rows = []
   for row in ops:
-    if row["where"].startswith("/device:"):
+    if _on_device(row["where"]):
       continue
     flops = flops_by_op.get(row["op"], 0.0)
     peak_ms = flops / (peak_tflops * 1e12) * 1e3 if peak_tflops > 0 else 0.0
