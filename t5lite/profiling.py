@@ -69,8 +69,8 @@ def op_times(trace_path: str, steps: int, by_kind: bool = False,
                if e.get("ph") == "M" and e.get("name") == "process_name"}
   ops = [e for e in events if e.get("ph") == "X" and "dur" in e
          and "hlo_op" in (e.get("args") or {})]
-  if any(_on_device(processes.get(e.get("pid"), "")) for e in ops):
-    ops = [e for e in ops if _on_device(processes.get(e.get("pid"), ""))]
+  on_device = [e for e in ops if _on_device(processes.get(e.get("pid"), ""))]
+  ops = on_device or ops  # a device's trace: its ops' own events, not the host's launches
   time_us, runs = collections.Counter(), collections.Counter()
   for e in ops:
     name = e["args"]["hlo_op"]
