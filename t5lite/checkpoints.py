@@ -4,7 +4,8 @@ Each step directory holds three items: `state` (parameters, optimizer state, cou
 (the stream cursor, so a resumed run reads exactly the batches an uninterrupted one would) and
 `config` (the model config, checked before restoring). Saves are asynchronous and atomic (orbax
 writes to a temporary directory and renames). A latest step that fails to restore is moved aside
-(never deleted) and the previous one is used, with a loud warning.
+(never deleted, by the first process while the others wait) and the previous one is used, with a
+loud warning.
 """
 
 import json
@@ -14,6 +15,8 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from t5lite.models.config import ModelConfig
@@ -111,11 +114,16 @@ class Checkpointer:
 
   def _quarantine(self, step: int) -> str:
     src = os.path.join(self.directory, str(step))
-    dst = f"{src}.corrupt-{int(time.time())}"
+    stamp = int(time.time())
     if jax.process_index() == 0 and os.path.exists(src):
-      os.replace(src, dst)
+      os.replace(src, f"{src}.corrupt-{stamp}")
+    if jax.process_count() > 1:
+      # The first process's name for it, which the others receive only once it has moved the
+      # step aside: a process that listed the steps before that would later skip saving this step
+      # number while the others save it.
+      stamp = int(multihost_utils.broadcast_one_to_all(np.int64(stamp)))
     self.manager.reload()
-    return dst
+    return f"{src}.corrupt-{stamp}"
 
   def close(self):
     """Waits for pending saves and releases the manager."""
