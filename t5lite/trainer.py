@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -225,14 +226,36 @@ def summarize_eval(totals: Dict[str, float]) -> Dict[str, float]:
           "accuracy": float(totals["correct_sum"]) / tokens, "tokens": tokens}
 
 
-class _SigtermFlag:
-  """Records SIGTERM so the loop can checkpoint and stop at the next step boundary."""
+class _PreemptionNotice:
+  """Tells the loop at which step to checkpoint and stop for a preemption notice (SIGTERM).
 
-  def __init__(self):
-    self.raised = False
+  One process: its own SIGTERM handler, read at the next step boundary. Several processes: JAX's
+  preemption sync manager (started by `jax.distributed.initialize`), which hears SIGTERM on any
+  of them and names one step, after every process's current one, at which all of them stop; a
+  process stopping on its own would save a step the others never join, and the job would hang.
+  """
+
+  def __init__(self, start_step: int, log: Callable[[str], None]):
+    self._raised = False
     self._previous = None
+    self._synced = False
+    if jax.process_count() > 1:
+      try:  # every process names the step it starts from, as the manager asks
+        multihost_utils.reached_preemption_sync_point(start_step)
+        self._synced = True
+      except RuntimeError as e:
+        log(f"WARNING: no preemption sync manager ({e}); a SIGTERM that reaches only some of "
+            f"the processes will not stop the others")
+
+  def reached(self, step: int) -> bool:
+    """Whether to checkpoint `step` (just run) and stop; called once after every step."""
+    if self._synced:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._raised
 
   def __enter__(self):
+    if self._synced:  # the manager's own SIGTERM handler stays in place
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread
@@ -241,7 +264,7 @@ class _SigtermFlag:
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.raised = True
+    self._raised = True
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -340,7 +363,6 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
   def save(step_done: int):
     # Every host reads its own examples, so every host's position is saved.
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       cursors = [int(c) for c in multihost_utils.process_allgather(np.int64(cursor))]
     else:
       cursors = [cursor]
@@ -351,7 +373,7 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
   t_log, tokens_since = time.time(), 0
   step = start
   pending = None  # metrics of the previous step, read one step late to keep dispatch async
-  with _SigtermFlag() as sigterm, jax.set_mesh(mesh), partitioning.activation_rules(
+  with _PreemptionNotice(start, log) as preemption, jax.set_mesh(mesh), partitioning.activation_rules(
       mesh, rules, r.mesh_config.pipeline_microbatches):
     while step < cfg.num_steps:
       bs = schedules.batch_size_at(step, cfg.batch_size, cfg.batch_ramp)
@@ -383,7 +405,7 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
         MetricsWriter(r.model_dir, "eval", tensorboard=False).write(step, summary["eval"])
       if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
         save(step)
-      if sigterm.raised:
+      if preemption.reached(step):
         save(step)
         checkpointer.close()
         raise PreemptedError(f"SIGTERM: saved checkpoint at step {step} in "

@@ -1,14 +1,16 @@
 """Two processes x 4 fake CPU devices over localhost (jax.distributed) train to the loss of one
 process x 8 devices, write one cooperative checkpoint, and both resume from it; when the latest
 checkpoint is corrupt, both fall back to the one before, keep the corrupt one aside and save the
-step again. Attention runs in the CPU kernel (runs/cpu.gin's), each device on its own rows, across
-the processes."""
+step again; a SIGTERM to one process stops both at one step, which both save. Attention runs in
+the CPU kernel (runs/cpu.gin's), each device on its own rows, across the processes."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -29,19 +31,30 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(model_dir, steps):
+def _start_two(model_dir, steps, extra=()):
   port = _free_port()
   env = cli_env({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable] + ARGS + [f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={steps}",
                                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                 f"--process_id={i}"],
+                                 f"--process_id={i}", *extra],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
+
+
+def _finish(procs, returncode=0, timeout=600):
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
   for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == returncode, (p.returncode, out[-2000:], err[-3000:])
   return outs
+
+
+def _two_processes(model_dir, steps):
+  return _finish(_start_two(model_dir, steps))
 
 
 def _losses(model_dir):
@@ -76,5 +89,30 @@ def test_two_hosts_match_one_host_resume_and_fall_back(tmp_path):
   assert all(f"moved it to {os.path.join(multi, 'checkpoints', corrupt[0])} " in out
              for out, _ in outs), outs
   got = _losses(multi)
+  for step in ref:
+    assert abs(ref[step] - got[step]) < 1e-4 * max(1.0, abs(ref[step])), (step, ref, got)
+
+
+def test_sigterm_to_one_host_saves_one_step_on_both(tmp_path):
+  """A preemption notice (SIGTERM) reaching one process only: both stop at the same step, save it
+  together and exit 143; both resume from it to one process's losses."""
+  multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+  procs = _start_two(multi, 100000, ["--gin.CHECKPOINT_PERIOD=100000"])
+  deadline = time.time() + 300
+  while time.time() < deadline and not os.path.exists(os.path.join(multi, "metrics.jsonl")):
+    time.sleep(0.05)
+  time.sleep(0.5)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _finish(procs, returncode=143, timeout=300)
+  saved = [int(n) for n in os.listdir(os.path.join(multi, "checkpoints")) if n.isdigit()]
+  assert len(saved) == 1 and saved[0] > 0, saved
+  assert all("rerun the same command to resume" in err for _, err in outs)
+  outs = _two_processes(multi, saved[0] + 2)
+  assert all(f"step {saved[0]} (data cursor" in out for out, _ in outs), outs
+  r = run_cli(ARGS + [f"--gin.MODEL_DIR={single}", f"--gin.TRAIN_STEPS={saved[0] + 2}"],
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  ref, got = _losses(single), _losses(multi)
+  assert set(ref) == set(got) == set(range(1, saved[0] + 3))
   for step in ref:
     assert abs(ref[step] - got[step]) < 1e-4 * max(1.0, abs(ref[step])), (step, ref, got)
