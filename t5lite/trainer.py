@@ -238,10 +238,15 @@ class _PreemptionNotice:
   def __init__(self, start_step: int, log: Callable[[str], None]):
     self._raised = False
     self._previous = None
+    self._start = start_step
     self._synced = False
+    self._at_start = False
     if jax.process_count() > 1:
-      try:  # every process names the step it starts from, as the manager asks
-        multihost_utils.reached_preemption_sync_point(start_step)
+      # The manager counts the steps run since this process started (0 here, as every process
+      # does): a notice heard before the first step then still names a step the loop reaches,
+      # or this one, and then every process stops after its first step.
+      try:
+        self._at_start = multihost_utils.reached_preemption_sync_point(0)
         self._synced = True
       except RuntimeError as e:
         log(f"WARNING: no preemption sync manager ({e}); a SIGTERM that reaches only some of "
@@ -250,7 +255,8 @@ class _PreemptionNotice:
   def reached(self, step: int) -> bool:
     """Whether to checkpoint `step` (just run) and stop; called once after every step."""
     if self._synced:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return (multihost_utils.reached_preemption_sync_point(step - self._start)
+              or self._at_start)
     return self._raised
 
   def __enter__(self):
@@ -373,8 +379,8 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
   t_log, tokens_since = time.time(), 0
   step = start
   pending = None  # metrics of the previous step, read one step late to keep dispatch async
-  with _PreemptionNotice(start, log) as preemption, jax.set_mesh(mesh), partitioning.activation_rules(
-      mesh, rules, r.mesh_config.pipeline_microbatches):
+  with (_PreemptionNotice(start, log) as preemption, jax.set_mesh(mesh),
+        partitioning.activation_rules(mesh, rules, r.mesh_config.pipeline_microbatches)):
     while step < cfg.num_steps:
       bs = schedules.batch_size_at(step, cfg.batch_size, cfg.batch_ramp)
       local_bs = bs // jax.process_count()
