@@ -242,9 +242,9 @@ class _PreemptionNotice:
     self._synced = False
     self._at_start = False
     if jax.process_count() > 1:
-      # The manager counts the steps run since this process started (0 here, as every process
-      # does): a notice heard before the first step then still names a step the loop reaches,
-      # or this one, and then every process stops after its first step.
+      # The manager counts the steps this run has taken (0 here, on every process alike), so a
+      # notice heard before the first step names a count the loop reaches; if it names this
+      # one, 0, every process stops after its first step.
       try:
         self._at_start = multihost_utils.reached_preemption_sync_point(0)
         self._synced = True
