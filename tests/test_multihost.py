@@ -62,6 +62,11 @@ def _losses(model_dir):
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+def _assert_losses_match(ref, got):
+  for step in ref:
+    assert abs(ref[step] - got[step]) < 1e-4 * max(1.0, abs(ref[step])), (step, ref, got)
+
+
 def test_two_hosts_match_one_host_resume_and_fall_back(tmp_path):
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
   r = run_cli(ARGS + [f"--gin.MODEL_DIR={single}", "--gin.TRAIN_STEPS=6"],
@@ -73,8 +78,7 @@ def test_two_hosts_match_one_host_resume_and_fall_back(tmp_path):
   assert all("resumed from" in out for out, _ in outs)
   ref, got = _losses(single), _losses(multi)
   assert set(ref) == set(got) == set(range(1, 7))
-  for step in ref:
-    assert abs(ref[step] - got[step]) < 1e-4 * max(1.0, abs(ref[step])), (step, ref, got)
+  _assert_losses_match(ref, got)
 
   # The latest checkpoint corrupt: both processes fall back to step 3, the same one, and train to
   # step 6 again to the same losses; step 6 is saved anew beside the corrupt one, renamed.
@@ -88,9 +92,7 @@ def test_two_hosts_match_one_host_resume_and_fall_back(tmp_path):
   assert len(corrupt) == 1, names
   assert all(f"moved it to {os.path.join(multi, 'checkpoints', corrupt[0])} " in out
              for out, _ in outs), outs
-  got = _losses(multi)
-  for step in ref:
-    assert abs(ref[step] - got[step]) < 1e-4 * max(1.0, abs(ref[step])), (step, ref, got)
+  _assert_losses_match(ref, _losses(multi))
 
 
 def test_sigterm_to_one_host_saves_one_step_on_both(tmp_path):
@@ -114,5 +116,4 @@ def test_sigterm_to_one_host_saves_one_step_on_both(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   ref, got = _losses(single), _losses(multi)
   assert set(ref) == set(got) == set(range(1, saved[0] + 3))
-  for step in ref:
-    assert abs(ref[step] - got[step]) < 1e-4 * max(1.0, abs(ref[step])), (step, ref, got)
+  _assert_losses_match(ref, got)
