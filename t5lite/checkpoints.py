@@ -3,9 +3,9 @@
 Each step directory holds three items: `state` (parameters, optimizer state, counters), `data`
 (the stream cursor, so a resumed run reads exactly the batches an uninterrupted one would) and
 `config` (the model config, checked before restoring). Saves are asynchronous and atomic (orbax
-writes to a temporary directory and renames). A latest step that fails to restore is moved aside
-(never deleted, by the first process while the others wait) and the previous one is used, with a
-loud warning.
+writes to a temporary directory and renames). Steps newer than the newest readable one are moved
+aside (never deleted, by the first process while the others wait), with a loud warning; when none
+is readable the run stops with the reasons and moves nothing.
 """
 
 import json
@@ -75,7 +75,7 @@ class Checkpointer:
 
   def stored_config(self, step: int) -> ModelConfig:
     """The model config recorded with `step`."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    restored = self._read(step, ocp.args.Composite(config=ocp.args.JsonRestore()))
     return ModelConfig.from_json(json.dumps(restored["config"]["model_config"]))
 
   def check_compatible(self, step: int, model_cfg: ModelConfig):
@@ -92,25 +92,57 @@ class Checkpointer:
                      ) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
     """(step, state, data) of the newest readable checkpoint, or None when there is none.
 
-    An unreadable step is renamed to `<step>.corrupt-<time>` and the previous step is tried, so
-    nothing is deleted and a later save of the same step number does not collide.
+    Steps newer than the one restored that could not be read are renamed `<step>.corrupt-<time>`
+    (kept, and a later save of the same step number does not collide), with a loud warning. When
+    no step can be read, CheckpointError names each one's error and nothing is moved: a cause
+    common to all of them (an unreadable directory, an incompatible library) is the likelier one,
+    and starting afresh would be the user's choice. With several processes a step counts as read
+    only if every process read its part of it, so all of them resume from the same step.
     """
+    unreadable = []  # (step, cause), newest first
     for step in reversed(self.steps()):
+      error = None
       try:
         self.check_compatible(step, model_cfg)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
+        restored = self._read(step, ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return step, restored["state"], dict(restored["data"])
-      except CheckpointError:
-        raise
       except Exception as e:  # pylint: disable=broad-except
-        moved = self._quarantine(step)
-        msg = (f"checkpoint step {step} in {self.directory} could not be restored "
-               f"({type(e).__name__}: {str(e)[:300]}); moved it to {moved} and falling back "
-               f"to the previous checkpoint")
-        log.error(msg)
-        print(f"WARNING: {msg}", flush=True)
+        error = e
+      failed = _processes_that_failed(error)
+      if not failed:
+        for bad, cause in unreadable:
+          moved = self._quarantine(bad)
+          msg = (f"checkpoint step {bad} in {self.directory} could not be restored ({cause}); "
+                 f"moved it to {moved} and resuming from step {step}")
+          log.error(msg)
+          print(f"WARNING: {msg}", flush=True)
+        return step, restored["state"], dict(restored["data"])
+      if isinstance(error, CheckpointError):
+        raise error
+      if _INCOMPATIBLE in failed.values():
+        raise CheckpointError(f"checkpoint {self.directory} step {step} is incompatible with this "
+                              f"model on process(es) {sorted(failed)}; see their logs")
+      unreadable.append((step, _cause(error, failed)))
+    if unreadable:
+      causes = "; ".join(f"step {step}: {cause}" for step, cause in unreadable)
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} could be restored ({causes}). Nothing was moved. "
+          f"Mend the cause, or move the directory aside (or use a new MODEL_DIR) to start afresh.")
     return None
+
+  def _read(self, step: int, args):
+    # On this process alone: orbax's manager ends a restore in a barrier across processes, which
+    # one that failed to read never reaches, so the others would wait there for it forever.
+    # Whether every process read its part is asked afterwards (`_processes_that_failed`).
+    me = jax.process_index()
+    only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    handler = ocp.CompositeCheckpointHandler(
+        composite_options=ocp.CompositeOptions(multiprocessing_options=only_me))
+    reader = ocp.Checkpointer(handler, multiprocessing_options=only_me)
+    try:
+      return reader.restore(os.path.join(self.directory, str(step)), args=args)
+    finally:
+      reader.close()
 
   def _quarantine(self, step: int) -> str:
     src = os.path.join(self.directory, str(step))
@@ -129,6 +161,26 @@ class Checkpointer:
     """Waits for pending saves and releases the manager."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+_READ, _UNREADABLE, _INCOMPATIBLE = 0, 1, 2
+
+
+def _processes_that_failed(error: Optional[BaseException]) -> Dict[int, int]:
+  """{process index: _UNREADABLE or _INCOMPATIBLE} over all processes, given this one's error."""
+  code = (_READ if error is None else
+          _INCOMPATIBLE if isinstance(error, CheckpointError) else _UNREADABLE)
+  if jax.process_count() == 1:
+    codes = [code]
+  else:
+    codes = multihost_utils.process_allgather(np.int32(code)).reshape(-1).tolist()
+  return {i: c for i, c in enumerate(codes) if c != _READ}
+
+
+def _cause(error: Optional[BaseException], failed: Dict[int, int]) -> str:
+  if error is None:
+    return f"unreadable on process(es) {sorted(failed)}; see their logs"
+  return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
 def restore_params(directory: str, abstract_params, step: Optional[int] = None):

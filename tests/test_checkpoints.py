@@ -1,4 +1,5 @@
-"""Checkpointer: round trip with data position, corrupt-latest fallback, incompatible configs."""
+"""Checkpointer: round trip with data position, corrupt-latest fallback, no readable step,
+incompatible configs."""
 
 import os
 
@@ -117,3 +118,22 @@ def test_model_dir_that_is_a_file(tmp_path):
   path.write_text("x")
   with pytest.raises(checkpoints.CheckpointError, match="not a directory"):
     checkpoints.Checkpointer(str(path))
+
+
+def test_every_step_unreadable_stops_and_moves_nothing(tmp_path):
+  """No readable step: an error naming each step's cause, and both steps left where they are (a
+  common cause can be mended and the run resumed), rather than training from step 0."""
+  cfg = tiny_config()
+  state = _state(cfg)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=3)
+  ckpt.save(1, state, {"cursor": 10}, cfg)
+  ckpt.save(2, state, {"cursor": 20}, cfg)
+  ckpt.close()
+  for step in ("1", "2"):
+    _corrupt(str(tmp_path / "ckpt" / step))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=3)
+  with pytest.raises(checkpoints.CheckpointError, match=r"no checkpoint .*\(step 2: .*; step 1: "):
+    ckpt.restore_latest(_abstract(state), cfg)
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]
+  assert ckpt.steps() == [1, 2]
+  ckpt.close()

@@ -1,8 +1,9 @@
 """Two processes x 4 fake CPU devices over localhost (jax.distributed) train to the loss of one
 process x 8 devices, write one cooperative checkpoint, and both resume from it; when the latest
 checkpoint is corrupt, both fall back to the one before, keep the corrupt one aside and save the
-step again; a SIGTERM to one process stops both at one step, which both save. Attention runs in
-the CPU kernel (runs/cpu.gin's), each device on its own rows, across the processes."""
+step again, also when only one process's shards of it are corrupt; a SIGTERM to one process stops
+both at one step, which both save. Attention runs in the CPU kernel (runs/cpu.gin's), each device
+on its own rows, across the processes."""
 
 import json
 import os
@@ -117,3 +118,27 @@ def test_sigterm_to_one_host_saves_one_step_on_both(tmp_path):
   ref, got = _losses(single), _losses(multi)
   assert set(ref) == set(got) == set(range(1, saved[0] + 3))
   _assert_losses_match(ref, got)
+
+
+def test_shards_unreadable_on_one_host_both_fall_back(tmp_path):
+  """Parameters sharded over both processes (fsdp), so each reads only its own part of a
+  checkpoint; when only process 1's part of the latest is corrupt, both fall back to the step
+  before (rather than process 0 resuming alone and waiting for process 1 forever) and retrain
+  the same losses."""
+  multi = str(tmp_path / "multi")
+  fsdp = ["--gin.MeshConfig.data=1", "--gin.MeshConfig.fsdp=-1", "--gin.MeshConfig.rules='fsdp'"]
+  _finish(_start_two(multi, 6, fsdp))
+  first = _losses(multi)
+  shards = os.path.join(multi, "checkpoints", "6", "state", "ocdbt.process_1", "d")
+  assert os.listdir(shards), "process 1 wrote no shards of its own"
+  for name in os.listdir(shards):
+    with open(os.path.join(shards, name), "wb") as f:
+      f.write(b"\x00garbage" * 7)
+  outs = _finish(_start_two(multi, 6, fsdp), timeout=300)
+  assert all("step 6" in out and "could not be restored" in out for out, _ in outs), outs
+  assert "unreadable on process(es) [1]" in outs[0][0], outs[0][0]
+  assert all("step 3 (data cursor" in out for out, _ in outs), outs
+  names = os.listdir(os.path.join(multi, "checkpoints"))
+  assert sorted(n for n in names if n.isdigit()) == ["3", "6"]
+  assert len([n for n in names if n.startswith("6.corrupt-")]) == 1, names
+  _assert_losses_match(first, _losses(multi))
