@@ -131,18 +131,7 @@ class Checkpointer:
     return None
 
   def _read(self, step: int, args):
-    # On this process alone: orbax's manager ends a restore in a barrier across processes, which
-    # one that failed to read never reaches, so the others would wait there for it forever.
-    # Whether every process read its part is asked afterwards (`_processes_that_failed`).
-    me = jax.process_index()
-    only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    handler = ocp.CompositeCheckpointHandler(
-        composite_options=ocp.CompositeOptions(multiprocessing_options=only_me))
-    reader = ocp.Checkpointer(handler, multiprocessing_options=only_me)
-    try:
-      return reader.restore(os.path.join(self.directory, str(step)), args=args)
-    finally:
-      reader.close()
+    return _read_step(os.path.join(self.directory, str(step)), args)
 
   def _quarantine(self, step: int) -> str:
     src = os.path.join(self.directory, str(step))
@@ -161,6 +150,24 @@ class Checkpointer:
     """Waits for pending saves and releases the manager."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _read_step(step_dir: str, args):
+  """Restores the items named in `args` from one step directory, on this process alone.
+
+  Orbax's own restore ends in a barrier across processes, which a process that failed to read
+  never reaches, so the others would wait there forever; callers ask every process afterwards
+  whether it read its part (`_processes_that_failed`).
+  """
+  me = jax.process_index()
+  only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  handler = ocp.CompositeCheckpointHandler(
+      composite_options=ocp.CompositeOptions(multiprocessing_options=only_me))
+  reader = ocp.Checkpointer(handler, multiprocessing_options=only_me)
+  try:
+    return reader.restore(step_dir, args=args)
+  finally:
+    reader.close()
 
 
 _READ, _UNREADABLE, _INCOMPATIBLE = 0, 1, 2
@@ -186,6 +193,9 @@ def _cause(error: Optional[BaseException], failed: Dict[int, int]) -> str:
 def restore_params(directory: str, abstract_params, step: Optional[int] = None):
   """Parameters only, from another run's checkpoint (finetuning); ignores its optimizer state.
 
+  Raises CheckpointError, on every process alike, when the directory has no such step or any
+  process cannot read its part of it (corrupt, or saved by a model of other shapes).
+
   Args:
     directory: a checkpoint directory (containing step subdirectories).
     abstract_params: the target parameter tree (ShapeDtypeStructs, optionally with shardings).
@@ -197,16 +207,51 @@ def restore_params(directory: str, abstract_params, step: Optional[int] = None):
                                   options=ocp.CheckpointManagerOptions(
                                       read_only=True, save_interval_steps=0, create=False),
                                   item_names=("state", "data", "config"))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"no checkpoint steps in {directory}")
-  target = {"params": abstract_params}
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))
+  steps = sorted(manager.all_steps())
   manager.close()
+  if not steps:
+    raise CheckpointError(f"no checkpoint steps in {directory}")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise CheckpointError(f"no step {step} in {directory}; it holds steps {steps}")
+  target = {"params": abstract_params}
+  args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
+  step_dir = os.path.join(os.path.abspath(directory), str(step))
+  error = restored = None
+  try:
+    _check_param_shapes(step_dir, abstract_params)
+    restored = _read_step(step_dir, args)
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  failed = _processes_that_failed(error)
+  if isinstance(error, CheckpointError):
+    raise error
+  if failed:
+    raise CheckpointError(f"parameters could not be restored from {directory} step {step} "
+                          f"({_cause(error, failed)})") from error
   return restored["state"]["params"]
+
+
+def _check_param_shapes(step_dir: str, abstract_params):
+  # Orbax itself returns the stored shapes when the target has no shardings (without a word)
+  # and raises a ValueError from deep in its reader when it has them.
+  me = jax.process_index()
+  only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=only_me),
+                        multiprocessing_options=only_me) as reader:
+    stored = reader.metadata(os.path.join(step_dir, "state")).item_metadata["params"]
+  shapes = {jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+  wrong = []
+  for key, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+    name = jax.tree_util.keystr(key)
+    if shapes.get(name) != tuple(leaf.shape):
+      wrong.append(f"{name}: checkpoint {shapes.get(name, 'none')}, model {tuple(leaf.shape)}")
+  if wrong:
+    raise CheckpointError(f"{step_dir} holds parameters of other shapes than this model's "
+                          f"({len(wrong)} of them: {'; '.join(wrong[:4])})")
 
 
 def latest_step(directory: str) -> Optional[int]:

@@ -113,6 +113,26 @@ def test_restore_params_only(tmp_path):
     checkpoints.restore_params(str(tmp_path / "missing"), _abstract(state["params"]))
 
 
+def test_restore_params_errors_name_the_step_and_cause(tmp_path):
+  """A step it lacks, parameters of other shapes, a corrupt step: each a CheckpointError (the CLI's
+  exit code 3), not a traceback from orbax."""
+  cfg = tiny_config()
+  state = _state(cfg)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(3, state, {"cursor": 0}, cfg)
+  ckpt.close()
+  directory = str(tmp_path / "ckpt")
+  with pytest.raises(checkpoints.CheckpointError, match=r"no step 4 .* holds steps \[3\]"):
+    checkpoints.restore_params(directory, _abstract(state["params"]), step=4)
+  other = _state(tiny_config(d_model=48))  # orbax alone returns the checkpoint's shapes
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"other shapes .*: checkpoint \(2, 32, 4, 8\), model \(2, 48, 4, 8\)"):
+    checkpoints.restore_params(directory, _abstract(other["params"]))
+  _corrupt(os.path.join(directory, "3"))
+  with pytest.raises(checkpoints.CheckpointError, match="could not be restored from .* step 3"):
+    checkpoints.restore_params(directory, _abstract(state["params"]))
+
+
 def test_model_dir_that_is_a_file(tmp_path):
   path = tmp_path / "file"
   path.write_text("x")
