@@ -159,15 +159,16 @@ def _read_step(step_dir: str, args):
   never reaches, so the others would wait there forever; callers ask every process afterwards
   whether it read its part (`_processes_that_failed`).
   """
-  me = jax.process_index()
-  only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  only_me = _this_process_only()
   handler = ocp.CompositeCheckpointHandler(
       composite_options=ocp.CompositeOptions(multiprocessing_options=only_me))
-  reader = ocp.Checkpointer(handler, multiprocessing_options=only_me)
-  try:
+  with ocp.Checkpointer(handler, multiprocessing_options=only_me) as reader:
     return reader.restore(step_dir, args=args)
-  finally:
-    reader.close()
+
+
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
 
 _READ, _UNREADABLE, _INCOMPATIBLE = 0, 1, 2
@@ -186,7 +187,8 @@ def _processes_that_failed(error: Optional[BaseException]) -> Dict[int, int]:
 
 def _cause(error: Optional[BaseException], failed: Dict[int, int]) -> str:
   if error is None:
-    return f"unreadable on process(es) {sorted(failed)}; see their logs"
+    what = "refused" if _INCOMPATIBLE in failed.values() else "unreadable"
+    return f"{what} on process(es) {sorted(failed)}; see their logs"
   return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
@@ -237,8 +239,7 @@ def restore_params(directory: str, abstract_params, step: Optional[int] = None):
 def _check_param_shapes(step_dir: str, abstract_params):
   # Orbax itself returns the stored shapes when the target has no shardings (without a word)
   # and raises a ValueError from deep in its reader when it has them.
-  me = jax.process_index()
-  only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  only_me = _this_process_only()
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=only_me),
                         multiprocessing_options=only_me) as reader:
     stored = reader.metadata(os.path.join(step_dir, "state")).item_metadata["params"]

@@ -191,6 +191,13 @@ def test_incompatible_checkpoint_exits_3_and_keeps_it(tmp_path):
   assert r.returncode == 3
   assert "incompatible" in r.stderr and "d_model" in r.stderr
   assert os.listdir(os.path.join(d, "checkpoints")) == ["2"]
+  # The same model with another optimizer: its state cannot be read into this one's. Every step
+  # fails alike, so nothing is taken for corrupt and moved aside (training from step 0 instead).
+  r = run_cli(QUICK + [f"--gin.MODEL_DIR={d}", "--gin.TRAIN_STEPS=4",
+                       "--gin.OptimizerConfig.name='adafactor'"])
+  assert r.returncode == 3, r.stderr[-3000:]
+  assert "no checkpoint in" in r.stderr and "step 2: ValueError" in r.stderr, r.stderr[-3000:]
+  assert os.listdir(os.path.join(d, "checkpoints")) == ["2"]
 
 
 def test_corrupt_latest_checkpoint_falls_back_loudly(tmp_path):
