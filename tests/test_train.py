@@ -192,7 +192,8 @@ def test_incompatible_checkpoint_exits_3_and_keeps_it(tmp_path):
   assert "incompatible" in r.stderr and "d_model" in r.stderr
   assert os.listdir(os.path.join(d, "checkpoints")) == ["2"]
   # The same model with another optimizer: its state cannot be read into this one's. Every step
-  # fails alike, so nothing is taken for corrupt and moved aside (training from step 0 instead).
+  # fails alike, so none is taken for corrupt and moved aside (as all were before, and the run
+  # trained from step 0).
   r = run_cli(QUICK + [f"--gin.MODEL_DIR={d}", "--gin.TRAIN_STEPS=4",
                        "--gin.OptimizerConfig.name='adafactor'"])
   assert r.returncode == 3, r.stderr[-3000:]
