@@ -101,7 +101,7 @@ class Checkpointer:
     """
     unreadable = []  # (step, cause), newest first
     for step in reversed(self.steps()):
-      error = None
+      error = restored = None  # drops what this process read of a step another could not
       try:
         self.check_compatible(step, model_cfg)
         restored = self._read(step, ocp.args.Composite(
