@@ -21,8 +21,8 @@ def _abstract(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
 
-def _corrupt(step_dir):
-  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+def _corrupt(step_dir, under="state"):
+  for root, _, files in os.walk(os.path.join(step_dir, under)):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"\x00garbage" * 7)

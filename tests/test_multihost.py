@@ -129,11 +129,10 @@ def test_shards_unreadable_on_one_host_both_fall_back(tmp_path):
   fsdp = ["--gin.MeshConfig.data=1", "--gin.MeshConfig.fsdp=-1", "--gin.MeshConfig.rules='fsdp'"]
   _finish(_start_two(multi, 6, fsdp))
   first = _losses(multi)
-  shards = os.path.join(multi, "checkpoints", "6", "state", "ocdbt.process_1", "d")
-  assert os.listdir(shards), "process 1 wrote no shards of its own"
-  for name in os.listdir(shards):
-    with open(os.path.join(shards, name), "wb") as f:
-      f.write(b"\x00garbage" * 7)
+  step_dir = os.path.join(multi, "checkpoints", "6")
+  shards = os.path.join("state", "ocdbt.process_1", "d")
+  assert os.listdir(os.path.join(step_dir, shards)), "process 1 wrote no shards of its own"
+  _corrupt(step_dir, shards)
   outs = _finish(_start_two(multi, 6, fsdp), timeout=300)
   assert all("step 6" in out and "could not be restored" in out for out, _ in outs), outs
   assert "unreadable on process(es) [1]" in outs[0][0], outs[0][0]
