@@ -5,12 +5,14 @@ Each step directory holds three items: `state` (parameters, optimizer state, cou
 `config` (the model config, checked before restoring). Saves are asynchronous and atomic (orbax
 writes to a temporary directory and renames). Steps newer than the newest readable one are moved
 aside (never deleted, by the first process while the others wait), with a loud warning; when none
-is readable the run stops with the reasons and moves nothing.
+is readable the run stops with the reasons and moves nothing. A save that fails on any process
+stops every process at the same step with `CheckpointSaveError`, the older steps untouched.
 """
 
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -28,6 +30,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint cannot be used (incompatible, or every step is unreadable)."""
 
 
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written, on this process or another; older steps are intact."""
+
+
 def abstract_with_shardings(tree, shardings):
   """ShapeDtypeStructs carrying the target shardings, for restoring straight onto a mesh."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -37,20 +43,39 @@ def abstract_with_shardings(tree, shardings):
 class Checkpointer:
   """Saves and restores training checkpoints in `directory`.
 
+  A save's outcome is settled by every process together (`check_saved`): each reports whether
+  its own writes finished or failed, so a write that fails on one process stops all of them at
+  the same step, rather than leaving the others waiting for it in orbax's barriers.
+
   Args:
     directory: the run's checkpoint directory (MODEL_DIR/checkpoints).
     keep: how many recent checkpoints to keep (None keeps all).
     async_save: write in a background thread while training continues.
+    save_timeout_s: how long one process's writes of one save may take before the save counts
+      as failed.
   """
 
-  def __init__(self, directory: str, keep: Optional[int] = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: Optional[int] = 3, async_save: bool = True,
+               save_timeout_s: int = 1200):
     if os.path.exists(directory) and not os.path.isdir(directory):
       raise CheckpointError(f"checkpoint path {directory} exists and is not a directory")
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True)
+    self._timeout_s = save_timeout_s
+    self._writes = _Writes()
+    self._pending = None  # (step, when it started) of the save not yet settled
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state = _WatchedStandardHandler(self._writes)
+    registry.add("state", ocp.args.StandardSave, state)
+    registry.add("state", ocp.args.StandardRestore, state)
+    for item in ("data", "config"):
+      json_handler = _WatchedJsonHandler(self._writes)
+      registry.add(item, ocp.args.JsonSave, json_handler)
+      registry.add(item, ocp.args.JsonRestore, json_handler)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+        async_options=ocp.options.AsyncOptions(timeout_secs=save_timeout_s))
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "config"))
+                                         handler_registry=registry)
 
   def steps(self):
     """Saved steps, oldest first."""
@@ -61,17 +86,81 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data: Dict[str, Any], model_cfg: ModelConfig) -> bool:
-    """Starts saving `state` and the data position at `step` (asynchronously)."""
+    """Starts saving `state` and the data position at `step` (asynchronously), once the previous
+    save has settled; raises CheckpointSaveError (on every process) if that one failed."""
+    self.wait()
     if step in self.manager.all_steps():
       return False
     config = {"model_config": json.loads(model_cfg.to_json()), "saved_at": time.time()}
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-        config=ocp.args.JsonSave(config)), force=True)
+    self._writes.start()
+    self._pending = (step, time.monotonic())
+    try:
+      return self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+          config=ocp.args.JsonSave(config)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._writes.fail(e)  # settled with the other processes by the next check
+      return False
+
+  def check_saved(self, block: bool = False):
+    """Settles the save in flight once every process's writes of it have finished.
+
+    Raises CheckpointSaveError on every process when any process's writes failed (or took longer
+    than `save_timeout_s`). Without `block` it returns at once while some are still writing, so
+    the trainer can call it after every step; with several processes every process must call it
+    equally often (a collective while a save is in flight).
+    """
+    while self._pending is not None:
+      step, started = self._pending
+      error = self._writes.error()
+      if error is None and not self._writes.done() and time.monotonic() - started > self._timeout_s:
+        error = TimeoutError(f"this process's writes took over {self._timeout_s} s")
+      code = _FAILED if error is not None else _WRITTEN if self._writes.done() else _WRITING
+      codes = _allgather(code)
+      if _FAILED in codes:
+        self._pending = None
+        if jax.process_count() == 1:
+          self._forget_failed_save()
+        raise self._save_error(step, error, [i for i, c in enumerate(codes) if c == _FAILED])
+      if all(c == _WRITTEN for c in codes):
+        # Every process reached orbax's closing barrier or is about to: waiting cannot hang.
+        try:
+          self.manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+        self._pending = None
+        failed = _processes_that_failed(error)
+        if failed:
+          raise self._save_error(step, error, sorted(failed))
+        return
+      if not block:
+        return
+      time.sleep(0.05)
+
+  def _forget_failed_save(self):
+    # Orbax raises the failure once more from its next wait and only then drops the step from
+    # its list; after that the same step can be saved again. With several processes this wait
+    # could meet a barrier that a failed process never reaches, so the job ends instead.
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    self.manager.reload()
 
   def wait(self):
-    """Blocks until pending asynchronous saves are committed."""
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight is committed (CheckpointSaveError if it failed)."""
+    self.check_saved(block=True)
+
+  def _save_error(self, step: int, error: Optional[BaseException], failed) -> CheckpointSaveError:
+    where = f" on process(es) {failed}" if jax.process_count() > 1 else ""
+    cause = f"{where}; see their logs" if error is None else f"{where}: {_short(error)}"
+    older = [s for s in self.steps() if s < step]
+    kept = (f"step {older[-1]} is the newest saved checkpoint" if older else
+            "no older step is saved")
+    msg = (f"saving step {step} to {self.directory} failed{cause}; {kept}. Mend the cause "
+           f"(disk space, permissions) and rerun the same command to resume.")
+    log.error(msg)
+    return CheckpointSaveError(msg)
 
   def stored_config(self, step: int) -> ModelConfig:
     """The model config recorded with `step`."""
@@ -147,8 +236,8 @@ class Checkpointer:
     return f"{src}.corrupt-{stamp}"
 
   def close(self):
-    """Waits for pending saves and releases the manager."""
-    self.manager.wait_until_finished()
+    """Waits for the save in flight (CheckpointSaveError if it failed) and releases the manager."""
+    self.wait()
     self.manager.close()
 
 
@@ -172,24 +261,117 @@ def _this_process_only() -> ocp.options.MultiprocessingOptions:
 
 
 _READ, _UNREADABLE, _INCOMPATIBLE = 0, 1, 2
+_WRITING, _WRITTEN, _FAILED = 0, 1, 2
+
+
+def _allgather(code: int):
+  """Every process's `code`, by process index."""
+  if jax.process_count() == 1:
+    return [code]
+  return multihost_utils.process_allgather(np.int32(code)).reshape(-1).tolist()
 
 
 def _processes_that_failed(error: Optional[BaseException]) -> Dict[int, int]:
   """{process index: _UNREADABLE or _INCOMPATIBLE} over all processes, given this one's error."""
   code = (_READ if error is None else
           _INCOMPATIBLE if isinstance(error, CheckpointError) else _UNREADABLE)
-  if jax.process_count() == 1:
-    codes = [code]
-  else:
-    codes = multihost_utils.process_allgather(np.int32(code)).reshape(-1).tolist()
-  return {i: c for i, c in enumerate(codes) if c != _READ}
+  return {i: c for i, c in enumerate(_allgather(code)) if c != _READ}
+
+
+class _Writes:
+  """This process's writes of the save in flight, as orbax's background thread awaits them.
+
+  Orbax reports a failed write only on the process that made it, and only once every process
+  has passed a barrier that the failed process never reaches; this records each write's outcome
+  as it happens, for `Checkpointer.check_saved` to settle across processes.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._open, self._error = set(), None
+
+  def start(self):
+    with self._lock:
+      self._open, self._error = set(), None
+
+  def track(self, futures):
+    """Wraps a handler's commit futures so that their outcomes are recorded here."""
+    watched = [_WatchedFuture(f, self) for f in futures or []]
+    with self._lock:
+      self._open.update(id(f) for f in watched)
+    return watched
+
+  def settle(self, watched, error: Optional[BaseException]):
+    with self._lock:
+      self._open.discard(id(watched))
+      if error is not None and self._error is None:
+        self._error = error
+
+  def fail(self, error: BaseException):
+    with self._lock:
+      self._error = self._error or error
+
+  def error(self) -> Optional[BaseException]:
+    with self._lock:
+      return self._error
+
+  def done(self) -> bool:
+    with self._lock:
+      return not self._open and self._error is None
+
+
+class _WatchedFuture:
+  """An orbax commit future whose outcome is reported to `_Writes` when it is awaited."""
+
+  def __init__(self, inner, writes: _Writes):
+    self._inner, self._writes = inner, writes
+
+  def result(self, timeout: Optional[float] = None):
+    try:
+      value = self._inner.result(timeout=timeout)
+    except BaseException as e:
+      self._writes.settle(self, e)
+      raise
+    self._writes.settle(self, None)
+    return value
+
+  def __getattr__(self, name):
+    return getattr(self._inner, name)
+
+
+class _WatchedWrites:
+  """Handler mixin: hands every save's commit futures to a `_Writes`."""
+
+  def __init__(self, writes: _Writes, **kwargs):
+    super().__init__(**kwargs)
+    self._writes = writes
+
+  async def async_save(self, *args, **kwargs):
+    return self._writes.track(await super().async_save(*args, **kwargs))
+
+
+class _WatchedStandardHandler(_WatchedWrites, ocp.StandardCheckpointHandler):
+  """Orbax's standard (array tree) handler, its writes watched."""
+
+
+class _WatchedJsonHandler(_WatchedWrites, ocp.JsonCheckpointHandler):
+  """Orbax's JSON handler, its writes watched."""
 
 
 def _cause(error: Optional[BaseException], failed: Dict[int, int]) -> str:
   if error is None:
     what = "refused" if _INCOMPATIBLE in failed.values() else "unreadable"
     return f"{what} on process(es) {sorted(failed)}; see their logs"
-  return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+  return _short(error)
+
+
+def _short(error: BaseException) -> str:
+  """The error's type and message on one line, without tensorstore's spec; a long message keeps
+  its start and its end (where the operating system's reason is)."""
+  text = " ".join(str(error).split(" [tensorstore_spec=")[0].split())
+  if len(text) > 400:
+    text = f"{text[:150]} ... {text[-240:]}"
+  return f"{type(error).__name__}: {text}"
 
 
 def restore_params(directory: str, abstract_params, step: Optional[int] = None):

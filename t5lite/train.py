@@ -80,6 +80,18 @@ def _store_vocabulary(model_file: str, model_dir: str):
     shutil.copy(model_file, f"{model_dir}/spiece.model")
 
 
+def _exit_together(code: int):
+  """Ends every process of a job that stopped on a failed save, now. Orbax's background threads
+  on the processes whose writes succeeded still wait in a barrier for the ones that failed, and
+  Python's exit would wait for those threads (up to the save timeout); every process gets here
+  (they agreed on the failure), meets the others once more and leaves without waiting."""
+  import jax  # pylint: disable=import-outside-toplevel
+  sys.stdout.flush()
+  sys.stderr.flush()
+  jax.distributed.shutdown()
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def main(argv=None) -> int:
   """Parses flags and gin, trains, and returns the process exit code."""
   from t5lite import gin_setup  # pylint: disable=import-outside-toplevel
@@ -120,6 +132,8 @@ def main(argv=None) -> int:
     summary = trainer.run(run, exp.train)
   except checkpoints.CheckpointError as e:
     print(f"t5lite.train: checkpoint error: {e}", file=sys.stderr)
+    if isinstance(e, checkpoints.CheckpointSaveError) and jax.process_count() > 1:
+      _exit_together(3)
     return 3
   except trainer.NonFiniteLossError as e:
     print(f"t5lite.train: stopped: {e}", file=sys.stderr)

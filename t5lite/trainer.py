@@ -388,6 +388,7 @@ def run(r: Run, cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[st
       tokens_since += sum(v.size for k, v in host_batch.items() if k.endswith("input_tokens"))
       state, metrics = step_fn(state, _to_global(host_batch, batch_sh))
       step += 1
+      checkpointer.check_saved()  # a failed save stops every process here, at this step
       if pending is not None:
         _check_finite(pending, cfg)
       pending = metrics

@@ -157,10 +157,22 @@ def cli_env(env=None, optimized=False):
   return full_env
 
 
-def run_cli(args, cwd=None, env=None, timeout=600, optimized=False):
+def run_cli(args, cwd=None, env=None, timeout=600, optimized=False, max_file_bytes=None):
   """Runs `python ARGS` in a subprocess with `cli_env(env, optimized)`; returns the
-  CompletedProcess with text output."""
+  CompletedProcess with text output. max_file_bytes: see `file_size_limit`."""
   import subprocess
   return subprocess.run([sys.executable] + list(args), cwd=cwd or REPO,
                         env=cli_env(env, optimized), capture_output=True, text=True,
-                        timeout=timeout)
+                        timeout=timeout, preexec_fn=file_size_limit(max_file_bytes))
+
+
+def file_size_limit(max_bytes):
+  """A subprocess `preexec_fn` capping the size of every file the process writes (RLIMIT_FSIZE:
+  a longer write fails with EFBIG, "File too large", as one fails on a full disk), or None."""
+  if max_bytes is None:
+    return None
+
+  def limit():
+    import resource
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+  return limit

@@ -1,7 +1,8 @@
 """Checkpointer: round trip with data position, corrupt-latest fallback, no readable step,
-incompatible configs."""
+incompatible configs, a save that cannot be written."""
 
 import os
+import resource
 
 import jax
 import numpy as np
@@ -157,3 +158,33 @@ def test_every_step_unreadable_stops_and_moves_nothing(tmp_path):
   assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]
   assert ckpt.steps() == [1, 2]
   ckpt.close()
+
+
+def test_failed_save_raises_and_keeps_the_older_step(tmp_path):
+  """A save whose files cannot be written (over RLIMIT_FSIZE here, as on a full disk) raises
+  CheckpointSaveError naming the step, the operating system's reason and the newest saved step;
+  that step stays readable, and the same step saves once the cause is gone."""
+  cfg = tiny_config()
+  state = _state(cfg)
+  directory = str(tmp_path / "ckpt")
+  ckpt = checkpoints.Checkpointer(directory, keep=3)
+  ckpt.save(1, state, {"cursor": 10}, cfg)
+  ckpt.wait()
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+  try:
+    ckpt.save(2, state, {"cursor": 20}, cfg)
+    with pytest.raises(checkpoints.CheckpointSaveError,
+                       match=r"saving step 2 .*File too large.*step 1 is the newest saved"):
+      ckpt.wait()
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+  assert ckpt.steps() == [1]
+  ckpt.check_saved(block=True)  # settled: the failure is reported once
+  ckpt.save(2, state, {"cursor": 20}, cfg)
+  ckpt.close()
+  fresh = checkpoints.Checkpointer(directory, keep=3)
+  step, restored, data = fresh.restore_latest(_abstract(state), cfg)
+  assert step == 2 and data["cursor"] == 20
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  fresh.close()

@@ -2,7 +2,7 @@
 process x 8 devices, write one cooperative checkpoint, and both resume from it; when the latest
 checkpoint is corrupt, both fall back to the one before, keep the corrupt one aside and save the
 step again, also when only one process's shards of it are corrupt; a SIGTERM to one process stops
-both at one step, which both save. Attention runs in the CPU kernel (runs/cpu.gin's), each device
+both at one step, which both save; a save that fails on one process stops both. Attention runs in the CPU kernel (runs/cpu.gin's), each device
 on its own rows, across the processes."""
 
 import json
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, file_size_limit, run_cli
 from test_checkpoints import _corrupt
 from test_train import QUICK
 
@@ -32,14 +32,15 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_two(model_dir, steps, extra=()):
+def _start_two(model_dir, steps, extra=(), max_file_bytes=(None, None)):
   port = _free_port()
   env = cli_env({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   return [subprocess.Popen(
       [sys.executable] + ARGS + [f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={steps}",
                                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                                  f"--process_id={i}", *extra],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=file_size_limit(max_file_bytes[i]))
       for i in range(2)]
 
 
@@ -141,3 +142,27 @@ def test_shards_unreadable_on_one_host_both_fall_back(tmp_path):
   assert sorted(n for n in names if n.isdigit()) == ["3", "6"]
   assert len([n for n in names if n.startswith("6.corrupt-")]) == 1, names
   _assert_losses_match(first, _losses(multi))
+
+
+def test_save_failing_on_one_host_stops_both(tmp_path):
+  """Parameters sharded over both processes (fsdp), and process 1 cannot write its part of step 6
+  (its files capped at 300 kB, as on a full disk): both stop at the same step with exit 3, step
+  3 intact, and both resume from it to the same losses. (Before, process 0 waited in orbax's
+  barrier for process 1's writes, and the job hung: still running after 900 s.)"""
+  multi = str(tmp_path / "multi")
+  fsdp = ["--gin.MeshConfig.data=1", "--gin.MeshConfig.fsdp=-1", "--gin.MeshConfig.rules='fsdp'"]
+  _finish(_start_two(multi, 3, fsdp))
+  outs = _finish(_start_two(multi, 12, fsdp, max_file_bytes=(None, 300_000)), returncode=3,
+                 timeout=300)
+  assert all("saving step 6" in err and "; step 3 is the newest saved" in err
+             for _, err in outs), [err[-2000:] for _, err in outs]
+  assert "failed on process(es) [1]; see their logs" in outs[0][1], outs[0][1][-2000:]
+  assert "failed on process(es) [1]: " in outs[1][1] and "File too large" in outs[1][1]
+  names = os.listdir(os.path.join(multi, "checkpoints"))
+  assert sorted(n for n in names if n.isdigit()) == ["3"], names
+  stopped = _losses(multi)
+  assert 6 <= max(stopped) < 12, stopped
+  outs = _finish(_start_two(multi, 12, fsdp))
+  assert all("step 3 (data cursor" in out for out, _ in outs), outs
+  resumed = _losses(multi)
+  _assert_losses_match({s: stopped[s] for s in range(4, max(stopped) + 1)}, resumed)

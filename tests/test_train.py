@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,6 +200,32 @@ def test_incompatible_checkpoint_exits_3_and_keeps_it(tmp_path):
   assert r.returncode == 3, r.stderr[-3000:]
   assert "no checkpoint in" in r.stderr and "step 2: ValueError" in r.stderr, r.stderr[-3000:]
   assert os.listdir(os.path.join(d, "checkpoints")) == ["2"]
+
+
+def test_failed_save_exits_3_and_the_rerun_resumes(tmp_path):
+  """A checkpoint that cannot be written (every file capped at 500 kB, as on a full disk) stops
+  the run with exit 3 as soon as the failure is known, naming the step, the operating system's
+  reason and the newest saved step; that step is intact, and the same command resumes from it
+  to the same losses. (Orbax's own error came one checkpoint period later, as a traceback.)"""
+  d = str(tmp_path / "run")
+  args = QUICK + [f"--gin.MODEL_DIR={d}", "--gin.CHECKPOINT_PERIOD=2"]
+  assert run_cli(args + ["--gin.TRAIN_STEPS=4"]).returncode == 0
+  failed = run_cli(args + ["--gin.TRAIN_STEPS=12"], max_file_bytes=500_000)
+  assert failed.returncode == 3, failed.stderr[-3000:]
+  assert re.search(r"saving step 6 .* failed: .*File too large.*; step 4 is the newest saved",
+                   failed.stderr), failed.stderr[-3000:]
+  names = os.listdir(os.path.join(d, "checkpoints"))
+  assert sorted(n for n in names if n.isdigit()) == ["2", "4"], names
+  stopped_at = _metrics(d)[-1]["step"]
+  assert 6 <= stopped_at < 12, stopped_at
+  r = run_cli(args + ["--gin.TRAIN_STEPS=12"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "step 4 (data cursor" in r.stdout
+  records = _metrics(d)
+  first = {m["step"]: m["loss"] for m in records[:stopped_at]}
+  again = {m["step"]: m["loss"] for m in records[stopped_at:]}
+  assert sorted(again) == list(range(5, 13))
+  assert all(again[s] == first[s] for s in range(5, stopped_at + 1)), (first, again)
 
 
 def test_corrupt_latest_checkpoint_falls_back_loudly(tmp_path):
