@@ -112,10 +112,10 @@ class Checkpointer:
     """
     while self._pending is not None:
       step, started = self._pending
-      error = self._writes.error()
-      if error is None and not self._writes.done() and time.monotonic() - started > self._timeout_s:
+      error, written = self._writes.outcome()
+      if not written and error is None and time.monotonic() - started > self._timeout_s:
         error = TimeoutError(f"this process's writes took over {self._timeout_s} s")
-      code = _FAILED if error is not None else _WRITTEN if self._writes.done() else _WRITING
+      code = _FAILED if error is not None else _WRITTEN if written else _WRITING
       codes = _allgather(code)
       if _FAILED in codes:
         self._pending = None
@@ -311,13 +311,10 @@ class _Writes:
     with self._lock:
       self._error = self._error or error
 
-  def error(self) -> Optional[BaseException]:
+  def outcome(self) -> Tuple[Optional[BaseException], bool]:
+    """(the first error, whether every write finished without one), read together."""
     with self._lock:
-      return self._error
-
-  def done(self) -> bool:
-    with self._lock:
-      return not self._open and self._error is None
+      return self._error, not self._open and self._error is None
 
 
 class _WatchedFuture:

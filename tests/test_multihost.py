@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
 ARGS = QUICK + ["--gin.DataConfig.host_sharding='rows'", "--gin.CHECKPOINT_PERIOD=3",
                 "--gin.MeshConfig.data=-1", "--gin.ModelConfig.dropout_rate=0.0",
                 "--gin.ModelConfig.attention_impl='cpu_kernel'"]
+# Parameters sharded over both processes, so each writes and reads only its own part of a step.
+FSDP = ["--gin.MeshConfig.data=1", "--gin.MeshConfig.fsdp=-1", "--gin.MeshConfig.rules='fsdp'"]
 
 
 def _free_port():
@@ -128,14 +130,13 @@ def test_shards_unreadable_on_one_host_both_fall_back(tmp_path):
   before (rather than process 0 resuming alone and waiting for process 1 forever) and retrain
   the same losses."""
   multi = str(tmp_path / "multi")
-  fsdp = ["--gin.MeshConfig.data=1", "--gin.MeshConfig.fsdp=-1", "--gin.MeshConfig.rules='fsdp'"]
-  _finish(_start_two(multi, 6, fsdp))
+  _finish(_start_two(multi, 6, FSDP))
   first = _losses(multi)
   step_dir = os.path.join(multi, "checkpoints", "6")
   shards = os.path.join("state", "ocdbt.process_1", "d")
   assert os.listdir(os.path.join(step_dir, shards)), "process 1 wrote no shards of its own"
   _corrupt(step_dir, shards)
-  outs = _finish(_start_two(multi, 6, fsdp), timeout=300)
+  outs = _finish(_start_two(multi, 6, FSDP), timeout=300)
   assert all("step 6" in out and "could not be restored" in out for out, _ in outs), outs
   assert "unreadable on process(es) [1]" in outs[0][0], outs[0][0]
   assert all("step 3 (data cursor" in out for out, _ in outs), outs
@@ -151,9 +152,8 @@ def test_save_failing_on_one_host_stops_both(tmp_path):
   3 intact, and both resume from it to the same losses. (Before, process 0 waited in orbax's
   barrier for process 1's writes, and the job hung: still running after 900 s.)"""
   multi = str(tmp_path / "multi")
-  fsdp = ["--gin.MeshConfig.data=1", "--gin.MeshConfig.fsdp=-1", "--gin.MeshConfig.rules='fsdp'"]
-  _finish(_start_two(multi, 3, fsdp))
-  outs = _finish(_start_two(multi, 12, fsdp, max_file_bytes=(None, 300_000)), returncode=3,
+  _finish(_start_two(multi, 3, FSDP))
+  outs = _finish(_start_two(multi, 12, FSDP, max_file_bytes=(None, 300_000)), returncode=3,
                  timeout=300)
   errors = [[line for line in err.splitlines() if line.startswith("t5lite.train: checkpoint")]
             for _, err in outs]
@@ -165,7 +165,7 @@ def test_save_failing_on_one_host_stops_both(tmp_path):
   assert sorted(n for n in names if n.isdigit()) == ["3"], names
   stopped = _losses(multi)
   assert 6 <= max(stopped) < 12, stopped
-  outs = _finish(_start_two(multi, 12, fsdp))
+  outs = _finish(_start_two(multi, 12, FSDP))
   assert all("step 3 (data cursor" in out for out, _ in outs), outs
   resumed = _losses(multi)
   _assert_losses_match({s: stopped[s] for s in range(4, max(stopped) + 1)}, resumed)
